@@ -38,9 +38,7 @@ def build_tokenizer(vocab_size: int = 300):
         show_progress=False,
     )
     tok.train_from_iterator([PARAGRAPH] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -87,8 +85,7 @@ def text_corpus(tmp_path_factory) -> Path:
     """A small .txt corpus: a few documents separated by blank lines (one per line)."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     lines = [
-        f"Document {i}: " + PARAGRAPH.split(". ")[i % 4] + f" ({i * 7} words)."
-        for i in range(24)
+        f"Document {i}: " + PARAGRAPH.split(". ")[i % 4] + f" ({i * 7} words)." for i in range(24)
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,0 +1,406 @@
+"""Writing and reading whole caches: shards plus ``manifest.json``.
+
+In (writer): a ``CacheSpec`` and, per shard, its ``SequenceRecord``s. Out: published shard
+objects and a manifest rewritten after each one, listing completed shards only.
+In (reader): a path or URL. Out: records by global sequence index or in order, each shard
+checked against its sha256 and identity metadata the first time it is opened.
+
+Parallel writers (torchrun ranks, cluster job arrays) each own the shards ``j`` with
+``j % num_workers == worker`` and record them in ``parts/worker-I-of-N.json``; whichever
+worker finishes last (or ``logitcache merge``) writes the complete ``manifest.json``.
+Shard contents depend only on sequence indices, so any worker count gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from logitcache import __version__
+
+from .containers import get_container, shard_digest
+from .errors import CacheError, ShardCorruptError
+from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo, diff_specs
+from .location import Location
+from .record import RecordCodec, SequenceRecord
+
+__all__ = ["MANIFEST", "CacheReader", "CacheWriter", "merge_parts", "read_manifest", "verify_cache"]
+
+MANIFEST = "manifest.json"
+PARTS = "parts"
+SHARDS = "shards"
+_PART_RE = re.compile(r"^worker-(\d+)-of-(\d+)\.json$")
+
+
+def shard_name(index: int, suffix: str) -> str:
+    return f"{SHARDS}/shard-{index:06d}{suffix}"
+
+
+def read_manifest(loc: Location, rel: str = MANIFEST) -> Manifest:
+    if not loc.exists(rel):
+        raise CacheError(
+            f"no {rel} at {loc.path(rel)}: not a logitcache cache, or its teacher pass has not "
+            "completed a shard yet"
+        )
+    return Manifest.from_json(loc.read_bytes(rel), where=loc.path(rel))
+
+
+def _shard_stats(records: Sequence[SequenceRecord]) -> dict[str, float | int]:
+    n_tokens = sum(r.n_tokens for r in records)
+    covered = entropy = 0.0
+    for r in records:
+        covered += float(np.sum(1.0 - r.tail_mass, dtype=np.float64))
+        p = r.target_probs().astype(np.float64)
+        entropy += float(-np.sum(p * np.log(np.where(p > 0, p, 1.0))))
+    return {
+        "n_sequences": len(records),
+        "n_tokens": n_tokens,
+        "n_positions": n_tokens - len(records),
+        "n_entries": sum(int(r.n_entries.sum()) for r in records),
+        "covered_mass": covered,
+        "entropy": entropy,
+    }
+
+
+class CacheWriter:
+    """Publishes the shards of one worker and keeps the manifest (or its part) current.
+
+    Use as a context manager; ``write_shard`` may be called from a writer thread.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        spec: CacheSpec,
+        *,
+        worker: int = 0,
+        num_workers: int = 1,
+        storage_options: dict[str, Any] | None = None,
+        encode_threads: int = 2,
+    ) -> None:
+        if not 0 <= worker < num_workers:
+            raise CacheError(f"worker index {worker} is outside 0..{num_workers - 1}")
+        self.loc = Location(url, storage_options)
+        self.spec = spec
+        self.shard_sequences = spec.shard_sequences
+        self.worker, self.num_workers = worker, num_workers
+        self.container = get_container(spec.container)
+        self.codec = RecordCodec(spec)
+        self._pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode")
+        self._lock_fd: int | None = None
+        self.loc.makedirs()
+        self._acquire_lock()
+        self.manifest = self._existing_manifest()
+        self.loc.makedirs(SHARDS)
+        self._remove_stale_temporaries()
+
+    # -- setup ----------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        if not self.loc.local:
+            return
+        self.loc.makedirs(".locks")
+        path = self.loc.path(f".locks/worker-{self.worker}-of-{self.num_workers}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheError(
+                f"another process is writing worker {self.worker} of {self.num_workers} into "
+                f"{self.loc.url} (lock {path}); wait for it or choose another output"
+            ) from None
+        self._lock_fd = fd
+
+    def _existing_manifest(self) -> Manifest:
+        found = [read_manifest(self.loc)] if self.loc.exists(MANIFEST) else []
+        found += [read_manifest(self.loc, f"{PARTS}/{n}") for n in _part_names(self.loc)]
+        merged = Manifest(spec=self.spec, created_by=f"logitcache {__version__}")
+        for old in found:
+            if old.spec != self.spec:
+                changes = "; ".join(diff_specs(old.spec, self.spec)[:8])
+                raise CacheError(
+                    f"{self.loc.url} already holds a cache made with other settings: {changes}. "
+                    "Use another --out, or delete it to start over"
+                )
+            for info in old.shards:
+                merged = merged.with_shard(info)
+            if old.complete:
+                merged = replace(merged, complete=True, n_sequences_total=old.n_sequences_total)
+        return merged
+
+    def _remove_stale_temporaries(self) -> None:
+        for name in self.loc.listdir(SHARDS):
+            match = re.match(r"^\.tmp-shard-(\d+)\.", name)
+            if match and self.owns(int(match.group(1))):
+                self.loc.remove(f"{SHARDS}/{name}")
+
+    # -- state ----------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.num_workers == self.worker
+
+    def is_done(self, shard: int) -> bool:
+        return any(s.index == shard for s in self.manifest.shards)
+
+    def shard_of(self, sequence_index: int) -> int:
+        return sequence_index // self.shard_sequences
+
+    # -- writing --------------------------------------------------------------------
+    def write_shard(self, shard: int, records: Sequence[SequenceRecord]) -> ShardInfo:
+        """Encode, publish and list one shard; its records must be its exact sequences."""
+        first = shard * self.shard_sequences
+        indices = [r.index for r in records]
+        if not records or indices != list(range(first, first + len(records))):
+            raise CacheError(f"shard {shard} must hold sequences {first}.. in order")
+        if len(records) > self.shard_sequences:
+            raise CacheError(f"shard {shard} has {len(records)} > {self.shard_sequences} sequences")
+        rows = list(self._pool.map(self.codec.encode, records))
+        rel = shard_name(shard, self.container.suffix)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "cache_id": self.spec.cache_id,
+            "spec": self.spec.to_dict(),
+            "shard_index": shard,
+            "first_sequence": first,
+            "n_sequences": len(records),
+        }
+        size, digest = self.container.write(
+            self.loc, rel, metadata, indices, rows, self.codec.fields
+        )
+        info = ShardInfo(
+            index=shard, path=rel, first_sequence=first, bytes=size, sha256=digest,
+            **_shard_stats(records),
+        )  # fmt: skip
+        self.manifest = self.manifest.with_shard(info)
+        self._publish_manifest()
+        return info
+
+    def finish(self, n_sequences_total: int) -> Manifest | None:
+        """Record that this worker is done; returns the complete manifest if all are."""
+        self.manifest = replace(self.manifest, n_sequences_total=n_sequences_total)
+        if self.num_workers == 1:
+            missing = _missing_shards(self.manifest, self.shard_sequences)
+            if missing:
+                raise CacheError(f"cannot finish: shards {missing[:10]} are not written")
+            self.manifest = replace(self.manifest, complete=True)
+            self._publish_manifest()
+            return self.manifest
+        self._publish_manifest(part_complete=True)
+        try:
+            return merge_parts(self.loc.url)
+        except CacheError:
+            return None  # other workers are still running; the last one merges
+
+    def _publish_manifest(self, part_complete: bool = False) -> None:
+        if self.num_workers == 1:
+            self.loc.publish_bytes(MANIFEST, self.manifest.to_json().encode())
+            return
+        mine = replace(
+            self.manifest,
+            shards=tuple(s for s in self.manifest.shards if self.owns(s.index)),
+            complete=part_complete,
+        )
+        self.loc.makedirs(PARTS)
+        name = f"{PARTS}/worker-{self.worker:05d}-of-{self.num_workers:05d}.json"
+        self.loc.publish_bytes(name, mine.to_json().encode())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _part_names(loc: Location) -> list[str]:
+    return [n for n in loc.listdir(PARTS) if _PART_RE.match(n)]
+
+
+def _missing_shards(manifest: Manifest, shard_sequences: int) -> list[int]:
+    total = manifest.n_sequences_total
+    if total is None:
+        return [-1]
+    n_shards = -(-total // shard_sequences)
+    have = {s.index for s in manifest.shards}
+    return [j for j in range(n_shards) if j not in have]
+
+
+def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Combine the workers' part manifests into a complete ``manifest.json``.
+
+    Raises CacheError naming what is missing if some worker has not finished.
+    """
+    loc = Location(url, storage_options)
+    names = _part_names(loc)
+    if not names:
+        if loc.exists(MANIFEST):
+            return read_manifest(loc)
+        raise CacheError(f"no worker manifests under {loc.path(PARTS)}: nothing to merge")
+    parts = [read_manifest(loc, f"{PARTS}/{n}") for n in names]
+    spec = parts[0].spec
+    merged = Manifest(spec=spec, created_by=f"logitcache {__version__}")
+    totals = set()
+    for name, part in zip(names, parts):
+        if part.spec != spec:
+            changes = diff_specs(spec, part.spec)
+            raise CacheError(f"{PARTS}/{name} belongs to another cache: {changes}")
+        for info in part.shards:
+            clash = [s for s in merged.shards if s.index == info.index and s.sha256 != info.sha256]
+            if clash:
+                raise CacheError(f"shard {info.index} is listed twice with different hashes")
+            merged = merged.with_shard(info)
+        if part.complete:
+            totals.add(part.n_sequences_total)
+    if len(totals) > 1:
+        raise CacheError(f"workers disagree on the corpus size: {sorted(totals)}")
+    waiting = [n for n, p in zip(names, parts) if not p.complete]
+    if not totals:
+        raise CacheError(f"workers still running: {', '.join(waiting) or 'unknown'}")
+    merged = replace(merged, n_sequences_total=totals.pop())
+    missing = _missing_shards(merged, spec.shard_sequences)
+    if missing:
+        raise CacheError(
+            f"cannot merge yet: {len(missing)} shards missing (first: {missing[:5]}); "
+            f"unfinished workers: {', '.join(waiting) or 'none (rerun precompute)'}"
+        )
+    merged = replace(merged, complete=True)
+    loc.publish_bytes(MANIFEST, merged.to_json().encode())
+    return merged
+
+
+class CacheReader:
+    """Random and sequential access to the records of a cache."""
+
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        *,
+        verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.loc = Location(url, storage_options)
+        self.manifest = read_manifest(self.loc)
+        self.spec = self.manifest.spec
+        self.verify = verify
+        self.codec = RecordCodec(self.spec)
+        self.container = get_container(self.spec.container)
+        self._shards = self.manifest.shards
+        self._starts = np.array([s.first_sequence for s in self._shards], dtype=np.int64)
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.manifest.n_sequences
+
+    @property
+    def shards(self) -> tuple[ShardInfo, ...]:
+        return self._shards
+
+    def sequence_indices(self) -> np.ndarray:
+        """[n_sequences] int64 global indices of all listed sequences, in order."""
+        if not self._shards:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(
+            [np.arange(s.first_sequence, s.first_sequence + s.n_sequences) for s in self._shards]
+        )
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(position in the shard list, row inside the shard) of a global sequence index."""
+        pos = int(np.searchsorted(self._starts, index, side="right")) - 1
+        if pos < 0 or index >= self._shards[pos].first_sequence + self._shards[pos].n_sequences:
+            raise IndexError(f"sequence {index} is not in this cache")
+        return pos, index - self._shards[pos].first_sequence
+
+    def open_shard(self, pos: int) -> Any:
+        handle = self._handles.get(pos)
+        if handle is None:
+            info = self._shards[pos]
+            if self.verify:
+                check_shard_digest(self.loc, info)
+            handle = self.container.open(self.loc, info.path)
+            check_shard_metadata(handle, info, self.spec)
+            self._handles[pos] = handle
+        return handle
+
+    def read(self, index: int) -> SequenceRecord:
+        pos, row = self.locate(index)
+        return self._read_row(pos, row)
+
+    def _read_row(self, pos: int, row: int) -> SequenceRecord:
+        info = self._shards[pos]
+        stored_index, blobs = self.open_shard(pos).read(row)
+        where = f"shard {info.path} row {row}"
+        if stored_index != info.first_sequence + row:
+            raise ShardCorruptError(f"{where}: holds sequence {stored_index}, expected "
+                                    f"{info.first_sequence + row}")  # fmt: skip
+        return self.codec.decode(stored_index, blobs, where)
+
+    def iter_shard(self, pos: int) -> Iterator[SequenceRecord]:
+        for row in range(self._shards[pos].n_sequences):
+            yield self._read_row(pos, row)
+
+    def __iter__(self) -> Iterator[SequenceRecord]:
+        for pos in range(len(self._shards)):
+            yield from self.iter_shard(pos)
+
+
+def check_shard_digest(loc: Location, info: ShardInfo) -> None:
+    size, digest = shard_digest(loc, info.path)
+    if digest != info.sha256 or size != info.bytes:
+        raise ShardCorruptError(
+            f"shard {info.path} fails its check: sha256 {digest[:16]}… ({size} bytes), manifest "
+            f"expects {info.sha256[:16]}… ({info.bytes} bytes); the shard is damaged or foreign"
+        )
+
+
+def check_shard_metadata(handle: Any, info: ShardInfo, spec: CacheSpec) -> None:
+    meta = handle.metadata
+    where = f"shard {info.path}"
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ShardCorruptError(
+            f"{where} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    if meta.get("cache_id") != spec.cache_id or meta.get("spec") != spec.to_dict():
+        raise ShardCorruptError(f"{where} belongs to another cache (its identity differs)")
+    expected = (info.index, info.first_sequence, info.n_sequences)
+    found = (meta.get("shard_index"), meta.get("first_sequence"), meta.get("n_sequences"))
+    if found != expected or handle.n_rows != info.n_sequences:
+        raise ShardCorruptError(
+            f"{where} disagrees with the manifest: (index, first, count) {found} with "
+            f"{handle.n_rows} rows, manifest says {expected}"
+        )
+
+
+def verify_cache(
+    url: str | os.PathLike, storage_options: dict[str, Any] | None = None
+) -> tuple[Manifest, list[str]]:
+    """Check every shard's hash, metadata and every record; returns (manifest, problems)."""
+    reader = CacheReader(url, verify=False, storage_options=storage_options)
+    problems = []
+    for pos, info in enumerate(reader.shards):
+        try:
+            check_shard_digest(reader.loc, info)
+            stats = _shard_stats(list(reader.iter_shard(pos)))
+            for key in ("n_tokens", "n_positions", "n_entries"):
+                if stats[key] != getattr(info, key):
+                    raise ShardCorruptError(
+                        f"shard {info.path}: {key} is {stats[key]}, manifest says "
+                        f"{getattr(info, key)}"
+                    )
+        except CacheError as err:
+            problems.append(str(err))
+    return reader.manifest, problems

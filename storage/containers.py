@@ -1,0 +1,201 @@
+"""The two shard containers: Arrow IPC files and Zarr v3 groups.
+
+In: rows of per-field blobs (from ``RecordCodec``) plus the shard's identity metadata.
+Out: one published shard object, its byte size and sha256; and readers that return one
+row by position with a single ranged read (Arrow: one record batch per sequence; Zarr:
+one inner chunk per sequence inside a sharded array).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import CacheError, ShardCorruptError
+from .location import Location
+
+__all__ = ["CONTAINERS", "ShardHandle", "get_container", "shard_digest"]
+
+_META_KEY = "logitcache"
+_HASH_BLOCK = 1 << 22
+
+
+class ShardHandle(Protocol):
+    metadata: dict[str, Any]
+    n_rows: int
+
+    def read(self, row: int) -> tuple[int, dict[str, Any]]: ...
+
+
+class ArrowContainer:
+    """One IPC file per shard; one record batch (one row) per sequence.
+
+    The blobs are already zstd-compressed by the field codecs, so Arrow's own buffer
+    compression is off (it would spend time for no gain).
+    """
+
+    name = "arrow"
+    suffix = ".arrow"
+
+    def write(
+        self,
+        loc: Location,
+        rel: str,
+        metadata: dict[str, Any],
+        indices: Sequence[int],
+        rows: Sequence[dict[str, bytes]],
+        fields: Sequence[str],
+    ) -> tuple[int, str]:
+        schema = pa.schema(
+            [pa.field("index", pa.int64())] + [pa.field(f, pa.binary()) for f in fields],
+            metadata={_META_KEY: json.dumps(metadata)},
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, schema) as writer:
+            for index, row in zip(indices, rows):
+                arrays = [pa.array([index], pa.int64())]
+                arrays += [pa.array([row[f]], pa.binary()) for f in fields]
+                writer.write_batch(pa.record_batch(arrays, schema=schema))
+        data = sink.getvalue().to_pybytes()
+        loc.publish_bytes(rel, data)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    def open(self, loc: Location, rel: str) -> _ArrowShard:
+        return _ArrowShard(loc, rel)
+
+
+class _ArrowShard:
+    def __init__(self, loc: Location, rel: str) -> None:
+        where = loc.path(rel)
+        try:
+            if loc.local:
+                source: Any = pa.memory_map(where, "r")
+            else:
+                source = pa.PythonFile(loc.open(rel), mode="r")
+            self._reader = pa.ipc.open_file(source)
+            raw = (self._reader.schema.metadata or {}).get(_META_KEY.encode())
+            self.metadata = json.loads(raw) if raw else {}
+        except FileNotFoundError:
+            raise CacheError(f"shard {rel} is missing ({where})") from None
+        except (pa.ArrowInvalid, OSError, ValueError) as err:
+            raise ShardCorruptError(f"shard {rel} is not a readable Arrow file: {err}") from None
+        self.n_rows = self._reader.num_record_batches
+        self._fields = [f for f in self._reader.schema.names if f != "index"]
+
+    def read(self, row: int) -> tuple[int, dict[str, Any]]:
+        batch = self._reader.get_batch(row)
+        index = batch.column(0)[0].as_py()
+        return index, {f: batch.column(f)[0].as_buffer() for f in self._fields}
+
+
+class ZarrContainer:
+    """One Zarr v3 group per shard; per field a variable-length-bytes array whose inner
+    chunks hold one sequence each, all chunks of a field in one zarr shard object."""
+
+    name = "zarr"
+    suffix = ".zarr"
+
+    def write(
+        self,
+        loc: Location,
+        rel: str,
+        metadata: dict[str, Any],
+        indices: Sequence[int],
+        rows: Sequence[dict[str, bytes]],
+        fields: Sequence[str],
+    ) -> tuple[int, str]:
+        import zarr
+
+        if not loc.local:
+            raise CacheError("the zarr container writes to local directories only; use arrow")
+        n = len(rows)
+        with loc.staged(rel) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vlen-bytes has no frozen v3 spec yet
+            group = zarr.open_group(tmp, mode="w", zarr_format=3)
+            group.attrs[_META_KEY] = metadata
+            index = group.create_array("index", shape=(n,), dtype="int64", chunks=(n,))
+            index[:] = np.asarray(indices, dtype=np.int64)
+            for f in fields:
+                arr = group.create_array(
+                    f, shape=(n,), dtype="bytes", chunks=(1,), shards=(n,), compressors=None
+                )
+                values = np.empty(n, dtype=object)
+                values[:] = [bytes(row[f]) for row in rows]
+                arr[:] = values
+        return shard_digest(loc, rel)
+
+    def open(self, loc: Location, rel: str) -> _ZarrShard:
+        return _ZarrShard(loc, rel)
+
+
+class _ZarrShard:
+    def __init__(self, loc: Location, rel: str) -> None:
+        import zarr
+
+        where = loc.path(rel)
+        if not loc.exists(rel):
+            raise CacheError(f"shard {rel} is missing ({where})")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if loc.local:
+                    self._group = zarr.open_group(where, mode="r")
+                else:
+                    store = zarr.storage.FsspecStore.from_url(loc.url + "/" + rel, read_only=True)
+                    self._group = zarr.open_group(store, mode="r")
+                self.metadata = dict(self._group.attrs.get(_META_KEY, {}))
+                self._index = self._group["index"][:]
+                self._fields = [k for k in self._group.array_keys() if k != "index"]
+                self._arrays = {f: self._group[f] for f in self._fields}
+        except Exception as err:  # zarr raises many types for a damaged group
+            raise ShardCorruptError(f"shard {rel} is not a readable Zarr group: {err}") from None
+        self.n_rows = int(self._index.shape[0])
+
+    def read(self, row: int) -> tuple[int, dict[str, Any]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blobs = {f: a[row : row + 1][0] for f, a in self._arrays.items()}
+        return int(self._index[row]), blobs
+
+
+CONTAINERS = {"arrow": ArrowContainer(), "zarr": ZarrContainer()}
+
+
+def get_container(name: str) -> ArrowContainer | ZarrContainer:
+    try:
+        return CONTAINERS[name]
+    except KeyError:
+        choices = sorted(CONTAINERS)
+        raise CacheError(f"unknown container {name!r}; expected one of {choices}") from None
+
+
+def shard_digest(loc: Location, rel: str) -> tuple[int, str]:
+    """(bytes, sha256) of a shard: of the file, or for a directory of its sorted
+    (relative name, file sha256) list, so a renamed, missing or extra file changes it."""
+    path = loc.path(rel)
+    if not loc.fs.exists(path):
+        raise CacheError(f"shard {rel} is missing ({path})")
+    if not loc.fs.isdir(path):
+        return _file_digest(loc, path)
+    total, outer = 0, hashlib.sha256()
+    for file in sorted(loc.fs.find(path)):
+        name = file[len(path) :].lstrip("/")
+        size, digest = _file_digest(loc, file)
+        total += size
+        outer.update(f"{name}\0{digest}\n".encode())
+    return total, outer.hexdigest()
+
+
+def _file_digest(loc: Location, path: str) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with loc.fs.open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()

@@ -1,0 +1,13 @@
+"""Errors raised by the storage layer."""
+
+from logitcache.errors import LogitcacheError
+
+__all__ = ["CacheError", "ShardCorruptError"]
+
+
+class CacheError(LogitcacheError, ValueError):
+    """A cache, manifest or shard is missing, malformed, foreign or from another version."""
+
+
+class ShardCorruptError(CacheError):
+    """A shard's bytes do not match the manifest (hash, size or content)."""

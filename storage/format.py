@@ -1,0 +1,344 @@
+"""The cache format, specified once: ``FORMAT_VERSION`` and the manifest dataclasses.
+
+In: a ``manifest.json`` text (or the fields to build one). Out: frozen dataclasses that the
+writer and the reader share. ``docs/format.md`` is the prose contract; this module mirrors
+it field for field, and nothing else in the package spells a format number or a key name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import posixpath
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import CacheError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MODES",
+    "CacheSpec",
+    "Manifest",
+    "ShardInfo",
+    "canonical_json",
+    "check_relative_path",
+    "diff_specs",
+]
+
+FORMAT_NAME = "logitcache"
+FORMAT_VERSION = 1
+MODES = ("topk", "sampled")
+
+# Declared sizes above these are refused before anything is allocated: a manifest is
+# read by people's machines, and a hostile one must not ask for terabytes.
+_MAX_SEQUENCES_PER_SHARD = 1 << 24
+_MAX_SHARD_BYTES = 1 << 40
+_MAX_VOCAB = 1 << 24
+_MAX_SEQ_LEN = 1 << 22
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON for hashing: sorted keys, no whitespace."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def check_relative_path(path: str) -> str:
+    """Return ``path`` if it names a file inside the cache, else raise CacheError.
+
+    A manifest is data from someone else's machine: absolute paths, URLs, ``..``
+    components and backslashes are refused so a cache can never point outside itself.
+    """
+    if not isinstance(path, str) or not path:
+        raise CacheError(f"manifest names an invalid shard path {path!r}")
+    bad = (
+        path.startswith(("/", "~"))
+        or "\\" in path
+        or "://" in path
+        or ":" in path.split("/")[0]
+        or any(part in ("..", "") for part in path.split("/"))
+        or posixpath.normpath(path) != path
+    )
+    if bad:
+        raise CacheError(f"manifest names a path outside the cache: {path!r}; refusing to read it")
+    return path
+
+
+def _int(obj: Mapping, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CacheError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise CacheError(f"{where}: '{key}' = {value} is outside [{lo}, {hi}]")
+    return value
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What identifies a cache: everything a reader needs to decode and trust a shard.
+
+    Written into the manifest and into every shard's own metadata; two caches (or a cache
+    and a stray shard) with different specs are never mixed.
+    """
+
+    mode: str
+    """``topk`` (k most probable ids, log-probs) or ``sampled`` (distinct ids of N draws)."""
+    vocab_size: int
+    """Teacher vocabulary size V; every stored id is < V."""
+    seq_len: int
+    """Maximum tokens per sequence T (packed sequences have exactly T, except the last)."""
+    pack: bool
+    """True: documents concatenated with EOS; False: one document per sequence, unpadded."""
+    container: str
+    """``arrow`` (one IPC file per shard) or ``zarr`` (one v3 group per shard)."""
+    codecs: Mapping[str, Any]
+    """Per record field, the numcodecs chain configs (see storage.codecs)."""
+    shard_sequences: int = 256
+    """Sequences per shard S; shard j holds sequences [j * S, (j + 1) * S)."""
+    k: int | None = None
+    """Ids per position in topk mode."""
+    samples: int | None = None
+    """Draws per position N (1..255) in sampled mode."""
+    sampled_logprobs: bool = False
+    """Sampled mode: whether the exact log-probs of the drawn ids are stored too."""
+    teacher: Mapping[str, Any] = field(default_factory=dict)
+    """name_or_path, revision, weights_sha256, config_sha256, dtype."""
+    tokenizer: Mapping[str, Any] = field(default_factory=dict)
+    """fingerprint (sha256 of vocab, merges, special tokens), name_or_path, eos_token_id."""
+    corpus: Mapping[str, Any] = field(default_factory=dict)
+    """Dataset name/config/split/revision or file hashes, text field."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """The precompute settings that shape the content (seed, max_tokens, shard size, ...)."""
+
+    def __post_init__(self) -> None:
+        where = "cache spec"
+        if self.mode not in MODES:
+            raise CacheError(f"{where}: unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.container not in ("arrow", "zarr"):
+            raise CacheError(f"{where}: unknown container {self.container!r}")
+        d = self.to_dict()
+        _int(d, "vocab_size", where, 1, _MAX_VOCAB)
+        _int(d, "seq_len", where, 2, _MAX_SEQ_LEN)
+        _int(d, "shard_sequences", where, 1, _MAX_SEQUENCES_PER_SHARD)
+        if self.mode == "topk":
+            _int(d, "k", where, 1, self.vocab_size)
+        else:
+            _int(d, "samples", where, 1, 255)
+
+    @property
+    def entries_fixed(self) -> int | None:
+        """Entries per position when constant (topk), else None."""
+        return self.k if self.mode == "topk" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> CacheSpec:
+        if not isinstance(obj, Mapping):
+            raise CacheError("manifest 'spec' must be an object")
+        names = {f.name for f in fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise CacheError(f"manifest 'spec' has unknown keys: {sorted(unknown)}")
+        try:
+            return cls(**obj)
+        except TypeError as err:
+            raise CacheError(f"manifest 'spec' is malformed: {err}") from None
+
+    @property
+    def cache_id(self) -> str:
+        """Short hash of the spec; shards carry it so a stray shard is never misread."""
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def diff_specs(old: CacheSpec, new: CacheSpec) -> list[str]:
+    """Dotted names of the fields that differ, for 'refused: settings differ' messages."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            out.append(f"{prefix} ({a!r} -> {b!r})")
+
+    walk(old.to_dict(), new.to_dict(), "")
+    return out
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One completed shard as listed in the manifest."""
+
+    index: int
+    """Shard number; shard i holds sequences [first_sequence, first_sequence + n_sequences)."""
+    path: str
+    """Relative to the cache root (POSIX separators, never outside the cache)."""
+    first_sequence: int
+    n_sequences: int
+    n_tokens: int
+    """Tokens stored (sum of sequence lengths T)."""
+    n_positions: int
+    """Positions with a stored teacher distribution (sum of T - 1)."""
+    n_entries: int
+    """Stored (id, value) entries in all positions."""
+    bytes: int
+    """Size on disk (for zarr: the sum of the group's files)."""
+    sha256: str
+    """Hex digest of the shard file (for zarr: of the sorted (name, file digest) list)."""
+    covered_mass: float = 0.0
+    """Sum over positions of the teacher mass covered by the stored ids (before quantization)."""
+    entropy: float = 0.0
+    """Sum over positions of the entropy (nats) of the stored part, -sum p log p over stored ids."""
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> ShardInfo:
+        if not isinstance(obj, Mapping):
+            raise CacheError(f"{where} must be an object")
+        names = {f.name for f in fields(cls)}
+        missing = [n for n in ("index", "path", "first_sequence", "n_sequences") if n not in obj]
+        if missing:
+            raise CacheError(f"{where} lacks {missing}")
+        unknown = set(obj) - names
+        if unknown:
+            raise CacheError(f"{where} has unknown keys: {sorted(unknown)}")
+        _int(obj, "index", where)
+        _int(obj, "first_sequence", where)
+        _int(obj, "n_sequences", where, 1, _MAX_SEQUENCES_PER_SHARD)
+        for key in ("n_tokens", "n_positions", "n_entries"):
+            _int(obj, key, where)
+        _int(obj, "bytes", where, 1, _MAX_SHARD_BYTES)
+        digest = obj.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise CacheError(f"{where}: 'sha256' must be a 64-character hex digest")
+        check_relative_path(obj["path"])
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``: the spec, the completed shards, and summary statistics."""
+
+    spec: CacheSpec
+    shards: tuple[ShardInfo, ...] = ()
+    complete: bool = False
+    """True once every sequence of the corpus is in a listed shard."""
+    n_sequences_total: int | None = None
+    """Known when the teacher pass has read the whole corpus."""
+    created_by: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(s.n_sequences for s in self.shards)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    @property
+    def n_positions(self) -> int:
+        return sum(s.n_positions for s in self.shards)
+
+    @property
+    def n_entries(self) -> int:
+        return sum(s.n_entries for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def stats(self) -> dict[str, float | None]:
+        n = self.n_positions
+        return {
+            "mean_covered_mass": sum(s.covered_mass for s in self.shards) / n if n else None,
+            "mean_entropy": sum(s.entropy for s in self.shards) / n if n else None,
+            "bytes_per_token": self.bytes / self.n_tokens if self.n_tokens else None,
+            "bytes_per_entry": self.bytes / self.n_entries if self.n_entries else None,
+            "entries_per_position": self.n_entries / n if n else None,
+        }
+
+    def with_shard(self, info: ShardInfo) -> Manifest:
+        others = [s for s in self.shards if s.index != info.index]
+        return replace(self, shards=tuple(sorted([*others, info], key=lambda s: s.index)))
+
+    def to_json(self) -> str:
+        obj = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "cache_id": self.spec.cache_id,
+            "created_by": self.created_by,
+            "complete": self.complete,
+            "n_sequences_total": self.n_sequences_total,
+            "n_sequences": self.n_sequences,
+            "n_tokens": self.n_tokens,
+            "bytes": self.bytes,
+            "stats": self.stats(),
+            "spec": self.spec.to_dict(),
+            "shards": [asdict(s) for s in self.shards],
+        }
+        return json.dumps(obj, indent=1, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest.json") -> Manifest:
+        try:
+            obj = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CacheError(f"{where} is not valid JSON: {err}") from None
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise CacheError(f"{where} is not a logitcache manifest (no 'format': '{FORMAT_NAME}')")
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                raise CacheError(
+                    f"{where} has format version {version}, newer than this logitcache reads "
+                    f"(version {FORMAT_VERSION}); upgrade logitcache"
+                )
+            raise CacheError(
+                f"{where} has unknown format version {version!r}; expected {FORMAT_VERSION}"
+            )
+        spec = CacheSpec.from_dict(obj.get("spec"))
+        if obj.get("cache_id") not in (None, spec.cache_id):
+            raise CacheError(f"{where}: cache_id does not match its spec (edited manifest?)")
+        raw_shards = obj.get("shards", [])
+        if not isinstance(raw_shards, list):
+            raise CacheError(f"{where}: 'shards' must be a list")
+        shards = tuple(
+            ShardInfo.from_dict(s, f"{where} shard #{i}") for i, s in enumerate(raw_shards)
+        )
+        _check_layout(shards, where)
+        total = obj.get("n_sequences_total")
+        if total is not None:
+            _int(obj, "n_sequences_total", where)
+        return cls(
+            spec=spec,
+            shards=shards,
+            complete=bool(obj.get("complete", False)),
+            n_sequences_total=total,
+            created_by=str(obj.get("created_by", "")),
+        )
+
+
+def _check_layout(shards: tuple[ShardInfo, ...], where: str) -> None:
+    seen_paths: set[str] = set()
+    for prev, cur in itertools.pairwise(shards):
+        if cur.index <= prev.index:
+            raise CacheError(f"{where}: shards are not in increasing index order")
+        if cur.first_sequence < prev.first_sequence + prev.n_sequences:
+            raise CacheError(f"{where}: shards {prev.index} and {cur.index} overlap")
+    for s in shards:
+        if s.path in seen_paths:
+            raise CacheError(f"{where}: shard path {s.path!r} is listed twice")
+        seen_paths.add(s.path)

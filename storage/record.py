@@ -1,0 +1,135 @@
+"""One cached sequence in memory, and its encoding to per-field blobs.
+
+In: a ``SequenceRecord`` (numpy arrays) and the cache spec. Out: ``dict[str, bytes]``, one
+codec-compressed blob per field, which a container stores as one row; and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codecs import FIELD_DTYPES, FieldCodec
+from .errors import CacheError
+from .format import CacheSpec
+
+__all__ = ["RecordCodec", "SequenceRecord", "record_fields"]
+
+
+@dataclass
+class SequenceRecord:
+    """A sequence and the teacher's sparse next-token distribution at each position.
+
+    Position p (0 <= p < T - 1) holds the teacher's prediction of token p + 1. Entries of
+    all positions are flattened in position order; ``n_entries[p]`` says how many belong
+    to position p (k for every position in topk mode).
+    """
+
+    index: int
+    input_ids: np.ndarray  # [T] uint32
+    loss_mask: np.ndarray  # [T] bool, True where token t is a training target
+    doc_starts: np.ndarray  # [D] int32, positions where a document begins
+    ids: np.ndarray  # [E] uint32, support ids, sorted by teacher probability within a position
+    n_entries: np.ndarray  # [T-1] int32 entries per position
+    tail_mass: np.ndarray  # [T-1] float32 teacher mass not covered by the stored ids
+    logprobs: np.ndarray | None = None  # [E] float32 log-softmax at T=1 (topk; sampled optional)
+    counts: np.ndarray | None = None  # [E] uint8 draws of each id (sampled mode)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_positions(self) -> int:
+        return self.n_tokens - 1
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """[T] int64: entries of position p are ids[offsets[p]:offsets[p + 1]]."""
+        return np.concatenate([[0], np.cumsum(self.n_entries, dtype=np.int64)])
+
+    def target_probs(self) -> np.ndarray:
+        """[E] float32 teacher probabilities of the stored entries (counts/N if no log-probs)."""
+        if self.logprobs is not None:
+            return np.exp(self.logprobs)
+        assert self.counts is not None
+        per_position = np.add.reduceat(self.counts.astype(np.float32), self.offsets[:-1])
+        return self.counts / np.repeat(per_position, self.n_entries)
+
+
+def record_fields(spec: CacheSpec) -> tuple[str, ...]:
+    """The fields a record of this spec stores, in container column order."""
+    names = ["input_ids", "loss_mask", "doc_starts", "ids", "tail_mass"]
+    if spec.mode == "topk":
+        names.append("logprobs")
+    else:
+        names += ["counts", "n_entries"] + (["logprobs"] if spec.sampled_logprobs else [])
+    return tuple(names)
+
+
+class RecordCodec:
+    """Encodes and decodes records of one spec; also validates decoded content."""
+
+    def __init__(self, spec: CacheSpec) -> None:
+        self.spec = spec
+        self.fields = record_fields(spec)
+        missing = [f for f in self.fields if f not in spec.codecs]
+        if missing:
+            raise CacheError(f"cache spec has no codec for fields {missing}")
+        self.codecs = {f: FieldCodec(spec.codecs[f], FIELD_DTYPES[f]) for f in self.fields}
+
+    def encode(self, record: SequenceRecord) -> dict[str, bytes]:
+        self._check(record, where=f"sequence {record.index}")
+        out = {}
+        for name in self.fields:
+            out[name] = self.codecs[name].encode(getattr(record, name))
+        return out
+
+    def decode(self, index: int, blobs: dict[str, bytes], where: str) -> SequenceRecord:
+        arrays = {}
+        for name in self.fields:
+            if name not in blobs:
+                raise CacheError(f"{where}: field {name!r} missing")
+            try:
+                arrays[name] = self.codecs[name].decode(blobs[name])
+            except CacheError as err:
+                raise CacheError(f"{where}: field {name!r}: {err}") from None
+        n_positions = arrays["input_ids"].shape[0] - 1
+        if self.spec.mode == "topk":
+            arrays["n_entries"] = np.full(max(n_positions, 0), self.spec.k, dtype=np.int32)
+        else:
+            arrays["n_entries"] = arrays["n_entries"].astype(np.int32)
+        record = SequenceRecord(index=index, **arrays)
+        self._check(record, where)
+        return record
+
+    def _check(self, r: SequenceRecord, where: str) -> None:
+        spec = self.spec
+        t = r.n_tokens
+        if not 2 <= t <= spec.seq_len:
+            raise CacheError(f"{where}: length {t} outside [2, seq_len={spec.seq_len}]")
+        if r.loss_mask.shape != (t,) or r.tail_mass.shape != (t - 1,):
+            raise CacheError(f"{where}: loss_mask/tail_mass shapes disagree with {t} tokens")
+        if r.n_entries.shape != (t - 1,):
+            found = r.n_entries.shape[0]
+            raise CacheError(f"{where}: n_entries has {found} positions, not {t - 1}")
+        n = int(r.n_entries.sum())
+        if r.ids.shape != (n,):
+            raise CacheError(f"{where}: {r.ids.shape[0]} ids stored for {n} entries")
+        for name in ("logprobs", "counts"):
+            value = getattr(r, name)
+            if value is not None and value.shape != (n,):
+                raise CacheError(f"{where}: {name} has {value.shape[0]} values for {n} entries")
+        for name, values in (("ids", r.ids), ("input_ids", r.input_ids)):
+            if values.size and int(values.max()) >= spec.vocab_size:
+                raise CacheError(
+                    f"{where}: {name} contains id {int(values.max())} >= vocab_size "
+                    f"{spec.vocab_size}"
+                )
+        if spec.mode == "sampled":
+            if r.counts is None or (r.n_entries < 1).any():
+                raise CacheError(f"{where}: sampled records need counts, >= 1 entry per position")
+            sums = np.add.reduceat(r.counts.astype(np.int64), r.offsets[:-1]) if n else []
+            if n and (np.asarray(sums) != spec.samples).any():
+                raise CacheError(f"{where}: counts do not add up to samples={spec.samples}")

@@ -1,11 +1,248 @@
-"""The ``logitcache`` command line: thin click commands over the library."""
+"""The ``logitcache`` command line: thin click commands over the library.
+
+Expected errors (``LogitcacheError``: bad flags, files, models, shards) print one line and
+exit 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
+from logitcache.errors import LogitcacheError
 
-@click.group()
+__all__ = ["main"]
+
+
+def _expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LogitcacheError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: completed shards/checkpoints are kept; rerun to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="logitcache")
 def main() -> None:
-    """Distill language models from an offline teacher-logit cache."""
+    """Distill language models from an offline teacher-logit cache.
+
+    A teacher runs once (`precompute`) and writes its sparse next-token distributions to a
+    cache; students then train from the cache alone (`train`), as often as you like.
+    """
+
+
+# -- precompute -----------------------------------------------------------------------
+@main.command()
+@click.option("--teacher", required=True, help="Hub id or local directory of a causal LM.")
+@click.option("--data", "data", required=True, multiple=True,
+              help="HF dataset name, or local .txt/.jsonl/.parquet files or globs (repeatable).")
+@click.option("--out", required=True, help="Cache directory (or URL) to write.")
+@click.option("--data-config", default=None, help="HF dataset config name.")
+@click.option("--split", default="train", show_default=True, help="HF dataset split.")
+@click.option("--revision", default=None, help="Dataset revision (and teacher revision).")
+@click.option("--streaming/--no-streaming", default=False, help="Stream the HF dataset.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--messages-field", default=None, help="Chat data: a list of {role, content}.")
+@click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens.")
+@click.option("--seq-len", type=int, default=2048, show_default=True)
+@click.option("--pack/--no-pack", default=True, show_default=True,
+              help="Concatenate documents with EOS, or one document per sequence.")
+@click.option("--top-k", type=int, default=None, help="Store the k most probable ids.")
+@click.option("--samples", type=int, default=None,
+              help="Store the distinct ids of N draws with counts (1..255).")
+@click.option("--sampled-logprobs/--no-sampled-logprobs", default=False,
+              help="Sampled mode: also store exact log-probs of the drawn ids.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--container", type=click.Choice(["arrow", "zarr"]), default="arrow",
+              show_default=True)
+@click.option("--logprob-codec", type=click.Choice(["lossy", "float16", "float32"]),
+              default="lossy", show_default=True)
+@click.option("--logprob-step", type=float, default=1 / 32, show_default=True,
+              help="Quantization step of the lossy codec (nats).")
+@click.option("--shard-sequences", type=int, default=256, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cuda, cuda:N, cpu, mps.")
+@click.option("--device-map", default=None, help="'auto' to spread a large teacher over GPUs.")
+@click.option("--batch-tokens", type=int, default=16384, show_default=True,
+              help="Tokens per teacher forward; halved automatically on out-of-memory.")
+@click.option("--num-workers", type=int, default=None,
+              help="Split the work over N workers (default: torchrun's WORLD_SIZE, else 1).")
+@click.option("--worker-index", type=int, default=None, help="This worker's index (0..N-1).")
+@click.option("--trust-remote-code", is_flag=True, default=False)
+@click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
+@_expected_errors
+def precompute(**kw: Any) -> None:
+    """Run a teacher over a corpus once and write the cache (resumable)."""
+    from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
+    from logitcache.precompute.run import distributed_worker
+    from logitcache.progress import Reporter
+
+    if kw["top_k"] is None and kw["samples"] is None:
+        kw["top_k"] = 64
+    rank, world = distributed_worker()
+    num_workers = kw["num_workers"] or world
+    worker = kw["worker_index"] if kw["worker_index"] is not None else rank
+    corpus = CorpusSpec(
+        data=tuple(kw["data"]),
+        data_config=kw["data_config"],
+        split=kw["split"],
+        revision=kw["revision"],
+        streaming=kw["streaming"],
+        text_field=kw["text_field"],
+        messages_field=kw["messages_field"],
+        max_tokens=kw["max_tokens"],
+        seq_len=kw["seq_len"],
+        pack=kw["pack"],
+    )
+    config = PrecomputeConfig(
+        teacher=kw["teacher"],
+        out=kw["out"],
+        corpus=corpus,
+        top_k=kw["top_k"],
+        samples=kw["samples"],
+        sampled_logprobs=kw["sampled_logprobs"],
+        seed=kw["seed"],
+        container=kw["container"],
+        logprob_codec=kw["logprob_codec"],
+        logprob_step=kw["logprob_step"],
+        shard_sequences=kw["shard_sequences"],
+        dtype=None if kw["dtype"] == "auto" else kw["dtype"],
+        device=kw["device"],
+        device_map=kw["device_map"],
+        batch_tokens=kw["batch_tokens"],
+        num_workers=num_workers,
+        worker_index=worker,
+        trust_remote_code=kw["trust_remote_code"],
+    )
+    result = run_precompute(config, Reporter(enabled=not kw["quiet"]))
+    if result.manifest is not None and result.manifest.complete and not kw["quiet"]:
+        click.echo(_summary_text(result.manifest, kw["out"]), err=True)
+
+
+# -- inspect / verify / merge -----------------------------------------------------------
+def _summary(manifest: Any) -> dict[str, Any]:
+    from logitcache.storage import FORMAT_VERSION
+
+    spec = manifest.spec
+    stats = manifest.stats()
+    return {
+        "format_version": FORMAT_VERSION,
+        "cache_id": spec.cache_id,
+        "complete": manifest.complete,
+        "mode": spec.mode,
+        "k": spec.k,
+        "samples": spec.samples,
+        "sampled_logprobs": spec.sampled_logprobs,
+        "vocab_size": spec.vocab_size,
+        "seq_len": spec.seq_len,
+        "pack": spec.pack,
+        "container": spec.container,
+        "n_sequences": manifest.n_sequences,
+        "n_tokens": manifest.n_tokens,
+        "n_positions": manifest.n_positions,
+        "n_entries": manifest.n_entries,
+        "n_shards": len(manifest.shards),
+        "bytes": manifest.bytes,
+        "bytes_per_token": stats["bytes_per_token"],
+        "bytes_per_entry": stats["bytes_per_entry"],
+        "entries_per_position": stats["entries_per_position"],
+        "mean_covered_mass": stats["mean_covered_mass"],
+        "mean_entropy": stats["mean_entropy"],
+        "teacher": dict(spec.teacher),
+        "tokenizer_fingerprint": spec.tokenizer.get("fingerprint"),
+        "corpus": dict(spec.corpus),
+        "codecs": {k: v for k, v in spec.codecs.items()},
+        "created_by": manifest.created_by,
+    }
+
+
+def _summary_text(manifest: Any, url: str) -> str:
+    from logitcache.progress import human_bytes
+
+    s = _summary(manifest)
+    what = f"top-{s['k']}" if s["mode"] == "topk" else f"sampled N={s['samples']}" + (
+        " + log-probs" if s["sampled_logprobs"] else ""
+    )
+    corpus = s["corpus"]
+    corpus_name = corpus.get("name") or ", ".join(f["path"] for f in corpus.get("files", [])[:3])
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return "\n".join(
+        [
+            f"cache       {url}  ({'complete' if s['complete'] else 'INCOMPLETE'}, "
+            f"format v{s['format_version']}, id {s['cache_id']})",
+            f"content     {s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens in "
+            f"{s['n_shards']} {s['container']} shards; seq_len {s['seq_len']}, "
+            f"{'packed' if s['pack'] else 'unpacked'}",
+            f"targets     {what} of vocab {s['vocab_size']:,}; "
+            f"{fmt(s['entries_per_position'], '.1f')} entries/position",
+            f"size        {human_bytes(s['bytes'])}: {fmt(s['bytes_per_token'], '.2f')} B/token, "
+            f"{fmt(s['bytes_per_entry'], '.2f')} B/stored entry",
+            f"quality     covered mass {fmt(s['mean_covered_mass'], '.4f')}, entropy of stored "
+            f"part {fmt(s['mean_entropy'], '.3f')} nats",
+            f"teacher     {s['teacher'].get('name_or_path')} (dtype {s['teacher'].get('dtype')}, "
+            f"config {str(s['teacher'].get('config_sha256'))[:12]})",
+            f"tokenizer   {str(s['tokenizer_fingerprint'])[:16]}",
+            f"corpus      {corpus_name}",
+        ]
+    )
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_expected_errors
+def inspect(cache: str, as_json: bool) -> None:
+    """Summarize a cache: size, mode, teacher, tokenizer, corpus, coverage."""
+    from logitcache.storage import Location, read_manifest
+
+    manifest = read_manifest(Location(cache))
+    if as_json:
+        click.echo(json.dumps(_summary(manifest), indent=1))
+    else:
+        click.echo(_summary_text(manifest, cache))
+
+
+@main.command()
+@click.argument("cache")
+@_expected_errors
+def verify(cache: str) -> None:
+    """Recompute every shard hash and decode every record; exit 1 naming bad shards."""
+    from logitcache.storage import verify_cache
+
+    manifest, problems = verify_cache(cache)
+    for problem in problems:
+        click.echo(f"BAD  {problem}", err=True)
+    n = len(manifest.shards)
+    if problems:
+        click.echo(f"{len(problems)} of {n} shards failed verification", err=True)
+        sys.exit(1)
+    state = "complete" if manifest.complete else "INCOMPLETE (teacher pass not finished)"
+    click.echo(f"ok: {n} shards, {manifest.n_sequences} sequences verified; cache {state}")
+
+
+@main.command()
+@click.argument("cache")
+@_expected_errors
+def merge(cache: str) -> None:
+    """Write the complete manifest of a cache written by several workers."""
+    from logitcache.storage import merge_parts
+
+    manifest = merge_parts(cache)
+    click.echo(f"merged: {len(manifest.shards)} shards, {manifest.n_sequences} sequences")
 
 
 if __name__ == "__main__":

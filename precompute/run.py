@@ -1,0 +1,443 @@
+"""The teacher pass: corpus in, compressed cache out; resumable and splittable across workers.
+
+In: a ``PrecomputeConfig``. Out: a cache (``logitcache.storage``) whose shard j holds
+sequences [j*S, (j+1)*S) of the corpus with the teacher's sparse next-token distributions.
+
+Three stages overlap: a reader thread tokenizes and packs the corpus into per-shard work,
+the main thread runs the teacher and extracts top-k / samples on the device, and a writer
+thread encodes and publishes shards, so the teacher never waits on the disk. Work is
+assigned by shard (``j % num_workers == worker``) and a shard's bytes depend only on its
+sequences, so any number of workers, any batch size and any number of restarts give the
+same cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from logitcache.errors import LogitcacheError
+from logitcache.progress import Reporter, human_bytes
+from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
+
+from .corpus import CorpusSpec, CorpusStats, corpus_identity, iter_sequences
+from .sparse import sample_generator, sampled_targets, topk_targets
+from .teacher import (
+    config_fingerprint,
+    load_teacher,
+    load_tokenizer,
+    tokenizer_identity,
+    weights_fingerprint,
+)
+
+__all__ = ["PrecomputeConfig", "PrecomputeResult", "distributed_worker", "run_precompute"]
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything ``logitcache precompute`` needs; saved (resolved) in the manifest."""
+
+    teacher: str
+    """Hub id or local directory of any AutoModelForCausalLM; its tokenizer is used."""
+    out: str
+    """Cache directory or URL."""
+    corpus: CorpusSpec
+    top_k: int | None = None
+    """Store the k most probable ids per position (topk mode)."""
+    samples: int | None = None
+    """Store the distinct ids of N draws per position, with counts (sampled mode, 1..255)."""
+    sampled_logprobs: bool = False
+    """Sampled mode: also store the exact log-probs of the drawn ids."""
+    seed: int = 0
+    """Seeds the draws of sampled mode, per sequence."""
+    container: str = "arrow"
+    """``arrow`` or ``zarr``."""
+    logprob_codec: str = "lossy"
+    """``lossy`` (quantized gaps), ``float16`` or ``float32``."""
+    logprob_step: float = 1 / 32
+    """Quantization step of the lossy codec, in nats (error <= step/2 per log-prob)."""
+    shard_sequences: int = 256
+    """Sequences per shard (the unit of resume, verification and parallel work)."""
+    dtype: str | None = None
+    """Teacher dtype: bfloat16, float16, float32; None = the model's own."""
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device_map: str | None = None
+    """``auto`` spreads a teacher larger than one GPU over the visible GPUs."""
+    batch_tokens: int = 16384
+    """Tokens per teacher forward (padding included); halved on out-of-memory."""
+    num_workers: int = 1
+    worker_index: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.top_k is None) == (self.samples is None):
+            raise LogitcacheError("choose exactly one of --top-k K or --samples N")
+        if self.top_k is not None and self.top_k < 1:
+            raise LogitcacheError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.samples is not None and not 1 <= self.samples <= 255:
+            raise LogitcacheError(f"--samples must be in 1..255, got {self.samples}")
+        if self.sampled_logprobs and self.samples is None:
+            raise LogitcacheError("--sampled-logprobs needs --samples")
+        if self.shard_sequences < 1:
+            raise LogitcacheError(f"--shard-sequences must be >= 1, got {self.shard_sequences}")
+        if self.batch_tokens < 1:
+            raise LogitcacheError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise LogitcacheError(
+                f"--worker-index {self.worker_index} must be in 0..{self.num_workers - 1}"
+            )
+        if not 0 < self.logprob_step <= 1:
+            raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
+
+    @property
+    def mode(self) -> str:
+        return "topk" if self.top_k is not None else "sampled"
+
+    def content_settings(self) -> dict[str, Any]:
+        """The settings that shape the cache's bytes (workers, batch size, device do not)."""
+        return {
+            "seed": self.seed,
+            "max_tokens": self.corpus.max_tokens,
+            "logprob_codec": self.logprob_codec,
+            "logprob_step": self.logprob_step,
+        }
+
+
+def distributed_worker() -> tuple[int, int]:
+    """(worker, num_workers) from torchrun's RANK / WORLD_SIZE, or (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+@dataclass
+class PrecomputeResult:
+    manifest: Manifest | None
+    """The complete manifest, or None while other workers are still running."""
+    teacher_tokens: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    wall_s: float = 0.0
+    teacher_s: float = 0.0
+    bytes_written: int = 0
+    corpus: CorpusStats = field(default_factory=CorpusStats)
+    already_complete: bool = False
+
+
+@dataclass
+class _ShardWork:
+    shard: int
+    sequences: list[tuple[int, Any]]  # (global index, PackedSequence)
+
+
+_END = object()
+
+
+def _make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
+    vocab = int(model_config.vocab_size)
+    if config.top_k is not None and config.top_k > vocab:
+        raise LogitcacheError(
+            f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab})"
+        )
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if max_pos is not None and config.corpus.seq_len > max_pos:
+        raise LogitcacheError(
+            f"--seq-len {config.corpus.seq_len} exceeds the teacher's maximum positions ({max_pos})"
+        )
+    codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step)
+    return CacheSpec(
+        mode=config.mode,
+        vocab_size=vocab,
+        seq_len=config.corpus.seq_len,
+        pack=config.corpus.pack,
+        container=config.container,
+        codecs=codecs,
+        shard_sequences=config.shard_sequences,
+        k=config.top_k,
+        samples=config.samples,
+        sampled_logprobs=config.sampled_logprobs,
+        teacher={
+            "name_or_path": config.teacher,
+            "revision": config.revision or getattr(model_config, "_commit_hash", None),
+            "config_sha256": config_fingerprint(model_config),
+            "weights_sha256": weights_fingerprint(config.teacher),
+            "dtype": config.dtype or "auto",
+        },
+        tokenizer=tokenizer_identity(tokenizer, config.teacher),
+        corpus=corpus_identity(config.corpus),
+        settings=config.content_settings(),
+    )
+
+
+def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -> PrecomputeResult:
+    """Run (or resume) the teacher pass of ``config``; see the module docstring."""
+    from transformers import AutoConfig
+
+    reporter = reporter or Reporter(enabled=False)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(
+        config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    model_config = AutoConfig.from_pretrained(
+        config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    spec = _make_spec(config, tokenizer, model_config)
+    result = PrecomputeResult(manifest=None)
+    with CacheWriter(
+        config.out, spec, worker=config.worker_index, num_workers=config.num_workers
+    ) as writer:
+        if writer.complete:
+            reporter.log(f"{config.out} is already complete: nothing to do")
+            result.manifest, result.already_complete = writer.manifest, True
+            return result
+        done = sum(1 for s in writer.manifest.shards if writer.owns(s.index))
+        if done:
+            reporter.log(f"resuming: {done} shards of this worker are already complete")
+        model, _, device = load_teacher(
+            config.teacher,
+            dtype=config.dtype,
+            device=config.device,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            device_map=config.device_map,
+        )
+        if config.device_map is not None:
+            device = next(model.parameters()).device
+        _Pipeline(config, spec, tokenizer, model, device, writer, reporter, result).run()
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+class _Pipeline:
+    def __init__(self, config, spec, tokenizer, model, device, writer, reporter, result):
+        self.config, self.spec, self.tokenizer = config, spec, tokenizer
+        self.model, self.device, self.writer = model, device, writer
+        self.reporter, self.result = reporter, result
+        self.batch_tokens = config.batch_tokens
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    # -- stage 1: corpus -> per-shard work (reader thread) --------------------------
+    def _read(self, out: queue.Queue) -> None:
+        try:
+            writer, size = self.writer, self.spec.shard_sequences
+            current: _ShardWork | None = None
+            total = 0
+            for index, seq in enumerate(
+                iter_sequences(self.config.corpus, self.tokenizer, self.result.corpus)
+            ):
+                total = index + 1
+                shard = index // size
+                if not writer.owns(shard) or writer.is_done(shard):
+                    if writer.owns(shard) and index % size == 0:
+                        self.result.shards_skipped += 1
+                    continue
+                if current is None or current.shard != shard:
+                    if current is not None:
+                        self._put(out, current)
+                    current = _ShardWork(shard, [])
+                current.sequences.append((index, seq))
+                if self.stop.is_set():
+                    return
+            if current is not None:
+                self._put(out, current)
+            self._put(out, ("total", total))
+        except BaseException as err:
+            self.errors.append(err)
+        finally:
+            self._put(out, _END)
+
+    def _put(self, q: queue.Queue, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    # -- stage 3: records -> published shard (writer thread) ------------------------
+    def _write(self, inbox: queue.Queue) -> None:
+        while True:
+            item = inbox.get()
+            if item is _END:
+                return
+            shard, records = item
+            try:
+                info = self.writer.write_shard(shard, records)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    err = LogitcacheError(
+                        f"disk full while writing shard {shard} to {self.config.out}: the partial "
+                        "shard was discarded; free space and rerun the same command to resume"
+                    )
+                self.errors.append(err)
+                self.stop.set()
+                return
+            except BaseException as err:
+                self.errors.append(err)
+                self.stop.set()
+                return
+            self.result.shards_written += 1
+            self.result.bytes_written += info.bytes
+
+    # -- stage 2: teacher (main thread) ---------------------------------------------
+    def run(self) -> None:
+        work: queue.Queue = queue.Queue(maxsize=2)
+        outbox: queue.Queue = queue.Queue(maxsize=2)
+        reader = threading.Thread(target=self._read, args=(work,), daemon=True, name="corpus")
+        writer = threading.Thread(target=self._write, args=(outbox,), daemon=True, name="write")
+        reader.start()
+        writer.start()
+        total = None
+        budget = self.config.corpus.max_tokens
+        bar = self.reporter.bar(total=budget, desc="teacher pass")
+        try:
+            while True:
+                item = work.get()
+                if item is _END:
+                    break
+                if isinstance(item, tuple):
+                    total = item[1]
+                    continue
+                if self.stop.is_set():
+                    break
+                records = self._teacher_shard(item, bar)
+                self._put(outbox, (item.shard, records))
+                bar.set_postfix_str(f"cache {human_bytes(self.result.bytes_written)}")
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            _close(outbox, writer)
+            bar.close()
+            self.stop.set()
+            reader.join(timeout=5)
+        if self.errors:
+            raise self.errors[0]
+        if total is None:
+            raise LogitcacheError("the corpus reader stopped before the end of the corpus")
+        self.result.manifest = self.writer.finish(total)
+        self._summary(total)
+
+    def _teacher_shard(self, work: _ShardWork, bar: Any) -> list[SequenceRecord]:
+        """Run the teacher over one shard's sequences; records come back in index order."""
+        records: dict[int, SequenceRecord] = {}
+        for batch in self._batches(work.sequences):
+            for index, seq, logits in self._forward(batch):
+                records[index] = self._record(index, seq, logits)
+            bar.update(sum(len(seq.input_ids) for _, seq in batch))
+        return [records[i] for i, _ in work.sequences]
+
+    def _batches(self, sequences: list[tuple[int, Any]]) -> Iterator[list[tuple[int, Any]]]:
+        """Length-sorted batches within the token budget: no compute on padding to speak of."""
+        ordered = sorted(sequences, key=lambda item: (-len(item[1].input_ids), item[0]))
+        batch: list[tuple[int, Any]] = []
+        for item in ordered:
+            longest = len(batch[0][1].input_ids) if batch else len(item[1].input_ids)
+            if batch and longest * (len(batch) + 1) > self.batch_tokens:
+                yield batch
+                batch = []
+            batch.append(item)
+        if batch:
+            yield batch
+
+    def _forward(self, batch: list[tuple[int, Any]]):
+        """Yields (index, sequence, logits [T-1, V]) for each sequence of the batch."""
+        lengths = [len(seq.input_ids) for _, seq in batch]
+        width = max(lengths)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (_, seq) in enumerate(batch):
+            ids[row, : lengths[row]] = torch.from_numpy(seq.input_ids.astype(np.int64))
+            mask[row, : lengths[row]] = 1
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).logits  # [B, L, V]
+            self.result.teacher_s += time.perf_counter() - t0
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise LogitcacheError(
+                    f"out of memory running the teacher on one sequence of {width} tokens; "
+                    "use a shorter --seq-len, a smaller --dtype or --device-map auto"
+                ) from None
+            self.batch_tokens = max(1, self.batch_tokens // 2)
+            self.reporter.log(f"out of memory: retrying with --batch-tokens {self.batch_tokens}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            yield from self._forward(batch[:half])
+            yield from self._forward(batch[half:])
+            return
+        self.result.teacher_tokens += sum(lengths)
+        for row, (index, seq) in enumerate(batch):
+            yield index, seq, logits[row, : lengths[row] - 1]
+
+    def _record(self, index: int, seq: Any, logits: torch.Tensor) -> SequenceRecord:
+        if self.config.top_k is not None:
+            sparse = topk_targets(logits, self.config.top_k)
+        else:
+            gen = sample_generator(self.config.seed, index, logits.device)
+            sparse = sampled_targets(logits, self.config.samples, gen)
+        return SequenceRecord(
+            index=index,
+            input_ids=seq.input_ids.astype(np.uint32),
+            loss_mask=seq.loss_mask.astype(bool),
+            doc_starts=seq.doc_starts.astype(np.uint32),
+            ids=sparse.ids,
+            n_entries=sparse.n_entries,
+            tail_mass=sparse.tail_mass,
+            logprobs=sparse.logprobs
+            if (self.config.top_k is not None or self.config.sampled_logprobs)
+            else None,
+            counts=sparse.counts,
+        )
+
+    def _summary(self, total_sequences: int) -> None:
+        r, stats = self.result, self.result.corpus
+        rate = r.teacher_tokens / r.teacher_s if r.teacher_s else float("nan")
+        lines = [
+            f"sequences: {total_sequences} in the corpus; {r.shards_written} shards written, "
+            f"{r.shards_skipped} already present",
+        ]
+        if stats.skipped_empty:
+            lines.append(f"skipped {stats.skipped_empty} empty or whitespace-only documents")
+        if r.teacher_tokens:
+            lines.append(
+                f"teacher: {r.teacher_tokens} tokens at {rate:,.0f} tokens/s (forward only); "
+                f"written {human_bytes(r.bytes_written)} = "
+                f"{r.bytes_written / r.teacher_tokens:.1f} bytes/token"
+            )
+        if r.manifest is None:
+            lines.append("this worker is done; the manifest is written when all workers are")
+        for line in lines:
+            self.reporter.log(line)
+
+
+def _close(inbox: queue.Queue, thread: threading.Thread) -> None:
+    """Tell a consumer thread to finish its queue and wait for it (it may have died)."""
+    while thread.is_alive():
+        try:
+            inbox.put(_END, timeout=0.2)
+            break
+        except queue.Full:
+            continue
+    thread.join()
+
+
+def settings_dict(config: PrecomputeConfig) -> dict[str, Any]:
+    """The fully resolved settings, JSON-able, for logs and reports."""
+    out = asdict(config)
+    out["corpus"] = asdict(config.corpus)
+    return out

@@ -1,0 +1,181 @@
+"""Loading a teacher and naming it: model, tokenizer, and their identity fingerprints.
+
+In: a hub id or local directory, dtype/device choices. Out: the model in eval mode, its
+tokenizer, and JSON-able identity records for the cache manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitcache.errors import LogitcacheError
+
+__all__ = [
+    "config_fingerprint",
+    "load_teacher",
+    "load_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+    "tokenizer_fingerprint",
+    "tokenizer_identity",
+    "weights_fingerprint",
+]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype",
+                         "_commit_hash", "_attn_implementation_autoset", "use_cache"}  # fmt: skip
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LogitcacheError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, config: Any) -> torch.dtype:
+    """``None``/``auto`` means the model's own dtype (float32 if it names none)."""
+    if dtype in (None, "auto"):
+        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(own, str):
+            own = _DTYPES.get(own)
+        return own if isinstance(own, torch.dtype) else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise LogitcacheError(f"--dtype {dtype}: expected one of {sorted(_DTYPES)}") from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix in (".json", ".safetensors")
+
+
+def _load_error(what: str, name: str, err: Exception) -> LogitcacheError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LogitcacheError(f"cannot load {what} {name!r}: {first}")
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise LogitcacheError(f"model path {name!r} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:  # transformers raises OSError, ValueError, HF hub errors
+        raise _load_error("tokenizer", name, err) from None
+
+
+def load_teacher(
+    name: str,
+    *,
+    dtype: str | None = None,
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
+    """Returns (model, torch dtype, torch device); the model is in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise LogitcacheError(f"teacher path {name!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:
+        raise _load_error("teacher", name, err) from None
+    torch_dtype = resolve_dtype(dtype, config)
+    dev = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=revision,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+        )
+    except Exception as err:
+        raise _load_error("teacher", name, err) from None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return model, torch_dtype, dev
+
+
+def config_fingerprint(config: Any) -> str:
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_fingerprint(name: str) -> str | None:
+    """sha256 over the weight files of a local model directory; None for hub ids
+    (their revision names the weights)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    files = sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+    )
+    outer = hashlib.sha256()
+    for file in files:
+        inner = hashlib.sha256()
+        with open(file, "rb") as fh:
+            while block := fh.read(1 << 22):
+                inner.update(block)
+        outer.update(f"{file.name}\0{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides token ids: vocabulary, merges, added and special tokens.
+
+    Two tokenizers with the same fingerprint map every text to the same ids, whatever
+    files or library versions they were saved with.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        full = json.loads(backend.to_str())
+        model = full.get("model", {})
+        data: dict[str, Any] = {
+            "type": model.get("type"),
+            "vocab": model.get("vocab"),
+            "merges": model.get("merges"),
+            "added": [
+                (t.get("id"), t.get("content"), t.get("special"))
+                for t in full.get("added_tokens", [])
+            ],
+        }
+    else:
+        data = {"vocab": sorted(tokenizer.get_vocab().items())}
+    data["special"] = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenizer_identity(tokenizer: Any, name: str) -> dict[str, Any]:
+    return {
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "name_or_path": name,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+    }

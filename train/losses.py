@@ -50,11 +50,11 @@ TAIL_POLICIES = ("renorm", "bucket", "label")
 # gives 0 (a sampled-out rest bucket, a zero-prob entry) costs the student 27.6 nats per unit
 # of mass it puts there, instead of infinity.
 _P_FLOOR = 1e-12
-# Float32 log-softmax values carry ~1e-6 absolute error (one ulp of an lse around 10), so a
-# student rest mass 1 - sum(q_S) below ~1e-6 is noise. The rest's log-mass is evaluated at
-# no less than this mass; the gradient passes straight through the floor, so a student that
-# puts everything on the support is still pushed back toward the tail (never NaN, never 0).
-_MIN_REST = 1e-6
+# Log-softmax values carry ~8 ulp of absolute error (float32: ~1e-6 around an lse of 10),
+# so a student rest mass 1 - q(support) below 8 * eps(dtype) is noise. The rest's log-mass
+# is evaluated at no less than that; the gradient passes straight through the floor, so a
+# student with everything on the support is still pushed toward the tail (never NaN or 0).
+_REST_FLOOR_EPS = 8
 # Finite stand-in for log 0 on masked entries: exp() gives exactly 0 and, unlike -inf,
 # logsumexp over a fully masked row has finite gradients.
 _NEG = -1e30
@@ -108,7 +108,9 @@ def _check_args(loss: str, tail: str, temperature: float, alpha: float, beta: fl
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if tail not in TAIL_POLICIES:
-        raise ValueError(f"unknown tail policy {tail!r}; expected one of {', '.join(TAIL_POLICIES)}")
+        raise ValueError(
+            f"unknown tail policy {tail!r}; expected one of {', '.join(TAIL_POLICIES)}"
+        )
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
@@ -127,8 +129,8 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x <= 0, value floored at log(_MIN_REST), gradient unclamped."""
-    hi = math.log1p(-_MIN_REST)
+    """log(1 - exp(x)) for x <= 0; 1 - exp(x) is floored at 8 eps, the gradient is not."""
+    hi = math.log1p(-_REST_FLOOR_EPS * torch.finfo(x.dtype).eps)
     x = x - (x - hi).clamp(min=0).detach()  # value min(x, hi), d/dx = 1
     # Two branches keep full precision near 0 and far below it (Maechler 2012).
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -152,10 +154,9 @@ def _categories(
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
     elif tail == "label":
         labels = targets.labels
-        match = valid & (ids == labels[:, None])  # [N, K]
-        first = match & (match.cumsum(dim=1) == 1)  # never add the tail twice
+        match = valid & (ids == labels[:, None])  # [N, K], at most one True (ids are unique)
         in_support = match.any(dim=1)  # [N]
-        probs = probs + rest[:, None] * first
+        probs = probs + rest[:, None] * match
         ids = torch.cat([ids, labels[:, None]], dim=1)
         probs = torch.cat([probs, torch.where(in_support, 0.0, rest)[:, None]], dim=1)
         valid = torch.cat([valid, ~in_support[:, None]], dim=1)
@@ -286,7 +287,9 @@ def chunked_loss(
                 f"distillation options {sorted(distill_kwargs)} need targets; got targets=None"
             )
         if labels.shape != hidden.shape[:1]:
-            raise ValueError(f"labels {tuple(labels.shape)} do not match hidden rows {hidden.shape[0]}")
+            raise ValueError(
+                f"labels {tuple(labels.shape)} do not match hidden rows {hidden.shape[0]}"
+            )
     else:
         if labels is not None:
             raise ValueError("pass labels inside targets (targets.labels), not separately")

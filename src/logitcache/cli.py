@@ -28,7 +28,7 @@ def _expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {err}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted: completed shards/checkpoints are kept; rerun to resume", err=True)
+            click.echo("interrupted: completed shards and checkpoints are kept", err=True)
             sys.exit(130)
 
     return wrapper
@@ -47,8 +47,13 @@ def main() -> None:
 # -- precompute -----------------------------------------------------------------------
 @main.command()
 @click.option("--teacher", required=True, help="Hub id or local directory of a causal LM.")
-@click.option("--data", "data", required=True, multiple=True,
-              help="HF dataset name, or local .txt/.jsonl/.parquet files or globs (repeatable).")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    multiple=True,
+    help="HF dataset name, or local .txt/.jsonl/.parquet files or globs (repeatable).",
+)
 @click.option("--out", required=True, help="Cache directory (or URL) to write.")
 @click.option("--data-config", default=None, help="HF dataset config name.")
 @click.option("--split", default="train", show_default=True, help="HF dataset split.")
@@ -58,29 +63,63 @@ def main() -> None:
 @click.option("--messages-field", default=None, help="Chat data: a list of {role, content}.")
 @click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens.")
 @click.option("--seq-len", type=int, default=2048, show_default=True)
-@click.option("--pack/--no-pack", default=True, show_default=True,
-              help="Concatenate documents with EOS, or one document per sequence.")
+@click.option(
+    "--pack/--no-pack",
+    default=True,
+    show_default=True,
+    help="Concatenate documents with EOS, or one document per sequence.",
+)
 @click.option("--top-k", type=int, default=None, help="Store the k most probable ids.")
-@click.option("--samples", type=int, default=None,
-              help="Store the distinct ids of N draws with counts (1..255).")
-@click.option("--sampled-logprobs/--no-sampled-logprobs", default=False,
-              help="Sampled mode: also store exact log-probs of the drawn ids.")
+@click.option(
+    "--samples",
+    type=int,
+    default=None,
+    help="Store the distinct ids of N draws with counts (1..255).",
+)
+@click.option(
+    "--sampled-logprobs/--no-sampled-logprobs",
+    default=False,
+    help="Sampled mode: also store exact log-probs of the drawn ids.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--container", type=click.Choice(["arrow", "zarr"]), default="arrow",
-              show_default=True)
-@click.option("--logprob-codec", type=click.Choice(["lossy", "float16", "float32"]),
-              default="lossy", show_default=True)
-@click.option("--logprob-step", type=float, default=1 / 32, show_default=True,
-              help="Quantization step of the lossy codec (nats).")
+@click.option(
+    "--container", type=click.Choice(["arrow", "zarr"]), default="arrow", show_default=True
+)
+@click.option(
+    "--logprob-codec",
+    type=click.Choice(["lossy", "float16", "float32"]),
+    default="lossy",
+    show_default=True,
+)
+@click.option(
+    "--logprob-step",
+    type=float,
+    default=1 / 32,
+    show_default=True,
+    help="Quantization step of the lossy codec (nats).",
+)
 @click.option("--shard-sequences", type=int, default=256, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cuda, cuda:N, cpu, mps.")
 @click.option("--device-map", default=None, help="'auto' to spread a large teacher over GPUs.")
-@click.option("--batch-tokens", type=int, default=16384, show_default=True,
-              help="Tokens per teacher forward; halved automatically on out-of-memory.")
-@click.option("--num-workers", type=int, default=None,
-              help="Split the work over N workers (default: torchrun's WORLD_SIZE, else 1).")
+@click.option(
+    "--batch-tokens",
+    type=int,
+    default=16384,
+    show_default=True,
+    help="Tokens per teacher forward; halved automatically on out-of-memory.",
+)
+@click.option(
+    "--num-workers",
+    type=int,
+    default=None,
+    help="Split the work over N workers (default: torchrun's WORLD_SIZE, else 1).",
+)
 @click.option("--worker-index", type=int, default=None, help="This worker's index (0..N-1).")
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
@@ -133,6 +172,147 @@ def precompute(**kw: Any) -> None:
         click.echo(_summary_text(result.manifest, kw["out"]), err=True)
 
 
+# -- train ----------------------------------------------------------------------------
+@main.command()
+@click.option("--cache", required=True, help="Cache directory (or URL) written by precompute.")
+@click.option("--out", required=True, help="Output directory (checkpoints, metrics, model/).")
+@click.option("--student", default=None, help="Hub id or directory of a pretrained student.")
+@click.option(
+    "--student-config",
+    default=None,
+    help="JSON/YAML transformers config (with model_type) for a student from scratch.",
+)
+@click.option(
+    "--tokenizer", default=None, help="Tokenizer for a from-scratch student (default: the cache's)."
+)
+@click.option(
+    "--extended-vocab",
+    is_flag=True,
+    default=False,
+    help="Accept a student tokenizer that extends the cache's vocabulary.",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["forward-kl", "reverse-kl", "jsd", "tvd", "ce"]),
+    default="forward-kl",
+    show_default=True,
+    help="ce = cross-entropy only (baseline).",
+)
+@click.option(
+    "--tail",
+    type=click.Choice(["renorm", "bucket", "label"]),
+    default="bucket",
+    show_default=True,
+    help="Top-k caches: where the teacher's missing mass goes.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["auto", "counts", "probs"]),
+    default="auto",
+    show_default=True,
+    help="Sampled caches: counts/N or the stored log-probs.",
+)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of cross-entropy on the true next token.",
+)
+@click.option("--beta", type=float, default=0.5, show_default=True, help="JSD mixture weight.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps.")
+@click.option("--epochs", type=float, default=None, help="Epochs (default 1 without --steps).")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Sequences per micro-batch per process.",
+)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "wsd", "constant"]),
+    default="cosine",
+    show_default=True,
+)
+@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Evaluate every N steps (0: at the end).",
+)
+@click.option(
+    "--eval-fraction",
+    type=float,
+    default=0.02,
+    show_default=True,
+    help="Share of the cache held out by a stable hash of the sequence index.",
+)
+@click.option("--eval-sequences", type=int, default=256, show_default=True)
+@click.option(
+    "--save-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Checkpoint every N steps (0: at the end).",
+)
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option(
+    "--block-shards", type=int, default=4, show_default=True, help="Shuffle window in shards."
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Rows per vocabulary chunk of the loss.",
+)
+@click.option(
+    "--num-workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="DataLoader workers decoding shards.",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True
+)
+@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint.")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check each shard's sha256 when first opened.",
+)
+@click.option("--trust-remote-code", is_flag=True, default=False)
+@click.option("--quiet", is_flag=True, default=False)
+@_expected_errors
+def train(**kw: Any) -> None:
+    """Train a student from a cache, with no teacher in memory."""
+    from logitcache.train import TrainConfig
+    from logitcache.train import train as run_train
+
+    result = run_train(TrainConfig(**kw))
+    if not kw["quiet"] and result.final_eval:
+        ev = result.final_eval
+        click.echo(
+            f"done: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.0f} s; "
+            f"held-out CE {ev['eval_ce']:.4f}, KL to teacher {ev['eval_kl']:.4f}; "
+            f"model in {result.model_dir}",
+            err=True,
+        )
+
+
 # -- inspect / verify / merge -----------------------------------------------------------
 def _summary(manifest: Any) -> dict[str, Any]:
     from logitcache.storage import FORMAT_VERSION
@@ -174,8 +354,10 @@ def _summary_text(manifest: Any, url: str) -> str:
     from logitcache.progress import human_bytes
 
     s = _summary(manifest)
-    what = f"top-{s['k']}" if s["mode"] == "topk" else f"sampled N={s['samples']}" + (
-        " + log-probs" if s["sampled_logprobs"] else ""
+    what = (
+        f"top-{s['k']}"
+        if s["mode"] == "topk"
+        else f"sampled N={s['samples']}" + (" + log-probs" if s["sampled_logprobs"] else "")
     )
     corpus = s["corpus"]
     corpus_name = corpus.get("name") or ", ".join(f["path"] for f in corpus.get("files", [])[:3])

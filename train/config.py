@@ -1,0 +1,172 @@
+"""The student trainer's settings, typed and checked, and the small pure schedule function."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from logitcache.errors import LogitcacheError
+
+from .losses import LOSSES, TAIL_POLICIES
+
+__all__ = ["RESUME_MAY_CHANGE", "TrainConfig", "lr_multiplier"]
+
+# Settings a resumed run may change; any other difference is refused.
+RESUME_MAY_CHANGE = frozenset(
+    [
+        "out",
+        "resume",
+        "quiet",
+        "num_workers",
+        "device",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "verify",
+        "steps",
+        "epochs",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""
+
+    cache: str
+    """Cache directory or URL."""
+    out: str
+    """Output directory: checkpoints, metrics.jsonl, the final model in ``model/``."""
+    student: str | None = None
+    """Hub id or directory of a pretrained student."""
+    student_config: str | None = None
+    """A JSON/YAML transformers config (with model_type) for a student from scratch."""
+    tokenizer: str | None = None
+    """Tokenizer for a from-scratch student (default: the cache's tokenizer name)."""
+    extended_vocab: bool = False
+    """Accept a student tokenizer that differs from the cache's (it must extend it)."""
+    trust_remote_code: bool = False
+    loss: str = "forward-kl"
+    """forward-kl, reverse-kl, jsd, tvd, or ce (cross-entropy only: the baseline)."""
+    tail: str = "bucket"
+    """Top-k tail policy: renorm, bucket or label."""
+    target: str = "auto"
+    """Sampled caches: counts (unbiased counts/N) or probs (stored log-probs); auto picks."""
+    temperature: float = 1.0
+    alpha: float = 0.0
+    """Weight of cross-entropy on the true next token (0 = pure distillation)."""
+    beta: float = 0.5
+    """JSD mixture weight."""
+    steps: int | None = None
+    """Optimizer steps (default: one epoch when neither steps nor epochs is given)."""
+    epochs: float | None = None
+    batch_size: int = 8
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    """cosine, wsd (warmup-stable-decay) or constant (after warmup)."""
+    decay_fraction: float = 0.2
+    """wsd: share of the steps spent decaying."""
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    eval_fraction: float = 0.02
+    """Share of the cache's sequences held out (by a stable hash of their index)."""
+    eval_sequences: int = 256
+    """At most this many held-out sequences per evaluation."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    block_shards: int = 4
+    """Shuffle window: sequences are shuffled within blocks of this many shards."""
+    chunk_size: int = 1024
+    """Rows per chunk of the loss over the vocabulary."""
+    num_workers: int = 1
+    """DataLoader workers decoding shards in the background (0: in the main process)."""
+    device: str = "auto"
+    precision: str = "auto"
+    """auto (bfloat16 autocast on CUDA, float32 elsewhere), bf16 or fp32."""
+    resume: bool = False
+    verify: bool = True
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in (*LOSSES, "ce"):
+            raise LogitcacheError(f"--loss {self.loss}: expected one of {[*LOSSES, 'ce']}")
+        if self.tail not in TAIL_POLICIES:
+            raise LogitcacheError(f"--tail {self.tail}: expected one of {list(TAIL_POLICIES)}")
+        if self.target not in ("auto", "counts", "probs"):
+            raise LogitcacheError(f"--target {self.target}: expected auto, counts or probs")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise LogitcacheError(f"--schedule {self.schedule}: expected cosine, wsd or constant")
+        ef = self.eval_fraction
+        checks = [
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}"),
+            (0 < self.beta < 1, f"--beta must be in (0, 1), got {self.beta}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {ef}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
+            (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
+            (self.block_shards >= 1, f"--block-shards must be >= 1, got {self.block_shards}"),
+            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
+            (self.precision in ("auto", "bf16", "fp32"), "--precision: auto, bf16 or fp32"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LogitcacheError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        if self.loss == "ce":
+            return {"loss": "ce"}
+        return {
+            "loss": self.loss,
+            "tail": self.tail,
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
+
+
+def lr_multiplier(
+    step: int,
+    total: int,
+    *,
+    warmup: int,
+    schedule: str,
+    min_ratio: float,
+    decay_fraction: float = 0.2,
+) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        decay_steps = max(1, round(total * decay_fraction))
+        start = total - decay_steps
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start + 1) / decay_steps)
+        return 1.0 - (1.0 - min_ratio) * progress
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

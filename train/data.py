@@ -1,0 +1,306 @@
+"""Streaming a cache into training batches: order, split, resume position and collation.
+
+In: one cache (``CacheReader``), a seed and the stream position. Out: micro-batches of
+tensors (``Batch``): the student's input ids and, for every trained position, the teacher's
+sparse target (``TeacherTargets``).
+
+The order of an epoch is a pure function of (cache, seed, epoch): shards are shuffled, then
+sequences are shuffled within blocks of ``block_shards`` consecutive shards (a bounded
+window, so a remote reader keeps only a few shards local). The position in the stream is one
+number, the sequences of the epoch already consumed by all ranks together; any world size
+can resume from it (mosaicml/streaming's idea). Rank r takes rows [r*mb, (r+1)*mb) of each
+global micro-batch of ``mb * world_size`` sequences; DataLoader worker w takes every
+``num_workers``-th micro-batch of its rank, and the DataLoader's round-robin puts them back
+in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from logitcache.storage import CacheReader, SequenceRecord
+
+from .losses import TeacherTargets
+
+__all__ = [
+    "Batch",
+    "CacheStream",
+    "StreamState",
+    "collate",
+    "epoch_order",
+    "heldout_mask",
+]
+
+_SPLIT_SALT = 0x5EED_0F_CAC4E
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def heldout_mask(indices: np.ndarray, fraction: float) -> np.ndarray:
+    """[n] bool: the sequences of the held-out split, by a stable hash of their index.
+
+    The same index is held out by every student of the cache, whatever the seed.
+    """
+    if fraction <= 0:
+        return np.zeros(len(indices), dtype=bool)
+    h = _splitmix64(np.asarray(indices, dtype=np.uint64) ^ np.uint64(_SPLIT_SALT))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def epoch_order(
+    shards: list[tuple[int, int]], *, seed: int, epoch: int, block_shards: int, exclude=None
+) -> np.ndarray:
+    """[n] int64 global sequence indices of one epoch, in training order.
+
+    ``shards``: (first_sequence, n_sequences) per shard. ``exclude``: a function from an
+    index array to a bool mask of sequences to leave out (the held-out split).
+    """
+    rng = np.random.default_rng([seed, epoch, 0x10C17])
+    perm = rng.permutation(len(shards))
+    out = []
+    for start in range(0, len(perm), block_shards):
+        block = [shards[j] for j in perm[start : start + block_shards]]
+        idx = np.concatenate([np.arange(f, f + n, dtype=np.int64) for f, n in block])
+        out.append(idx[rng.permutation(len(idx))])
+    order = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    if exclude is not None:
+        order = order[~exclude(order)]
+    return order
+
+
+@dataclass
+class StreamState:
+    """Where the stream stands: saved in every checkpoint."""
+
+    epoch: int = 0
+    consumed: int = 0
+    """Sequences of this epoch already consumed, by all ranks together."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+@dataclass
+class Batch:
+    """One micro-batch for one rank."""
+
+    input_ids: torch.Tensor  # [B, L] int64, right-padded with 0
+    attention_mask: torch.Tensor  # [B, L] int64
+    rows: torch.Tensor  # [N] int64 flat index b*L + p of each trained position p
+    targets: TeacherTargets  # N rows: the teacher's distribution of token p + 1
+    indices: list[int]  # global sequence indices, in batch order
+    epoch: int
+    consumed_after: int
+    """Stream position once this micro-batch's global micro-batch is consumed."""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(
+    records: list[SequenceRecord], *, vocab_limit: int, target: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TeacherTargets]:
+    """Records -> (input_ids [B, L], attention_mask [B, L], rows [N], targets).
+
+    ``target``: ``auto`` (log-probs when stored, else counts/N), ``counts`` or ``probs``.
+    Entries with ids >= ``vocab_limit`` (teacher rows the student lacks) move into the tail.
+    """
+    width = max(r.n_tokens for r in records)
+    input_ids = np.zeros((len(records), width), dtype=np.int64)
+    attention = np.zeros((len(records), width), dtype=np.int64)
+    parts: list[dict[str, np.ndarray]] = []
+    for b, r in enumerate(records):
+        input_ids[b, : r.n_tokens] = r.input_ids
+        attention[b, : r.n_tokens] = 1
+        parts.append(_rows_of(r, b, width, target))
+    k = max((p["ids"].shape[1] for p in parts), default=1)
+    cat = {
+        key: np.concatenate([_pad_cols(p[key], k) if p[key].ndim == 2 else p[key] for p in parts])
+        for key in parts[0]
+    }
+    ids, probs, valid, tail = cat["ids"], cat["probs"], cat["valid"], cat["tail"]
+    foreign = valid & (ids >= vocab_limit)
+    if foreign.any():
+        tail = tail + np.where(foreign, probs, 0).sum(1)
+        valid &= ~foreign
+        probs = np.where(foreign, 0, probs)
+        ids = np.where(foreign, 0, ids)
+    targets = TeacherTargets(
+        ids=torch.from_numpy(ids.astype(np.int64)),
+        probs=torch.from_numpy(probs.astype(np.float32)),
+        valid=torch.from_numpy(valid),
+        tail=torch.from_numpy(tail.astype(np.float32)),
+        labels=torch.from_numpy(input_ids.reshape(-1)[cat["rows"] + 1]),
+    )
+    return (
+        torch.from_numpy(input_ids),
+        torch.from_numpy(attention),
+        torch.from_numpy(cat["rows"]),
+        targets,
+    )
+
+
+def _pad_cols(a: np.ndarray, k: int) -> np.ndarray:
+    if a.shape[1] == k:
+        return a
+    pad = np.zeros((a.shape[0], k - a.shape[1]), dtype=a.dtype)
+    return np.concatenate([a, pad], axis=1)
+
+
+def _rows_of(r: SequenceRecord, b: int, width: int, target: str) -> dict[str, np.ndarray]:
+    """The trained positions of one record as padded [n, K] arrays."""
+    positions = np.flatnonzero(r.loss_mask[1:])  # p whose target token p+1 is trained
+    n_pos = r.n_positions
+    k = int(r.n_entries.max()) if n_pos else 1
+    use_counts = target == "counts" or (target == "auto" and r.logprobs is None)
+    if use_counts and r.counts is None:
+        raise ValueError("target 'counts' needs a sampled cache")
+    if target == "probs" and r.logprobs is None:
+        raise ValueError("target 'probs' needs stored log-probs (top-k, or --sampled-logprobs)")
+    values = r.target_probs() if use_counts else np.exp(r.logprobs)
+    offsets = r.offsets
+    row = np.repeat(np.arange(n_pos), r.n_entries)
+    col = np.arange(offsets[-1]) - np.repeat(offsets[:-1], r.n_entries)
+    ids = np.zeros((n_pos, k), dtype=np.int64)
+    probs = np.zeros((n_pos, k), dtype=np.float32)
+    valid = np.zeros((n_pos, k), dtype=bool)
+    ids[row, col] = r.ids
+    probs[row, col] = values
+    valid[row, col] = True
+    tail = np.zeros(n_pos, dtype=np.float32) if use_counts else r.tail_mass
+    return {
+        "ids": ids[positions],
+        "probs": probs[positions],
+        "valid": valid[positions],
+        "tail": tail[positions],
+        "rows": (b * width + positions).astype(np.int64),
+    }
+
+
+class CacheStream(IterableDataset):
+    """Micro-batches of one rank, from a stream position on, forever (epoch after epoch).
+
+    Use with ``DataLoader(stream, batch_size=None, num_workers=W)``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        micro_batch: int,
+        seed: int,
+        start: StreamState,
+        rank: int = 0,
+        world_size: int = 1,
+        block_shards: int = 4,
+        eval_fraction: float = 0.0,
+        vocab_limit: int,
+        target: str = "auto",
+        verify: bool = True,
+        epochs: int | None = None,
+    ) -> None:
+        self.url, self.micro_batch, self.seed = url, micro_batch, seed
+        self.start = StreamState(start.epoch, start.consumed)
+        self.rank, self.world_size = rank, world_size
+        self.block_shards, self.eval_fraction = block_shards, eval_fraction
+        self.vocab_limit, self.target, self.verify = vocab_limit, target, verify
+        self.epochs = epochs
+        self._reader: CacheReader | None = None
+
+    def reader(self) -> CacheReader:
+        if self._reader is None:
+            self._reader = CacheReader(self.url, verify=self.verify)
+        return self._reader
+
+    def order(self, epoch: int) -> np.ndarray:
+        reader = self.reader()
+        shards = [(s.first_sequence, s.n_sequences) for s in reader.shards]
+        return epoch_order(
+            shards,
+            seed=self.seed,
+            epoch=epoch,
+            block_shards=self.block_shards,
+            exclude=lambda idx: heldout_mask(idx, self.eval_fraction),
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = self.reader()
+        state = StreamState(self.start.epoch, self.start.consumed)
+        global_mb = self.micro_batch * self.world_size
+        counter = 0  # micro-batches of this rank since the start, for worker striding
+        while self.epochs is None or state.epoch < self.epochs:
+            order = self.order(state.epoch)
+            if len(order) == 0:
+                raise ValueError("no training sequences: the cache is empty or all held out")
+            for start in range(state.consumed, len(order), global_mb):
+                group = order[start : start + global_mb]
+                mine = group[self.rank * self.micro_batch : (self.rank + 1) * self.micro_batch]
+                end = start + len(group)
+                take = counter % n_workers == worker
+                counter += 1
+                if not take:
+                    continue
+                records = [reader.read(int(i)) for i in mine]
+                yield self._batch(records, state.epoch, end)
+            state = StreamState(state.epoch + 1, 0)
+
+    def _batch(self, records: list[SequenceRecord], epoch: int, consumed_after: int) -> Batch:
+        if not records:  # a rank past the end of a short final batch: an empty micro-batch
+            empty = torch.zeros((1, 2), dtype=torch.int64)
+            no_rows = torch.zeros(0, dtype=torch.int64)
+            targets = TeacherTargets(
+                ids=torch.zeros((0, 1), dtype=torch.int64),
+                probs=torch.zeros((0, 1)),
+                valid=torch.zeros((0, 1), dtype=torch.bool),
+                tail=torch.zeros(0),
+                labels=no_rows,
+            )
+            return Batch(empty, torch.zeros_like(empty), no_rows, targets, [], epoch,
+                         consumed_after)  # fmt: skip
+        ids, mask, rows, targets = collate(
+            records, vocab_limit=self.vocab_limit, target=self.target
+        )
+        return Batch(ids, mask, rows, targets, [r.index for r in records], epoch, consumed_after)
+
+
+def eval_batches(
+    reader: CacheReader,
+    *,
+    fraction: float,
+    micro_batch: int,
+    vocab_limit: int,
+    max_sequences: int | None = None,
+    target: str = "auto",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, TeacherTargets]]:
+    """The held-out split in index order, as collated micro-batches."""
+    idx = reader.sequence_indices()
+    held = idx[heldout_mask(idx, fraction)]
+    if max_sequences is not None:
+        held = held[:max_sequences]
+    for start in range(0, len(held), micro_batch):
+        records = [reader.read(int(i)) for i in held[start : start + micro_batch]]
+        yield collate(records, vocab_limit=vocab_limit, target=target)
+
+
+def count_split(reader: CacheReader, fraction: float) -> tuple[int, int]:
+    """(training sequences, held-out sequences)."""
+    idx = reader.sequence_indices()
+    held = int(heldout_mask(idx, fraction).sum())
+    return len(idx) - held, held

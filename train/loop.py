@@ -1,0 +1,377 @@
+"""The training loop: setup, step, evaluate, save. Reads top to bottom.
+
+In: a ``TrainConfig``. Out: ``OUT/model`` (``save_pretrained`` model + tokenizer),
+``OUT/metrics.jsonl``, ``OUT/train_config.json`` and checkpoints under ``OUT/checkpoints``.
+Runs under ``torchrun`` as DDP (gloo on CPU, nccl on GPU) with the cache split by rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from logitcache.errors import LogitcacheError
+from logitcache.progress import Reporter
+from logitcache.storage import CacheReader
+
+from .checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RESUME_MAY_CHANGE, TrainConfig, lr_multiplier
+from .data import CacheStream, StreamState, count_split, eval_batches
+from .losses import cross_entropy_sum, teacher_kl
+from .student import DistillModule, check_student, load_student
+
+__all__ = ["TrainResult", "evaluate", "train"]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    wall_s: float
+    final_eval: dict[str, float] = field(default_factory=dict)
+    model_dir: str = ""
+
+
+@dataclass
+class _Env:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
+    """Train a student from a cache; see the module docstring."""
+    env = _setup_distributed(config)
+    reporter = reporter or Reporter(enabled=not config.quiet, rank=env.rank)
+    start = time.perf_counter()
+
+    # -- setup ------------------------------------------------------------------------
+    reader = CacheReader(config.cache, verify=config.verify)
+    _check_cache(reader, config)
+    model, tokenizer, _ = load_student(
+        config.student, config.student_config, config.tokenizer, spec=reader.spec,
+        seed=config.seed, trust_remote_code=config.trust_remote_code,
+    )  # fmt: skip
+    vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
+    model.to(env.device)
+    module = DistillModule(model, loss_kwargs=config.loss_kwargs(), chunk_size=config.chunk_size)
+    optimizer = _optimizer(model, config)
+    total_steps = _total_steps(reader, config, env.world_size)
+    progress = TrainingProgress()
+    fingerprint = _fingerprint(config, reader, env.world_size)
+    if config.resume:
+        progress = _resume(config, model, optimizer, fingerprint, reporter)
+    _write_config(config, env, fingerprint, total_steps)
+    wrapped = _wrap_ddp(module, env)
+    stream = CacheStream(
+        config.cache, micro_batch=config.batch_size, seed=config.seed,
+        start=StreamState(progress.epoch, progress.consumed), rank=env.rank,
+        world_size=env.world_size, block_shards=config.block_shards,
+        eval_fraction=config.eval_fraction, vocab_limit=vocab_rows, verify=config.verify,
+    )  # fmt: skip
+    batches = iter(_loader(stream, config))
+    metrics = _MetricsLog(Path(config.out) / "metrics.jsonl", env.rank, resume_step=progress.step)
+    bar = reporter.bar(total=total_steps, desc="train", unit="step", initial=progress.step)
+    autocast = _autocast(config, env)
+    final_eval: dict[str, float] = {}
+
+    # -- loop ---------------------------------------------------------------------------
+    while progress.step < total_steps:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(config.grad_accum)]
+        lr = config.lr * lr_multiplier(
+            progress.step, total_steps, warmup=config.warmup_steps, schedule=config.schedule,
+            min_ratio=config.min_lr_ratio, decay_fraction=config.decay_fraction,
+        )  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, tokens = _step(wrapped, optimizer, micro, config, env, autocast)
+        progress.step += 1
+        progress.epoch, progress.consumed = micro[-1].epoch, micro[-1].consumed_after
+        progress.tokens += tokens
+        rate = tokens / (time.perf_counter() - t0)
+        metrics.write({"step": progress.step, "loss": loss, "lr": lr, "tokens": progress.tokens,
+                       "tokens_per_s": rate, "epoch": progress.epoch})  # fmt: skip
+        bar.set_postfix_str(f"loss {loss:.4f} | {rate:,.0f} tok/s")
+        bar.update(1)
+        last = progress.step == total_steps
+        if (config.eval_every and progress.step % config.eval_every == 0) or last:
+            final_eval = evaluate(module, reader, config, vocab_rows, env, autocast)
+            metrics.write({"step": progress.step, **final_eval})
+            bar.write(_eval_line(progress.step, final_eval)) if reporter.enabled else None
+        if (config.save_every and progress.step % config.save_every == 0) or last:
+            if env.rank == 0:
+                save_checkpoint(config.out, model, optimizer, progress, fingerprint,
+                                config.keep_checkpoints)  # fmt: skip
+            _barrier(env)
+    bar.close()
+
+    # -- save -----------------------------------------------------------------------------
+    model_dir = Path(config.out) / "model"
+    if env.rank == 0:
+        _save_final(model, tokenizer, model_dir)
+        reporter.log(f"saved the student to {model_dir} (load with from_pretrained)")
+    _barrier(env)
+    if env.distributed:
+        dist.destroy_process_group()
+    return TrainResult(progress.step, progress.tokens, time.perf_counter() - start, final_eval,
+                       str(model_dir))  # fmt: skip
+
+
+def _step(wrapped, optimizer, micro, config, env, autocast) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens)."""
+    rows = torch.tensor(float(sum(b.rows.shape[0] for b in micro)), device=env.device)
+    if env.distributed:
+        dist.all_reduce(rows)
+    scale = env.world_size / max(rows.item(), 1.0)  # DDP averages over ranks
+    total = torch.zeros((), device=env.device)
+    tokens = 0
+    wrapped.train()
+    for i, b in enumerate(micro):
+        sync = i == len(micro) - 1
+        ctx = wrapped.no_sync() if (env.distributed and not sync) else contextlib.nullcontext()
+        with ctx, autocast:
+            loss_sum, _ = wrapped(
+                b.input_ids.to(env.device), b.attention_mask.to(env.device),
+                b.rows.to(env.device), _to(b.targets, env.device),
+            )  # fmt: skip
+        with ctx:
+            (loss_sum * scale).backward()
+        total += loss_sum.detach()
+        tokens += b.n_tokens
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if env.distributed:
+        dist.all_reduce(total)
+        token_count = torch.tensor(float(tokens), device=env.device)
+        dist.all_reduce(token_count)
+        tokens = int(token_count.item())
+    return total.item() / max(rows.item(), 1.0), tokens
+
+
+@torch.no_grad()
+def evaluate(module, reader, config, vocab_rows, env, autocast) -> dict[str, float]:
+    """Held-out cross-entropy on the true tokens and KL(teacher || student), per position."""
+    was_training = module.training
+    module.eval()
+    ce = kl = 0.0
+    n = 0
+    for input_ids, mask, rows, targets in eval_batches(
+        reader, fraction=config.eval_fraction, micro_batch=config.batch_size,
+        vocab_limit=vocab_rows, max_sequences=config.eval_sequences,
+    ):  # fmt: skip
+        targets = _to(targets, env.device)
+        with autocast:
+            h = module.hidden_rows(input_ids.to(env.device), mask.to(env.device),
+                                   rows.to(env.device))  # fmt: skip
+        head = module.model.get_output_embeddings()
+        for s in range(0, h.shape[0], config.chunk_size):
+            logits = head(h[s : s + config.chunk_size]).float()  # [n, V]
+            part = targets[s : s + config.chunk_size]
+            ce += cross_entropy_sum(logits, part.labels).item()
+            kl += teacher_kl(logits, part).item()
+        n += h.shape[0]
+    module.train(was_training)
+    if n == 0:
+        return {}
+    return {"eval_ce": ce / n, "eval_kl": kl / n, "eval_positions": n}
+
+
+# -- helpers of the story above ----------------------------------------------------------
+def _setup_distributed(config: TrainConfig) -> _Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if world > 1:
+        rank = int(os.environ["RANK"])
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return _Env(rank, world, device)
+    return _Env(0, 1, device)
+
+
+def _barrier(env: _Env) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
+    manifest = reader.manifest
+    if not manifest.complete:
+        raise LogitcacheError(
+            f"cache {config.cache} is incomplete (its teacher pass has not finished); "
+            "rerun precompute (or `logitcache merge`) first"
+        )
+    if manifest.n_sequences == 0:
+        raise LogitcacheError(f"cache {config.cache} holds no sequences")
+    n_train, _ = count_split(reader, config.eval_fraction)
+    if n_train == 0:
+        raise LogitcacheError(
+            f"--eval-fraction {config.eval_fraction} leaves no training sequences in "
+            f"{config.cache} ({manifest.n_sequences} sequences)"
+        )
+    if config.target == "counts" and reader.spec.mode != "sampled":
+        raise LogitcacheError("--target counts needs a sampled cache (precompute --samples)")
+    if (
+        config.target == "probs"
+        and reader.spec.mode == "sampled"
+        and not (reader.spec.sampled_logprobs)
+    ):
+        raise LogitcacheError("--target probs needs a cache written with --sampled-logprobs")
+
+
+def _total_steps(reader: CacheReader, config: TrainConfig, world: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    n_train, _ = count_split(reader, config.eval_fraction)
+    per_step = config.batch_size * config.grad_accum * world
+    return max(1, math.ceil(n_train * (config.epochs or 1.0) / per_step))
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _fingerprint(config: TrainConfig, reader: CacheReader, world: int) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    settings["cache_id"] = reader.spec.cache_id
+    settings["global_batch"] = config.batch_size * config.grad_accum * world
+    settings.pop("cache")
+    settings.pop("batch_size")
+    settings.pop("grad_accum")
+    return settings
+
+
+def _resume(config, model, optimizer, fingerprint, reporter) -> TrainingProgress:
+    path = latest_checkpoint(config.out)
+    if path is None:
+        reporter.log(f"--resume: no checkpoint in {config.out}; starting from scratch")
+        return TrainingProgress()
+    saved = json.loads((path / "state.json").read_text())["config"]
+    changed = [
+        f"{k} ({saved.get(k)!r} -> {fingerprint.get(k)!r})"
+        for k in sorted(set(saved) | set(fingerprint))
+        if saved.get(k) != fingerprint.get(k)
+    ]
+    if changed:
+        raise LogitcacheError(
+            f"cannot resume {path}: settings differ from the run that wrote it: "
+            + "; ".join(changed)
+        )
+    progress, _ = load_checkpoint(path, model, optimizer)
+    reporter.log(f"resumed from {path} (step {progress.step})")
+    return progress
+
+
+def _write_config(config: TrainConfig, env: _Env, fingerprint: dict, total_steps: int) -> None:
+    if env.rank != 0:
+        return
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {**config.to_dict(), "world_size": env.world_size, "total_steps": total_steps,
+                "device": str(env.device), "fingerprint": fingerprint}  # fmt: skip
+    (out / "train_config.json").write_text(json.dumps(resolved, indent=1))
+
+
+def _wrap_ddp(module: DistillModule, env: _Env) -> torch.nn.Module:
+    if not env.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:
+    workers = config.num_workers
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
+def _autocast(config: TrainConfig, env: _Env):
+    use_bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and env.device.type == "cuda"
+    )
+    if use_bf16:
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(targets, device):
+    if device.type == "cpu":
+        return targets
+    return type(targets)(**{k: getattr(targets, k).to(device) for k in
+                            ("ids", "probs", "valid", "tail", "labels")})  # fmt: skip
+
+
+def _eval_line(step: int, ev: dict[str, float]) -> str:
+    if not ev:
+        return f"step {step}: no held-out positions"
+    ce, kl = ev["eval_ce"], ev["eval_kl"]
+    return f"step {step}: held-out CE {ce:.4f} nats/token, KL to teacher {kl:.4f}"
+
+
+def _save_final(model, tokenizer, model_dir: Path) -> None:
+    tmp = model_dir.parent / f".tmp-{model_dir.name}"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    os.replace(tmp, model_dir)
+
+
+class _MetricsLog:
+    """metrics.jsonl, one object per line; on resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, rank: int, resume_step: int) -> None:
+        self.path, self.enabled = path, rank == 0
+        if not self.enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln and json.loads(ln).get("step", 0) <= resume_step]  # fmt: skip
+        path.write_text("".join(f"{ln}\n" for ln in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")

@@ -1,0 +1,169 @@
+"""The student: loading or creating it, checking it against a cache, and its loss forward.
+
+In: a hub id / directory, or a transformers config file, plus the cache spec. Out: the
+model and tokenizer, refused with a clear message if they cannot learn from this cache;
+and ``DistillModule``, whose forward returns the summed loss of a micro-batch so that DDP
+sees one forward per step and the LM head runs on trained rows only, in chunks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from logitcache.errors import LogitcacheError
+from logitcache.precompute.teacher import load_tokenizer, tokenizer_fingerprint
+from logitcache.storage import CacheSpec
+
+from .losses import TeacherTargets, chunked_loss
+
+__all__ = ["DistillModule", "check_student", "load_student"]
+
+# Models whose logits are not simply lm_head(hidden): the chunked path would skip their
+# final transform, so they run through the model's own forward instead.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+)
+
+
+def load_student(
+    student: str | None,
+    student_config: str | None,
+    tokenizer_name: str | None,
+    *,
+    spec: CacheSpec,
+    seed: int,
+    trust_remote_code: bool = False,
+):
+    """Returns (model, tokenizer, tokenizer name) for a pretrained or from-scratch student."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if (student is None) == (student_config is None):
+        raise LogitcacheError("give exactly one of --student (a model) or --student-config")
+    if student is not None:
+        if not Path(student).expanduser().exists() and student.startswith((".", "/", "~")):
+            raise LogitcacheError(f"student path {student!r} does not exist")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                student, trust_remote_code=trust_remote_code, dtype=torch.float32
+            )
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise LogitcacheError(f"cannot load student {student!r}: {first}") from None
+        name = tokenizer_name or student
+    else:
+        config_dict = _read_config_file(student_config)
+        model_type = config_dict.pop("model_type", None)
+        if model_type is None:
+            raise LogitcacheError(f"{student_config} has no 'model_type' (e.g. \"llama\")")
+        try:
+            config = AutoConfig.for_model(model_type, **config_dict)
+        except Exception as err:
+            raise LogitcacheError(f"invalid student config {student_config}: {err}") from None
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        name = tokenizer_name or spec.tokenizer.get("name_or_path")
+        if not name:
+            raise LogitcacheError("a student from --student-config needs --tokenizer")
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    return model, tokenizer, name
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise LogitcacheError(f"student config {path!r} does not exist")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:
+        raise LogitcacheError(f"cannot parse student config {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise LogitcacheError(f"student config {path} must be a mapping")
+    return data
+
+
+def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab: bool) -> int:
+    """Refuse a student that cannot learn from this cache; returns its vocabulary rows."""
+    cache_fp = spec.tokenizer.get("fingerprint")
+    student_fp = tokenizer_fingerprint(tokenizer)
+    if cache_fp != student_fp and not extended_vocab:
+        raise LogitcacheError(
+            f"the student's tokenizer (fingerprint {student_fp[:16]}) is not the cache's "
+            f"(fingerprint {str(cache_fp)[:16]}, {spec.tokenizer.get('name_or_path')}); "
+            "token ids would not mean the same thing. Use the teacher's tokenizer, or pass "
+            "--extended-vocab if the student's vocabulary extends the teacher's"
+        )
+    rows = model.get_output_embeddings().weight.shape[0]
+    if extended_vocab and rows < spec.vocab_size:
+        raise LogitcacheError(
+            f"--extended-vocab: the student has {rows} vocabulary rows, fewer than the cache's "
+            f"{spec.vocab_size}"
+        )
+    if rows < len(tokenizer):
+        raise LogitcacheError(f"the student has {rows} vocabulary rows for {len(tokenizer)} tokens")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and max_pos < spec.seq_len:
+        raise LogitcacheError(
+            f"the student's max_position_embeddings ({max_pos}) is below the cache's sequence "
+            f"length ({spec.seq_len})"
+        )
+    return rows
+
+
+class DistillModule(nn.Module):
+    """Wraps a causal LM; ``forward`` returns (summed loss, trained rows) of a micro-batch."""
+
+    def __init__(self, model: nn.Module, *, loss_kwargs: dict[str, Any], chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.loss_kwargs = dict(loss_kwargs)
+        self.ce_only = self.loss_kwargs.pop("loss", None) == "ce"
+        if not self.ce_only:
+            self.loss_kwargs["loss"] = loss_kwargs["loss"]
+        self.chunk_size = chunk_size
+        config = model.config
+        self.chunked = all(getattr(config, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
+
+    def hidden_rows(self, input_ids, attention_mask, rows) -> torch.Tensor:
+        """[N, H] final hidden states at the trained rows."""
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if base is None:
+            base = self.model.base_model
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])[rows]  # [N, H]
+
+    def forward(self, input_ids, attention_mask, rows, targets: TeacherTargets):
+        if self.chunked:
+            h = self.hidden_rows(input_ids, attention_mask, rows)
+            head = self.model.get_output_embeddings()
+            if self.ce_only:
+                total = chunked_loss(h, head, None, labels=targets.labels,
+                                     chunk_size=self.chunk_size)  # fmt: skip
+            else:
+                total = chunked_loss(h, head, targets, chunk_size=self.chunk_size,
+                                     **self.loss_kwargs)  # fmt: skip
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            selected = logits.reshape(-1, logits.shape[-1])[rows]  # [N, V]
+            from .losses import cross_entropy_sum, distill_loss
+
+            if self.ce_only:
+                total = cross_entropy_sum(selected, targets.labels)
+            else:
+                total = distill_loss(selected, targets, **self.loss_kwargs)
+        return total, rows.shape[0]

@@ -8,9 +8,9 @@ Registered ids (prefix ``logitcache.``):
 - ``logitcache.ids``: token ids as bit-planes sized to the vocabulary: whole byte planes
   plus one packed plane of 1, 2 or 4 bits (18 bits for 151,936 -> 2.25 B/id before zstd;
   9 bits for a 300-token vocab -> 1.125 B/id).
-- ``logitcache.logprob``: lossy log-probabilities: codes round(-lp / step), delta-coded in
-  stored order (consecutive sorted log-probs give small non-negative gaps), zigzag, byte
-  planes. |error| <= step / 2 per value; -inf round-trips exactly.
+- ``logitcache.logprob``: lossy log-probabilities: uint16 codes round(-lp / step),
+  delta-coded modulo 2**16 in stored order (consecutive sorted log-probs give small
+  non-negative gaps), byte planes. |error| <= step / 2 per value; -inf round-trips exactly.
 - ``logitcache.float``: lossless float32 or float16 (a cast), as byte planes.
 Only these and numcodecs' ``zstd`` and ``packbits`` are accepted from a manifest: a
 manifest can never name ``pickle`` or any other codec that executes code.
@@ -138,46 +138,46 @@ class IdsCodec(Codec):
 
 
 class LogprobCodec(Codec):
-    """Lossy log-probabilities: step-quantized, delta + zigzag coded, byte planes.
+    """Lossy log-probabilities: step-quantized codes, delta-coded modulo 2**16, byte planes.
 
-    Codes are absolute (round(-lp / step)), so errors never accumulate along a row; the
-    deltas between consecutive stored values are the quantized gaps, small and mostly
-    non-negative because each position's entries are sorted by probability.
+    Codes are absolute (round(-lp / step), uint16), so errors never accumulate along a row;
+    the deltas between consecutive stored values are the quantized gaps, small and
+    non-negative within a position because its entries are sorted by probability (one large
+    wrapped delta per position where the next row starts). Code 65535 is -inf; values below
+    -65534 * step (-2048 nats at the default step 1/32, where float32 probabilities are
+    already 0) are stored as -inf too. Decoding is one cumsum in uint16 and a table lookup.
     """
 
     codec_id = "logitcache.logprob"
-    _NEG_INF = np.uint64(0xFFFFFFFF)
+    _NEG_INF = 0xFFFF
 
     def __init__(self, step: float) -> None:
         if not 0 < float(step) <= 1:
             raise CacheError(f"logitcache.logprob: step must be in (0, 1], got {step}")
         self.step = float(step)
+        self._table: np.ndarray | None = None
 
     def encode(self, buf: Any) -> bytes:
         lp = np.asarray(buf, dtype=np.float32).reshape(-1)
         if np.isnan(lp).any() or (lp > 0).any():
             raise CacheError("logitcache.logprob: log-probabilities must be <= 0 and not NaN")
-        neg_inf = np.isneginf(lp)
-        codes = np.rint(-lp.astype(np.float64) / self.step)
-        codes = np.minimum(np.where(neg_inf, 0, codes), float(self._NEG_INF) - 1)
-        codes = np.where(neg_inf, float(self._NEG_INF), codes).astype(np.int64)
-        delta = np.diff(codes, prepend=np.int64(0))
-        zigzag = ((delta << 1) ^ (delta >> 63)).astype(np.uint64)
-        width = 2 if lp.size == 0 or int(zigzag.max()) < (1 << 16) else 8
-        dtype = np.uint16 if width == 2 else np.uint64
-        return _header(lp.size, width) + _to_planes(zigzag.astype(dtype))
+        with np.errstate(invalid="ignore", over="ignore"):
+            codes = np.rint(-lp.astype(np.float64) / self.step)
+        codes = np.where(codes > self._NEG_INF - 1, self._NEG_INF, codes).astype(np.int32)
+        delta = (np.diff(codes, prepend=np.int32(0)) & 0xFFFF).astype(np.uint16)
+        return _header(lp.size, 2) + _to_planes(delta)
 
     def decode(self, buf: Any, out: Any = None) -> np.ndarray:
         n, width, payload = _read_header(buf)
-        if width not in (2, 8):
+        if width != 2:
             raise CacheError(f"logitcache.logprob: bad width tag {width}")
-        _check_size(payload, n * width, "logitcache.logprob")
-        zigzag = _from_planes(payload, np.uint16 if width == 2 else np.uint64, n).astype(np.int64)
-        delta = (zigzag >> 1) ^ -(zigzag & 1)
-        codes = np.cumsum(delta)
-        lp = (-codes.astype(np.float64) * self.step).astype(np.float32)
-        lp[codes == int(self._NEG_INF)] = -np.inf
-        return _into(lp, out)
+        _check_size(payload, n * 2, "logitcache.logprob")
+        codes = np.cumsum(_from_planes(payload, np.uint16, n), dtype=np.uint16)
+        if self._table is None:
+            table = -np.arange(self._NEG_INF + 1, dtype=np.float64) * self.step
+            table[0], table[self._NEG_INF] = 0.0, -np.inf
+            self._table = table.astype(np.float32)
+        return _into(self._table[codes], out)
 
 
 class FloatCodec(Codec):
@@ -261,7 +261,7 @@ class FieldCodec:
 FIELD_DTYPES = {
     "input_ids": "uint32",
     "loss_mask": "bool",
-    "doc_starts": "int32",
+    "doc_starts": "uint32",
     "ids": "uint32",
     "logprobs": "float32",
     "counts": "uint8",
@@ -288,7 +288,7 @@ def default_codecs(
     return {
         "input_ids": [ids, zstd],
         "loss_mask": [{"id": "packbits"}, zstd],
-        "doc_starts": [zstd],
+        "doc_starts": [{"id": IdsCodec.codec_id, "bits": 32}, zstd],
         "ids": [ids, zstd],
         "logprobs": [lp, zstd],
         "counts": [zstd],

@@ -29,7 +29,7 @@ class SequenceRecord:
     index: int
     input_ids: np.ndarray  # [T] uint32
     loss_mask: np.ndarray  # [T] bool, True where token t is a training target
-    doc_starts: np.ndarray  # [D] int32, positions where a document begins
+    doc_starts: np.ndarray  # [D] uint32, positions where a document begins
     ids: np.ndarray  # [E] uint32, support ids, sorted by teacher probability within a position
     n_entries: np.ndarray  # [T-1] int32 entries per position
     tail_mass: np.ndarray  # [T-1] float32 teacher mass not covered by the stored ids

@@ -427,5 +427,33 @@ def merge(cache: str) -> None:
     click.echo(f"merged: {len(manifest.shards)} shards, {manifest.n_sequences} sequences")
 
 
+# -- bench ------------------------------------------------------------------------------
+@main.group()
+def bench() -> None:
+    """Benchmarks: print measured numbers (see docs/benchmarks.md)."""
+
+
+@bench.command("storage")
+@click.option("--sequences", type=int, default=32, show_default=True)
+@click.option("--seq-len", type=int, default=2048, show_default=True)
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--vocab", type=int, default=151_936, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_expected_errors
+def bench_storage(sequences: int, seq_len: int, top_k: int, vocab: int, as_json: bool) -> None:
+    """Bytes and speed of each codec and container on a synthetic top-k cache."""
+    import torch
+
+    from logitcache.bench.storage import format_rows, rows_as_dicts, run_storage_bench
+
+    torch.set_num_threads(1)
+    rows = run_storage_bench(n_sequences=sequences, seq_len=seq_len, k=top_k, vocab=vocab)
+    if as_json:
+        click.echo(json.dumps(rows_as_dicts(rows), indent=1))
+    else:
+        click.echo(f"synthetic top-{top_k}, vocab {vocab:,}, {sequences} x {seq_len} tokens")
+        click.echo(format_rows(rows))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each prints measured numbers; docs/benchmarks.md records them."""

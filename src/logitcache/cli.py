@@ -6,32 +6,15 @@ exit 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from logitcache.errors import LogitcacheError
+from logitcache.errors import one_line_errors as _expected_errors
 
 __all__ = ["main"]
-
-
-def _expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except LogitcacheError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted: completed shards and checkpoints are kept", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -428,31 +411,9 @@ def merge(cache: str) -> None:
 
 
 # -- bench ------------------------------------------------------------------------------
-@main.group()
-def bench() -> None:
-    """Benchmarks: print measured numbers (see docs/benchmarks.md)."""
+from logitcache.bench.commands import bench  # noqa: E402  (registered below)
 
-
-@bench.command("storage")
-@click.option("--sequences", type=int, default=32, show_default=True)
-@click.option("--seq-len", type=int, default=2048, show_default=True)
-@click.option("--top-k", type=int, default=64, show_default=True)
-@click.option("--vocab", type=int, default=151_936, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@_expected_errors
-def bench_storage(sequences: int, seq_len: int, top_k: int, vocab: int, as_json: bool) -> None:
-    """Bytes and speed of each codec and container on a synthetic top-k cache."""
-    import torch
-
-    from logitcache.bench.storage import format_rows, rows_as_dicts, run_storage_bench
-
-    torch.set_num_threads(1)
-    rows = run_storage_bench(n_sequences=sequences, seq_len=seq_len, k=top_k, vocab=vocab)
-    if as_json:
-        click.echo(json.dumps(rows_as_dicts(rows), indent=1))
-    else:
-        click.echo(f"synthetic top-{top_k}, vocab {vocab:,}, {sequences} x {seq_len} tokens")
-        click.echo(format_rows(rows))
+main.add_command(bench)
 
 
 if __name__ == "__main__":

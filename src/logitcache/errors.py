@@ -1,7 +1,32 @@
 """The one exception family the CLI turns into a one-line message instead of a traceback."""
 
-__all__ = ["LogitcacheError"]
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["LogitcacheError", "one_line_errors"]
 
 
 class LogitcacheError(Exception):
     """Something from outside (a flag, a file, a model, a shard) is wrong; the message says what."""
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a click command: a LogitcacheError prints ``error: ...`` and exits 1.
+
+    Anything else is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LogitcacheError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted: completed shards and checkpoints are kept", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

@@ -80,6 +80,8 @@ class TrainConfig:
     """Share of the cache's sequences held out (by a stable hash of their index)."""
     eval_sequences: int = 256
     """At most this many held-out sequences per evaluation."""
+    eval_cache: str | None = None
+    """A separate cache (same tokenizer) to evaluate on, all of it, instead of the split."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -62,6 +62,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     # -- setup ------------------------------------------------------------------------
     reader = CacheReader(config.cache, verify=config.verify)
     _check_cache(reader, config)
+    eval_reader = _eval_reader(reader, config)
     model, tokenizer, _ = load_student(
         config.student, config.student_config, config.tokenizer, spec=reader.spec,
         seed=config.seed, trust_remote_code=config.trust_remote_code,
@@ -110,7 +111,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         bar.update(1)
         last = progress.step == total_steps
         if (config.eval_every and progress.step % config.eval_every == 0) or last:
-            final_eval = evaluate(module, reader, config, vocab_rows, env, autocast)
+            final_eval = evaluate(module, eval_reader, config, vocab_rows, env, autocast)
             metrics.write({"step": progress.step, **final_eval})
             bar.write(_eval_line(progress.step, final_eval)) if reporter.enabled else None
         if (config.save_every and progress.step % config.save_every == 0) or last:
@@ -172,8 +173,9 @@ def evaluate(module, reader, config, vocab_rows, env, autocast) -> dict[str, flo
     module.eval()
     ce = kl = 0.0
     n = 0
+    fraction = 1.0 if config.eval_cache else config.eval_fraction
     for input_ids, mask, rows, targets in eval_batches(
-        reader, fraction=config.eval_fraction, micro_batch=config.batch_size,
+        reader, fraction=fraction, micro_batch=config.batch_size,
         vocab_limit=vocab_rows, max_sequences=config.eval_sequences,
     ):  # fmt: skip
         targets = _to(targets, env.device)
@@ -239,6 +241,20 @@ def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
         and not (reader.spec.sampled_logprobs)
     ):
         raise LogitcacheError("--target probs needs a cache written with --sampled-logprobs")
+
+
+def _eval_reader(reader: CacheReader, config: TrainConfig) -> CacheReader:
+    """The training cache (its held-out split), or a separate evaluation cache."""
+    if not config.eval_cache:
+        return reader
+    other = CacheReader(config.eval_cache, verify=config.verify)
+    mine, theirs = reader.spec.tokenizer.get("fingerprint"), other.spec.tokenizer.get("fingerprint")
+    if mine != theirs:
+        raise LogitcacheError(
+            f"--eval-cache {config.eval_cache} was made with another tokenizer "
+            f"({str(theirs)[:16]} vs {str(mine)[:16]})"
+        )
+    return other
 
 
 def _total_steps(reader: CacheReader, config: TrainConfig, world: int) -> int:

@@ -1,0 +1,311 @@
+"""``logitcache demo``: the whole story on a laptop CPU, with no download.
+
+In: the running Python's standard library source. Out (under ``--out``): a teacher-logit
+cache, two students (cross-entropy only, and distilled from the cache) trained on the same
+tokens for the same steps, a table of held-out cross-entropy and KL to the teacher, a PNG
+of the held-out curves, and the exact commands that produced each artifact.
+
+The regime is the everyday one where distillation pays: the teacher has learned from the
+whole corpus (pretrained here on first run, then reused from ``~/.cache/logitcache``), while
+the cache covers only a smaller slice and both students see only that slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from logitcache.progress import Reporter
+
+__all__ = ["FULL", "QUICK", "DemoBudget", "default_home", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """Sizes and steps of one demo variant (full or quick)."""
+
+    name: str
+    vocab_size: int
+    """Byte-level BPE vocabulary trained on the corpus."""
+    teacher_hidden: int
+    teacher_layers: int
+    teacher_heads: int
+    teacher_intermediate: int
+    teacher_steps: int
+    teacher_batch: int
+    teacher_lr: float
+    seq_len: int
+    slice_tokens: int
+    """Tokens of the slice the cache covers and both students train on."""
+    heldout_tokens: int
+    """Tokens of held-out files (never seen by teacher or students) for evaluation."""
+    student_hidden: int
+    student_layers: int
+    student_heads: int
+    student_intermediate: int
+    student_steps: int
+    student_batch: int
+    student_lr: float
+    top_k: int
+    eval_every: int
+
+    def teacher_key(self) -> str:
+        """Teachers are reused when everything that shapes them is equal."""
+        fields = {k: v for k, v in asdict(self).items() if k.startswith(("teacher", "vocab"))}
+        fields["seq_len"] = self.seq_len
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+FULL = DemoBudget(
+    name="full", vocab_size=4096,
+    teacher_hidden=256, teacher_layers=4, teacher_heads=4, teacher_intermediate=688,
+    teacher_steps=600, teacher_batch=16, teacher_lr=2e-3,
+    seq_len=128, slice_tokens=250_000, heldout_tokens=40_000,
+    student_hidden=64, student_layers=2, student_heads=2, student_intermediate=172,
+    student_steps=300, student_batch=16, student_lr=3e-3, top_k=32, eval_every=50,
+)  # fmt: skip
+QUICK = DemoBudget(
+    name="quick", vocab_size=1024,
+    teacher_hidden=64, teacher_layers=2, teacher_heads=2, teacher_intermediate=172,
+    teacher_steps=60, teacher_batch=8, teacher_lr=3e-3,
+    seq_len=64, slice_tokens=20_000, heldout_tokens=5_000,
+    student_hidden=32, student_layers=1, student_heads=2, student_intermediate=86,
+    student_steps=30, student_batch=8, student_lr=3e-3, top_k=16, eval_every=10,
+)  # fmt: skip
+
+
+def default_home() -> Path:
+    """Where the demo keeps its teacher: $LOGITCACHE_HOME or ~/.cache/logitcache."""
+    env = os.environ.get("LOGITCACHE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "logitcache"
+
+
+def _cli(args: list[str]) -> None:
+    """Run a logitcache command in this process exactly as the shell would."""
+    from logitcache.cli import main
+
+    try:
+        main.main(args=args, prog_name="logitcache", standalone_mode=False)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise RuntimeError(f"logitcache {args[0]} exited with {exit_.code}") from None
+
+
+def _command(args: list[str]) -> str:
+    return "logitcache " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_demo(
+    budget: DemoBudget, *, home: Path, out: Path, reporter: Reporter, seed: int = 0
+) -> dict[str, Any]:
+    """Run every stage; returns the summary also written to ``out/summary.json``."""
+    import torch
+
+    from logitcache import toy
+
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    commands: list[str] = []
+    torch.manual_seed(seed)
+
+    # 1. corpus: stdlib files, a stable held-out split, the slice the students will see
+    t0 = time.perf_counter()
+    docs = toy.stdlib_documents()
+    train_docs, heldout_docs = toy.split_heldout(docs, 0.05)
+    corpus_dir = home / "corpus"
+    slice_docs = _take_tokens(train_docs, budget.slice_tokens * 4)  # ~4 bytes per token
+    held_docs = _take_tokens(heldout_docs, budget.heldout_tokens * 4)
+    slice_file = toy.write_jsonl(slice_docs, out / "slice.jsonl")
+    held_file = toy.write_jsonl(held_docs, out / "heldout.jsonl")
+    reporter.log(
+        f"corpus: {len(docs)} stdlib files; teacher data = {len(train_docs)} files, "
+        f"student slice = {len(slice_docs)} files, held out = {len(held_docs)} files"
+    )
+
+    # 2. tokenizer + teacher, pretrained once on the whole training split and reused
+    teacher_dir = home / f"demo-teacher-{budget.name}-{budget.teacher_key()}"
+    if not (teacher_dir / "config.json").is_file():
+        reporter.log(f"first run: pretraining the demo teacher into {teacher_dir} (once)")
+        corpus_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = toy.train_tokenizer(
+            [t for _, t in train_docs], budget.vocab_size, corpus_dir / f"tok-{budget.name}"
+        )
+        tokens = toy.tokenize_corpus(train_docs, tokenizer)
+        spec = toy.ToyModelSpec(
+            hidden=budget.teacher_hidden, layers=budget.teacher_layers,
+            heads=budget.teacher_heads, intermediate=budget.teacher_intermediate,
+            max_positions=budget.seq_len,
+        )  # fmt: skip
+        toy.pretrain(
+            teacher_dir, tokenizer, tokens, spec=spec, steps=budget.teacher_steps,
+            batch_size=budget.teacher_batch, seq_len=budget.seq_len, lr=budget.teacher_lr,
+            seed=seed, progress=reporter.enabled,
+        )  # fmt: skip
+    else:
+        reporter.log(f"reusing the demo teacher in {teacher_dir}")
+    timings["teacher"] = time.perf_counter() - t0
+
+    # 3. the teacher pass: the slice (for training) and the held-out files (for evaluation)
+    t0 = time.perf_counter()
+    cache, held_cache = out / "cache", out / "heldout-cache"
+    for data, dest, budget_tokens in (
+        (slice_file, cache, budget.slice_tokens),
+        (held_file, held_cache, budget.heldout_tokens),
+    ):
+        args = ["precompute", "--teacher", str(teacher_dir), "--data", str(data),
+                "--out", str(dest), "--seq-len", str(budget.seq_len),
+                "--top-k", str(budget.top_k), "--max-tokens", str(budget_tokens),
+                "--shard-sequences", "64", "--device", "cpu"]  # fmt: skip
+        commands.append(_command(args))
+        _cli(args + ([] if reporter.enabled else ["--quiet"]))
+    timings["precompute"] = time.perf_counter() - t0
+
+    # 4. two students on the same tokens and steps: cross-entropy only, and distilled
+    student_config = out / "student_config.json"
+    vocab = _vocab_of(teacher_dir)
+    student_config.write_text(json.dumps(_student_config(budget, vocab), indent=1))
+    results = {}
+    for name, loss_args in (("ce-only", ["--loss", "ce"]), ("distilled", [])):
+        t0 = time.perf_counter()
+        args = ["train", "--cache", str(cache), "--out", str(out / f"student-{name}"),
+                "--student-config", str(student_config), "--tokenizer", str(teacher_dir),
+                "--eval-cache", str(held_cache), "--eval-fraction", "0",
+                "--steps", str(budget.student_steps), "--batch-size", str(budget.student_batch),
+                "--lr", str(budget.student_lr), "--warmup-steps", str(budget.student_steps // 10),
+                "--eval-every", str(budget.eval_every), "--seed", str(seed),
+                "--num-workers", "0", "--device", "cpu", *loss_args]  # fmt: skip
+        commands.append(_command(args))
+        _cli(args + ([] if reporter.enabled else ["--quiet"]))
+        timings[name] = time.perf_counter() - t0
+        results[name] = _read_evals(out / f"student-{name}" / "metrics.jsonl")
+
+    # 5. the teacher's own held-out numbers, on the same held-out sequences
+    teacher_ce = _teacher_heldout_ce(teacher_dir, held_cache)
+    summary = _summarize(budget, out, cache, teacher_ce, results, timings, commands)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _plot(summary, out / "demo.png")
+    return summary
+
+
+def _take_tokens(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, str]]:
+    """Files in (stable hash) order until about n_bytes of text."""
+    ordered = sorted(docs, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())
+    taken, size = [], 0
+    for path, text in ordered:
+        if size >= n_bytes:
+            break
+        taken.append((path, text))
+        size += len(text.encode())
+    return taken
+
+
+def _vocab_of(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+
+
+def _student_config(b: DemoBudget, vocab: int) -> dict[str, Any]:
+    return {
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": b.student_hidden,
+        "intermediate_size": b.student_intermediate, "num_hidden_layers": b.student_layers,
+        "num_attention_heads": b.student_heads, "num_key_value_heads": b.student_heads,
+        "max_position_embeddings": b.seq_len, "tie_word_embeddings": True,
+    }  # fmt: skip
+
+
+def _read_evals(path: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r for r in rows if "eval_ce" in r]
+
+
+def _teacher_heldout_ce(teacher_dir: Path, held_cache: Path) -> float:
+    """The teacher's cross-entropy on the trained positions of the held-out cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.storage import CacheReader
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for record in CacheReader(held_cache):
+            ids = torch.from_numpy(record.input_ids.astype("int64"))[None]
+            logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
+            mask = torch.from_numpy(record.loss_mask[1:])
+            ce = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            total += float(ce[mask].sum())
+            n += int(mask.sum())
+    return total / max(n, 1)
+
+
+def _summarize(budget, out, cache, teacher_ce, results, timings, commands) -> dict[str, Any]:
+    from logitcache.storage import Location, read_manifest
+
+    manifest = read_manifest(Location(cache))
+    final = {name: rows[-1] for name, rows in results.items()}
+    ce_only, kd = final["ce-only"]["eval_ce"], final["distilled"]["eval_ce"]
+    return {
+        "budget": asdict(budget),
+        "out": str(out),
+        "teacher_heldout_ce": teacher_ce,
+        "students": {n: {k: r[k] for k in ("eval_ce", "eval_kl")} for n, r in final.items()},
+        "curves": results,
+        "distilled_minus_ce_only": kd - ce_only,
+        "cache_bytes_per_token": manifest.stats()["bytes_per_token"],
+        "cache_tokens": manifest.n_tokens,
+        "timings_s": timings,
+        "commands": commands,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    st = s["students"]
+    t = s["timings_s"]
+    rows = [
+        f"{'model':28} {'held-out CE':>12} {'KL to teacher':>14} {'wall s':>8}",
+        f"{'teacher (pretrained)':28} {s['teacher_heldout_ce']:12.4f} {'0':>14} "
+        f"{t['teacher']:8.0f}",
+        f"{'student, cross-entropy only':28} {st['ce-only']['eval_ce']:12.4f} "
+        f"{st['ce-only']['eval_kl']:14.4f} {t['ce-only']:8.0f}",
+        f"{'student, distilled (cache)':28} {st['distilled']['eval_ce']:12.4f} "
+        f"{st['distilled']['eval_kl']:14.4f} {t['distilled']:8.0f}",
+    ]
+    gain = -s["distilled_minus_ce_only"]
+    verdict = "beats" if gain > 0 else "does NOT beat"
+    rows += [
+        "",
+        f"cache: {s['cache_tokens']:,} tokens at {s['cache_bytes_per_token']:.1f} bytes/token "
+        f"(top-{s['budget']['top_k']}), teacher pass {t['precompute']:.0f} s",
+        f"the distilled student {verdict} the cross-entropy-only student by {gain:.4f} nats/token",
+        f"outputs in {s['out']}: cache/, student-*/model/ (from_pretrained), demo.png, "
+        "summary.json",
+        "",
+        "commands run (rerun them with your own --teacher, --data and --student):",
+        *[f"  {c}" for c in s["commands"]],
+    ]
+    return "\n".join(rows)
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, rows in summary["curves"].items():
+        ax.plot([r["step"] for r in rows], [r["eval_ce"] for r in rows], marker="o", label=name)
+    ax.axhline(summary["teacher_heldout_ce"], color="gray", linestyle="--", label="teacher")
+    ax.set_xlabel("student optimizer step")
+    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    ax.set_title("logitcache demo: students trained on the same slice")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -14,6 +14,7 @@ Shard contents depend only on sequence indices, so any worker count gives the sa
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -97,9 +98,13 @@ class CacheWriter:
         self._lock_fd: int | None = None
         self.loc.makedirs()
         self._acquire_lock()
-        self.manifest = self._existing_manifest()
-        self.loc.makedirs(SHARDS)
-        self._remove_stale_temporaries()
+        try:
+            self.manifest = self._existing_manifest()
+            self.loc.makedirs(SHARDS)
+            self._remove_stale_temporaries()
+        except BaseException:
+            self.close()  # a refused writer must not keep holding the lock
+            raise
 
     # -- setup ----------------------------------------------------------------------
     def _acquire_lock(self) -> None:
@@ -123,7 +128,7 @@ class CacheWriter:
         found += [read_manifest(self.loc, f"{PARTS}/{n}") for n in _part_names(self.loc)]
         merged = Manifest(spec=self.spec, created_by=f"logitcache {__version__}")
         for old in found:
-            if old.spec != self.spec:
+            if old.spec.to_dict() != self.spec.to_dict():  # JSON form: tuples == lists
                 changes = "; ".join(diff_specs(old.spec, self.spec)[:8])
                 raise CacheError(
                     f"{self.loc.url} already holds a cache made with other settings: {changes}. "
@@ -189,9 +194,9 @@ class CacheWriter:
         """Record that this worker is done; returns the complete manifest if all are."""
         self.manifest = replace(self.manifest, n_sequences_total=n_sequences_total)
         if self.num_workers == 1:
-            missing = _missing_shards(self.manifest, self.shard_sequences)
-            if missing:
-                raise CacheError(f"cannot finish: shards {missing[:10]} are not written")
+            n_missing, missing = _missing_shards(self.manifest, self.shard_sequences)
+            if n_missing:
+                raise CacheError(f"cannot finish: shards {missing} are not written in full")
             self.manifest = replace(self.manifest, complete=True)
             self._publish_manifest()
             return self.manifest
@@ -231,13 +236,26 @@ def _part_names(loc: Location) -> list[str]:
     return [n for n in loc.listdir(PARTS) if _PART_RE.match(n)]
 
 
-def _missing_shards(manifest: Manifest, shard_sequences: int) -> list[int]:
+def _missing_shards(
+    manifest: Manifest, shard_sequences: int, show: int = 10
+) -> tuple[int, list[int]]:
+    """(number of shards of the corpus not listed in full, the first ``show`` of them).
+
+    Linear in the listed shards, not in the declared total: a part file claiming 10**15
+    sequences gets an answer, not a 10**15-step loop.
+    """
     total = manifest.n_sequences_total
     if total is None:
-        return [-1]
+        return 1, [-1]
     n_shards = -(-total // shard_sequences)
-    have = {s.index for s in manifest.shards}
-    return [j for j in range(n_shards) if j not in have]
+    have = {
+        s.index
+        for s in manifest.shards
+        if s.index < n_shards
+        and s.n_sequences == min(shard_sequences, total - s.index * shard_sequences)
+    }
+    first = list(itertools.islice((j for j in range(n_shards) if j not in have), show))
+    return n_shards - len(have), first
 
 
 def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Manifest:
@@ -256,7 +274,7 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
     merged = Manifest(spec=spec, created_by=f"logitcache {__version__}")
     totals = set()
     for name, part in zip(names, parts):
-        if part.spec != spec:
+        if part.spec.to_dict() != spec.to_dict():
             changes = diff_specs(spec, part.spec)
             raise CacheError(f"{PARTS}/{name} belongs to another cache: {changes}")
         for info in part.shards:
@@ -272,10 +290,10 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
     if not totals:
         raise CacheError(f"workers still running: {', '.join(waiting) or 'unknown'}")
     merged = replace(merged, n_sequences_total=totals.pop())
-    missing = _missing_shards(merged, spec.shard_sequences)
-    if missing:
+    n_missing, missing = _missing_shards(merged, spec.shard_sequences, show=5)
+    if n_missing:
         raise CacheError(
-            f"cannot merge yet: {len(missing)} shards missing (first: {missing[:5]}); "
+            f"cannot merge yet: {n_missing} shards missing (first: {missing}); "
             f"unfinished workers: {', '.join(waiting) or 'none (rerun precompute)'}"
         )
     merged = replace(merged, complete=True)

@@ -87,11 +87,15 @@ class _ArrowShard:
             raise ShardCorruptError(f"shard {rel} is not a readable Arrow file: {err}") from None
         self.n_rows = self._reader.num_record_batches
         self._fields = [f for f in self._reader.schema.names if f != "index"]
+        self._rel = rel
 
     def read(self, row: int) -> tuple[int, dict[str, Any]]:
-        batch = self._reader.get_batch(row)
-        index = batch.column(0)[0].as_py()
-        return index, {f: batch.column(f)[0].as_buffer() for f in self._fields}
+        try:
+            batch = self._reader.get_batch(row)
+            index = batch.column(0)[0].as_py()
+            return index, {f: batch.column(f)[0].as_buffer() for f in self._fields}
+        except Exception as err:  # a damaged file raises assorted pyarrow errors
+            raise ShardCorruptError(f"shard {self._rel} row {row} is unreadable: {err}") from None
 
 
 class ZarrContainer:
@@ -156,12 +160,16 @@ class _ZarrShard:
         except Exception as err:  # zarr raises many types for a damaged group
             raise ShardCorruptError(f"shard {rel} is not a readable Zarr group: {err}") from None
         self.n_rows = int(self._index.shape[0])
+        self._rel = rel
 
     def read(self, row: int) -> tuple[int, dict[str, Any]]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            blobs = {f: a[row : row + 1][0] for f, a in self._arrays.items()}
-        return int(self._index[row]), blobs
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                blobs = {f: a[row : row + 1][0] for f, a in self._arrays.items()}
+            return int(self._index[row]), blobs
+        except Exception as err:  # zarr raises many types for a damaged chunk
+            raise ShardCorruptError(f"shard {self._rel} row {row} is unreadable: {err}") from None
 
 
 CONTAINERS = {"arrow": ArrowContainer(), "zarr": ZarrContainer()}

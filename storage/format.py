@@ -119,6 +119,20 @@ class CacheSpec:
             raise CacheError(f"{where}: unknown mode {self.mode!r}; expected one of {MODES}")
         if self.container not in ("arrow", "zarr"):
             raise CacheError(f"{where}: unknown container {self.container!r}")
+        for name in ("pack", "sampled_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise CacheError(
+                    f"{where}: '{name}' must be true or false, got {getattr(self, name)!r}"
+                )
+        chains = self.codecs.values() if isinstance(self.codecs, Mapping) else None
+        if chains is None or not all(
+            isinstance(chain, (list, tuple)) and all(isinstance(c, Mapping) for c in chain)
+            for chain in chains
+        ):
+            raise CacheError(f"{where}: 'codecs' must map field names to lists of codec configs")
+        for name in ("teacher", "tokenizer", "corpus", "settings"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise CacheError(f"{where}: '{name}' must be an object")
         d = self.to_dict()
         _int(d, "vocab_size", where, 1, _MAX_VOCAB)
         _int(d, "seq_len", where, 2, _MAX_SEQ_LEN)
@@ -220,6 +234,10 @@ class ShardInfo:
         for key in ("n_tokens", "n_positions", "n_entries"):
             _int(obj, key, where)
         _int(obj, "bytes", where, 1, _MAX_SHARD_BYTES)
+        for key in ("covered_mass", "entropy"):
+            value = obj.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CacheError(f"{where}: '{key}' must be a number, got {value!r}")
         digest = obj.get("sha256")
         if not (isinstance(digest, str) and len(digest) == 64):
             raise CacheError(f"{where}: 'sha256' must be a 64-character hex digest")
@@ -319,13 +337,22 @@ class Manifest:
             ShardInfo.from_dict(s, f"{where} shard #{i}") for i, s in enumerate(raw_shards)
         )
         _check_layout(shards, where)
+        for key in ("n_sequences", "n_tokens", "bytes"):  # derived totals, as to_json writes
+            listed = sum(getattr(s, key) for s in shards)
+            if key in obj and obj[key] != listed:
+                raise CacheError(
+                    f"{where}: '{key}' = {obj[key]!r} disagrees with its shards ({listed}); "
+                    "edited manifest?"
+                )
+        if not isinstance(obj.get("complete", False), bool):
+            raise CacheError(f"{where}: 'complete' must be true or false")
         total = obj.get("n_sequences_total")
         if total is not None:
             _int(obj, "n_sequences_total", where)
         return cls(
             spec=spec,
             shards=shards,
-            complete=bool(obj.get("complete", False)),
+            complete=obj.get("complete", False),
             n_sequences_total=total,
             created_by=str(obj.get("created_by", "")),
         )

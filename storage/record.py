@@ -80,7 +80,12 @@ class RecordCodec:
         self.codecs = {f: FieldCodec(spec.codecs[f], FIELD_DTYPES[f]) for f in self.fields}
 
     def encode(self, record: SequenceRecord) -> dict[str, bytes]:
-        self._check(record, where=f"sequence {record.index}")
+        where = f"sequence {record.index}"
+        self._check(record, where)
+        lp = record.logprobs if "logprobs" in self.fields else None
+        if lp is not None and (np.isnan(lp).any() or (lp > 0).any()):
+            # the float codecs would store these silently; the lossy codec refuses them too
+            raise CacheError(f"{where}: log-probabilities must be <= 0 and not NaN")
         out = {}
         for name in self.fields:
             out[name] = self.codecs[name].encode(getattr(record, name))
@@ -114,6 +119,12 @@ class RecordCodec:
         if r.n_entries.shape != (t - 1,):
             found = r.n_entries.shape[0]
             raise CacheError(f"{where}: n_entries has {found} positions, not {t - 1}")
+        if spec.mode == "topk" and (r.n_entries != spec.k).any():
+            # topk shards do not store n_entries: the reader assumes k at every position
+            raise CacheError(f"{where}: topk records need k={spec.k} entries at every position")
+        absent = [name for name in self.fields if getattr(r, name, None) is None]
+        if absent:
+            raise CacheError(f"{where}: fields {absent} are required by this cache but missing")
         n = int(r.n_entries.sum())
         if r.ids.shape != (n,):
             raise CacheError(f"{where}: {r.ids.shape[0]} ids stored for {n} entries")

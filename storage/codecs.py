@@ -277,7 +277,9 @@ def default_codecs(
 
     ``logprobs``: ``lossy`` (LogprobCodec at ``step``), ``float16`` or ``float32``.
     """
-    zstd = {"id": "zstd", "level": zstd_level}
+    # A 4-byte checksum per frame (~32 B per sequence) makes a damaged blob fail to decode
+    # even when a reader skips the shard hash (--no-verify).
+    zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
     ids = {"id": IdsCodec.codec_id, "bits": bits_for_vocab(vocab_size)}
     if logprobs == "lossy":
         lp = {"id": LogprobCodec.codec_id, "step": step}

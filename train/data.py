@@ -8,10 +8,13 @@ The order of an epoch is a pure function of (cache, seed, epoch): shards are shu
 sequences are shuffled within blocks of ``block_shards`` consecutive shards (a bounded
 window, so a remote reader keeps only a few shards local). The position in the stream is one
 number, the sequences of the epoch already consumed by all ranks together; any world size
-can resume from it (mosaicml/streaming's idea). Rank r takes rows [r*mb, (r+1)*mb) of each
-global micro-batch of ``mb * world_size`` sequences; DataLoader worker w takes every
-``num_workers``-th micro-batch of its rank, and the DataLoader's round-robin puts them back
-in order.
+can resume from it (mosaicml/streaming's idea). An optimizer step takes the next
+``mb * world_size * grad_accum`` sequences; micro-batch a of rank r is their rows
+[s*mb, (s+1)*mb) with s = a * world_size + r. So a step never straddles two epochs (the last
+one is short, some of its micro-batches empty), and any split of the same global batch
+between ranks and accumulation trains on the same sequences at every step. DataLoader
+worker w takes every ``num_workers``-th micro-batch of its rank, and the DataLoader's
+round-robin puts them back in order.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class Batch:
     indices: list[int]  # global sequence indices, in batch order
     epoch: int
     consumed_after: int
-    """Stream position once this micro-batch's global micro-batch is consumed."""
+    """Stream position once the optimizer step this micro-batch belongs to is consumed."""
 
     @property
     def n_tokens(self) -> int:
@@ -172,9 +175,13 @@ def _rows_of(r: SequenceRecord, b: int, width: int, target: str) -> dict[str, np
         raise ValueError("target 'counts' needs a sampled cache")
     if target == "probs" and r.logprobs is None:
         raise ValueError("target 'probs' needs stored log-probs (top-k, or --sampled-logprobs)")
-    values = r.target_probs() if use_counts else np.exp(r.logprobs)
     offsets = r.offsets
     row = np.repeat(np.arange(n_pos), r.n_entries)
+    if use_counts:  # counts/N even when log-probs are stored too (target_probs prefers those)
+        draws = r.counts.astype(np.float32)
+        values = draws / np.bincount(row, weights=draws, minlength=n_pos)[row]
+    else:
+        values = np.exp(r.logprobs)
     col = np.arange(offsets[-1]) - np.repeat(offsets[:-1], r.n_entries)
     ids = np.zeros((n_pos, k), dtype=np.int64)
     probs = np.zeros((n_pos, k), dtype=np.float32)
@@ -213,13 +220,14 @@ class CacheStream(IterableDataset):
         target: str = "auto",
         verify: bool = True,
         epochs: int | None = None,
+        grad_accum: int = 1,
     ) -> None:
         self.url, self.micro_batch, self.seed = url, micro_batch, seed
         self.start = StreamState(start.epoch, start.consumed)
         self.rank, self.world_size = rank, world_size
         self.block_shards, self.eval_fraction = block_shards, eval_fraction
         self.vocab_limit, self.target, self.verify = vocab_limit, target, verify
-        self.epochs = epochs
+        self.epochs, self.grad_accum = epochs, grad_accum
         self._reader: CacheReader | None = None
 
     def reader(self) -> CacheReader:
@@ -243,22 +251,24 @@ class CacheStream(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         reader = self.reader()
         state = StreamState(self.start.epoch, self.start.consumed)
-        global_mb = self.micro_batch * self.world_size
+        mb, world = self.micro_batch, self.world_size
+        step_size = mb * world * self.grad_accum
         counter = 0  # micro-batches of this rank since the start, for worker striding
         while self.epochs is None or state.epoch < self.epochs:
             order = self.order(state.epoch)
             if len(order) == 0:
                 raise ValueError("no training sequences: the cache is empty or all held out")
-            for start in range(state.consumed, len(order), global_mb):
-                group = order[start : start + global_mb]
-                mine = group[self.rank * self.micro_batch : (self.rank + 1) * self.micro_batch]
+            for start in range(state.consumed, len(order), step_size):
+                group = order[start : start + step_size]
                 end = start + len(group)
-                take = counter % n_workers == worker
-                counter += 1
-                if not take:
-                    continue
-                records = [reader.read(int(i)) for i in mine]
-                yield self._batch(records, state.epoch, end)
+                for a in range(self.grad_accum):
+                    slot = a * world + self.rank
+                    take = counter % n_workers == worker
+                    counter += 1
+                    if not take:
+                        continue
+                    records = [reader.read(int(i)) for i in group[slot * mb : (slot + 1) * mb]]
+                    yield self._batch(records, state.epoch, end)
             state = StreamState(state.epoch + 1, 0)
 
     def _batch(self, records: list[SequenceRecord], epoch: int, consumed_after: int) -> Batch:

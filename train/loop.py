@@ -82,7 +82,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         config.cache, micro_batch=config.batch_size, seed=config.seed,
         start=StreamState(progress.epoch, progress.consumed), rank=env.rank,
         world_size=env.world_size, block_shards=config.block_shards,
-        eval_fraction=config.eval_fraction, vocab_limit=vocab_rows, verify=config.verify,
+        eval_fraction=config.eval_fraction, vocab_limit=vocab_rows, target=config.target,
+        verify=config.verify, grad_accum=config.grad_accum,
     )  # fmt: skip
     batches = iter(_loader(stream, config))
     metrics = _MetricsLog(Path(config.out) / "metrics.jsonl", env.rank, resume_step=progress.step)
@@ -93,7 +94,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     # -- loop ---------------------------------------------------------------------------
     while progress.step < total_steps:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(config.grad_accum)]
+        micro = [_next_batch(batches) for _ in range(config.grad_accum)]
         lr = config.lr * lr_multiplier(
             progress.step, total_steps, warmup=config.warmup_steps, schedule=config.schedule,
             min_ratio=config.min_lr_ratio, decay_fraction=config.decay_fraction,
@@ -333,6 +334,20 @@ def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
+
+
+def _next_batch(batches):
+    """The next micro-batch; a bad shard met by a DataLoader worker stays a one-line error."""
+    try:
+        return next(batches)
+    except LogitcacheError as err:
+        text = str(err)
+        if "Original Traceback" not in text:
+            raise
+        # DataLoader re-raises a worker's exception with the worker's traceback as its
+        # message; the original message is the last line, after "module.ClassName: ".
+        last = text.strip().splitlines()[-1]
+        raise type(err)(last.split(f"{type(err).__name__}: ", 1)[-1]) from None
 
 
 def _autocast(config: TrainConfig, env: _Env):

@@ -148,6 +148,11 @@ class DistillModule(nn.Module):
         return hidden.reshape(-1, hidden.shape[-1])[rows]  # [N, H]
 
     def forward(self, input_ids, attention_mask, rows, targets: TeacherTargets):
+        if rows.shape[0] == 0:
+            # An empty micro-batch (a rank past the end of an epoch): DDP still waits for a
+            # gradient of every parameter, so return a zero that touches them all.
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            return sum(p.sum() for p in params) * 0.0, 0
         if self.chunked:
             h = self.hidden_rows(input_ids, attention_mask, rows)
             head = self.model.get_output_embeddings()

@@ -69,7 +69,10 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
     model.to(env.device)
-    module = DistillModule(model, loss_kwargs=config.loss_kwargs(), chunk_size=config.chunk_size)
+    teacher = _online_teacher(config, env)
+    module = DistillModule(
+        model, loss_kwargs=config.loss_kwargs(), chunk_size=config.chunk_size, teacher=teacher
+    )
     optimizer = _optimizer(model, config)
     total_steps = _total_steps(reader, config, env.world_size)
     progress = TrainingProgress()
@@ -242,6 +245,15 @@ def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
         and not (reader.spec.sampled_logprobs)
     ):
         raise LogitcacheError("--target probs needs a cache written with --sampled-logprobs")
+
+
+def _online_teacher(config: TrainConfig, env: _Env):
+    if not config.online_teacher:
+        return None
+    from logitcache.precompute.teacher import load_teacher
+
+    model, _, _ = load_teacher(config.online_teacher, device=str(env.device))
+    return model
 
 
 def _eval_reader(reader: CacheReader, config: TrainConfig) -> CacheReader:

@@ -40,6 +40,7 @@ __all__ = [
     "chunked_loss",
     "cross_entropy_sum",
     "distill_loss",
+    "full_vocab_kd",
     "teacher_kl",
 ]
 
@@ -242,6 +243,30 @@ def distill_loss(
             logp_t1 = torch.log_softmax(logits, dim=-1)
         ce = -logp_t1.gather(1, targets.labels[:, None]).sum()
         total = total + alpha * ce
+    return total
+
+
+def full_vocab_kd(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+) -> Tensor:
+    """Online reference: (1 - alpha) T² KL(p_T || q_T) over the full vocabulary + alpha CE.
+
+    ``logits``, ``teacher_logits`` [N, V] (the teacher held in memory, the upper bound every
+    cache is compared with); summed over rows.
+    """
+    _check_args("forward-kl", "bucket", temperature, alpha, 0.5)
+    logits = logits.to(_compute_dtype(logits))  # [N, V]
+    logq = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log_softmax(teacher_logits.to(logits.dtype) / temperature, dim=-1)
+    kd = (logp.exp() * (logp - logq)).sum()
+    total = (1.0 - alpha) * temperature**2 * kd
+    if alpha > 0.0:
+        total = total + alpha * cross_entropy_sum(logits, labels)
     return total
 
 

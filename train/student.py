@@ -128,9 +128,19 @@ def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab
 class DistillModule(nn.Module):
     """Wraps a causal LM; ``forward`` returns (summed loss, trained rows) of a micro-batch."""
 
-    def __init__(self, model: nn.Module, *, loss_kwargs: dict[str, Any], chunk_size: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss_kwargs: dict[str, Any],
+        chunk_size: int,
+        teacher: nn.Module | None = None,
+    ):
         super().__init__()
         self.model = model
+        # The reference of the quality study: a teacher in memory, full-vocabulary KL.
+        # Kept out of the module's parameters (and of DDP and checkpoints) on purpose.
+        self._teacher = [teacher] if teacher is not None else []
         self.loss_kwargs = dict(loss_kwargs)
         self.ce_only = self.loss_kwargs.pop("loss", None) == "ce"
         if not self.ce_only:
@@ -139,11 +149,12 @@ class DistillModule(nn.Module):
         config = model.config
         self.chunked = all(getattr(config, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
 
-    def hidden_rows(self, input_ids, attention_mask, rows) -> torch.Tensor:
+    def hidden_rows(self, input_ids, attention_mask, rows, model=None) -> torch.Tensor:
         """[N, H] final hidden states at the trained rows."""
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        model = model if model is not None else self.model
+        base = model.get_decoder() if hasattr(model, "get_decoder") else None
         if base is None:
-            base = self.model.base_model
+            base = model.base_model
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1])[rows]  # [N, H]
 
@@ -153,6 +164,8 @@ class DistillModule(nn.Module):
             # gradient of every parameter, so return a zero that touches them all.
             params = [p for p in self.model.parameters() if p.requires_grad]
             return sum(p.sum() for p in params) * 0.0, 0
+        if self._teacher:
+            return self._online(input_ids, attention_mask, rows, targets.labels), rows.shape[0]
         if self.chunked:
             h = self.hidden_rows(input_ids, attention_mask, rows)
             head = self.model.get_output_embeddings()
@@ -172,3 +185,27 @@ class DistillModule(nn.Module):
             else:
                 total = distill_loss(selected, targets, **self.loss_kwargs)
         return total, rows.shape[0]
+
+    def _online(self, input_ids, attention_mask, rows, labels) -> torch.Tensor:
+        """Full-vocabulary KD against the in-memory teacher, chunked like the cached path."""
+        from torch.utils.checkpoint import checkpoint
+
+        from .losses import full_vocab_kd
+
+        teacher = self._teacher[0]
+        with torch.no_grad():
+            th = self.hidden_rows(input_ids, attention_mask, rows, model=teacher)  # [N, Ht]
+        h = self.hidden_rows(input_ids, attention_mask, rows)  # [N, H]
+        head, t_head = self.model.get_output_embeddings(), teacher.get_output_embeddings()
+        kw = {k: self.loss_kwargs[k] for k in ("temperature", "alpha") if k in self.loss_kwargs}
+
+        def chunk(hc, thc, lc):
+            with torch.no_grad():
+                t_logits = t_head(thc)  # [n, V]
+            return full_vocab_kd(head(hc), t_logits, lc, **kw)
+
+        total = h.sum() * 0.0
+        for s in range(0, h.shape[0], self.chunk_size):
+            sl = slice(s, s + self.chunk_size)
+            total = total + checkpoint(chunk, h[sl], th[sl], labels[sl], use_reentrant=False)
+        return total

@@ -279,6 +279,11 @@ def precompute(**kw: Any) -> None:
 )
 @click.option("--eval-sequences", type=int, default=256, show_default=True)
 @click.option(
+    "--online-teacher",
+    default=None,
+    help="Reference runs: distill from this in-memory teacher (full-vocabulary KL).",
+)
+@click.option(
     "--eval-cache",
     default=None,
     help="Evaluate on this separate cache (all of it) instead of a held-out split.",
@@ -456,6 +461,35 @@ def merge(cache: str) -> None:
 from logitcache.bench.commands import bench  # noqa: E402  (registered below)
 
 main.add_command(bench)
+
+
+def render_reference() -> str:
+    """The README's command reference: every command's --help, in order."""
+    parts = []
+    for path in _command_paths(main, ["logitcache"]):
+        ctx = click.Context(path[-1][1], info_name=path[-1][0], terminal_width=100,
+                            max_content_width=100, help_option_names=["-h", "--help"])  # fmt: skip
+        name = " ".join(p[0] for p in path)
+        text = path[-1][1].get_help(ctx).replace(f"Usage: {path[-1][0]}", f"Usage: {name}", 1)
+        parts.append(f"### `{name}`\n\n```\n{text}\n```\n")
+    return "\n".join(parts)
+
+
+def _command_paths(command: click.Command, prefix: list[str], trail=()) -> list:
+    trail = (*trail, (prefix[-1], command))
+    out = [list(trail)] if trail[1:] else []
+    if isinstance(command, click.Group):
+        for name in sorted(command.commands):
+            sub = command.commands[name]
+            if not sub.hidden:
+                out += _command_paths(sub, [*prefix, name], trail)
+    return out
+
+
+@main.command(hidden=True)
+def reference() -> None:
+    """Print the command reference that README.md embeds."""
+    click.echo(render_reference())
 
 
 if __name__ == "__main__":

@@ -449,3 +449,24 @@ def test_bad_targets_raise():
         TeacherTargets(t.ids.int(), t.probs, t.valid, t.tail, t.labels)
     with pytest.raises(ValueError, match="bool"):
         TeacherTargets(t.ids, t.probs, t.valid.int(), t.tail, t.labels)
+
+
+def test_full_vocab_kd_matches_dense_reference():
+    from logitcache.train.losses import full_vocab_kd
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(5, 11, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (5,), generator=gen)
+    t, a = 2.0, 0.3
+    got = full_vocab_kd(logits, teacher, labels, temperature=t, alpha=a)
+    p = torch.softmax(teacher / t, -1)
+    q = torch.log_softmax(logits / t, -1)
+    kl = (p * (p.log() - q)).sum()
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    want = (1 - a) * t * t * kl + a * ce
+    assert torch.allclose(got, want, atol=1e-10)
+    (g1,) = torch.autograd.grad(got, logits)
+    (g2,) = torch.autograd.grad(want, logits)
+    assert torch.allclose(g1, g2, atol=1e-10)
+    assert full_vocab_kd(teacher, teacher, labels).abs() < 1e-10

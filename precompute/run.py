@@ -140,6 +140,7 @@ class _ShardWork:
 
 
 _END = object()
+_PAD_MULTIPLE = 64  # tokens; see _Pipeline._width
 
 
 def _make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
@@ -302,7 +303,7 @@ class _Pipeline:
         bar = self.reporter.bar(total=budget, desc="teacher pass")
         try:
             while True:
-                item = work.get()
+                item = _get(work, reader)
                 if item is _END:
                     break
                 if isinstance(item, tuple):
@@ -337,23 +338,36 @@ class _Pipeline:
             bar.update(sum(len(seq.input_ids) for _, seq in batch))
         return [records[i] for i, _ in work.sequences]
 
+    def _width(self, length: int) -> int:
+        """Padded width of a sequence: a function of its own length, never of its batch's.
+
+        Masked attention over more padded keys rounds differently (~1e-6 in the logits of
+        the real positions on CPU), which would make the bytes depend on --batch-tokens.
+        Rounding up to _PAD_MULTIPLE costs at most 63 padding tokens per sequence.
+        """
+        return min(-(-length // _PAD_MULTIPLE) * _PAD_MULTIPLE, self.spec.seq_len)
+
     def _batches(self, sequences: list[tuple[int, Any]]) -> Iterator[list[tuple[int, Any]]]:
-        """Length-sorted batches within the token budget: no compute on padding to speak of."""
-        ordered = sorted(sequences, key=lambda item: (-len(item[1].input_ids), item[0]))
+        """Batches of one padded width within the token budget, widest first."""
+        ordered = sorted(
+            sequences, key=lambda item: (-self._width(len(item[1].input_ids)), item[0])
+        )
         batch: list[tuple[int, Any]] = []
+        batch_width = 0
         for item in ordered:
-            longest = len(batch[0][1].input_ids) if batch else len(item[1].input_ids)
-            if batch and longest * (len(batch) + 1) > self.batch_tokens:
+            width = self._width(len(item[1].input_ids))
+            if batch and (width != batch_width or width * (len(batch) + 1) > self.batch_tokens):
                 yield batch
                 batch = []
             batch.append(item)
+            batch_width = width
         if batch:
             yield batch
 
     def _forward(self, batch: list[tuple[int, Any]]):
         """Yields (index, sequence, logits [T-1, V]) for each sequence of the batch."""
         lengths = [len(seq.input_ids) for _, seq in batch]
-        width = max(lengths)
+        width = self._width(max(lengths))  # the same for every sequence of the batch
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (_, seq) in enumerate(batch):
@@ -423,6 +437,23 @@ class _Pipeline:
             lines.append("this worker is done; the manifest is written when all workers are")
         for line in lines:
             self.reporter.log(line)
+
+
+def _get(inbox: queue.Queue, producer: threading.Thread) -> Any:
+    """The next item from a producer thread, or _END if it died without sending one.
+
+    After a stop the reader gives up its final _END rather than block on a full queue, so
+    the main thread must not wait forever on an empty one.
+    """
+    while True:
+        try:
+            return inbox.get(timeout=0.2)
+        except queue.Empty:
+            if not producer.is_alive():
+                try:
+                    return inbox.get_nowait()  # it may have put an item just before exiting
+                except queue.Empty:
+                    return _END
 
 
 def _close(inbox: queue.Queue, thread: threading.Thread) -> None:

@@ -124,8 +124,8 @@ class CacheWriter:
         self._lock_fd = fd
 
     def _existing_manifest(self) -> Manifest:
-        found = [read_manifest(self.loc)] if self.loc.exists(MANIFEST) else []
-        found += [read_manifest(self.loc, f"{PARTS}/{n}") for n in _part_names(self.loc)]
+        main = [read_manifest(self.loc)] if self.loc.exists(MANIFEST) else []
+        found = main + [read_manifest(self.loc, f"{PARTS}/{n}") for n in _part_names(self.loc)]
         merged = Manifest(spec=self.spec, created_by=f"logitcache {__version__}")
         for old in found:
             if old.spec.to_dict() != self.spec.to_dict():  # JSON form: tuples == lists
@@ -136,7 +136,9 @@ class CacheWriter:
                 )
             for info in old.shards:
                 merged = merged.with_shard(info)
-            if old.complete:
+            # Only manifest.json speaks for the whole cache: a part marked complete says that
+            # one worker is done, not that the others are.
+            if old.complete and old in main:
                 merged = replace(merged, complete=True, n_sequences_total=old.n_sequences_total)
         return merged
 
@@ -292,9 +294,12 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
     merged = replace(merged, n_sequences_total=totals.pop())
     n_missing, missing = _missing_shards(merged, spec.shard_sequences, show=5)
     if n_missing:
+        counts = {int(m.group(2)) for m in map(_PART_RE.match, names)}
+        owners = sorted({f"worker {j % n} of {n}" for j in missing for n in counts})
         raise CacheError(
-            f"cannot merge yet: {n_missing} shards missing (first: {missing}); "
-            f"unfinished workers: {', '.join(waiting) or 'none (rerun precompute)'}"
+            f"cannot merge yet: {n_missing} shards missing (first: {missing}, owned by "
+            f"{', '.join(owners)}); unfinished workers: {', '.join(waiting) or 'none'}; run "
+            "the missing workers (the same precompute command with their --worker-index)"
         )
     merged = replace(merged, complete=True)
     loc.publish_bytes(MANIFEST, merged.to_json().encode())

@@ -36,3 +36,126 @@ def bench_storage(sequences: int, seq_len: int, top_k: int, vocab: int, as_json:
     else:
         click.echo(f"synthetic top-{top_k}, vocab {vocab:,}, {sequences} x {seq_len} tokens")
         click.echo(format_rows(rows))
+
+
+@bench.command("precompute")
+@click.option("--teacher", default=None, help="Local teacher directory (default: a random Llama).")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--batch-tokens", type=int, default=2048, show_default=True)
+@click.option("--sequences", type=int, default=16, show_default=True)
+@click.option(
+    "--shard-sequences", type=int, default=None, help="Sequences per shard (default: 1/4 of all)."
+)
+@click.option("--top-k", type=int, default=None, help="Top-k mode (default, k=64).")
+@click.option("--samples", type=int, default=None, help="Sampled mode with N draws.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--threads", type=int, default=1, show_default=True, help="torch CPU threads (0: default)."
+)
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def bench_precompute(
+    teacher: str | None,
+    seq_len: int,
+    batch_tokens: int,
+    sequences: int,
+    shard_sequences: int | None,
+    top_k: int | None,
+    samples: int | None,
+    dtype: str,
+    device: str,
+    threads: int,
+    as_json: bool,
+) -> None:
+    """Bare teacher forward vs the full precompute pipeline, on the same batches."""
+    import torch
+
+    from logitcache.bench.precompute import (
+        format_precompute,
+        precompute_as_dict,
+        run_precompute_bench,
+    )
+    from logitcache.errors import LogitcacheError
+
+    if top_k is not None and samples is not None:
+        raise LogitcacheError("choose one of --top-k K or --samples N")
+    if top_k is None and samples is None:
+        top_k = 64
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_precompute_bench(
+        teacher=teacher,
+        seq_len=seq_len,
+        sequences=sequences,
+        batch_tokens=batch_tokens,
+        shard_sequences=shard_sequences,
+        top_k=top_k,
+        samples=samples,
+        dtype=None if dtype == "auto" else dtype,
+        device=device,
+    )
+    if as_json:
+        click.echo(json.dumps(precompute_as_dict(result), indent=1))
+    else:
+        click.echo(format_precompute(result))
+
+
+@bench.command("train")
+@click.option(
+    "--student-config",
+    default=None,
+    help="JSON/YAML transformers config with model_type (default: a 4x128 Llama, 32k vocab).",
+)
+@click.option(
+    "--teacher-width", type=int, default=4, show_default=True, help="Teacher hidden / student's."
+)
+@click.option("--steps", type=int, default=5, show_default=True, help="Timed steps per variant.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed first steps.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--threads", type=int, default=1, show_default=True, help="torch CPU threads (0: default)."
+)
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def bench_train(
+    student_config: str | None,
+    teacher_width: int,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    seq_len: int,
+    top_k: int,
+    device: str,
+    threads: int,
+    as_json: bool,
+) -> None:
+    """Step time and peak memory of CE, offline KD from a cache, and online full-logit KD."""
+    import torch
+
+    from logitcache.bench.train import format_train, run_train_bench, train_as_dict
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_train_bench(
+        student_config=student_config,
+        teacher_width=teacher_width,
+        steps=steps,
+        warmup=warmup,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        top_k=top_k,
+        device=device,
+    )
+    if as_json:
+        click.echo(json.dumps(train_as_dict(result), indent=1))
+    else:
+        click.echo(format_train(result))

@@ -1,0 +1,197 @@
+"""``logitcache bench quality``: which cache should I write, and how big is it?
+
+On the demo's teacher and corpus (and on tinyshakespeare with a teacher made the same
+way), trains the same student for the same steps on the same slice under: cross-entropy
+only; online full-vocabulary KD with the teacher in memory (the upper reference); and from
+caches: top-k for k in {8, 32, 128} with each tail policy, sampled with N in {16, 64} with
+and without stored log-probs. Reports held-out cross-entropy, KL(teacher || student) on
+held-out positions, bytes per token, and the share of the CE-only -> online-KD gap closed.
+Every student is trained through the real ``precompute`` / ``train`` commands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from logitcache.demo import (
+    FULL,
+    QUICK,
+    DemoBudget,
+    _cli,
+    ensure_teacher,
+    precompute_args,
+    prepare_corpus,
+    read_evals,
+    teacher_heldout_ce,
+    train_args,
+    write_student_config,
+)
+from logitcache.progress import Reporter
+
+__all__ = ["QualityRow", "cache_variants", "run_quality"]
+
+# The held-out cache keeps 256 ids per position in float32, so KL(teacher || student) is
+# measured against nearly the whole teacher distribution (missing mass in one bucket).
+_HELD_STORE = ["--top-k", "256", "--logprob-codec", "float32"]
+
+
+@dataclass
+class QualityRow:
+    corpus: str
+    regime: str
+    """``slice``: students see less data than the teacher; ``more-data``: 4x the slice."""
+    student: str
+    eval_ce: float
+    eval_kl: float
+    bytes_per_token: float | None
+    gap_closed: float | None
+    """(CE-only CE - this CE) / (CE-only CE - online KD CE)."""
+    wall_s: float
+
+
+def cache_variants(quick: bool) -> list[tuple[str, list[str], list[str]]]:
+    """(name, precompute flags, train flags) of every cache-backed student."""
+    ks = (8, 32) if quick else (8, 32, 128)
+    tails = ("bucket",) if quick else ("renorm", "bucket", "label")
+    out = [(f"top-{k} {t}", ["--top-k", str(k)], ["--tail", t]) for k in ks for t in tails]
+    for n in (16,) if quick else (16, 64):
+        out.append((f"sampled N={n}", ["--samples", str(n)], ["--target", "counts"]))
+        out.append((f"sampled N={n} + log-probs", ["--samples", str(n), "--sampled-logprobs"],
+                    ["--target", "probs", "--tail", "bucket"]))  # fmt: skip
+    return out
+
+
+def _shakespeare_docs(path: Path) -> list[tuple[str, str]]:
+    paragraphs = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
+    # ~40 paragraphs per document, so the held-out split takes whole scenes, not lines
+    return [(f"shakespeare/{i:05d}", "\n\n".join(paragraphs[i : i + 40]))
+            for i in range(0, len(paragraphs), 40)]  # fmt: skip
+
+
+def _corpora(shakespeare: Path | None, quick: bool) -> list[tuple[str, Any, DemoBudget]]:
+    from logitcache import toy
+
+    base = QUICK if quick else FULL
+    out: list[tuple[str, Any, DemoBudget]] = [("stdlib", toy.stdlib_documents, base)]
+    if shakespeare is not None:
+        small = replace(base, slice_tokens=base.slice_tokens // 4,
+                        heldout_tokens=base.heldout_tokens // 2)  # fmt: skip
+        out.append(("shakespeare", lambda: _shakespeare_docs(shakespeare), small))
+    return out
+
+
+@dataclass
+class _Study:
+    """One corpus of the study: its teacher, slice, held-out cache and student config."""
+
+    corpus: str
+    budget: DemoBudget
+    work: Path
+    teacher: Path
+    slice_file: Path
+    held: Path
+    config: Path
+    reporter: Reporter
+
+    def cache(self, store: list[str], tokens: int, regime: str = "slice") -> tuple[Path, float]:
+        """A cache written by ``precompute`` (a no-op when it already exists)."""
+        from logitcache.storage import Location, read_manifest
+
+        dest = self.work / "caches" / f"{regime}-{store_key(store)}"
+        data = self.slice_file if regime == "slice" else self.work / "more.jsonl"
+        _cli([*precompute_args(self.teacher, data, dest, self.budget, tokens, store), "--quiet"])
+        return dest, read_manifest(Location(dest)).stats()["bytes_per_token"]
+
+    def student(self, name: str, cache: Path, flags: list[str], regime: str = "slice"):
+        t0 = time.perf_counter()
+        dest = self.work / "students" / f"{regime}-{name.replace(' ', '_').replace('=', '')}"
+        args = train_args(cache, dest, self.config, self.teacher, self.held, self.budget, flags)
+        _cli([*args, "--quiet"])
+        final = read_evals(dest / "metrics.jsonl")[-1]
+        row = QualityRow(self.corpus, regime, name, final["eval_ce"], final["eval_kl"], None,
+                         None, time.perf_counter() - t0)  # fmt: skip
+        self.reporter.log(f"[{self.corpus}/{regime}] {name}: CE {row.eval_ce:.4f} "
+                          f"KL {row.eval_kl:.4f}")  # fmt: skip
+        return row
+
+    def regime(self, variants, tokens: int, regime: str) -> list[QualityRow]:
+        """CE only, online KD and each cache variant, on ``tokens`` of data."""
+        top8, _ = self.cache(["--top-k", "8"], tokens, regime)
+        ce = self.student("CE only", top8, ["--loss", "ce"], regime)
+        online = self.student("online full KD", top8, ["--online-teacher", str(self.teacher)],
+                              regime)  # fmt: skip
+        rows = [ce, online]
+        for name, store, flags in variants:
+            cache, bpt = self.cache(store, tokens, regime)
+            row = self.student(name, cache, flags, regime)
+            row.bytes_per_token = bpt
+            rows.append(row)
+        _gap(rows, ce, online)
+        return rows
+
+
+def run_quality(
+    *, out: Path, home: Path, reporter: Reporter, shakespeare: Path | None, quick: bool = False
+) -> list[QualityRow]:
+    from logitcache import toy
+
+    rows: list[QualityRow] = []
+    for corpus, load_docs, budget in _corpora(shakespeare, quick):
+        work = out / corpus
+        work.mkdir(parents=True, exist_ok=True)
+        train_docs, slice_file, held_file = prepare_corpus(load_docs(), budget, work)
+        teacher = ensure_teacher(train_docs, budget, home, tag=corpus, reporter=reporter)
+        held = work / "heldout-cache"
+        _cli([*precompute_args(teacher, held_file, held, budget, budget.heldout_tokens,
+                               _HELD_STORE), "--quiet"])  # fmt: skip
+        config = write_student_config(budget, teacher, work)
+        study = _Study(corpus, budget, work, teacher, slice_file, held, config, reporter)
+        teacher_ce = teacher_heldout_ce(teacher, held)
+        reporter.log(f"[{corpus}] teacher held-out CE {teacher_ce:.4f}")
+        rows.append(QualityRow(corpus, "slice", "teacher", teacher_ce, 0.0, None, None, 0.0))
+        group = study.regime(cache_variants(quick), budget.slice_tokens, "slice")
+        rows += group
+        if not quick:
+            # the data-size axis: 4x the slice at the same steps; the best cache mode only
+            toy.write_jsonl(_more_docs(train_docs, budget.slice_tokens * 4), work / "more.jsonl")
+            best = _best_cache_variant(group)
+            variants = [v for v in cache_variants(quick) if v[0] == best]
+            rows += study.regime(variants, budget.slice_tokens * 4, "more-data")
+        (out / "quality.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return rows
+
+
+def store_key(store: list[str]) -> str:
+    return "_".join(s.lstrip("-") for s in store)
+
+
+def _more_docs(train_docs, n_tokens: int):
+    from logitcache.demo import _take_tokens
+
+    return _take_tokens(train_docs, n_tokens * 4)
+
+
+def _gap(rows: list[QualityRow], ce: QualityRow, online: QualityRow) -> None:
+    span = ce.eval_ce - online.eval_ce
+    for row in rows:
+        row.gap_closed = (ce.eval_ce - row.eval_ce) / span if span > 0 else None
+
+
+def _best_cache_variant(rows: list[QualityRow]) -> str:
+    cached = [r for r in rows if r.bytes_per_token is not None]
+    return min(cached, key=lambda r: r.eval_ce).student
+
+
+def format_rows(rows: list[QualityRow]) -> str:
+    lines = [f"{'corpus':12} {'regime':10} {'student':28} {'held-out CE':>11} {'KL':>8} "
+             f"{'B/token':>8} {'gap closed':>10}"]  # fmt: skip
+    for r in rows:
+        bpt = f"{r.bytes_per_token:8.1f}" if r.bytes_per_token is not None else f"{'-':>8}"
+        gap = f"{100 * r.gap_closed:9.0f}%" if r.gap_closed is not None else f"{'-':>10}"
+        lines.append(f"{r.corpus:12} {r.regime:10} {r.student:28} {r.eval_ce:11.4f} "
+                     f"{r.eval_kl:8.4f} {bpt} {gap}")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,464 @@
+"""``logitcache bench train``: what a training step costs under three kinds of supervision.
+
+In: a student config (a transformers config with ``model_type``; default a 4x128 Llama with
+a 32,000-word vocabulary) and sizes. Out: a ``TrainBench`` of measured numbers.
+
+A teacher ``teacher_width`` times wider than the student is made at random (same depth and
+vocabulary), and ``precompute`` writes its top-k cache once. Then the same student (same
+seed, same initial weights) trains on the same batches (the cache's sequences in index
+order, collated by ``train.data.collate``) under:
+
+- (a) ``ce``: ``DistillModule`` with cross-entropy only;
+- (b) ``offline-kd``: ``DistillModule`` with forward KL, bucket tail, targets from the
+  cache: what ``logitcache train`` does;
+- (c) ``online-kd``: the teacher in memory, its forward under ``no_grad`` each step, and
+  the full-vocabulary forward KL of the student's logits against it (TRL's GKD with
+  beta=0, torchtune's KD recipe: both materialize [B, L, V] logits for both models).
+
+A step is forward, backward, grad clip, AdamW step, like ``train.loop._step``, with bf16
+autocast on CUDA. Step time is the median over the steps after ``warmup``, synchronized.
+
+Peak memory: each variant runs in a fresh Python process (``isolate=True``). On CUDA it is
+``torch.cuda.max_memory_allocated`` (the batches live on the host until their step). On
+CPU it is the peak RSS of that process minus its RSS after setup (imports and the collated
+batches; the high-water mark is reset there on Linux, else ``ru_maxrss`` is used), so it
+counts the models' weights (the teacher's too, for (c)), optimizer state and activations.
+In-process runs report no CPU peak: memory freed by an earlier variant stays in the
+allocator and would hide the next one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitcache.errors import LogitcacheError
+
+from .precompute import SyntheticLlama, synthetic_corpus, synthetic_tokenizer, synthetic_words
+
+__all__ = [
+    "VARIANTS",
+    "TrainBench",
+    "VariantResult",
+    "default_student_config",
+    "format_train",
+    "run_train_bench",
+    "train_as_dict",
+]
+
+VARIANTS = ("ce", "offline-kd", "online-kd")
+_RESULT_PREFIX = "BENCH-TRAIN-RESULT "
+_CHUNK_SIZE = 1024  # rows per loss chunk, TrainConfig's default
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    step_s: float
+    """Median step time after warm-up."""
+    step_s_all: list[float]
+    step_cpu_s: float
+    """Median CPU seconds of this process per step: on a shared machine it swings less than
+    wall time (which counts time preempted by other processes)."""
+    tokens_per_step: int
+    tokens_per_s: float
+    peak_bytes: int | None
+    """See the module docstring for what is counted; None where not measurable."""
+    final_loss: float
+
+
+@dataclass
+class TrainBench:
+    device: str
+    threads: int
+    memory_method: str
+    student: str
+    teacher: str
+    student_params: int
+    teacher_params: int
+    vocab: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    warmup: int
+    top_k: int
+    cache_bytes_per_token: float
+    cache_s: float
+    """Building the cache once with ``run_precompute`` (teacher loading included)."""
+    variants: list[VariantResult]
+    time_b_over_a: float
+    time_c_over_b: float
+    memory_b_over_a: float | None
+    memory_c_over_b: float | None
+    loadavg_before: tuple[float, float, float]
+    loadavg_after: tuple[float, float, float]
+
+
+def default_student_config(shape: SyntheticLlama | None = None) -> dict[str, Any]:
+    """The default student: a 4x128 Llama (9M params, 8M of them the 32k vocabulary)."""
+    s = shape or SyntheticLlama(hidden=128, layers=4, heads=4, intermediate=344, init_std=0.02)
+    return {
+        "model_type": "llama", "hidden_size": s.hidden, "intermediate_size": s.intermediate,
+        "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+        "num_key_value_heads": s.heads, "vocab_size": s.vocab, "initializer_range": s.init_std,
+        "tie_word_embeddings": False,
+    }  # fmt: skip
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise LogitcacheError(f"--student-config {path!r} does not exist")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(file.read_text())
+        else:
+            data = json.loads(file.read_text())
+    except Exception as err:
+        raise LogitcacheError(f"cannot parse --student-config {path}: {err}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise LogitcacheError(f"--student-config {path} must be a mapping with a 'model_type'")
+    for key in ("hidden_size", "intermediate_size", "vocab_size"):
+        if not isinstance(data.get(key), int):
+            raise LogitcacheError(f"--student-config {path} needs an integer {key!r}")
+    return data
+
+
+def _teacher_config(student: dict[str, Any], width: int) -> dict[str, Any]:
+    """The student's config, ``width`` times wider, with logits peaked like a trained LM's."""
+    teacher = dict(student)
+    teacher["hidden_size"] = student["hidden_size"] * width
+    teacher["intermediate_size"] = student["intermediate_size"] * width
+    teacher.pop("head_dim", None)  # follows hidden_size / heads
+    teacher["initializer_range"] = SyntheticLlama.init_std
+    return teacher
+
+
+def _describe(config: dict[str, Any]) -> str:
+    return (
+        f"{config['model_type']} {config.get('num_hidden_layers', '?')}x{config['hidden_size']}"
+        f" (MLP {config['intermediate_size']}, vocab {config['vocab_size']:,})"
+    )
+
+
+def _build_model(config: dict[str, Any], seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no bar for saving shards
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **kwargs))
+
+
+def run_train_bench(
+    *,
+    student_config: str | dict[str, Any] | None = None,
+    teacher_width: int = 4,
+    steps: int = 5,
+    warmup: int = 1,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    top_k: int = 64,
+    device: str = "auto",
+    isolate: bool = True,
+    workdir: str | None = None,
+    seed: int = 0,
+) -> TrainBench:
+    """Time ``steps`` training steps (after ``warmup``) of each variant on the same batches.
+
+    ``student_config``: a JSON/YAML file or a dict (transformers config with model_type);
+    None takes ``default_student_config()``.
+    """
+    from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
+    from logitcache.precompute.teacher import resolve_device
+
+    checks = [
+        (steps >= 1, f"--steps must be >= 1, got {steps}"),
+        (warmup >= 0, f"--warmup must be >= 0, got {warmup}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (seq_len >= 2, f"--seq-len must be >= 2, got {seq_len}"),
+        (teacher_width >= 1, f"--teacher-width must be >= 1, got {teacher_width}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LogitcacheError(message)
+    dev = resolve_device(device)
+    loadavg_before = os.getloadavg()
+    if isinstance(student_config, str):
+        student = _read_config(student_config)
+    else:
+        student = dict(student_config or default_student_config())
+    tokenizer = synthetic_tokenizer(student["vocab_size"])
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": None}  # fmt: skip
+    student = {**student, **ids}
+    student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
+    teacher = _teacher_config(student, teacher_width)
+    n_sequences = (steps + warmup) * batch_size
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-", dir=workdir) as tmp:
+        teacher_dir = Path(tmp, "teacher")
+        _build_model(teacher, seed + 1).save_pretrained(teacher_dir)
+        tokenizer.save_pretrained(str(teacher_dir))
+        student_file = Path(tmp, "student.json")
+        student_file.write_text(json.dumps(student))
+        words = synthetic_words(min(student["vocab_size"] - 3, 4096))
+        corpus = synthetic_corpus(Path(tmp, "corpus.txt"), words, n_sequences * seq_len + 1000)
+
+        t0 = time.perf_counter()
+        cache = str(Path(tmp, "cache"))
+        result = run_precompute(
+            PrecomputeConfig(
+                teacher=str(teacher_dir), out=cache, top_k=top_k, shard_sequences=batch_size,
+                corpus=CorpusSpec(data=(str(corpus),), seq_len=seq_len,
+                                  max_tokens=n_sequences * seq_len),
+                device=str(dev),
+            )
+        )  # fmt: skip
+        cache_s = time.perf_counter() - t0
+        assert result.manifest is not None
+
+        job = {"cache": cache, "student_config": str(student_file), "teacher": str(teacher_dir),
+               "steps": steps, "warmup": warmup, "batch_size": batch_size, "device": str(dev),
+               "seed": seed, "threads": torch.get_num_threads()}  # fmt: skip
+        runs = [
+            _run_isolated({**job, "variant": v}) if isolate else run_variant({**job, "variant": v})
+            for v in VARIANTS
+        ]
+
+    a, b, c = runs
+    ratio = lambda x, y: x / y if x is not None and y else None  # noqa: E731
+    cpu_memory = "peak RSS minus RSS after setup, fresh process per variant"
+    return TrainBench(
+        device=str(dev), threads=torch.get_num_threads(),
+        memory_method="torch.cuda.max_memory_allocated" if dev.type == "cuda"
+        else (cpu_memory if isolate else "not measured (in-process on CPU)"),
+        student=_describe(student), teacher=_describe(teacher),
+        student_params=_count_params(student), teacher_params=_count_params(teacher),
+        vocab=student["vocab_size"], seq_len=seq_len, batch_size=batch_size, steps=steps,
+        warmup=warmup, top_k=top_k,
+        cache_bytes_per_token=result.manifest.bytes / result.manifest.n_tokens, cache_s=cache_s,
+        variants=runs, time_b_over_a=b.step_s / a.step_s, time_c_over_b=c.step_s / b.step_s,
+        memory_b_over_a=ratio(b.peak_bytes, a.peak_bytes),
+        memory_c_over_b=ratio(c.peak_bytes, b.peak_bytes),
+        loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
+    )  # fmt: skip
+
+
+def _count_params(config: dict[str, Any]) -> int:
+    with torch.device("meta"):
+        model = _build_model(config, 0)
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- one variant ----------------------------------------------------------------------------
+def _run_isolated(job: dict[str, Any]) -> VariantResult:
+    """``run_variant`` in a fresh interpreter, so its peak RSS is its own."""
+    code = (
+        "import sys; from logitcache.bench.train import _variant_main; _variant_main(sys.argv[1])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, check=False
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        what = f"bench variant {job['variant']} failed (exit {proc.returncode})"
+        raise RuntimeError(f"{what}:\n{proc.stderr[-4000:]}")
+    return VariantResult(**json.loads(lines[-1].removeprefix(_RESULT_PREFIX)))
+
+
+def _variant_main(job_json: str) -> None:
+    job = json.loads(job_json)
+    torch.set_num_threads(job["threads"])  # the parent's
+    result = run_variant(job, measure_rss=True)
+    print(_RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+
+
+class _PeakRSS:
+    """Peak resident memory added since ``start()``, in bytes.
+
+    Linux: the high-water mark is reset to the current RSS (``/proc/self/clear_refs``), so
+    a transient peak during imports or setup is not mistaken for the variant's. Elsewhere
+    ``ru_maxrss`` minus its value at ``start()``: a lower bound when setup peaked higher.
+    """
+
+    def start(self) -> None:
+        self.reset = _reset_hwm()
+        self.base = _status_kib("VmRSS") * 1024 if self.reset else _ru_maxrss()
+
+    def added(self) -> int:
+        peak = _status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss()
+        return max(0, peak - self.base)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _ru_maxrss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantResult:
+    """Train ``job['variant']`` for warmup + steps batches and time it (see module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.storage import CacheReader
+    from logitcache.train.data import collate
+    from logitcache.train.losses import TeacherTargets
+    from logitcache.train.student import DistillModule
+
+    variant, device = job["variant"], torch.device(job["device"])
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    student_config = json.loads(Path(job["student_config"]).read_text())
+    vocab = student_config["vocab_size"]
+    reader = CacheReader(job["cache"], verify=False)
+    size, n = job["batch_size"], job["steps"] + job["warmup"]
+    batches = [
+        collate([reader.read(i) for i in range(s, s + size)], vocab_limit=vocab)
+        for s in range(0, n * size, size)
+    ]  # (input_ids [B, L], attention_mask [B, L], rows [N], TeacherTargets of N rows)
+
+    # -- setup: everything the variant adds is measured from here ----------------------
+    gc.collect()
+    rss = _PeakRSS()
+    rss.start()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = _build_model(student_config, job["seed"]).to(device).train()
+    teacher = None
+    if variant == "online-kd":
+        # Frozen: bf16 weights on CUDA (as TRL/torchtune load a teacher), fp32 on CPU.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        teacher = AutoModelForCausalLM.from_pretrained(job["teacher"], dtype=dtype)
+        teacher.to(device).eval().requires_grad_(False)
+    else:
+        kd = {"loss": "forward-kl", "tail": "bucket", "temperature": 1.0, "alpha": 0.0}
+        loss_kwargs = {"loss": "ce"} if variant == "ce" else {**kd, "beta": 0.5}
+        module = DistillModule(model, loss_kwargs=loss_kwargs, chunk_size=_CHUNK_SIZE)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+
+    # -- steps -----------------------------------------------------------------------------
+    times, cpu_times, loss = [], [], float("nan")
+    for input_ids, mask, rows, targets in batches:
+        _sync(device)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        input_ids, mask, rows = input_ids.to(device), mask.to(device), rows.to(device)
+        with autocast:
+            if teacher is None:
+                fields = (targets.ids, targets.probs, targets.valid, targets.tail, targets.labels)
+                targets = TeacherTargets(*(t.to(device) for t in fields))
+                loss_sum, _ = module(input_ids, mask, rows, targets)
+            else:
+                loss_sum = _online_kd(model, teacher, input_ids, mask, rows)
+        (loss_sum / max(rows.shape[0], 1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_sum.item() / max(rows.shape[0], 1)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - cpu0)
+
+    if device.type == "cuda":
+        peak: int | None = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = rss.added() if measure_rss else None
+    timed, warm = times[job["warmup"] :], job["warmup"]
+    tokens = int(batches[0][1].sum())
+    step_s = statistics.median(timed)
+    return VariantResult(variant, step_s, timed, statistics.median(cpu_times[warm:]), tokens,
+                         tokens / step_s, peak, loss)  # fmt: skip
+
+
+def _online_kd(student, teacher, input_ids, mask, rows) -> torch.Tensor:
+    """Summed KL(teacher || student) over the full vocabulary at the trained rows."""
+    import torch.nn.functional as F
+
+    logits = student(input_ids=input_ids, attention_mask=mask).logits  # [B, L, V]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=input_ids, attention_mask=mask).logits  # [B, L, V]
+    vocab = logits.shape[-1]
+    s_logp = F.log_softmax(logits.reshape(-1, vocab)[rows].float(), dim=-1)  # [N, V] float32
+    t_logp = F.log_softmax(t_logits.reshape(-1, vocab)[rows].float(), dim=-1)
+    return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
+
+
+# -- output -----------------------------------------------------------------------------------
+def format_train(r: TrainBench) -> str:
+    mb = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
+    x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    load = lambda avg: " ".join(f"{v:.2f}" for v in avg)  # noqa: E731
+    lines = [
+        f"student     {r.student}: {r.student_params / 1e6:.1f}M params",
+        f"teacher     {r.teacher}: {r.teacher_params / 1e6:.1f}M params "
+        f"({r.teacher_params / r.student_params:.1f}x)",
+        f"batches     {r.batch_size} x {r.seq_len} tokens; median of {r.steps} steps after "
+        f"{r.warmup} warm-up; cache top-{r.top_k}, {r.cache_bytes_per_token:.0f} B/token, "
+        f"built once in {r.cache_s:.1f} s",
+        f"device      {r.device}, torch threads {r.threads}; peak memory: {r.memory_method}",
+        f"{'variant':16} {'step ms':>9} {'cpu ms':>9} {'tok/s':>9} {'peak MiB':>9} {'loss':>8}",
+    ]
+    for label, v in zip(("(a)", "(b)", "(c)"), r.variants):
+        lines.append(
+            f"{label} {v.variant:12} {v.step_s * 1000:9.0f} {v.step_cpu_s * 1000:9.0f} "
+            f"{v.tokens_per_s:9,.0f} "
+            f"{mb(v.peak_bytes):>9} {v.final_loss:8.3f}"
+        )
+    lines += [
+        f"b/a         time {x(r.time_b_over_a)}   memory {x(r.memory_b_over_a)}",
+        f"c/b         time {x(r.time_c_over_b)}   memory {x(r.memory_c_over_b)}",
+        f"load avg    {load(r.loadavg_before)} before, {load(r.loadavg_after)} after",
+    ]
+    return "\n".join(lines)
+
+
+def train_as_dict(r: TrainBench) -> dict[str, Any]:
+    return asdict(r)

@@ -30,7 +30,7 @@ from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
 
 from .corpus import CorpusSpec, CorpusStats, corpus_identity, iter_sequences
-from .sparse import sample_generator, sampled_targets, topk_targets
+from .sparse import SparseTargets, sample_generator, sampled_targets, topk_targets
 from .teacher import (
     config_fingerprint,
     load_teacher,
@@ -333,8 +333,9 @@ class _Pipeline:
         """Run the teacher over one shard's sequences; records come back in index order."""
         records: dict[int, SequenceRecord] = {}
         for batch in self._batches(work.sequences):
-            for index, seq, logits in self._forward(batch):
-                records[index] = self._record(index, seq, logits)
+            for part, logits in self._forward(batch):
+                for (index, seq), sparse in zip(part, self._extract(part, logits)):
+                    records[index] = self._record(index, seq, sparse)
             bar.update(sum(len(seq.input_ids) for _, seq in batch))
         return [records[i] for i, _ in work.sequences]
 
@@ -365,7 +366,7 @@ class _Pipeline:
             yield batch
 
     def _forward(self, batch: list[tuple[int, Any]]):
-        """Yields (index, sequence, logits [T-1, V]) for each sequence of the batch."""
+        """Yields (sub-batch, logits [B, W, V]): the batch, or halves after out-of-memory."""
         lengths = [len(seq.input_ids) for _, seq in batch]
         width = self._width(max(lengths))  # the same for every sequence of the batch
         ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -378,7 +379,9 @@ class _Pipeline:
             with torch.inference_mode():
                 logits = self.model(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-                ).logits  # [B, L, V]
+                ).logits  # [B, W, V]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # time the forward, not its launch
             self.result.teacher_s += time.perf_counter() - t0
         except torch.OutOfMemoryError:
             if len(batch) == 1:
@@ -395,15 +398,37 @@ class _Pipeline:
             yield from self._forward(batch[half:])
             return
         self.result.teacher_tokens += sum(lengths)
-        for row, (index, seq) in enumerate(batch):
-            yield index, seq, logits[row, : lengths[row] - 1]
+        yield batch, logits
 
-    def _record(self, index: int, seq: Any, logits: torch.Tensor) -> SequenceRecord:
-        if self.config.top_k is not None:
-            sparse = topk_targets(logits, self.config.top_k)
-        else:
-            gen = sample_generator(self.config.seed, index, logits.device)
-            sparse = sampled_targets(logits, self.config.samples, gen)
+    def _extract(self, batch: list[tuple[int, Any]], logits: torch.Tensor) -> list[SparseTargets]:
+        """The sparse targets of each sequence, from the batch's logits [B, W, V].
+
+        Top-k runs once over the whole batch (row-wise, so the result never depends on the
+        batch) with one copy to the host; sampling needs each sequence's own generator.
+        """
+        lengths = [len(seq.input_ids) for _, seq in batch]
+        if self.config.top_k is None:
+            return [
+                sampled_targets(logits[row, : lengths[row] - 1], self.config.samples,
+                                sample_generator(self.config.seed, index, logits.device))
+                for row, (index, _) in enumerate(batch)
+            ]  # fmt: skip
+        k, (n, width, vocab) = self.config.top_k, logits.shape
+        flat = topk_targets(logits[:, : width - 1].reshape(-1, vocab), k)
+        ids = flat.ids.reshape(n, width - 1, k)
+        lps = flat.logprobs.reshape(n, width - 1, k)
+        tails = flat.tail_mass.reshape(n, width - 1)
+        return [
+            SparseTargets(
+                ids=ids[row, : t - 1].reshape(-1),
+                logprobs=lps[row, : t - 1].reshape(-1),
+                n_entries=np.full(t - 1, k, dtype=np.int32),
+                tail_mass=tails[row, : t - 1],
+            )
+            for row, t in enumerate(lengths)
+        ]
+
+    def _record(self, index: int, seq: Any, sparse: SparseTargets) -> SequenceRecord:
         return SequenceRecord(
             index=index,
             input_ids=seq.input_ids.astype(np.uint32),

@@ -159,3 +159,35 @@ def bench_train(
         click.echo(json.dumps(train_as_dict(result), indent=1))
     else:
         click.echo(format_train(result))
+
+
+@bench.command("quality")
+@click.option("--out", default="logitcache-quality", show_default=True,
+              help="Work directory: caches, students, quality.json.")  # fmt: skip
+@click.option("--home", default=None, help="Where teachers are kept (as for the demo).")
+@click.option("--shakespeare", default=None,
+              help="Path of tinyshakespeare.txt to add the second corpus.")  # fmt: skip
+@click.option("--quick", is_flag=True, help="Tiny sizes and fewer variants (plumbing check).")
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def bench_quality(out, home, shakespeare, quick, as_json) -> None:
+    """Which cache to write: students from each cache mode vs CE-only and online KD."""
+    from pathlib import Path
+
+    from logitcache.bench.quality import format_rows, run_quality
+    from logitcache.demo import default_home
+    from logitcache.progress import Reporter
+
+    rows = run_quality(
+        out=Path(out),
+        home=Path(home).expanduser() if home else default_home(),
+        reporter=Reporter(enabled=not as_json),
+        shakespeare=Path(shakespeare) if shakespeare else None,
+        quick=quick,
+    )
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps([asdict(r) for r in rows], indent=1))
+    else:
+        click.echo(format_rows(rows))

@@ -54,6 +54,8 @@ class DemoBudget:
     student_lr: float
     top_k: int
     eval_every: int
+    teacher_text_bytes: int | None = None
+    """Train tokenizer and teacher on at most this much text (None: the whole split)."""
 
     def teacher_key(self) -> str:
         """Teachers are reused when everything that shapes them is equal."""
@@ -64,9 +66,9 @@ class DemoBudget:
 
 FULL = DemoBudget(
     name="full", vocab_size=4096,
-    teacher_hidden=256, teacher_layers=4, teacher_heads=4, teacher_intermediate=688,
-    teacher_steps=600, teacher_batch=16, teacher_lr=2e-3,
-    seq_len=128, slice_tokens=250_000, heldout_tokens=40_000,
+    teacher_hidden=128, teacher_layers=4, teacher_heads=4, teacher_intermediate=344,
+    teacher_steps=600, teacher_batch=16, teacher_lr=3e-3,
+    seq_len=128, slice_tokens=150_000, heldout_tokens=30_000,
     student_hidden=64, student_layers=2, student_heads=2, student_intermediate=172,
     student_steps=300, student_batch=16, student_lr=3e-3, top_k=32, eval_every=50,
 )  # fmt: skip
@@ -77,6 +79,7 @@ QUICK = DemoBudget(
     seq_len=64, slice_tokens=20_000, heldout_tokens=5_000,
     student_hidden=32, student_layers=1, student_heads=2, student_intermediate=86,
     student_steps=30, student_batch=8, student_lr=3e-3, top_k=16, eval_every=10,
+    teacher_text_bytes=1_500_000,
 )  # fmt: skip
 
 
@@ -101,6 +104,79 @@ def _command(args: list[str]) -> str:
     return "logitcache " + " ".join(shlex.quote(a) for a in args)
 
 
+def prepare_corpus(
+    docs: list[tuple[str, str]], budget: DemoBudget, out: Path
+) -> tuple[list[tuple[str, str]], Path, Path]:
+    """(teacher training docs, slice .jsonl, held-out .jsonl): a stable 5 % of the files is
+    held out; the slice is a part of the rest, about ``budget.slice_tokens`` tokens."""
+    from logitcache import toy
+
+    train_docs, heldout_docs = toy.split_heldout(docs, 0.05)
+    slice_docs = _take_tokens(train_docs, budget.slice_tokens * 4)  # ~4 bytes per token
+    held_docs = _take_tokens(heldout_docs, budget.heldout_tokens * 4)
+    slice_file = toy.write_jsonl(slice_docs, out / "slice.jsonl")
+    held_file = toy.write_jsonl(held_docs, out / "heldout.jsonl")
+    return train_docs, slice_file, held_file
+
+
+def ensure_teacher(
+    train_docs: list[tuple[str, str]],
+    budget: DemoBudget,
+    home: Path,
+    *,
+    tag: str,
+    reporter: Reporter,
+    seed: int = 0,
+) -> Path:
+    """A teacher pretrained on ``train_docs``, made once and reused from ``home``."""
+    from logitcache import toy
+
+    teacher_dir = home / f"{tag}-teacher-{budget.name}-{budget.teacher_key()}"
+    if (teacher_dir / "config.json").is_file():
+        reporter.log(f"reusing the teacher in {teacher_dir}")
+        return teacher_dir
+    reporter.log(f"first run: pretraining a teacher into {teacher_dir} (kept for later runs)")
+    if budget.teacher_text_bytes is not None:
+        train_docs = _take_tokens(train_docs, budget.teacher_text_bytes)
+    tok_dir = home / "corpus" / f"{tag}-tok-{budget.name}-{budget.teacher_key()}"
+    tokenizer = toy.train_tokenizer([t for _, t in train_docs], budget.vocab_size, tok_dir)
+    tokens = toy.tokenize_corpus(train_docs, tokenizer)
+    spec = toy.ToyModelSpec(
+        hidden=budget.teacher_hidden, layers=budget.teacher_layers,
+        heads=budget.teacher_heads, intermediate=budget.teacher_intermediate,
+        max_positions=budget.seq_len,
+    )  # fmt: skip
+    toy.pretrain(
+        teacher_dir, tokenizer, tokens, spec=spec, steps=budget.teacher_steps,
+        batch_size=budget.teacher_batch, seq_len=budget.seq_len, lr=budget.teacher_lr,
+        seed=seed, progress=reporter.enabled,
+    )  # fmt: skip
+    return teacher_dir
+
+
+def precompute_args(
+    teacher: Path, data: Path, dest: Path, budget: DemoBudget, tokens: int, store: list[str]
+) -> list[str]:
+    """The ``precompute`` command line of a demo or study cache."""
+    return ["precompute", "--teacher", str(teacher), "--data", str(data), "--out", str(dest),
+            "--seq-len", str(budget.seq_len), "--max-tokens", str(tokens),
+            "--shard-sequences", "64", "--device", "cpu", *store]  # fmt: skip
+
+
+def train_args(
+    cache: Path, out: Path, config: Path, teacher: Path, held_cache: Path, budget: DemoBudget,
+    extra: list[str], seed: int = 0, steps: int | None = None,
+) -> list[str]:  # fmt: skip
+    """The ``train`` command line of a demo or study student."""
+    steps = steps or budget.student_steps
+    return ["train", "--cache", str(cache), "--out", str(out), "--student-config", str(config),
+            "--tokenizer", str(teacher), "--eval-cache", str(held_cache),
+            "--eval-fraction", "0", "--steps", str(steps),
+            "--batch-size", str(budget.student_batch), "--lr", str(budget.student_lr),
+            "--warmup-steps", str(steps // 10), "--eval-every", str(budget.eval_every),
+            "--seed", str(seed), "--num-workers", "0", "--device", "cpu", *extra]  # fmt: skip
+
+
 def run_demo(
     budget: DemoBudget, *, home: Path, out: Path, reporter: Reporter, seed: int = 0
 ) -> dict[str, Any]:
@@ -113,84 +189,54 @@ def run_demo(
     timings: dict[str, float] = {}
     commands: list[str] = []
     torch.manual_seed(seed)
+    quiet = [] if reporter.enabled else ["--quiet"]
 
     # 1. corpus: stdlib files, a stable held-out split, the slice the students will see
     t0 = time.perf_counter()
     docs = toy.stdlib_documents()
-    train_docs, heldout_docs = toy.split_heldout(docs, 0.05)
-    corpus_dir = home / "corpus"
-    slice_docs = _take_tokens(train_docs, budget.slice_tokens * 4)  # ~4 bytes per token
-    held_docs = _take_tokens(heldout_docs, budget.heldout_tokens * 4)
-    slice_file = toy.write_jsonl(slice_docs, out / "slice.jsonl")
-    held_file = toy.write_jsonl(held_docs, out / "heldout.jsonl")
-    reporter.log(
-        f"corpus: {len(docs)} stdlib files; teacher data = {len(train_docs)} files, "
-        f"student slice = {len(slice_docs)} files, held out = {len(held_docs)} files"
-    )
+    train_docs, slice_file, held_file = prepare_corpus(docs, budget, out)
+    reporter.log(f"corpus: {len(docs)} stdlib files, {len(train_docs)} for the teacher")
 
     # 2. tokenizer + teacher, pretrained once on the whole training split and reused
-    teacher_dir = home / f"demo-teacher-{budget.name}-{budget.teacher_key()}"
-    if not (teacher_dir / "config.json").is_file():
-        reporter.log(f"first run: pretraining the demo teacher into {teacher_dir} (once)")
-        corpus_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = toy.train_tokenizer(
-            [t for _, t in train_docs], budget.vocab_size, corpus_dir / f"tok-{budget.name}"
-        )
-        tokens = toy.tokenize_corpus(train_docs, tokenizer)
-        spec = toy.ToyModelSpec(
-            hidden=budget.teacher_hidden, layers=budget.teacher_layers,
-            heads=budget.teacher_heads, intermediate=budget.teacher_intermediate,
-            max_positions=budget.seq_len,
-        )  # fmt: skip
-        toy.pretrain(
-            teacher_dir, tokenizer, tokens, spec=spec, steps=budget.teacher_steps,
-            batch_size=budget.teacher_batch, seq_len=budget.seq_len, lr=budget.teacher_lr,
-            seed=seed, progress=reporter.enabled,
-        )  # fmt: skip
-    else:
-        reporter.log(f"reusing the demo teacher in {teacher_dir}")
+    teacher_dir = ensure_teacher(train_docs, budget, home, tag="stdlib", reporter=reporter,
+                                 seed=seed)  # fmt: skip
     timings["teacher"] = time.perf_counter() - t0
 
     # 3. the teacher pass: the slice (for training) and the held-out files (for evaluation)
     t0 = time.perf_counter()
     cache, held_cache = out / "cache", out / "heldout-cache"
-    for data, dest, budget_tokens in (
-        (slice_file, cache, budget.slice_tokens),
-        (held_file, held_cache, budget.heldout_tokens),
-    ):
-        args = ["precompute", "--teacher", str(teacher_dir), "--data", str(data),
-                "--out", str(dest), "--seq-len", str(budget.seq_len),
-                "--top-k", str(budget.top_k), "--max-tokens", str(budget_tokens),
-                "--shard-sequences", "64", "--device", "cpu"]  # fmt: skip
+    store = ["--top-k", str(budget.top_k)]
+    for data, dest, tokens in ((slice_file, cache, budget.slice_tokens),
+                               (held_file, held_cache, budget.heldout_tokens)):  # fmt: skip
+        args = precompute_args(teacher_dir, data, dest, budget, tokens, store)
         commands.append(_command(args))
-        _cli(args + ([] if reporter.enabled else ["--quiet"]))
+        _cli(args + quiet)
     timings["precompute"] = time.perf_counter() - t0
 
     # 4. two students on the same tokens and steps: cross-entropy only, and distilled
-    student_config = out / "student_config.json"
-    vocab = _vocab_of(teacher_dir)
-    student_config.write_text(json.dumps(_student_config(budget, vocab), indent=1))
+    student_config = write_student_config(budget, teacher_dir, out)
     results = {}
     for name, loss_args in (("ce-only", ["--loss", "ce"]), ("distilled", [])):
         t0 = time.perf_counter()
-        args = ["train", "--cache", str(cache), "--out", str(out / f"student-{name}"),
-                "--student-config", str(student_config), "--tokenizer", str(teacher_dir),
-                "--eval-cache", str(held_cache), "--eval-fraction", "0",
-                "--steps", str(budget.student_steps), "--batch-size", str(budget.student_batch),
-                "--lr", str(budget.student_lr), "--warmup-steps", str(budget.student_steps // 10),
-                "--eval-every", str(budget.eval_every), "--seed", str(seed),
-                "--num-workers", "0", "--device", "cpu", *loss_args]  # fmt: skip
+        args = train_args(cache, out / f"student-{name}", student_config, teacher_dir,
+                          held_cache, budget, loss_args, seed)  # fmt: skip
         commands.append(_command(args))
-        _cli(args + ([] if reporter.enabled else ["--quiet"]))
+        _cli(args + quiet)
         timings[name] = time.perf_counter() - t0
-        results[name] = _read_evals(out / f"student-{name}" / "metrics.jsonl")
+        results[name] = read_evals(out / f"student-{name}" / "metrics.jsonl")
 
     # 5. the teacher's own held-out numbers, on the same held-out sequences
-    teacher_ce = _teacher_heldout_ce(teacher_dir, held_cache)
+    teacher_ce = teacher_heldout_ce(teacher_dir, held_cache)
     summary = _summarize(budget, out, cache, teacher_ce, results, timings, commands)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(summary, out / "demo.png")
     return summary
+
+
+def write_student_config(budget: DemoBudget, teacher_dir: Path, out: Path) -> Path:
+    path = out / "student_config.json"
+    path.write_text(json.dumps(_student_config(budget, _vocab_of(teacher_dir)), indent=1))
+    return path
 
 
 def _take_tokens(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, str]]:
@@ -218,12 +264,12 @@ def _student_config(b: DemoBudget, vocab: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _read_evals(path: Path) -> list[dict[str, float]]:
+def read_evals(path: Path) -> list[dict[str, float]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
     return [r for r in rows if "eval_ce" in r]
 
 
-def _teacher_heldout_ce(teacher_dir: Path, held_cache: Path) -> float:
+def teacher_heldout_ce(teacher_dir: Path, held_cache: Path) -> float:
     """The teacher's cross-entropy on the trained positions of the held-out cache."""
     import torch
     from transformers import AutoModelForCausalLM

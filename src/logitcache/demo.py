@@ -66,11 +66,12 @@ class DemoBudget:
 
 FULL = DemoBudget(
     name="full", vocab_size=4096,
-    teacher_hidden=128, teacher_layers=4, teacher_heads=4, teacher_intermediate=344,
-    teacher_steps=600, teacher_batch=16, teacher_lr=3e-3,
+    teacher_hidden=192, teacher_layers=4, teacher_heads=4, teacher_intermediate=512,
+    teacher_steps=450, teacher_batch=16, teacher_lr=3e-3,
     seq_len=128, slice_tokens=150_000, heldout_tokens=30_000,
     student_hidden=64, student_layers=2, student_heads=2, student_intermediate=172,
     student_steps=300, student_batch=16, student_lr=3e-3, top_k=32, eval_every=50,
+    teacher_text_bytes=6_000_000,
 )  # fmt: skip
 QUICK = DemoBudget(
     name="quick", vocab_size=1024,

@@ -168,9 +168,11 @@ def bench_train(
 @click.option("--shakespeare", default=None,
               help="Path of tinyshakespeare.txt to add the second corpus.")  # fmt: skip
 @click.option("--quick", is_flag=True, help="Tiny sizes and fewer variants (plumbing check).")
+@click.option("--stdlib/--no-stdlib", default=True, show_default=True,
+              help="Include the demo's corpus (the Python standard library).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
-def bench_quality(out, home, shakespeare, quick, as_json) -> None:
+def bench_quality(out, home, shakespeare, quick, stdlib, as_json) -> None:
     """Which cache to write: students from each cache mode vs CE-only and online KD."""
     from pathlib import Path
 
@@ -184,6 +186,7 @@ def bench_quality(out, home, shakespeare, quick, as_json) -> None:
         reporter=Reporter(enabled=not as_json),
         shakespeare=Path(shakespeare) if shakespeare else None,
         quick=quick,
+        stdlib=stdlib,
     )
     if as_json:
         from dataclasses import asdict

@@ -72,11 +72,13 @@ def _shakespeare_docs(path: Path) -> list[tuple[str, str]]:
             for i in range(0, len(paragraphs), 40)]  # fmt: skip
 
 
-def _corpora(shakespeare: Path | None, quick: bool) -> list[tuple[str, Any, DemoBudget]]:
+def _corpora(
+    shakespeare: Path | None, quick: bool, stdlib: bool = True
+) -> list[tuple[str, Any, DemoBudget]]:
     from logitcache import toy
 
     base = QUICK if quick else FULL
-    out: list[tuple[str, Any, DemoBudget]] = [("stdlib", toy.stdlib_documents, base)]
+    out: list[tuple[str, Any, DemoBudget]] = [("stdlib", toy.stdlib_documents, base)] * stdlib
     if shakespeare is not None:
         small = replace(base, slice_tokens=base.slice_tokens // 4,
                         heldout_tokens=base.heldout_tokens // 2)  # fmt: skip
@@ -135,12 +137,18 @@ class _Study:
 
 
 def run_quality(
-    *, out: Path, home: Path, reporter: Reporter, shakespeare: Path | None, quick: bool = False
+    *,
+    out: Path,
+    home: Path,
+    reporter: Reporter,
+    shakespeare: Path | None,
+    quick: bool = False,
+    stdlib: bool = True,
 ) -> list[QualityRow]:
     from logitcache import toy
 
     rows: list[QualityRow] = []
-    for corpus, load_docs, budget in _corpora(shakespeare, quick):
+    for corpus, load_docs, budget in _corpora(shakespeare, quick, stdlib):
         work = out / corpus
         work.mkdir(parents=True, exist_ok=True)
         train_docs, slice_file, held_file = prepare_corpus(load_docs(), budget, work)
@@ -161,7 +169,7 @@ def run_quality(
             best = _best_cache_variant(group)
             variants = [v for v in cache_variants(quick) if v[0] == best]
             rows += study.regime(variants, budget.slice_tokens * 4, "more-data")
-        (out / "quality.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        (out / f"quality-{corpus}.json").write_text(json.dumps([asdict(r) for r in rows]))
     return rows
 
 

@@ -426,7 +426,9 @@ def test_merge_names_the_shards_of_a_worker_that_never_ran(tmp_path):
         for j in (0, 2):
             w0.write_shard(j, shard_records(spec, j, 7))
         assert w0.finish(7) is None
-    with pytest.raises(CacheError, match=r"2 shards missing \(first: \[1, 3\]\)"):
+    with pytest.raises(
+        CacheError, match=r"2 shards missing \(first: \[1, 3\], owned by worker 1 of 2\)"
+    ):
         merge_parts(tmp_path)
 
 

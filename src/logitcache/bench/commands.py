@@ -170,9 +170,12 @@ def bench_train(
 @click.option("--quick", is_flag=True, help="Tiny sizes and fewer variants (plumbing check).")
 @click.option("--stdlib/--no-stdlib", default=True, show_default=True,
               help="Include the demo's corpus (the Python standard library).")  # fmt: skip
+@click.option("--only", multiple=True, help="Only these cache variants (repeatable).")
+@click.option("--more-data/--no-more-data", default=True, show_default=True,
+              help="Also the data-size point (4x the slice, best variant).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
-def bench_quality(out, home, shakespeare, quick, stdlib, as_json) -> None:
+def bench_quality(out, home, shakespeare, quick, stdlib, only, more_data, as_json) -> None:
     """Which cache to write: students from each cache mode vs CE-only and online KD."""
     from pathlib import Path
 
@@ -187,6 +190,8 @@ def bench_quality(out, home, shakespeare, quick, stdlib, as_json) -> None:
         shakespeare=Path(shakespeare) if shakespeare else None,
         quick=quick,
         stdlib=stdlib,
+        only=tuple(only),
+        more_data=more_data,
     )
     if as_json:
         from dataclasses import asdict

@@ -112,7 +112,9 @@ class _Study:
         t0 = time.perf_counter()
         dest = self.work / "students" / f"{regime}-{name.replace(' ', '_').replace('=', '')}"
         args = train_args(cache, dest, self.config, self.teacher, self.held, self.budget, flags)
-        _cli([*args, "--quiet"])
+        done = dest / "model" / "config.json"
+        if not done.is_file():  # a finished student of an interrupted study is kept
+            _cli([*args, "--quiet"])
         final = read_evals(dest / "metrics.jsonl")[-1]
         row = QualityRow(self.corpus, regime, name, final["eval_ce"], final["eval_kl"], None,
                          None, time.perf_counter() - t0)  # fmt: skip
@@ -144,7 +146,10 @@ def run_quality(
     shakespeare: Path | None,
     quick: bool = False,
     stdlib: bool = True,
+    only: tuple[str, ...] = (),
+    more_data: bool = True,
 ) -> list[QualityRow]:
+    """``only``: run just the cache variants with these names (all when empty)."""
     from logitcache import toy
 
     rows: list[QualityRow] = []
@@ -161,9 +166,10 @@ def run_quality(
         teacher_ce = teacher_heldout_ce(teacher, held)
         reporter.log(f"[{corpus}] teacher held-out CE {teacher_ce:.4f}")
         rows.append(QualityRow(corpus, "slice", "teacher", teacher_ce, 0.0, None, None, 0.0))
-        group = study.regime(cache_variants(quick), budget.slice_tokens, "slice")
+        variants = [v for v in cache_variants(quick) if not only or v[0] in only]
+        group = study.regime(variants, budget.slice_tokens, "slice")
         rows += group
-        if not quick:
+        if more_data and not quick:
             # the data-size axis: 4x the slice at the same steps; the best cache mode only
             toy.write_jsonl(_more_docs(train_docs, budget.slice_tokens * 4), work / "more.jsonl")
             best = _best_cache_variant(group)

@@ -1,5 +1,6 @@
 """Tests for logitcache.toy: stdlib corpus, stable split, tokenizer, teacher pretraining."""
 
+import itertools
 import json
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_split_is_stable_disjoint_and_near_fraction():
     assert not {p for p, _ in train} & {p for p, _ in held}
     assert 140 < len(held) < 260
     # A document's side depends on its path only, not on which other documents exist.
-    train_rev, held_rev = toy.split_heldout(docs[::-1][:500], 0.1)
+    _train_rev, held_rev = toy.split_heldout(docs[::-1][:500], 0.1)
     assert {p for p, _ in held_rev} == {p for p, _ in held} & {p for p, _ in docs[-500:]}
     # Pinned: sha256("os.py")[:8] / 2**64 = 0.8509..., the same on every machine.
     assert toy.split_heldout([("os.py", "")], 0.851)[1] == [("os.py", "")]
@@ -113,7 +114,7 @@ def test_lr_multiplier_warms_up_then_decays():
     values = [toy.lr_multiplier(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1)
     assert values[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[9:], values[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(values[9:]))
     assert values[-1] == pytest.approx(0.1, abs=0.01)
 
 

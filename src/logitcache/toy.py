@@ -74,8 +74,8 @@ def stdlib_documents(root: str | os.PathLike[str] | None = None) -> list[tuple[s
     Skipped: anything under ``site-packages``/``dist-packages``, test suites (any
     directory named ``test``, ``tests`` or ``idle_test``), generated data (``pydoc_data/``,
     the ``gencodec.py`` charmap tables in ``encodings/``, ``_sysconfigdata*.py``) and files
-    that are not valid UTF-8. On CPython 3.11 that leaves ~670 files, ~10 MB. Relative paths use ``/`` on every platform so that :func:`split_heldout`
-    agrees across machines.
+    that are not valid UTF-8. On CPython 3.11 that leaves ~670 files, ~10 MB. Relative
+    paths use ``/`` on every platform so that :func:`split_heldout` agrees across machines.
     """
     base = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
     if not base.is_dir():

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from logitcache.errors import one_line_errors as _expected_errors
+from logitcache.precompute.defaults import DEFAULT_SAMPLES
 
 __all__ = ["main"]
 
@@ -94,7 +95,8 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
     "--samples",
     type=int,
     default=None,
-    help="Store the distinct ids of N draws with counts (1..255).",
+    help=f"Store the distinct ids of N draws with counts (1..255) [default: {DEFAULT_SAMPLES} "
+    "when --top-k is not given; see docs/benchmarks.md].",
 )
 @click.option(
     "--sampled-logprobs/--no-sampled-logprobs",
@@ -151,7 +153,7 @@ def precompute(**kw: Any) -> None:
     from logitcache.progress import Reporter
 
     if kw["top_k"] is None and kw["samples"] is None:
-        kw["top_k"] = 64
+        kw["samples"] = DEFAULT_SAMPLES
     rank, world = distributed_worker()
     num_workers = kw["num_workers"] or world
     worker = kw["worker_index"] if kw["worker_index"] is not None else rank

@@ -19,6 +19,7 @@ from typing import Any
 
 from logitcache.demo import (
     FULL,
+    HELDOUT_STORE,
     QUICK,
     DemoBudget,
     _cli,
@@ -33,10 +34,6 @@ from logitcache.demo import (
 from logitcache.progress import Reporter
 
 __all__ = ["QualityRow", "cache_variants", "run_quality"]
-
-# The held-out cache keeps 256 ids per position in float32, so KL(teacher || student) is
-# measured against nearly the whole teacher distribution (missing mass in one bucket).
-_HELD_STORE = ["--top-k", "256", "--logprob-codec", "float32"]
 
 
 @dataclass
@@ -160,7 +157,7 @@ def run_quality(
         teacher = ensure_teacher(train_docs, budget, home, tag=corpus, reporter=reporter)
         held = work / "heldout-cache"
         _cli([*precompute_args(teacher, held_file, held, budget, budget.heldout_tokens,
-                               _HELD_STORE), "--quiet"])  # fmt: skip
+                               HELDOUT_STORE), "--quiet"])  # fmt: skip
         config = write_student_config(budget, teacher, work)
         study = _Study(corpus, budget, work, teacher, slice_file, held, config, reporter)
         teacher_ce = teacher_heldout_ce(teacher, held)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,6 @@ def save_checkpoint(
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - max(keep, 1))]:
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
 
 

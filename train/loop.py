@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,14 +389,10 @@ def _eval_line(step: int, ev: dict[str, float]) -> str:
 def _save_final(model, tokenizer, model_dir: Path) -> None:
     tmp = model_dir.parent / f".tmp-{model_dir.name}"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if model_dir.exists():
-        import shutil
-
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)
 

@@ -289,8 +289,9 @@ def pretrain(
     Raises ``FileExistsError`` if ``model_dir`` exists: reuse it or delete it.
     """
     import torch
-    from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
+
+    from logitcache.progress import Reporter
 
     out = Path(model_dir)
     if out.exists():
@@ -318,10 +319,12 @@ def pretrain(
     gen = torch.Generator().manual_seed(seed)
     n_starts = len(stream) - seq_len
 
-    bar = tqdm(range(steps), desc="pretrain teacher", unit="step", disable=not progress)
+    # the bar counts tokens, so its rate is the tokens/s the budgets are sized by
+    tokens_per_step = batch_size * seq_len
+    bar = Reporter(enabled=progress).bar(total=steps * tokens_per_step, desc="pretrain teacher")
     t0 = time.perf_counter()
     ema = float("nan")
-    for step in bar:
+    for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_multiplier(step, steps, warmup)
         starts = torch.randint(0, n_starts, (batch_size,), generator=gen)
@@ -335,8 +338,9 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
-        tok_s = (step + 1) * batch_size * seq_len / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.set_postfix(step=step + 1, loss=f"{ema:.3f}", refresh=False)
+        bar.update(tokens_per_step)
+    bar.close()
     elapsed = time.perf_counter() - t0
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import torch
 from logitcache.errors import LogitcacheError
 
 __all__ = [
+    "check_model_path",
     "config_fingerprint",
     "load_teacher",
     "load_tokenizer",
@@ -57,8 +58,11 @@ def resolve_dtype(dtype: str | None, config: Any) -> torch.dtype:
         raise LogitcacheError(f"--dtype {dtype}: expected one of {sorted(_DTYPES)}") from None
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix in (".json", ".safetensors")
+def check_model_path(name: str, what: str) -> None:
+    """A name that looks like a local path (not a hub id) must exist: say so plainly."""
+    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix in (".json", ".safetensors")
+    if looks_local and not Path(name).expanduser().exists():
+        raise LogitcacheError(f"{what} path {name!r} does not exist")
 
 
 def _load_error(what: str, name: str, err: Exception) -> LogitcacheError:
@@ -69,8 +73,7 @@ def _load_error(what: str, name: str, err: Exception) -> LogitcacheError:
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    if _looks_like_path(name) and not Path(name).expanduser().exists():
-        raise LogitcacheError(f"model path {name!r} does not exist")
+    check_model_path(name, "model")
     try:
         return AutoTokenizer.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code
@@ -94,8 +97,7 @@ def load_teacher(
 
     hf_logging.disable_progress_bar()
 
-    if _looks_like_path(name) and not Path(name).expanduser().exists():
-        raise LogitcacheError(f"teacher path {name!r} does not exist")
+    check_model_path(name, "teacher")
     try:
         config = AutoConfig.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from logitcache.errors import LogitcacheError
-from logitcache.precompute.teacher import load_tokenizer, tokenizer_fingerprint
+from logitcache.precompute.teacher import check_model_path, load_tokenizer, tokenizer_fingerprint
 from logitcache.storage import CacheSpec
 
 from .losses import TeacherTargets, chunked_loss
@@ -50,8 +50,7 @@ def load_student(
     if (student is None) == (student_config is None):
         raise LogitcacheError("give exactly one of --student (a model) or --student-config")
     if student is not None:
-        if not Path(student).expanduser().exists() and student.startswith((".", "/", "~")):
-            raise LogitcacheError(f"student path {student!r} does not exist")
+        check_model_path(student, "student")
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 student, trust_remote_code=trust_remote_code, dtype=torch.float32

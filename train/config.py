@@ -38,6 +38,10 @@ class TrainConfig:
     """Cache directory or URL."""
     out: str
     """Output directory: checkpoints, metrics.jsonl, the final model in ``model/``."""
+    mix_caches: tuple[str, ...] = ()
+    """More caches (same tokenizer) mixed into the stream with ``cache``."""
+    cache_weights: tuple[float, ...] = ()
+    """Mixing weights of ``cache`` and ``mix_caches`` (any positive scale); default: sizes."""
     student: str | None = None
     """Hub id or directory of a pretrained student."""
     student_config: str | None = None
@@ -102,6 +106,14 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mix_caches", tuple(self.mix_caches))
+        object.__setattr__(self, "cache_weights", tuple(float(w) for w in self.cache_weights))
+        n_caches, weights = 1 + len(self.mix_caches), self.cache_weights
+        if weights and (len(weights) != n_caches or min(weights) <= 0):
+            raise LogitcacheError(
+                f"--cache-weights {','.join(f'{w:g}' for w in weights)}: expected {n_caches} "
+                "positive numbers, one per --cache, in the same order"
+            )
         if self.loss not in (*LOSSES, "ce"):
             raise LogitcacheError(f"--loss {self.loss}: expected one of {[*LOSSES, 'ce']}")
         if self.tail not in TAIL_POLICIES:
@@ -131,8 +143,14 @@ class TrainConfig:
             if not ok:
                 raise LogitcacheError(message)
 
+    @property
+    def caches(self) -> list[str]:
+        """All training caches, the main one first."""
+        return [self.cache, *self.mix_caches]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON types (tuples as lists), as saved and compared on resume."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -15,12 +15,18 @@ one is short, some of its micro-batches empty), and any split of the same global
 between ranks and accumulation trains on the same sequences at every step. DataLoader
 worker w takes every ``num_workers``-th micro-batch of its rank, and the DataLoader's
 round-robin puts them back in order.
+
+Several caches mix by weight (``mixture_order``): an epoch of the mixture is as long as all
+their training sequences together, and each draw picks a cache by a seeded weighted choice,
+then takes that cache's next sequence in its own epoch order. A cache whose weight exceeds
+its share of the sequences is repeated (a fresh permutation each time round), a smaller one
+is sampled down. With one cache the mixture is exactly that cache's epoch order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +43,7 @@ __all__ = [
     "collate",
     "epoch_order",
     "heldout_mask",
+    "mixture_order",
 ]
 
 _SPLIT_SALT = 0x5EED_0F_CAC4E
@@ -82,6 +89,43 @@ def epoch_order(
     return order
 
 
+def mixture_order(
+    orders: Sequence[Callable[[int], np.ndarray]],
+    sizes: Sequence[int],
+    weights: Sequence[float],
+    *,
+    seed: int,
+    epoch: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """([n] int64 source, [n] int64 sequence index) of one epoch of a weighted mixture.
+
+    ``orders[c](e)``: cache c's own epoch order for its epoch e (``epoch_order``);
+    ``sizes[c]``: its training sequences; ``weights``: mixing weights (any positive scale).
+    Pure in (seed, epoch): the draws of earlier epochs are recounted, not remembered, so a
+    resumed run needs only the stream position.
+    """
+    n = int(sum(sizes))
+    if len(orders) == 1:  # one cache: its own order, no draws
+        return np.zeros(n, dtype=np.int64), orders[0](epoch)
+    p = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+
+    def draws(e: int) -> np.ndarray:  # [n] the cache of every draw of mixture epoch e
+        return np.random.default_rng([seed, e, 0x313A]).choice(len(sizes), size=n, p=p)
+
+    taken = np.zeros(len(sizes), dtype=np.int64)  # draws of each cache before this epoch
+    for e in range(epoch):
+        taken += np.bincount(draws(e), minlength=len(sizes))
+    source = draws(epoch)
+    index = np.empty(n, dtype=np.int64)
+    for c, size in enumerate(sizes):
+        at = np.flatnonzero(source == c)
+        k = taken[c] + np.arange(len(at))  # the k-th draw of cache c since the start
+        for own_epoch in np.unique(k // size):
+            sel = k // size == own_epoch
+            index[at[sel]] = orders[c](int(own_epoch))[k[sel] % size]
+    return source, index
+
+
 @dataclass
 class StreamState:
     """Where the stream stands: saved in every checkpoint."""
@@ -109,6 +153,8 @@ class Batch:
     epoch: int
     consumed_after: int
     """Stream position once the optimizer step this micro-batch belongs to is consumed."""
+    sources: list[int] = field(default_factory=list)
+    """Which cache (position in the stream's list) each sequence came from."""
 
     @property
     def n_tokens(self) -> int:
@@ -202,12 +248,13 @@ def _rows_of(r: SequenceRecord, b: int, width: int, target: str) -> dict[str, np
 class CacheStream(IterableDataset):
     """Micro-batches of one rank, from a stream position on, forever (epoch after epoch).
 
+    ``url``: one cache, or a list of caches mixed by ``weights`` (default: by their sizes).
     Use with ``DataLoader(stream, batch_size=None, num_workers=W)``.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         micro_batch: int,
         seed: int,
@@ -221,57 +268,84 @@ class CacheStream(IterableDataset):
         verify: bool = True,
         epochs: int | None = None,
         grad_accum: int = 1,
+        weights: Sequence[float] | None = None,
     ) -> None:
-        self.url, self.micro_batch, self.seed = url, micro_batch, seed
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if weights is not None and len(weights) != len(self.urls):
+            raise ValueError(f"{len(weights)} mixing weights for {len(self.urls)} caches")
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.micro_batch, self.seed = micro_batch, seed
         self.start = StreamState(start.epoch, start.consumed)
         self.rank, self.world_size = rank, world_size
         self.block_shards, self.eval_fraction = block_shards, eval_fraction
         self.vocab_limit, self.target, self.verify = vocab_limit, target, verify
         self.epochs, self.grad_accum = epochs, grad_accum
-        self._reader: CacheReader | None = None
+        self._readers: list[CacheReader] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def readers(self) -> list[CacheReader]:
+        if self._readers is None:
+            self._readers = [CacheReader(u, verify=self.verify) for u in self.urls]
+        return self._readers
 
     def reader(self) -> CacheReader:
-        if self._reader is None:
-            self._reader = CacheReader(self.url, verify=self.verify)
-        return self._reader
+        return self.readers()[0]
 
-    def order(self, epoch: int) -> np.ndarray:
-        reader = self.reader()
-        shards = [(s.first_sequence, s.n_sequences) for s in reader.shards]
+    def _own_order(self, c: int, epoch: int) -> np.ndarray:
+        """[n_c] cache c's training sequences in its own epoch order."""
+        shards = [(s.first_sequence, s.n_sequences) for s in self.readers()[c].shards]
         return epoch_order(
             shards,
-            seed=self.seed,
+            seed=self.seed + 7919 * c,  # cache 0 keeps the single-cache order of this seed
             epoch=epoch,
             block_shards=self.block_shards,
             exclude=lambda idx: heldout_mask(idx, self.eval_fraction),
         )
 
+    def sizes(self) -> list[int]:
+        """Training sequences of each cache (the held-out split left out)."""
+        return [count_split(r, self.eval_fraction)[0] for r in self.readers()]
+
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """([n] source, [n] sequence index) of one epoch of the stream, in training order."""
+        sizes = self.sizes()
+        if any(n == 0 for n in sizes):
+            empty = self.urls[sizes.index(0)]
+            raise ValueError(f"no training sequences in {empty}: it is empty or all held out")
+        orders = [lambda e, c=c: self._own_order(c, e) for c in range(len(self.urls))]
+        weights = self.weights or sizes
+        return mixture_order(orders, sizes, weights, seed=self.seed, epoch=epoch)
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = self.reader()
+        readers = self.readers()
         state = StreamState(self.start.epoch, self.start.consumed)
         mb, world = self.micro_batch, self.world_size
         step_size = mb * world * self.grad_accum
         counter = 0  # micro-batches of this rank since the start, for worker striding
         while self.epochs is None or state.epoch < self.epochs:
-            order = self.order(state.epoch)
-            if len(order) == 0:
-                raise ValueError("no training sequences: the cache is empty or all held out")
+            source, order = self.order(state.epoch)
             for start in range(state.consumed, len(order), step_size):
-                group = order[start : start + step_size]
-                end = start + len(group)
+                end = min(start + step_size, len(order))
                 for a in range(self.grad_accum):
                     slot = a * world + self.rank
                     take = counter % n_workers == worker
                     counter += 1
                     if not take:
                         continue
-                    records = [reader.read(int(i)) for i in group[slot * mb : (slot + 1) * mb]]
-                    yield self._batch(records, state.epoch, end)
+                    lo, hi = min(start + slot * mb, end), min(start + (slot + 1) * mb, end)
+                    picks = [(int(source[j]), int(order[j])) for j in range(lo, hi)]
+                    records = [readers[c].read(i) for c, i in picks]
+                    yield self._batch(records, [c for c, _ in picks], state.epoch, end)
             state = StreamState(state.epoch + 1, 0)
 
-    def _batch(self, records: list[SequenceRecord], epoch: int, consumed_after: int) -> Batch:
+    def _batch(
+        self, records: list[SequenceRecord], sources: list[int], epoch: int, consumed_after: int
+    ) -> Batch:
         if not records:  # a rank past the end of a short final batch: an empty micro-batch
             empty = torch.zeros((1, 2), dtype=torch.int64)
             no_rows = torch.zeros(0, dtype=torch.int64)
@@ -287,7 +361,8 @@ class CacheStream(IterableDataset):
         ids, mask, rows, targets = collate(
             records, vocab_limit=self.vocab_limit, target=self.target
         )
-        return Batch(ids, mask, rows, targets, [r.index for r in records], epoch, consumed_after)
+        indices = [r.index for r in records]
+        return Batch(ids, mask, rows, targets, indices, epoch, consumed_after, sources)
 
 
 def eval_batches(

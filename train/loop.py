@@ -63,6 +63,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     # -- setup ------------------------------------------------------------------------
     reader = CacheReader(config.cache, verify=config.verify)
     _check_cache(reader, config)
+    mixed = _mixed_readers(reader, config)
     eval_reader = _eval_reader(reader, config)
     model, tokenizer, _ = load_student(
         config.student, config.student_config, config.tokenizer, spec=reader.spec,
@@ -75,15 +76,16 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         model, loss_kwargs=config.loss_kwargs(), chunk_size=config.chunk_size, teacher=teacher
     )
     optimizer = _optimizer(model, config)
-    total_steps = _total_steps(reader, config, env.world_size)
+    total_steps = _total_steps([reader, *mixed], config, env.world_size)
     progress = TrainingProgress()
-    fingerprint = _fingerprint(config, reader, env.world_size)
+    fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
     if config.resume:
         progress = _resume(config, model, optimizer, fingerprint, reporter)
     _write_config(config, env, fingerprint, total_steps)
     wrapped = _wrap_ddp(module, env)
     stream = CacheStream(
-        config.cache, micro_batch=config.batch_size, seed=config.seed,
+        config.caches, weights=config.cache_weights or None, micro_batch=config.batch_size,
+        seed=config.seed,
         start=StreamState(progress.epoch, progress.consumed), rank=env.rank,
         world_size=env.world_size, block_shards=config.block_shards,
         eval_fraction=config.eval_fraction, vocab_limit=vocab_rows, target=config.target,
@@ -224,19 +226,19 @@ def _barrier(env: _Env) -> None:
 
 
 def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
-    manifest = reader.manifest
+    manifest, url = reader.manifest, reader.loc.url
     if not manifest.complete:
         raise LogitcacheError(
-            f"cache {config.cache} is incomplete (its teacher pass has not finished); "
+            f"cache {url} is incomplete (its teacher pass has not finished); "
             "rerun precompute (or `logitcache merge`) first"
         )
     if manifest.n_sequences == 0:
-        raise LogitcacheError(f"cache {config.cache} holds no sequences")
+        raise LogitcacheError(f"cache {url} holds no sequences")
     n_train, _ = count_split(reader, config.eval_fraction)
     if n_train == 0:
         raise LogitcacheError(
             f"--eval-fraction {config.eval_fraction} leaves no training sequences in "
-            f"{config.cache} ({manifest.n_sequences} sequences)"
+            f"{url} ({manifest.n_sequences} sequences)"
         )
     if config.target == "counts" and reader.spec.mode != "sampled":
         raise LogitcacheError("--target counts needs a sampled cache (precompute --samples)")
@@ -246,6 +248,22 @@ def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
         and not (reader.spec.sampled_logprobs)
     ):
         raise LogitcacheError("--target probs needs a cache written with --sampled-logprobs")
+
+
+def _mixed_readers(reader: CacheReader, config: TrainConfig) -> list[CacheReader]:
+    """The caches mixed in with the main one; each must share its tokenizer."""
+    readers = [CacheReader(url, verify=config.verify) for url in config.mix_caches]
+    mine = reader.spec.tokenizer.get("fingerprint")
+    for other in readers:
+        _check_cache(other, config)
+        theirs = other.spec.tokenizer.get("fingerprint")
+        if theirs != mine:
+            raise LogitcacheError(
+                f"--cache {other.loc.url} was made with another tokenizer than --cache "
+                f"{config.cache} (fingerprint {str(theirs)[:16]} vs {str(mine)[:16]}); "
+                "mixed caches must share one tokenizer"
+            )
+    return readers
 
 
 def _online_teacher(config: TrainConfig, env: _Env):
@@ -271,12 +289,14 @@ def _eval_reader(reader: CacheReader, config: TrainConfig) -> CacheReader:
     return other
 
 
-def _total_steps(reader: CacheReader, config: TrainConfig, world: int) -> int:
+def _total_steps(readers: list[CacheReader], config: TrainConfig, world: int) -> int:
     if config.steps is not None:
         return config.steps
-    n_train, _ = count_split(reader, config.eval_fraction)
+    n_train = sum(count_split(r, config.eval_fraction)[0] for r in readers)
     per_step = config.batch_size * config.grad_accum * world
-    return max(1, math.ceil(n_train * (config.epochs or 1.0) / per_step))
+    # A step never straddles two epochs, so every epoch ends with its own (short) step.
+    per_epoch = math.ceil(n_train / per_step)
+    return max(1, math.ceil(per_epoch * (config.epochs or 1.0) - 1e-9))
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -287,10 +307,13 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _fingerprint(config: TrainConfig, reader: CacheReader, world: int) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues."""
+def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (caches by identity, not path)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
-    settings["cache_id"] = reader.spec.cache_id
+    settings["cache_id"] = readers[0].spec.cache_id
+    settings.pop("mix_caches")
+    if len(readers) > 1:
+        settings["mix_cache_ids"] = [r.spec.cache_id for r in readers[1:]]
     settings["global_batch"] = config.batch_size * config.grad_accum * world
     settings.pop("cache")
     settings.pop("batch_size")

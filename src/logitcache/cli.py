@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from logitcache.errors import LogitcacheError
 from logitcache.errors import one_line_errors as _expected_errors
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
 
@@ -196,7 +197,18 @@ def precompute(**kw: Any) -> None:
 
 # -- train ----------------------------------------------------------------------------
 @main.command()
-@click.option("--cache", required=True, help="Cache directory (or URL) written by precompute.")
+@click.option(
+    "--cache",
+    "caches",
+    required=True,
+    multiple=True,
+    help="Cache directory (or URL) written by precompute; repeat to mix several caches.",
+)
+@click.option(
+    "--cache-weights",
+    default=None,
+    help="Mixing weights of the --cache options, in order, e.g. 3,1 (default: by size).",
+)
 @click.option("--out", required=True, help="Output directory (checkpoints, metrics, model/).")
 @click.option("--student", default=None, help="Hub id or directory of a pretrained student.")
 @click.option(
@@ -331,10 +343,9 @@ def precompute(**kw: Any) -> None:
 @_expected_errors
 def train(**kw: Any) -> None:
     """Train a student from a cache, with no teacher in memory."""
-    from logitcache.train import TrainConfig
     from logitcache.train import train as run_train
 
-    result = run_train(TrainConfig(**kw))
+    result = run_train(train_config(kw))
     if not kw["quiet"] and result.final_eval:
         ev = result.final_eval
         click.echo(
@@ -343,6 +354,24 @@ def train(**kw: Any) -> None:
             f"model in {result.model_dir}",
             err=True,
         )
+
+
+def train_config(params: dict[str, Any]) -> Any:
+    """The ``TrainConfig`` of the ``train`` command's parsed options."""
+    from logitcache.train import TrainConfig
+
+    kw = dict(params)
+    caches, weights = kw.pop("caches"), kw.pop("cache_weights")
+    kw["cache"], kw["mix_caches"] = caches[0], caches[1:]
+    kw["cache_weights"] = _numbers("--cache-weights", weights) if weights else ()
+    return TrainConfig(**kw)
+
+
+def _numbers(flag: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise LogitcacheError(f"{flag} {text}: expected numbers separated by commas") from None
 
 
 # -- inspect / verify / merge -----------------------------------------------------------

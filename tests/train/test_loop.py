@@ -193,10 +193,11 @@ def in_process(flags: list[str]) -> TrainConfig:
     import click
 
     from logitcache.cli import train as command
+    from logitcache.cli import train_config
 
     ctx = command.make_context("train", flags[1:])
     assert isinstance(ctx, click.Context)
-    return TrainConfig(**ctx.params)
+    return train_config(ctx.params)
 
 
 def same_run(a, b, metrics) -> None:

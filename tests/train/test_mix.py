@@ -105,8 +105,14 @@ def run_args(train_args, student_config, teacher_dir, tmp_path):
     return make
 
 
-def test_train_from_two_caches(cli, run_args, metrics, topk_cache, sampled_cache, tmp_path):
-    args = run_args([topk_cache, sampled_cache], steps=3, cache_weights="1,3", save_every=1)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_from_two_caches(
+    cli, run_args, metrics, topk_cache, sampled_cache, tmp_path, workers
+):
+    args = run_args(
+        [topk_cache, sampled_cache], steps=3, cache_weights="1,3", save_every=1,
+        num_workers=workers,
+    )  # fmt: skip
     result = cli(args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())

@@ -14,7 +14,6 @@ same cache.
 from __future__ import annotations
 
 import errno
-import os
 import queue
 import threading
 import time
@@ -30,6 +29,12 @@ from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
 
 from .corpus import CorpusSpec, CorpusStats, corpus_identity, iter_sequences
+from .ranks import (
+    device_map_memory,
+    launched_as_ranks,
+    merge_when_all_ranks_are_done,
+    rank_device,
+)
 from .sparse import SparseTargets, sample_generator, sampled_targets, topk_targets
 from .teacher import (
     config_fingerprint,
@@ -39,7 +44,7 @@ from .teacher import (
     weights_fingerprint,
 )
 
-__all__ = ["PrecomputeConfig", "PrecomputeResult", "distributed_worker", "run_precompute"]
+__all__ = ["PrecomputeConfig", "PrecomputeResult", "run_precompute"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,8 @@ class PrecomputeConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     device_map: str | None = None
-    """``auto`` spreads a teacher larger than one GPU over the visible GPUs."""
+    """``auto`` spreads a teacher larger than one GPU over the visible GPUs (under torchrun,
+    over this rank's share of the node's GPUs); needs ``accelerate``."""
     batch_tokens: int = 16384
     """Tokens per teacher forward (padding included); halved on out-of-memory."""
     num_workers: int = 1
@@ -98,6 +104,11 @@ class PrecomputeConfig:
             )
         if not 0 < self.logprob_step <= 1:
             raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
+        if self.device_map is not None and self.device != "auto":
+            raise LogitcacheError(
+                f"--device-map {self.device_map} places the teacher itself: drop --device "
+                f"{self.device}"
+            )
 
     @property
     def mode(self) -> str:
@@ -111,12 +122,6 @@ class PrecomputeConfig:
             "logprob_codec": self.logprob_codec,
             "logprob_step": self.logprob_step,
         }
-
-
-def distributed_worker() -> tuple[int, int]:
-    """(worker, num_workers) from torchrun's RANK / WORLD_SIZE, or (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
 @dataclass
@@ -180,11 +185,24 @@ def _make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> C
 
 
 def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -> PrecomputeResult:
-    """Run (or resume) the teacher pass of ``config``; see the module docstring."""
-    from transformers import AutoConfig
+    """Run (or resume) the teacher pass of ``config``; see the module docstring.
 
+    Under torchrun (``config`` naming this rank as its worker) every rank returns the
+    complete manifest, which rank 0 writes once all ranks are done.
+    """
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
+    result = _run_worker(config, reporter)
+    if launched_as_ranks(config.worker_index, config.num_workers):
+        result.manifest = merge_when_all_ranks_are_done(config.out, result.manifest)
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResult:
+    """This worker's shards; the complete manifest if it finished last, else None."""
+    from transformers import AutoConfig
+
     tokenizer = load_tokenizer(
         config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -206,15 +224,13 @@ def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -
         model, _, device = load_teacher(
             config.teacher,
             dtype=config.dtype,
-            device=config.device,
+            device=config.device if config.device_map else rank_device(config.device),
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
             device_map=config.device_map,
+            max_memory=device_map_memory(config.device_map),
         )
-        if config.device_map is not None:
-            device = next(model.parameters()).device
         _Pipeline(config, spec, tokenizer, model, device, writer, reporter, result).run()
-    result.wall_s = time.perf_counter() - start
     return result
 
 

@@ -90,8 +90,14 @@ def load_teacher(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    max_memory: dict[int, int] | None = None,
 ):
-    """Returns (model, torch dtype, torch device); the model is in eval mode."""
+    """Returns (model, torch dtype, torch device); the model is in eval mode.
+
+    With ``device_map`` (``auto``: spread over the GPUs of ``max_memory``, default all) the
+    model places itself and the device returned is that of its input embeddings, where the
+    input ids must go.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -106,21 +112,35 @@ def load_teacher(
         raise _load_error("teacher", name, err) from None
     torch_dtype = resolve_dtype(dtype, config)
     dev = resolve_device(device)
+    placement = {} if device_map is None else {"device_map": device_map}
+    if max_memory is not None:
+        placement["max_memory"] = max_memory
+    if device_map is not None:
+        _require_accelerate(device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=revision,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-        )
+            name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **placement,
+        )  # fmt: skip
     except Exception as err:
         raise _load_error("teacher", name, err) from None
     if device_map is None:
         model.to(dev)
+    else:
+        dev = model.get_input_embeddings().weight.device
     model.eval()
     model.requires_grad_(False)
     return model, torch_dtype, dev
+
+
+def _require_accelerate(device_map: str) -> None:
+    """transformers places a ``device_map`` model with accelerate, an optional dependency."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise LogitcacheError(
+            f"--device-map {device_map} needs the accelerate package: pip install accelerate"
+        ) from None
 
 
 def config_fingerprint(config: Any) -> str:

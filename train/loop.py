@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from logitcache.errors import LogitcacheError
-from logitcache.progress import Reporter
+from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheReader
 
 from .checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -70,6 +70,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         seed=config.seed, trust_remote_code=config.trust_remote_code,
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
+    _check_fits_one_device(model, env)
     model.to(env.device)
     teacher = _online_teacher(config, env)
     module = DistillModule(
@@ -81,6 +82,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
     if config.resume:
         progress = _resume(config, model, optimizer, fingerprint, reporter)
+        _check_ranks_resume_together(progress, env, config.out)
     _write_config(config, env, fingerprint, total_steps)
     wrapped = _wrap_ddp(module, env)
     stream = CacheStream(
@@ -175,16 +177,23 @@ def _step(wrapped, optimizer, micro, config, env, autocast) -> tuple[float, int]
 
 @torch.no_grad()
 def evaluate(module, reader, config, vocab_rows, env, autocast) -> dict[str, float]:
-    """Held-out cross-entropy on the true tokens and KL(teacher || student), per position."""
+    """Held-out cross-entropy on the true tokens and KL(teacher || student), per position.
+
+    Under DDP rank r evaluates micro-batches r, r + world, ... and the sums are all-reduced,
+    so every rank returns what one process evaluating all of them would (up to the order
+    of a float64 sum) in 1/world of the time.
+    """
     was_training = module.training
     module.eval()
     ce = kl = 0.0
     n = 0
     fraction = 1.0 if config.eval_cache else config.eval_fraction
-    for input_ids, mask, rows, targets in eval_batches(
+    for i, (input_ids, mask, rows, targets) in enumerate(eval_batches(
         reader, fraction=fraction, micro_batch=config.batch_size,
         vocab_limit=vocab_rows, max_sequences=config.eval_sequences,
-    ):  # fmt: skip
+    )):  # fmt: skip
+        if i % env.world_size != env.rank:
+            continue
         targets = _to(targets, env.device)
         with autocast:
             h = module.hidden_rows(input_ids.to(env.device), mask.to(env.device),
@@ -197,6 +206,10 @@ def evaluate(module, reader, config, vocab_rows, env, autocast) -> dict[str, flo
             kl += teacher_kl(logits, part).item()
         n += h.shape[0]
     module.train(was_training)
+    if env.distributed:
+        sums = torch.tensor([ce, kl, float(n)], dtype=torch.float64, device=env.device)
+        dist.all_reduce(sums)
+        ce, kl, n = sums[0].item(), sums[1].item(), int(sums[2].item())
     if n == 0:
         return {}
     return {"eval_ce": ce / n, "eval_kl": kl / n, "eval_positions": n}
@@ -223,6 +236,40 @@ def _setup_distributed(config: TrainConfig) -> _Env:
 def _barrier(env: _Env) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def _check_fits_one_device(model: torch.nn.Module, env: _Env) -> None:
+    """DDP keeps a whole student on every GPU: float32 weights, gradients and two AdamW
+    moments are 16 B per parameter before any activation (a 7B student: 104 GiB). One that
+    cannot fit that is refused here, not by an out-of-memory error at the first step."""
+    if env.device.type != "cuda":
+        return
+    n = sum(p.numel() for p in model.parameters())
+    need, have = 16 * n, torch.cuda.get_device_properties(env.device).total_memory
+    if need > have:
+        raise LogitcacheError(
+            f"the student has {n:,} parameters: training it needs at least {human_bytes(need)} "
+            "per GPU (float32 weights, gradients and AdamW moments: 16 B per parameter) and "
+            f"{env.device} has {human_bytes(have)}. Students train with DDP, a whole copy "
+            "per GPU; sharding one over GPUs (FSDP) is not supported yet: choose a smaller "
+            "student (docs/distributed.md)"
+        )
+
+
+def _check_ranks_resume_together(progress: TrainingProgress, env: _Env, out: str) -> None:
+    """Every rank must resume from the same checkpoint: an --out that only rank 0's node
+    sees would start the other nodes at step 0, and the ranks' collectives would stop
+    matching. Cheap: one all-reduce of two integers."""
+    if not env.distributed:
+        return
+    steps = torch.tensor([progress.step, -progress.step], dtype=torch.int64, device=env.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    high, low = int(steps[0].item()), -int(steps[1].item())
+    if high != low:
+        raise LogitcacheError(
+            f"--resume: the ranks found different checkpoints in {out} (steps {low} to {high}); "
+            "--out must be one directory that every node sees (a shared filesystem)"
+        )
 
 
 def _check_cache(reader: CacheReader, config: TrainConfig) -> None:

@@ -150,14 +150,13 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
 def precompute(**kw: Any) -> None:
     """Run a teacher over a corpus once and write the cache (resumable)."""
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
-    from logitcache.precompute.run import distributed_worker
+    from logitcache.precompute.ranks import distributed_worker, resolve_worker
     from logitcache.progress import Reporter
 
     if kw["top_k"] is None and kw["samples"] is None:
         kw["samples"] = DEFAULT_SAMPLES
-    rank, world = distributed_worker()
-    num_workers = kw["num_workers"] or world
-    worker = kw["worker_index"] if kw["worker_index"] is not None else rank
+    rank, _ = distributed_worker()
+    worker, num_workers = resolve_worker(kw["num_workers"], kw["worker_index"])
     corpus = CorpusSpec(
         data=tuple(kw["data"]),
         data_config=kw["data_config"],
@@ -190,8 +189,8 @@ def precompute(**kw: Any) -> None:
         worker_index=worker,
         trust_remote_code=kw["trust_remote_code"],
     )
-    result = run_precompute(config, Reporter(enabled=not kw["quiet"]))
-    if result.manifest is not None and result.manifest.complete and not kw["quiet"]:
+    result = run_precompute(config, Reporter(enabled=not kw["quiet"], rank=rank))
+    if result.manifest is not None and result.manifest.complete and not kw["quiet"] and rank == 0:
         click.echo(_summary_text(result.manifest, kw["out"]), err=True)
 
 

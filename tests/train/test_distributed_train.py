@@ -1,0 +1,175 @@
+"""Elastic resume through torchrun (2 gloo processes on CPU): a checkpoint written by 2
+processes resumes with 1 and one written by 1 resumes with 2, and the run continues with
+exactly the sequences the uninterrupted run would have seen, step for step.
+
+The global batch is the same everywhere (2 processes x batch 2 = 1 process x batch 2 x
+grad-accum 2). The first run stops at step 8 (--steps 8) and the resumed one goes on to 16
+(--steps may change on resume); a constant learning rate makes those two runs the same
+schedule as the uninterrupted 16 steps. 49 training sequences, 4 per step: epoch 0 ends at
+step 13 on one sequence, so the resumed run also crosses an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS, FIRST = 16, 8
+
+
+@pytest.fixture(scope="module")
+def flags(train_args, topk_cache, teacher_dir, student_config):
+    """``logitcache train`` arguments for ``nproc`` processes with the same global batch."""
+
+    def make(out: Path, nproc: int, steps: int, **extra) -> list[str]:
+        return train_args(
+            topk_cache, out, student_config=student_config, tokenizer=teacher_dir,
+            steps=steps, batch_size=2, grad_accum=2 // nproc, eval_fraction=0.1,
+            schedule="constant", eval_every=4, save_every=4, **extra,
+        )  # fmt: skip
+
+    return make
+
+
+def torchrun(args: list[str], timeout: float = 120) -> None:
+    """``torchrun --standalone --nproc-per-node 2 -m logitcache.cli ARGS`` (a free port)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "logitcache.cli", *args]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cli, flags) -> Path:
+    """One process, 16 steps, uninterrupted."""
+    out = tmp_path_factory.mktemp("reference")
+    result = cli(flags(out, nproc=1, steps=STEPS))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def same_curve(a: Path, b: Path, metrics) -> None:
+    """The same steps, losses, evaluations and token counts; weights equal within float
+    tolerance (DDP sums gradients in another order than accumulation)."""
+    one, two = metrics(a), metrics(b)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for x, y in zip(one, two, strict=True):
+        for key in ("loss", "eval_kl", "eval_ce"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4), (x["step"], key)
+        for key in ("tokens", "epoch", "eval_positions"):
+            assert x.get(key) == y.get(key), (x["step"], key)
+    wa = load_file(a / "model" / "model.safetensors")
+    wb = load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_two_processes_resume_with_one(cli, flags, metrics, reference, tmp_path):
+    out = tmp_path / "run"
+    torchrun(flags(out, nproc=2, steps=FIRST, num_workers=1))  # a DataLoader worker per rank
+    state = json.loads((out / "checkpoints" / "step-0000008" / "state.json").read_text())
+    assert state["progress"] == {"step": 8, "epoch": 0, "consumed": 32,
+                                 "tokens": metrics(out)[-2]["tokens"]}  # fmt: skip
+    assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
+
+    result = cli([*flags(out, nproc=1, steps=STEPS), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "train_config.json").read_text())["world_size"] == 1
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["epoch"] for r in rows] == [0] * 13 + [1] * 3
+    same_curve(reference, out, metrics)
+
+
+@pytest.mark.slow
+def test_one_process_resumes_with_two(cli, flags, metrics, reference, tmp_path):
+    out = tmp_path / "run"
+    result = cli(flags(out, nproc=1, steps=FIRST))
+    assert result.exit_code == 0, result.output
+    torchrun([*flags(out, nproc=2, steps=STEPS), "--resume"])
+    assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
+    same_curve(reference, out, metrics)
+
+
+@pytest.mark.slow
+def test_resume_with_another_global_batch_is_refused(cli, flags, reference, tmp_path):
+    """2 processes x batch 2 x grad-accum 2 is another global batch (8): another order of
+    sequences per step, so the checkpoint of the reference (4 per step) is refused."""
+    out = tmp_path / "run"
+    result = cli(flags(out, nproc=1, steps=FIRST))
+    assert result.exit_code == 0, result.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*flags(out, nproc=1, steps=STEPS), "--resume"]  # grad-accum 2, under 2 processes
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "logitcache.cli", *args]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "global_batch (4 -> 8)" in proc.stderr
+
+
+def test_a_student_too_large_for_one_gpu_is_refused_before_training(
+    monkeypatch, cli, flags, tmp_path
+):
+    """The 1-layer test student has 29,536 parameters (2 x 300 x 32 embedding and head, 10,240
+    in its layer, 96 in norms): 472.6 KB of weights, gradients and AdamW moments, which a
+    GPU of 256 KiB (stood in for) cannot hold."""
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=256 << 10)
+    )
+    out = tmp_path / "run"
+    result = cli([*flags(out, nproc=1, steps=1), "--device", "cuda"])
+    assert result.exit_code == 1, result.output
+    assert (
+        "error: the student has 29,536 parameters: training it needs at least 472.6 KB per "
+        "GPU (float32 weights, gradients and AdamW moments: 16 B per parameter) and cuda has "
+        "262.1 KB" in result.stderr
+    )
+    assert "sharding one over GPUs (FSDP) is not supported yet" in result.stderr
+    assert not (out / "checkpoints").exists()
+
+
+RESUME_APART = """
+import torch.distributed as dist
+from logitcache.errors import LogitcacheError
+from logitcache.train import loop
+from logitcache.train.checkpoint import TrainingProgress
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+env = loop._Env(rank, 2, loop.torch.device("cpu"))
+loop._check_ranks_resume_together(TrainingProgress(step=8), env, "out")  # agree: passes
+try:
+    loop._check_ranks_resume_together(TrainingProgress(step=8 * (1 - rank)), env, "out")
+except LogitcacheError as err:
+    print(f"rank {rank} refused: {err}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_found_different_checkpoints_all_refuse_to_resume(tmp_path):
+    """Rank 0 sees a checkpoint at step 8 and rank 1 none (an --out on a node-local disk)."""
+    script = tmp_path / "apart.py"
+    script.write_text(RESUME_APART)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script)]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert (
+            f"rank {rank} refused: --resume: the ranks found different checkpoints in out "
+            "(steps 0 to 8)" in proc.stdout
+        ), proc.stdout

@@ -4,14 +4,18 @@ In: teacher distributions as ``SequenceRecord``s. Out: a cache directory or URL 
 ``manifest.json`` and compressed shards; and back. ``docs/format.md`` is the contract.
 """
 
-from .cache import CacheReader, CacheWriter, merge_parts, read_manifest, verify_cache
+from .cache import CacheWriter, merge_parts, read_manifest
 from .codecs import default_codecs
-from .errors import CacheError, ShardCorruptError
+from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo
 from .location import Location
+from .reader import CacheReader, verify_cache
 from .record import SequenceRecord
+from .shardcache import DEFAULT_LOCAL_CACHE_BYTES, ShardCache, default_local_cache
+from .transfer import TransferResult, copy_cache
 
 __all__ = [
+    "DEFAULT_LOCAL_CACHE_BYTES",
     "FORMAT_VERSION",
     "CacheError",
     "CacheReader",
@@ -19,10 +23,15 @@ __all__ = [
     "CacheWriter",
     "Location",
     "Manifest",
+    "RemoteError",
     "SequenceRecord",
+    "ShardCache",
     "ShardCorruptError",
     "ShardInfo",
+    "TransferResult",
+    "copy_cache",
     "default_codecs",
+    "default_local_cache",
     "merge_parts",
     "read_manifest",
     "verify_cache",

@@ -1,14 +1,15 @@
-"""Writing and reading whole caches: shards plus ``manifest.json``.
+"""Writing whole caches: shards plus ``manifest.json`` (the reader is ``reader.py``).
 
-In (writer): a ``CacheSpec`` and, per shard, its ``SequenceRecord``s. Out: published shard
-objects and a manifest rewritten after each one, listing completed shards only.
-In (reader): a path or URL. Out: records by global sequence index or in order, each shard
-checked against its sha256 and identity metadata the first time it is opened.
+In: a ``CacheSpec`` and, per shard, its ``SequenceRecord``s. Out: published shard objects
+and a manifest rewritten after each one, listing completed shards only.
 
 Parallel writers (torchrun ranks, cluster job arrays) each own the shards ``j`` with
 ``j % num_workers == worker`` and record them in ``parts/worker-I-of-N.json``; whichever
 worker finishes last (or ``logitcache merge``) writes the complete ``manifest.json``.
 Shard contents depend only on sequence indices, so any worker count gives the same bytes.
+On a local disk a file lock refuses a second process for the same worker; object stores
+have no locks, so there the rule is one process per (worker index, worker count) at a time
+(two would publish identical shards, but each could drop the other's from its part file).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import fcntl
 import itertools
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -26,13 +27,13 @@ import numpy as np
 
 from logitcache import __version__
 
-from .containers import get_container, shard_digest
-from .errors import CacheError, ShardCorruptError
+from .containers import get_container
+from .errors import CacheError
 from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo, diff_specs
 from .location import Location
 from .record import RecordCodec, SequenceRecord
 
-__all__ = ["MANIFEST", "CacheReader", "CacheWriter", "merge_parts", "read_manifest", "verify_cache"]
+__all__ = ["MANIFEST", "CacheWriter", "merge_parts", "read_manifest", "shard_stats"]
 
 MANIFEST = "manifest.json"
 PARTS = "parts"
@@ -45,15 +46,19 @@ def shard_name(index: int, suffix: str) -> str:
 
 
 def read_manifest(loc: Location, rel: str = MANIFEST) -> Manifest:
-    if not loc.exists(rel):
+    data = loc.read_if_exists(rel)  # one GET: opening a remote cache lists nothing
+    if data is None:
         raise CacheError(
-            f"no {rel} at {loc.path(rel)}: not a logitcache cache, or its teacher pass has not "
-            "completed a shard yet"
+            f"no {rel} at {loc.url_of(rel)}: not a logitcache cache, or its teacher pass has "
+            "not completed a shard yet"
         )
-    return Manifest.from_json(loc.read_bytes(rel), where=loc.path(rel))
+    manifest = Manifest.from_json(data, where=loc.url_of(rel))
+    if rel == MANIFEST:
+        manifest.check_listing(loc.url_of(rel))
+    return manifest
 
 
-def _shard_stats(records: Sequence[SequenceRecord]) -> dict[str, float | int]:
+def shard_stats(records: Sequence[SequenceRecord]) -> dict[str, float | int]:
     n_tokens = sum(r.n_tokens for r in records)
     covered = entropy = 0.0
     for r in records:
@@ -89,6 +94,7 @@ class CacheWriter:
         if not 0 <= worker < num_workers:
             raise CacheError(f"worker index {worker} is outside 0..{num_workers - 1}")
         self.loc = Location(url, storage_options)
+        self.loc.check_writable()
         self.spec = spec
         self.shard_sequences = spec.shard_sequences
         self.worker, self.num_workers = worker, num_workers
@@ -143,10 +149,18 @@ class CacheWriter:
         return merged
 
     def _remove_stale_temporaries(self) -> None:
+        if not self.loc.local:
+            return  # remote shards are staged locally: no temporaries exist there
         for name in self.loc.listdir(SHARDS):
             match = re.match(r"^\.tmp-shard-(\d+)\.", name)
             if match and self.owns(int(match.group(1))):
                 self.loc.remove(f"{SHARDS}/{name}")
+        # A writer killed while rewriting its manifest leaves the partial one beside it.
+        if self.num_workers == 1:
+            self.loc.remove_stale_temporaries("", prefix=f"{MANIFEST}.")
+        else:
+            part = f"worker-{self.worker:05d}-of-{self.num_workers:05d}.json."
+            self.loc.remove_stale_temporaries(PARTS, prefix=part)
 
     # -- state ----------------------------------------------------------------------
     @property
@@ -186,7 +200,7 @@ class CacheWriter:
         )
         info = ShardInfo(
             index=shard, path=rel, first_sequence=first, bytes=size, sha256=digest,
-            **_shard_stats(records),
+            **shard_stats(records),
         )  # fmt: skip
         self.manifest = self.manifest.with_shard(info)
         self._publish_manifest()
@@ -204,7 +218,7 @@ class CacheWriter:
             return self.manifest
         self._publish_manifest(part_complete=True)
         try:
-            return merge_parts(self.loc.url)
+            return merge_parts(self.loc.url, self.loc.storage_options)
         except CacheError:
             return None  # other workers are still running; the last one merges
 
@@ -304,126 +318,3 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
     merged = replace(merged, complete=True)
     loc.publish_bytes(MANIFEST, merged.to_json().encode())
     return merged
-
-
-class CacheReader:
-    """Random and sequential access to the records of a cache."""
-
-    def __init__(
-        self,
-        url: str | os.PathLike,
-        *,
-        verify: bool = True,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        self.loc = Location(url, storage_options)
-        self.manifest = read_manifest(self.loc)
-        self.spec = self.manifest.spec
-        self.verify = verify
-        self.codec = RecordCodec(self.spec)
-        self.container = get_container(self.spec.container)
-        self._shards = self.manifest.shards
-        self._starts = np.array([s.first_sequence for s in self._shards], dtype=np.int64)
-        self._handles: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return self.manifest.n_sequences
-
-    @property
-    def shards(self) -> tuple[ShardInfo, ...]:
-        return self._shards
-
-    def sequence_indices(self) -> np.ndarray:
-        """[n_sequences] int64 global indices of all listed sequences, in order."""
-        if not self._shards:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate(
-            [np.arange(s.first_sequence, s.first_sequence + s.n_sequences) for s in self._shards]
-        )
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """(position in the shard list, row inside the shard) of a global sequence index."""
-        pos = int(np.searchsorted(self._starts, index, side="right")) - 1
-        if pos < 0 or index >= self._shards[pos].first_sequence + self._shards[pos].n_sequences:
-            raise IndexError(f"sequence {index} is not in this cache")
-        return pos, index - self._shards[pos].first_sequence
-
-    def open_shard(self, pos: int) -> Any:
-        handle = self._handles.get(pos)
-        if handle is None:
-            info = self._shards[pos]
-            if self.verify:
-                check_shard_digest(self.loc, info)
-            handle = self.container.open(self.loc, info.path)
-            check_shard_metadata(handle, info, self.spec)
-            self._handles[pos] = handle
-        return handle
-
-    def read(self, index: int) -> SequenceRecord:
-        pos, row = self.locate(index)
-        return self._read_row(pos, row)
-
-    def _read_row(self, pos: int, row: int) -> SequenceRecord:
-        info = self._shards[pos]
-        stored_index, blobs = self.open_shard(pos).read(row)
-        where = f"shard {info.path} row {row}"
-        if stored_index != info.first_sequence + row:
-            raise ShardCorruptError(f"{where}: holds sequence {stored_index}, expected "
-                                    f"{info.first_sequence + row}")  # fmt: skip
-        return self.codec.decode(stored_index, blobs, where)
-
-    def iter_shard(self, pos: int) -> Iterator[SequenceRecord]:
-        for row in range(self._shards[pos].n_sequences):
-            yield self._read_row(pos, row)
-
-    def __iter__(self) -> Iterator[SequenceRecord]:
-        for pos in range(len(self._shards)):
-            yield from self.iter_shard(pos)
-
-
-def check_shard_digest(loc: Location, info: ShardInfo) -> None:
-    size, digest = shard_digest(loc, info.path)
-    if digest != info.sha256 or size != info.bytes:
-        raise ShardCorruptError(
-            f"shard {info.path} fails its check: sha256 {digest[:16]}… ({size} bytes), manifest "
-            f"expects {info.sha256[:16]}… ({info.bytes} bytes); the shard is damaged or foreign"
-        )
-
-
-def check_shard_metadata(handle: Any, info: ShardInfo, spec: CacheSpec) -> None:
-    meta = handle.metadata
-    where = f"shard {info.path}"
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ShardCorruptError(
-            f"{where} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
-    if meta.get("cache_id") != spec.cache_id or meta.get("spec") != spec.to_dict():
-        raise ShardCorruptError(f"{where} belongs to another cache (its identity differs)")
-    expected = (info.index, info.first_sequence, info.n_sequences)
-    found = (meta.get("shard_index"), meta.get("first_sequence"), meta.get("n_sequences"))
-    if found != expected or handle.n_rows != info.n_sequences:
-        raise ShardCorruptError(
-            f"{where} disagrees with the manifest: (index, first, count) {found} with "
-            f"{handle.n_rows} rows, manifest says {expected}"
-        )
-
-
-def verify_cache(
-    url: str | os.PathLike, storage_options: dict[str, Any] | None = None
-) -> tuple[Manifest, list[str]]:
-    """Check every shard's hash, metadata and every record; returns (manifest, problems)."""
-    reader = CacheReader(url, verify=False, storage_options=storage_options)
-    problems = []
-    for pos, info in enumerate(reader.shards):
-        try:
-            check_shard_digest(reader.loc, info)
-            stats = _shard_stats(list(reader.iter_shard(pos)))
-            for key in ("n_tokens", "n_positions", "n_entries"):
-                if stats[key] != getattr(info, key):
-                    raise ShardCorruptError(
-                        f"shard {info.path}: {key} is {stats[key]}, manifest says "
-                        f"{getattr(info, key)}"
-                    )
-        except CacheError as err:
-            problems.append(str(err))
-    return reader.manifest, problems

@@ -4,26 +4,37 @@ In: rows of per-field blobs (from ``RecordCodec``) plus the shard's identity met
 Out: one published shard object, its byte size and sha256; and readers that return one
 row by position with a single ranged read (Arrow: one record batch per sequence; Zarr:
 one inner chunk per sequence inside a sharded array).
+
+A shard is opened either from a local file (memory-mapped) or, for random access to a
+remote shard that has no local copy, over ranged reads: an Arrow shard costs one GET of
+its last 64 KiB (magic, footer, schema and the identity metadata) and then one GET per
+sequence (the footer gives each record batch's offset and length).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import stat
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from .errors import CacheError, ShardCorruptError
+from .format import ShardInfo
 from .location import Location
 
 __all__ = ["CONTAINERS", "ShardHandle", "get_container", "shard_digest"]
 
 _META_KEY = "logitcache"
 _HASH_BLOCK = 1 << 22
+_TAIL_BYTES = 1 << 16  # an Arrow footer is ~100 B + 24 B per sequence + the schema (~3 KB)
 
 
 class ShardHandle(Protocol):
@@ -69,18 +80,26 @@ class ArrowContainer:
     def open(self, loc: Location, rel: str) -> _ArrowShard:
         return _ArrowShard(loc, rel)
 
+    def open_ranged(self, loc: Location, info: ShardInfo) -> _ArrowShard:
+        """Random access to a remote shard without fetching it: one GET per sequence."""
+        return _ArrowShard(loc, info.path, ranged_size=info.bytes)
+
 
 class _ArrowShard:
-    def __init__(self, loc: Location, rel: str) -> None:
-        where = loc.path(rel)
+    def __init__(self, loc: Location, rel: str, ranged_size: int | None = None) -> None:
+        where = loc.url_of(rel)
         try:
-            if loc.local:
-                source: Any = pa.memory_map(where, "r")
+            if ranged_size is not None:
+                source: Any = pa.PythonFile(_RangedFile(loc, rel, ranged_size), mode="r")
+            elif loc.local:
+                source = pa.memory_map(where, "r")
             else:
                 source = pa.PythonFile(loc.open(rel), mode="r")
             self._reader = pa.ipc.open_file(source)
             raw = (self._reader.schema.metadata or {}).get(_META_KEY.encode())
             self.metadata = json.loads(raw) if raw else {}
+        except CacheError:
+            raise
         except FileNotFoundError:
             raise CacheError(f"shard {rel} is missing ({where})") from None
         except (pa.ArrowInvalid, OSError, ValueError) as err:
@@ -94,8 +113,49 @@ class _ArrowShard:
             batch = self._reader.get_batch(row)
             index = batch.column(0)[0].as_py()
             return index, {f: batch.column(f)[0].as_buffer() for f in self._fields}
+        except CacheError:  # the network, from a ranged read: not the shard's fault
+            raise
         except Exception as err:  # a damaged file raises assorted pyarrow errors
             raise ShardCorruptError(f"shard {self._rel} row {row} is unreadable: {err}") from None
+
+
+class _RangedFile(io.RawIOBase):
+    """A read-only remote object seen as a file: its tail is fetched once on open, and
+    every other read is one ranged GET of exactly the bytes asked for (pyarrow reads a
+    record batch, metadata and body, in one read)."""
+
+    def __init__(self, loc: Location, rel: str, size: int) -> None:
+        super().__init__()
+        self._loc, self._rel, self._size, self._pos = loc, rel, size, 0
+        self._tail_start = max(0, size - _TAIL_BYTES)
+        self._tail = loc.read_range(rel, self._tail_start, size)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        start, cut = self._pos, self._tail_start
+        if start >= end:
+            return b""
+        head = self._loc.read_range(self._rel, start, min(end, cut)) if start < cut else b""
+        tail = self._tail[max(start, cut) - cut : end - cut] if end > cut else b""
+        self._pos = end
+        return head + tail
+
+    def readall(self) -> bytes:
+        return self.read(-1)
 
 
 class ZarrContainer:
@@ -116,8 +176,6 @@ class ZarrContainer:
     ) -> tuple[int, str]:
         import zarr
 
-        if not loc.local:
-            raise CacheError("the zarr container writes to local directories only; use arrow")
         n = len(rows)
         with loc.staged(rel) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # vlen-bytes has no frozen v3 spec yet
@@ -132,18 +190,23 @@ class ZarrContainer:
                 values = np.empty(n, dtype=object)
                 values[:] = [bytes(row[f]) for row in rows]
                 arr[:] = values
-        return shard_digest(loc, rel)
+            digest = shard_digest(Location(Path(tmp).parent), Path(tmp).name)
+        return digest
 
     def open(self, loc: Location, rel: str) -> _ZarrShard:
         return _ZarrShard(loc, rel)
+
+    def open_ranged(self, loc: Location, info: ShardInfo) -> _ZarrShard:
+        """Random access to a remote shard through zarr's own ranged reads."""
+        return _ZarrShard(loc, info.path)
 
 
 class _ZarrShard:
     def __init__(self, loc: Location, rel: str) -> None:
         import zarr
 
-        where = loc.path(rel)
-        if not loc.exists(rel):
+        where = loc.url_of(rel)
+        if not loc.exists(rel if loc.local else f"{rel}/zarr.json"):
             raise CacheError(f"shard {rel} is missing ({where})")
         try:
             with warnings.catch_warnings():
@@ -151,7 +214,9 @@ class _ZarrShard:
                 if loc.local:
                     self._group = zarr.open_group(where, mode="r")
                 else:
-                    store = zarr.storage.FsspecStore.from_url(loc.url + "/" + rel, read_only=True)
+                    store = zarr.storage.FsspecStore.from_url(
+                        where, storage_options=loc.fs_options, read_only=True
+                    )
                     self._group = zarr.open_group(store, mode="r")
                 self.metadata = dict(self._group.attrs.get(_META_KEY, {}))
                 self._index = self._group["index"][:]
@@ -201,6 +266,9 @@ def shard_digest(loc: Location, rel: str) -> tuple[int, str]:
 
 
 def _file_digest(loc: Location, path: str) -> tuple[int, str]:
+    if loc.local and not stat.S_ISREG(os.stat(path).st_mode):
+        # a shard linked to /dev/zero would be hashed forever, a FIFO would block the open
+        raise ShardCorruptError(f"{path} is not a regular file; refusing to read it")
     h, size = hashlib.sha256(), 0
     with loc.fs.open(path, "rb") as fh:
         while block := fh.read(_HASH_BLOCK):

@@ -2,7 +2,7 @@
 
 from logitcache.errors import LogitcacheError
 
-__all__ = ["CacheError", "ShardCorruptError"]
+__all__ = ["CacheError", "RemoteError", "ShardCorruptError"]
 
 
 class CacheError(LogitcacheError, ValueError):
@@ -11,3 +11,7 @@ class CacheError(LogitcacheError, ValueError):
 
 class ShardCorruptError(CacheError):
     """A shard's bytes do not match the manifest (hash, size or content)."""
+
+
+class RemoteError(CacheError):
+    """A remote store is unreachable, or refused (or lacks) the credentials."""

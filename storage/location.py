@@ -1,25 +1,74 @@
 """Where a cache lives: a local directory or any fsspec URL (s3://, gs://, http(s)://, file://).
 
-In: a path or URL. Out: a ``Location`` that reads, writes and publishes objects relative to
-the cache root. Publishing is atomic: on a local disk a file is written under a temporary
-name, fsynced and renamed; on an object store a single PUT is already all-or-nothing.
+In: a path or URL (and optional fsspec storage options). Out: a ``Location`` that reads,
+writes and publishes objects relative to the cache root, and turns the failures of
+fsspec, s3fs and aiohttp into one-line ``CacheError``s naming the URL.
+
+Publishing is atomic: on a local disk a file is written under a temporary name, fsynced
+and renamed; on an object store a single PUT is already all-or-nothing. A directory (a
+Zarr shard) is uploaded file by file and becomes visible only when the manifest lists it.
+
+Remote access adds nothing that fsspec does itself: credentials and endpoints come from
+the usual places (``AWS_*`` variables, ``~/.aws``, instance roles, ``FSSPEC_<PROTOCOL>``
+fsspec configuration). logitcache sets only timeouts and a bounded number of attempts
+(``$LOGITCACHE_TIMEOUT`` seconds per request, default 30; ``$LOGITCACHE_RETRIES``
+attempts, default 3), so an unreachable server is an error after a bounded time, never a
+hang. botocore retries S3 requests itself; fsspec's HTTP has no retry, so reads over
+http(s) are retried here.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 
-from .errors import CacheError
+from .errors import CacheError, RemoteError
 
-__all__ = ["Location"]
+__all__ = ["Location", "remote_settings"]
+
+_T = TypeVar("_T")
+_HTTP = ("http", "https")
+_CREDENTIAL_ERRORS = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "CredentialRetrievalError",
+    "DefaultCredentialsError",  # google.auth
+}
+# Failures worth another attempt: the network, timeouts, a truncated body, a busy server.
+_TRANSIENT_ERRORS = {
+    "ConnectionError",  # builtin (refused, reset) and botocore's
+    "TimeoutError",  # builtin, asyncio's, and fsspec's FSTimeoutError
+    "ClientConnectionError",  # aiohttp: connector, disconnects, server timeouts
+    "ClientPayloadError",  # aiohttp: body shorter than its Content-Length
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "IncompleteRead",
+    "ResponseStreamingError",
+}
+
+
+def remote_settings() -> tuple[float, int]:
+    """(seconds per request, attempts) for remote stores, from the environment."""
+    try:
+        timeout = float(os.environ.get("LOGITCACHE_TIMEOUT", "30"))
+        retries = int(os.environ.get("LOGITCACHE_RETRIES", "3"))
+    except ValueError:
+        raise CacheError(
+            "LOGITCACHE_TIMEOUT must be seconds and LOGITCACHE_RETRIES an integer"
+        ) from None
+    if timeout <= 0 or retries < 1:
+        raise CacheError("LOGITCACHE_TIMEOUT must be > 0 and LOGITCACHE_RETRIES >= 1")
+    return timeout, retries
 
 
 class Location:
@@ -28,33 +77,158 @@ class Location:
     def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None):
         url = os.fspath(url)
         self.url = url
+        self.storage_options = dict(storage_options or {})
+        self._pid = os.getpid()
+        self.ranges_ignored = False
+        """Set once the server answered a ranged read with the whole object."""
         if "://" in url and not url.startswith("file://"):
-            self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-            self.root = self.root.rstrip("/")
+            self.protocol = url.split("://", 1)[0].lower()
             self.local = False
+            self.timeout, self.retries = remote_settings()
+            self._fs, self.root = self._connect()
         else:
             path = url[len("file://") :] if url.startswith("file://") else url
+            self.protocol = "file"
             self.root = str(Path(path).expanduser().absolute())
-            self.fs = fsspec.filesystem("file")
+            self._fs = fsspec.filesystem("file")
             self.local = True
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
 
+    # -- connection -------------------------------------------------------------------
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem; a fresh one after a fork (an aiohttp session is not fork-safe)."""
+        if not self.local and self._pid != os.getpid():
+            self._fs, self.root = self._connect()
+            self._pid = os.getpid()
+        return self._fs
+
+    @property
+    def fs_options(self) -> dict[str, Any]:
+        """The storage options in effect: logitcache's timeouts, fsspec config, the caller's."""
+        if self.local:
+            return dict(self.storage_options)
+        return _merge(
+            _default_options(self.protocol, self.timeout, self.retries),
+            fsspec.config.conf.get(self.protocol, {}),
+            self.storage_options,
+        )
+
+    def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, **self.fs_options)
+        except ImportError as err:
+            raise CacheError(f"cannot open {self.url}: {err}") from None
+        except (ValueError, TypeError) as err:
+            raise CacheError(f"cannot open {self.url}: {err}") from None
+        if self.protocol in ("s3", "s3a"):
+            # botocore already retries (config_kwargs retries.max_attempts); s3fs's own loop
+            # on top would multiply the attempts and the time to give up on a dead endpoint.
+            fs.retries = 1
+        return fs, root.rstrip("/")
+
+    def _call(self, rel: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)`` with remote failures turned into CacheErrors.
+
+        FileNotFoundError passes through (callers decide what a missing object means).
+        Reads over http(s) are retried on transient failures; other protocols retry in
+        their own client.
+        """
+        if self.local:
+            return fn(*args, **kwargs)
+        attempts = self.retries if self.protocol in _HTTP else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # classified below; anything unknown is re-raised
+                kind = _classify(err)
+                if kind == "missing":
+                    raise FileNotFoundError(f"{self.url_of(rel)}: {_short(err)}") from None
+                if kind == "transient" and attempt < attempts:
+                    time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+                    continue
+                if kind == "other":
+                    raise
+                raise self._error(err, kind, rel, attempt) from None
+        raise AssertionError("unreachable")
+
+    def _error(self, err: BaseException, kind: str, rel: str, attempts: int) -> CacheError:
+        where = self.url_of(rel)
+        if kind == "credentials":
+            return RemoteError(f"no credentials for {where}: {_credentials_hint(self.protocol)}")
+        if kind == "denied":
+            return RemoteError(
+                f"access to {where} was denied ({_short(err)}): the credentials in use lack "
+                "permission for it, or the URL is wrong"
+            )
+        return RemoteError(
+            f"cannot reach {where} after {attempts} attempt{'s' * (attempts > 1)} "
+            f"({self.timeout:g} s timeout each): {_short(err)}; check the URL and the "
+            "network, or raise LOGITCACHE_TIMEOUT / LOGITCACHE_RETRIES"
+        )
+
+    def check_writable(self) -> None:
+        if self.protocol in _HTTP:
+            raise CacheError(
+                f"cannot write to {self.url}: http(s) is read-only; write to a directory or an "
+                "object store (s3://, gs://, ...) and serve that over HTTP"
+            )
+
+    # -- objects ------------------------------------------------------------------------
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
+    def url_of(self, rel: str) -> str:
+        """A full URL (or local path) of ``rel``, for messages and for zarr."""
+        path = self.path(rel)
+        if self.local or "://" in path:
+            return path
+        return f"{self.protocol}://{path}"
+
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.path(rel))
+        if self.local:
+            return self.fs.exists(self.path(rel))
+        try:
+            self._call(rel, self.fs.info, self.path(rel))
+        except FileNotFoundError:
+            return False
+        return True
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
+        return int(self._call(rel, self.fs.size, self.path(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path(rel))
+            return self._call(rel, self.fs.cat_file, self.path(rel))
         except FileNotFoundError:
-            raise CacheError(f"{self.path(rel)} does not exist") from None
+            raise CacheError(f"{self.url_of(rel)} does not exist") from None
+
+    def read_if_exists(self, rel: str) -> bytes | None:
+        """The object's bytes, or None if there is none (one GET, no existence check)."""
+        try:
+            return self._call(rel, self.fs.cat_file, self.path(rel))
+        except FileNotFoundError:
+            return None
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object: one ranged GET on a remote store."""
+        try:
+            data = self._call(rel, self.fs.cat_file, self.path(rel), start=start, end=end)
+        except FileNotFoundError:
+            raise CacheError(f"{self.url_of(rel)} does not exist") from None
+        if len(data) >= end > start and len(data) != end - start:
+            # a server without Range support answers 200 with the whole object (fsspec does
+            # not cut it); the bytes are right, only wasteful: readers fetch whole shards then
+            self.ranges_ignored = True
+            return data[start:end]
+        if len(data) != end - start:
+            raise CacheError(
+                f"{self.url_of(rel)}: asked for bytes {start}..{end}, got {len(data)}: the "
+                "object is shorter than its manifest says, or the server ignores Range requests"
+            )
+        return data
 
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
         return self.fs.open(self.path(rel), mode)
@@ -62,10 +236,19 @@ class Location:
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly under rel; empty if it does not exist."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self._call(rel, self.fs.ls, self.path(rel), detail=False)
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def find(self, rel: str) -> list[str]:
+        """Paths, relative to ``rel``, of every file under ``rel`` (sorted)."""
+        base = self.path(rel)
+        try:
+            found = self._call(rel, self.fs.find, base)
+        except FileNotFoundError:
+            return []
+        return sorted(f[len(base) :].lstrip("/") for f in found if f.startswith(base))
 
     def makedirs(self, rel: str = "") -> None:
         if self.local:
@@ -73,27 +256,90 @@ class Location:
 
     def remove(self, rel: str) -> None:
         path = self.path(rel)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=self.fs.isdir(path))
+        if self.local:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=self.fs.isdir(path))
+            return
+        with suppress(FileNotFoundError):
+            self._call(rel, self.fs.rm, path, recursive=True)
 
+    def get_file(self, rel: str, local_path: str | os.PathLike) -> None:
+        """Download one object to a local file (one streaming GET)."""
+        try:
+            self._call(rel, self.fs.get_file, self.path(rel), os.fspath(local_path))
+        except FileNotFoundError:
+            raise CacheError(f"{self.url_of(rel)} does not exist") from None
+
+    def get_tree(self, rel: str, local_dir: str | os.PathLike) -> None:
+        """Download every file under ``rel`` (a Zarr shard) into ``local_dir``."""
+        names = self.find(rel)
+        if not names:
+            raise CacheError(f"{self.url_of(rel)} does not exist (or cannot be listed)")
+        for name in names:
+            target = Path(local_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.get_file(f"{rel}/{name}", target)
+
+    # -- publishing ---------------------------------------------------------------------
     def publish_bytes(self, rel: str, data: bytes) -> None:
         """Make ``rel`` hold exactly ``data``, all or nothing."""
         if not self.local:
-            self.fs.pipe_file(self.path(rel), data)
+            self.check_writable()
+            with self._writing(rel):
+                self._call(rel, self.fs.pipe_file, self.path(rel), data)
             return
         with self.staged(rel) as tmp, open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
 
+    def put_local(self, rel: str, local: str | os.PathLike) -> None:
+        """Publish a local file or directory as ``rel`` (a copy; ``local`` is left alone)."""
+        local = Path(local)
+        if self.local:
+            with self.staged(rel) as tmp:
+                if local.is_dir():
+                    shutil.copytree(local, tmp)
+                else:
+                    shutil.copyfile(local, tmp)
+            return
+        self.check_writable()
+        with self._writing(rel):
+            if local.is_dir():
+                self.remove(rel)  # a crashed upload's leftovers; unlisted, so never read
+                for file in sorted(p for p in local.rglob("*") if p.is_file()):
+                    name = f"{rel}/{file.relative_to(local).as_posix()}"
+                    self._call(name, self.fs.put_file, str(file), self.path(name))
+            else:
+                self._call(rel, self.fs.put_file, str(local), self.path(rel))
+
+    @contextmanager
+    def _writing(self, rel: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError as err:  # s3fs: NoSuchBucket
+            raise CacheError(
+                f"cannot write {self.url_of(rel)}: {err}; create the bucket first"
+            ) from None
+
     @contextmanager
     def staged(self, rel: str) -> Iterator[str]:
-        """Yield a temporary local path beside ``rel``; on success rename it into place.
+        """Yield a temporary local path to write ``rel`` into; on success publish it.
 
-        Works for a file or a directory. The temporary name starts with ``.tmp-`` so a
-        reader never lists it, and a crash leaves only such names behind.
+        Works for a file or a directory. Locally the temporary sits beside ``rel`` under a
+        ``.tmp-`` name (never listed by a reader; a crash leaves only such names) and is
+        renamed into place. For a remote cache it is a local temporary, uploaded on success.
         """
-        assert self.local, "staged() is for local caches"
+        if not self.local:
+            self.check_writable()
+            scratch = tempfile.mkdtemp(prefix="logitcache-upload-")
+            try:
+                tmp = os.path.join(scratch, Path(rel).name)
+                yield tmp
+                self.put_local(rel, tmp)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return
         final = Path(self.path(rel))
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{final.name}.{uuid.uuid4().hex[:8]}"
@@ -121,6 +367,83 @@ class Location:
                 self.remove(f"{rel_dir}/{name}" if rel_dir else name)
                 count += 1
         return count
+
+
+# -- remote options and errors ------------------------------------------------------------
+def _default_options(protocol: str, timeout: float, retries: int) -> dict[str, Any]:
+    if protocol in _HTTP:
+        import aiohttp
+
+        # No total limit (a large shard may take minutes); a connect or a read that stalls
+        # for `timeout` seconds fails.
+        client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        return {"client_kwargs": {"timeout": client_timeout}}
+    if protocol in ("s3", "s3a"):
+        return {
+            "config_kwargs": {
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+                "retries": {"max_attempts": retries, "mode": "standard"},
+            }
+        }
+    return {}
+
+
+def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; nested dicts (client_kwargs, config_kwargs) merge key by key."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _classify(err: BaseException) -> str:
+    """credentials, denied, transient (worth retrying), missing, or other."""
+    chain = list(_chain(err))
+    names = [{c.__name__ for c in type(e).__mro__} for e in chain]
+    if any(n & _CREDENTIAL_ERRORS for n in names):
+        return "credentials"
+    for e, n in zip(chain, names):
+        status = getattr(e, "status", None)
+        if isinstance(e, PermissionError) or status in (401, 403):
+            return "denied"
+        if n & _TRANSIENT_ERRORS or (isinstance(status, int) and (status >= 500 or status == 429)):
+            return "transient"
+    if isinstance(err, FileNotFoundError):
+        return "missing"
+    return "other"
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _credentials_hint(protocol: str) -> str:
+    if protocol in ("s3", "s3a"):
+        return (
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with "
+            "~/.aws/credentials, or use an instance role); for a public bucket set "
+            "FSSPEC_S3='{\"anon\": true}'"
+        )
+    if protocol in ("gs", "gcs"):
+        return (
+            "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+            "`gcloud auth application-default login`"
+        )
+    return f"configure them as fsspec's {protocol} filesystem expects (FSSPEC_{protocol.upper()})"
 
 
 def _fsync_file(path: Path) -> None:

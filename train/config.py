@@ -24,6 +24,8 @@ RESUME_MAY_CHANGE = frozenset(
         "save_every",
         "keep_checkpoints",
         "verify",
+        "local_cache",
+        "local_cache_gb",
         "steps",
         "epochs",
     ]
@@ -103,6 +105,11 @@ class TrainConfig:
     """auto (bfloat16 autocast on CUDA, float32 elsewhere), bf16 or fp32."""
     resume: bool = False
     verify: bool = True
+    local_cache: str | None = None
+    """Remote caches: where downloaded shards are kept (default $LOGITCACHE_HOME/shards)."""
+    local_cache_gb: float | None = None
+    """Remote caches: size limit of the local shard cache in GB (default 20); least recently
+    used shards are evicted."""
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -138,6 +145,10 @@ class TrainConfig:
             (self.block_shards >= 1, f"--block-shards must be >= 1, got {self.block_shards}"),
             (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
             (self.precision in ("auto", "bf16", "fp32"), "--precision: auto, bf16 or fp32"),
+            (
+                self.local_cache_gb is None or self.local_cache_gb > 0,
+                f"--local-cache-gb must be > 0, got {self.local_cache_gb}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,6 +158,11 @@ class TrainConfig:
     def caches(self) -> list[str]:
         """All training caches, the main one first."""
         return [self.cache, *self.mix_caches]
+
+    def reader_options(self) -> dict[str, Any]:
+        """Keyword arguments of every ``CacheReader`` this run opens."""
+        size = None if self.local_cache_gb is None else int(self.local_cache_gb * 1e9)
+        return {"verify": self.verify, "local_cache": self.local_cache, "local_cache_bytes": size}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples as lists), as saved and compared on resume."""

@@ -269,6 +269,7 @@ class CacheStream(IterableDataset):
         epochs: int | None = None,
         grad_accum: int = 1,
         weights: Sequence[float] | None = None,
+        reader_options: dict | None = None,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         if weights is not None and len(weights) != len(self.urls):
@@ -280,6 +281,7 @@ class CacheStream(IterableDataset):
         self.block_shards, self.eval_fraction = block_shards, eval_fraction
         self.vocab_limit, self.target, self.verify = vocab_limit, target, verify
         self.epochs, self.grad_accum = epochs, grad_accum
+        self.reader_options = {"verify": verify, **(reader_options or {})}
         self._readers: list[CacheReader] | None = None
 
     @property
@@ -288,7 +290,7 @@ class CacheStream(IterableDataset):
 
     def readers(self) -> list[CacheReader]:
         if self._readers is None:
-            self._readers = [CacheReader(u, verify=self.verify) for u in self.urls]
+            self._readers = [CacheReader(u, **self.reader_options) for u in self.urls]
         return self._readers
 
     def reader(self) -> CacheReader:
@@ -329,6 +331,9 @@ class CacheStream(IterableDataset):
         counter = 0  # micro-batches of this rank since the start, for worker striding
         while self.epochs is None or state.epoch < self.epochs:
             source, order = self.order(state.epoch)
+            for c, reader in enumerate(readers):  # remote caches: fetch shards ahead, in order
+                ahead = slice(state.consumed, None)
+                reader.prefetch_sequences(order[ahead][source[ahead] == c])
             for start in range(state.consumed, len(order), step_size):
                 end = min(start + step_size, len(order))
                 for a in range(self.grad_accum):

@@ -61,7 +61,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     start = time.perf_counter()
 
     # -- setup ------------------------------------------------------------------------
-    reader = CacheReader(config.cache, verify=config.verify)
+    reader = CacheReader(config.cache, **config.reader_options())
     _check_cache(reader, config)
     mixed = _mixed_readers(reader, config)
     eval_reader = _eval_reader(reader, config)
@@ -92,6 +92,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         world_size=env.world_size, block_shards=config.block_shards,
         eval_fraction=config.eval_fraction, vocab_limit=vocab_rows, target=config.target,
         verify=config.verify, grad_accum=config.grad_accum,
+        reader_options=config.reader_options(),
     )  # fmt: skip
     batches = iter(_loader(stream, config))
     metrics = _MetricsLog(Path(config.out) / "metrics.jsonl", env.rank, resume_step=progress.step)
@@ -274,7 +275,9 @@ def _check_ranks_resume_together(progress: TrainingProgress, env: _Env, out: str
 
 def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
     manifest, url = reader.manifest, reader.loc.url
-    if not manifest.complete:
+    # A partial pull (`pull --shards/--max-tokens`) of a finished cache knows its total and
+    # trains on the shards it holds; a teacher pass still running does not, and is refused.
+    if not manifest.complete and manifest.n_sequences_total is None:
         raise LogitcacheError(
             f"cache {url} is incomplete (its teacher pass has not finished); "
             "rerun precompute (or `logitcache merge`) first"
@@ -299,7 +302,7 @@ def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
 
 def _mixed_readers(reader: CacheReader, config: TrainConfig) -> list[CacheReader]:
     """The caches mixed in with the main one; each must share its tokenizer."""
-    readers = [CacheReader(url, verify=config.verify) for url in config.mix_caches]
+    readers = [CacheReader(url, **config.reader_options()) for url in config.mix_caches]
     mine = reader.spec.tokenizer.get("fingerprint")
     for other in readers:
         _check_cache(other, config)
@@ -326,7 +329,7 @@ def _eval_reader(reader: CacheReader, config: TrainConfig) -> CacheReader:
     """The training cache (its held-out split), or a separate evaluation cache."""
     if not config.eval_cache:
         return reader
-    other = CacheReader(config.eval_cache, verify=config.verify)
+    other = CacheReader(config.eval_cache, **config.reader_options())
     mine, theirs = reader.spec.tokenizer.get("fingerprint"), other.spec.tokenizer.get("fingerprint")
     if mine != theirs:
         raise LogitcacheError(

@@ -337,6 +337,17 @@ def precompute(**kw: Any) -> None:
     show_default=True,
     help="Check each shard's sha256 when first opened.",
 )
+@click.option(
+    "--local-cache",
+    default=None,
+    help="Remote caches: keep downloaded shards here (default $LOGITCACHE_HOME/shards).",
+)
+@click.option(
+    "--local-cache-gb",
+    type=float,
+    default=None,
+    help="Remote caches: size limit of the local shard cache (default 20 GB; LRU eviction).",
+)
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--quiet", is_flag=True, default=False)
 @_expected_errors
@@ -448,7 +459,7 @@ def _summary_text(manifest: Any, url: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_expected_errors
 def inspect(cache: str, as_json: bool) -> None:
-    """Summarize a cache: size, mode, teacher, tokenizer, corpus, coverage."""
+    """Summarize a cache (directory or URL): size, mode, teacher, tokenizer, corpus."""
     from logitcache.storage import Location, read_manifest
 
     manifest = read_manifest(Location(cache))
@@ -462,7 +473,11 @@ def inspect(cache: str, as_json: bool) -> None:
 @click.argument("cache")
 @_expected_errors
 def verify(cache: str) -> None:
-    """Recompute every shard hash and decode every record; exit 1 naming bad shards."""
+    """Recompute every shard hash and decode every record; exit 1 naming bad shards.
+
+    CACHE is a directory or a URL; a remote cache is fetched shard by shard through the local
+    shard cache ($LOGITCACHE_HOME/shards).
+    """
     from logitcache.storage import verify_cache
 
     manifest, problems = verify_cache(cache)
@@ -472,7 +487,13 @@ def verify(cache: str) -> None:
     if problems:
         click.echo(f"{len(problems)} of {n} shards failed verification", err=True)
         sys.exit(1)
-    state = "complete" if manifest.complete else "INCOMPLETE (teacher pass not finished)"
+    state = (
+        "complete"
+        if manifest.complete
+        else "PARTIAL (a copy of part of a finished cache)"
+        if manifest.n_sequences_total is not None
+        else "INCOMPLETE (teacher pass not finished)"
+    )
     click.echo(f"ok: {n} shards, {manifest.n_sequences} sequences verified; cache {state}")
 
 
@@ -480,11 +501,68 @@ def verify(cache: str) -> None:
 @click.argument("cache")
 @_expected_errors
 def merge(cache: str) -> None:
-    """Write the complete manifest of a cache written by several workers."""
+    """Write the complete manifest of a cache (directory or URL) written by several workers."""
     from logitcache.storage import merge_parts
 
     manifest = merge_parts(cache)
     click.echo(f"merged: {len(manifest.shards)} shards, {manifest.n_sequences} sequences")
+
+
+# -- push / pull ------------------------------------------------------------------------
+_THREADS = click.option(
+    "--threads", type=int, default=8, show_default=True, help="Shards transferred at once."
+)
+
+
+@main.command()
+@click.argument("cache")
+@click.argument("url")
+@_THREADS
+@click.option("--quiet", is_flag=True, default=False)
+@_expected_errors
+def push(cache: str, url: str, threads: int, quiet: bool) -> None:
+    """Copy CACHE to URL (s3://, gs://, ... or a directory), checking every shard's hash.
+
+    Resumable: shards already at URL with the right hash are skipped, and the manifest is
+    written last. Credentials come from the environment (AWS_*, FSSPEC_S3, ...).
+    """
+    _transfer(cache, url, None, None, threads, quiet, verb="pushed")
+
+
+@main.command()
+@click.argument("url")
+@click.argument("directory")
+@click.option("--shards", default=None, help="Only these shard indices, e.g. 0-99,120.")
+@click.option(
+    "--max-tokens", type=int, default=None, help="Only the first shards holding this many tokens."
+)
+@_THREADS
+@click.option("--quiet", is_flag=True, default=False)
+@_expected_errors
+def pull(
+    url: str, directory: str, shards: str | None, max_tokens: int | None, threads: int, quiet: bool
+) -> None:
+    """Copy the cache at URL (or part of it) to DIRECTORY, checking every shard's hash.
+
+    Resumable: shards already in DIRECTORY with the right hash are skipped; a partial
+    download is never published.
+    """
+    _transfer(url, directory, shards, max_tokens, threads, quiet, verb="pulled")
+
+
+def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str) -> None:
+    from logitcache.progress import Reporter, human_bytes
+    from logitcache.storage import copy_cache
+
+    result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
+                        reporter=Reporter(enabled=not quiet))  # fmt: skip
+    manifest = result.manifest
+    state = "complete" if manifest is not None and manifest.complete else "partial"
+    click.echo(
+        f"{verb}: {result.copied} shards ({human_bytes(result.bytes_copied)}) copied, "
+        f"{result.skipped} already there; {dst} now holds {len(manifest.shards) if manifest else 0}"
+        f" shards ({state})"
+    )
 
 
 # -- bench ------------------------------------------------------------------------------

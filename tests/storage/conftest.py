@@ -17,3 +17,7 @@ def fsynced(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", fake_fsync)
     return calls
+
+
+# The remote-cache tests' servers and environments (tests/storage/servers.py).
+from servers import moto_endpoint, remote_env, s3, served, www  # noqa: E402, F401

@@ -86,7 +86,7 @@ def test_corrupt_shard(cli, scratch, topk_cache, tmp_path, workers):
 
 def test_incomplete_cache(cli, scratch, topk_cache, tmp_path):
     cache, manifest = copy_cache(topk_cache, tmp_path)
-    manifest["complete"] = False
+    manifest["complete"], manifest["n_sequences_total"] = False, None  # a pass still running
     (cache / "manifest.json").write_text(json.dumps(manifest))
     refused(cli(scratch(cache)), "incomplete")
 

@@ -199,3 +199,31 @@ def bench_quality(out, home, shakespeare, quick, stdlib, only, more_data, as_jso
         click.echo(json.dumps([asdict(r) for r in rows], indent=1))
     else:
         click.echo(format_rows(rows))
+
+
+@bench.command("remote")
+@click.option("--shards", type=int, default=10_000, show_default=True, help="Shards in the cache.")
+@click.option("--shard-sequences", type=int, default=4, show_default=True)
+@click.option(
+    "--latency-ms",
+    type=float,
+    default=50.0,
+    show_default=True,
+    help="Delay before every HTTP response.",
+)
+@click.option("--batches", type=int, default=20, show_default=True, help="Batches after the first.")
+@click.option("--work", default=None, help="Keep (and reuse) the built cache here.")
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bool) -> None:
+    """Open a large cache over HTTP with latency and time its first training batch."""
+    import torch
+
+    from logitcache.bench.remote import format_remote, run_remote_bench
+    from logitcache.progress import Reporter
+
+    torch.set_num_threads(1)
+    result = run_remote_bench(n_shards=shards, shard_sequences=shard_sequences,
+                              latency_ms=latency_ms, batches=batches, work=work,
+                              reporter=Reporter(enabled=not as_json))  # fmt: skip
+    click.echo(json.dumps(result, indent=1) if as_json else format_remote(result))

@@ -4,7 +4,8 @@ In: a teacher (any AutoModelForCausalLM) and a corpus (HF dataset or local files
 Out: a cache (see ``logitcache.storage``) of its top-k or sampled next-token distributions.
 """
 
-from .corpus import CorpusError, CorpusSpec, CorpusStats, PackedSequence, iter_sequences
+from .corpus import CorpusError, CorpusSpec
+from .packing import CorpusStats, PackedSequence, iter_sequences
 from .run import PrecomputeConfig, PrecomputeResult, run_precompute
 
 __all__ = [

@@ -28,7 +28,8 @@ from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
 
-from .corpus import CorpusSpec, CorpusStats, corpus_identity, iter_sequences
+from .corpus import CorpusSpec, corpus_identity
+from .packing import CorpusStats, iter_sequences
 from .ranks import (
     device_map_memory,
     launched_as_ranks,

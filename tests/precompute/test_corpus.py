@@ -1,4 +1,4 @@
-"""Tests for logitcache.precompute.corpus: reading, tokenizing and packing a corpus."""
+"""Tests for logitcache.precompute.corpus and .packing: reading, tokenizing and packing."""
 
 import json
 import os
@@ -12,13 +12,15 @@ import pytest
 from logitcache.precompute.corpus import (
     CorpusError,
     CorpusSpec,
-    CorpusStats,
     Document,
     corpus_identity,
     iter_documents,
+    resolve_files,
+)
+from logitcache.precompute.packing import (
+    CorpusStats,
     iter_sequences,
     pack_sequences,
-    resolve_files,
     tokenize_document,
 )
 

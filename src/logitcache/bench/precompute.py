@@ -266,7 +266,7 @@ def run_precompute_bench(
     from transformers import AutoConfig
 
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, PrecomputeResult
-    from logitcache.precompute.corpus import iter_sequences
+    from logitcache.precompute.packing import iter_sequences
     from logitcache.precompute.run import _make_spec
     from logitcache.precompute.teacher import load_teacher, load_tokenizer
     from logitcache.progress import Reporter

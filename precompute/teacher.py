@@ -42,7 +42,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LogitcacheError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise LogitcacheError(
+            f"--device {device}: not a device name (auto, cpu, cuda, cuda:N, mps)"
+        ) from None
 
 
 def resolve_dtype(dtype: str | None, config: Any) -> torch.dtype:

@@ -36,6 +36,7 @@ __all__ = [
     "LogprobCodec",
     "bits_for_vocab",
     "default_codecs",
+    "zstd_declared_size",
 ]
 
 _ZSTD_LEVEL = 3
@@ -223,12 +224,41 @@ ALLOWED_CODEC_IDS = frozenset(
 )
 
 
-class FieldCodec:
-    """A chain of codecs for one record field, ending in bytes; decodes to ``dtype``."""
+_ZSTD_MAGIC = 0xFD2FB528
 
-    def __init__(self, configs: Sequence[Mapping[str, Any]], dtype: str) -> None:
+
+def zstd_declared_size(blob: Any) -> int | None:
+    """The decompressed size a zstd frame's header declares; None if it declares none.
+
+    A frame can declare any size (a 40 kB frame of zeros inflates to 1 GiB), and numcodecs
+    allocates what the header says, or grows without bound when it says nothing.
+    """
+    view = memoryview(blob).cast("B")
+    if len(view) < 6 or int.from_bytes(view[:4], "little") != _ZSTD_MAGIC:
+        return None
+    descriptor = view[4]
+    single_segment = (descriptor >> 5) & 1
+    size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    if size_bytes == 0 or len(view) < start + size_bytes:
+        return None
+    size = int.from_bytes(view[start : start + size_bytes], "little")
+    return size + 256 if size_bytes == 2 else size
+
+
+class FieldCodec:
+    """A chain of codecs for one record field, ending in bytes; decodes to ``dtype``.
+
+    ``max_bytes`` bounds what the outer zstd frame may inflate to (a record of the cache's
+    spec never needs more); a frame declaring more, or nothing, is refused unread.
+    """
+
+    def __init__(
+        self, configs: Sequence[Mapping[str, Any]], dtype: str, max_bytes: int | None = None
+    ) -> None:
         self.configs = [dict(c) for c in configs]
         self.dtype = np.dtype(dtype)
+        self.max_bytes = max_bytes
         self.codecs = []
         for config in self.configs:
             codec_id = config.get("id")
@@ -250,6 +280,13 @@ class FieldCodec:
 
     def decode(self, blob: bytes) -> np.ndarray:
         data: Any = blob
+        if self.max_bytes is not None and self.configs and self.configs[-1]["id"] == "zstd":
+            declared = zstd_declared_size(blob)
+            if declared is None or not 0 < declared <= self.max_bytes:
+                raise CacheError(
+                    f"zstd frame declares {declared} bytes, outside the 1..{self.max_bytes} a "
+                    "record of this cache can hold; refusing to inflate it"
+                )
         try:
             for codec in reversed(self.codecs):
                 data = codec.decode(data)

@@ -288,6 +288,22 @@ class Manifest:
             "entries_per_position": self.n_entries / n if n else None,
         }
 
+    def check_listing(self, where: str) -> None:
+        """A complete cache's manifest lists as many shards as its corpus has: without this,
+        a shard dropped from the list (or a total edited) would be trained around unnoticed.
+        (Each listed shard's content is checked against the shard itself when opened; a
+        worker's part file lists only its own shards, so this is for manifest.json.)"""
+        if not self.complete:
+            return
+        size, total = self.spec.shard_sequences, self.n_sequences_total
+        n_shards = None if total is None else -(-total // size)
+        if n_shards != len(self.shards):
+            raise CacheError(
+                f"{where}: marked complete with n_sequences_total {total} ({n_shards} shards of "
+                f"{size}), but lists {len(self.shards)} shards; shards missing from the list, or "
+                "an edited manifest"
+            )
+
     def with_shard(self, info: ShardInfo) -> Manifest:
         others = [s for s in self.shards if s.index != info.index]
         return replace(self, shards=tuple(sorted([*others, info], key=lambda s: s.index)))

@@ -68,6 +68,18 @@ def record_fields(spec: CacheSpec) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _max_field_bytes(spec: CacheSpec, name: str) -> int:
+    """Most bytes a field of one record can encode to before zstd: a 16-byte header and at
+    most 4 bytes per value (seq_len 2048, k=64: 524 kB for ids)."""
+    per_position = spec.k if spec.mode == "topk" else min(spec.samples, spec.vocab_size)
+    values = {
+        "ids": (spec.seq_len - 1) * per_position,
+        "logprobs": (spec.seq_len - 1) * per_position,
+        "counts": (spec.seq_len - 1) * per_position,
+    }.get(name, spec.seq_len)
+    return 64 + 4 * values
+
+
 class RecordCodec:
     """Encodes and decodes records of one spec; also validates decoded content."""
 
@@ -77,7 +89,10 @@ class RecordCodec:
         missing = [f for f in self.fields if f not in spec.codecs]
         if missing:
             raise CacheError(f"cache spec has no codec for fields {missing}")
-        self.codecs = {f: FieldCodec(spec.codecs[f], FIELD_DTYPES[f]) for f in self.fields}
+        self.codecs = {
+            f: FieldCodec(spec.codecs[f], FIELD_DTYPES[f], _max_field_bytes(spec, f))
+            for f in self.fields
+        }
 
     def encode(self, record: SequenceRecord) -> dict[str, bytes]:
         where = f"sequence {record.index}"

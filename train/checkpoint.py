@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ from safetensors.torch import load_model, save_model
 from logitcache.errors import LogitcacheError
 from logitcache.storage import Location
 
-__all__ = ["TrainingProgress", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "TrainingProgress",
+    "is_out_of_space",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 @dataclass
@@ -87,8 +94,8 @@ def save_checkpoint(
             state = {"progress": progress.state_dict(), "config": config_fingerprint}
             Path(f"{tmp}/state.json").write_text(json.dumps(state, indent=1))
         loc.publish_bytes("checkpoints/latest", name.encode())
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    except Exception as err:
+        if is_out_of_space(err):
             previous = latest_checkpoint(out)
             kept = (
                 f"the previous checkpoint ({previous.name}) is intact"
@@ -104,10 +111,33 @@ def save_checkpoint(
     return Path(loc.path(f"checkpoints/{name}"))
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether a failed write ran out of disk: an OSError, or the same failure as safetensors
+    ("... (os error 28)") and torch.save (its zip writer's failed write, errno lost) report it."""
+    if isinstance(err, OSError):
+        return err.errno in _NO_SPACE
+    text = str(err)
+    if any(f"(os error {code})" in text for code in _NO_SPACE):
+        return True
+    return isinstance(err, RuntimeError) and (
+        "inline_container" in text or "PytorchStreamWriter" in text
+    )
+
+
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - max(keep, 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    # A process killed mid-save leaves its partial checkpoint (as large as a whole one) or
+    # pointer under a .tmp- name; only this writer (rank 0) ever stages there.
+    for stale in root.glob(".tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def latest_checkpoint(out: str) -> Path | None:
@@ -121,12 +151,28 @@ def latest_checkpoint(out: str) -> Path | None:
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[TrainingProgress, dict[str, Any]]:
-    """Restores model, optimizer and RNG states; returns (progress, saved config)."""
-    state = json.loads((path / "state.json").read_text())
-    load_model(model, str(path / "model.safetensors"))
-    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    _set_rng_state(blob["rng"])
+    """Restores model, optimizer and RNG states; returns (progress, saved config).
+
+    A damaged or foreign file (a pickle where optimizer.pt should be, say) is refused with
+    its name; nothing in it is executed (safetensors, ``weights_only=True``).
+    """
     progress = TrainingProgress()
-    progress.load_state_dict(state["progress"])
-    return progress, state["config"]
+    file = path / "state.json"
+    try:
+        state = json.loads(file.read_text())
+        progress.load_state_dict(state["progress"])
+        file = path / "model.safetensors"
+        load_model(model, str(file))
+        file = path / "optimizer.pt"
+        blob = torch.load(file, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        _set_rng_state(blob["rng"])
+        return progress, state["config"]
+    except Exception as err:  # torch, safetensors and json raise assorted types
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        if isinstance(err, pickle.UnpicklingError):  # torch's text suggests the unsafe load
+            reason = "it holds objects other than tensors, refused unread (weights_only)"
+        raise LogitcacheError(
+            f"cannot resume from {file}: {type(err).__name__}: {reason}; the checkpoint is "
+            f"damaged or not one of ours (delete {path} to resume from an earlier one)"
+        ) from None

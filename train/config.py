@@ -145,6 +145,15 @@ class TrainConfig:
             (self.block_shards >= 1, f"--block-shards must be >= 1, got {self.block_shards}"),
             (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
             (self.precision in ("auto", "bf16", "fp32"), "--precision: auto, bf16 or fp32"),
+            (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
+            (
+                self.keep_checkpoints >= 1,
+                f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
+            ),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}"),
+            (self.eval_sequences >= 1, f"--eval-sequences must be >= 1, got {self.eval_sequences}"),
             (
                 self.local_cache_gb is None or self.local_cache_gb > 0,
                 f"--local-cache-gb must be > 0, got {self.local_cache_gb}",

@@ -25,7 +25,13 @@ from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheReader
 
-from .checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    TrainingProgress,
+    is_out_of_space,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import RESUME_MAY_CHANGE, TrainConfig, lr_multiplier
 from .data import CacheStream, StreamState, count_split, eval_batches
 from .losses import cross_entropy_sum, teacher_kl
@@ -70,8 +76,13 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         seed=config.seed, trust_remote_code=config.trust_remote_code,
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
-    _check_fits_one_device(model, env)
-    model.to(env.device)
+    try:
+        _check_fits_one_device(model, env)
+        model.to(env.device)
+    except (AssertionError, RuntimeError):  # what torch raises for CUDA on a CPU-only machine
+        if env.device.type == "cuda" and not torch.cuda.is_available():
+            raise LogitcacheError(f"--device {config.device}: CUDA is not available") from None
+        raise
     teacher = _online_teacher(config, env)
     module = DistillModule(
         model, loss_kwargs=config.loss_kwargs(), chunk_size=config.chunk_size, teacher=teacher
@@ -222,7 +233,12 @@ def _setup_distributed(config: TrainConfig) -> _Env:
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(config.device)
+        try:
+            device = torch.device(config.device)
+        except RuntimeError:
+            raise LogitcacheError(
+                f"--device {config.device}: not a device name (auto, cpu, cuda, cuda:N, mps)"
+            ) from None
     if world > 1:
         rank = int(os.environ["RANK"])
         if device.type == "cuda":
@@ -463,8 +479,18 @@ def _save_final(model, tokenizer, model_dir: Path) -> None:
     tmp = model_dir.parent / f".tmp-{model_dir.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_out_of_space(err):
+            raise
+        last = latest_checkpoint(str(model_dir.parent))
+        raise LogitcacheError(
+            f"out of disk while saving the final model to {model_dir}: the last checkpoint "
+            f"({last.name if last else 'none'}) is intact; free space and rerun with --resume"
+        ) from None
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)
@@ -480,11 +506,27 @@ class _MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step and path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln and json.loads(ln).get("step", 0) <= resume_step]  # fmt: skip
+            kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) <= resume_step]
         path.write_text("".join(f"{ln}\n" for ln in kept))
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+        except OSError as err:
+            if not is_out_of_space(err):
+                raise
+            raise LogitcacheError(
+                f"out of disk while writing {self.path}: free space and rerun with --resume "
+                "(it continues from the last checkpoint)"
+            ) from None
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics row; a row torn by a crash or a full disk counts as past all."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf

@@ -13,7 +13,8 @@ class LogitcacheError(Exception):
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a click command: a LogitcacheError prints ``error: ...`` and exits 1.
+    """Decorate a click command: a LogitcacheError prints ``error: ...`` and exits 1; so
+    does an OSError (the file system refused: ``--out`` names a file, the disk is full).
 
     Anything else is a bug and keeps its traceback.
     """
@@ -24,6 +25,10 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except LogitcacheError as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as err:  # the file system refused: a path that is a file, no space...
+            where = f": {err.filename}" if err.filename else ""
+            print(f"error: {err.strerror or err}{where}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted: completed shards and checkpoints are kept", file=sys.stderr)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from logitcache.errors import one_line_errors
+from logitcache.errors import LogitcacheError, one_line_errors
 
 __all__ = ["bench"]
 
@@ -28,6 +28,13 @@ def bench_storage(sequences: int, seq_len: int, top_k: int, vocab: int, as_json:
     import torch
 
     from logitcache.bench.storage import format_rows, rows_as_dicts, run_storage_bench
+
+    for flag, value, low in (("--sequences", sequences, 1), ("--seq-len", seq_len, 2),
+                             ("--top-k", top_k, 1), ("--vocab", vocab, 2)):  # fmt: skip
+        if value < low:
+            raise LogitcacheError(f"{flag} must be >= {low}, got {value}")
+    if top_k > vocab:
+        raise LogitcacheError(f"--top-k {top_k} is larger than --vocab {vocab}")
 
     torch.set_num_threads(1)
     rows = run_storage_bench(n_sequences=sequences, seq_len=seq_len, k=top_k, vocab=vocab)
@@ -81,7 +88,6 @@ def bench_precompute(
         precompute_as_dict,
         run_precompute_bench,
     )
-    from logitcache.errors import LogitcacheError
 
     if top_k is not None and samples is not None:
         raise LogitcacheError("choose one of --top-k K or --samples N")

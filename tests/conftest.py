@@ -3,6 +3,7 @@
 Everything is built in the test session; nothing is downloaded.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -124,4 +125,23 @@ def sharp_teacher_dir(tmp_path_factory, tiny_teacher_dir) -> Path:
     for file in Path(tiny_teacher_dir).iterdir():  # the tokenizer's files, unchanged
         if not (path / file.name).exists():
             shutil.copy(file, path / file.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def student_config(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A 1-layer Llama with the tokenizer's vocabulary, as a transformers config JSON."""
+    path = tmp_path_factory.mktemp("student") / "student.json"
+    config = {
+        "model_type": "llama",
+        "vocab_size": len(tiny_tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    }
+    path.write_text(json.dumps(config))
     return path

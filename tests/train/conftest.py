@@ -54,25 +54,6 @@ def sampled_cache(tmp_path_factory, teacher_dir, text_corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
-def student_config(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A 1-layer Llama with the tokenizer's vocabulary, as a transformers config JSON."""
-    path = tmp_path_factory.mktemp("student") / "student.json"
-    config = {
-        "model_type": "llama",
-        "vocab_size": len(tiny_tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-    }
-    path.write_text(json.dumps(config))
-    return path
-
-
-@pytest.fixture(scope="session")
 def train_args():
     """``logitcache train`` arguments: fast defaults overridden by keywords (True: a flag)."""
 

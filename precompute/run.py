@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from logitcache.errors import LogitcacheError
+from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.progress import Reporter, human_bytes
 from logitcache.recipes import recipe_json
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
@@ -39,13 +40,7 @@ from .ranks import (
     rank_device,
 )
 from .sparse import SparseTargets, sample_generator, sampled_targets, topk_targets
-from .teacher import (
-    config_fingerprint,
-    load_teacher,
-    load_tokenizer,
-    tokenizer_identity,
-    weights_fingerprint,
-)
+from .teacher import load_teacher, load_tokenizer
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 

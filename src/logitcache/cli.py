@@ -19,31 +19,12 @@ from logitcache.errors import one_line_errors as _expected_errors
 from logitcache.options import build, click_options
 from logitcache.precompute.config import PrecomputeConfig
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
-from logitcache.recipes import recipe_yaml, resolve
+from logitcache.recipes import recipe_options, recipe_yaml, resolve
 from logitcache.train.config import RUN_RECORD_KEYS, TrainConfig
 
 __all__ = ["main", "precompute_config", "render_reference", "train_config"]
 
 _QUIET = click.option("--quiet", is_flag=True, default=False, help="No progress bars.")
-
-
-def _recipe_options(fn):
-    """``--config`` and ``--dry-run``, shared by the commands made from a config class."""
-    fn = click.option(
-        "--dry-run",
-        is_flag=True,
-        help="Print the resolved settings as a YAML recipe (headed by the equivalent command "
-        "line) and exit without running.",
-    )(fn)
-    return click.option(
-        "--config",
-        "recipe",
-        default=None,
-        metavar="FILE",
-        help="A YAML or JSON recipe of this command's settings (keys: the flags' names with _ "
-        "for -); flags given here override it. A run's saved settings (a cache's "
-        "precompute_config.json, a student's train_config.json) are recipes.",
-    )(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -96,7 +77,7 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
 @main.command()
 @click_options(PrecomputeConfig)
 @_QUIET
-@_recipe_options
+@recipe_options
 @_expected_errors
 def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) -> None:
     """Run a teacher over a corpus once and write the cache (resumable)."""
@@ -138,7 +119,7 @@ def precompute_config(
 # -- train ----------------------------------------------------------------------------
 @main.command()
 @click_options(TrainConfig)
-@_recipe_options
+@recipe_options
 @_expected_errors
 def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
     """Train a student from a cache, with no teacher in memory."""

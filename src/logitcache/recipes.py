@@ -22,7 +22,7 @@ from click.core import ParameterSource
 from logitcache.errors import LogitcacheError
 from logitcache.options import Setting, settings, settings_of, to_argv
 
-__all__ = ["load_recipe", "recipe_json", "recipe_yaml", "resolve"]
+__all__ = ["load_recipe", "recipe_json", "recipe_options", "recipe_yaml", "resolve"]
 
 
 def load_recipe(path: str, cls: type, *, ignore: Iterable[str] = ()) -> dict[str, Any]:
@@ -81,6 +81,25 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
     return "; keys are the flags of the command's --help, with _ for -"
 
 
+def recipe_options(fn):
+    """``--config`` and ``--dry-run``, shared by the commands made from a config class."""
+    fn = click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Print the resolved settings as a YAML recipe (headed by the equivalent command "
+        "line) and exit without running.",
+    )(fn)
+    return click.option(
+        "--config",
+        "recipe",
+        default=None,
+        metavar="FILE",
+        help="A YAML or JSON recipe of this command's settings (keys: the flags' names with _ "
+        "for -); flags given here override it. A run's saved settings (a cache's "
+        "precompute_config.json, a student's train_config.json) are recipes.",
+    )(fn)
+
+
 def resolve(
     cls: type,
     ctx: click.Context | None,
@@ -94,8 +113,8 @@ def resolve(
     from_file = load_recipe(config, cls, ignore=ignore) if config else {}
     flat: dict[str, Any] = {}
     for s in settings(cls):
-        if not s.meta.cli:
-            if s.key in from_file:
+        if not s.meta.cli:  # a key only; or the rest of a flag given on the command line
+            if s.key in from_file and s.key not in flat:
                 flat[s.key] = from_file[s.key]
             continue
         given = ctx is None or ctx.get_parameter_source(s.key) not in (

@@ -265,12 +265,9 @@ def run_precompute_bench(
     """
     from transformers import AutoConfig
 
-    from logitcache.precompute import CorpusSpec, PrecomputeConfig, PrecomputeResult
-    from logitcache.precompute.packing import iter_sequences
+    from logitcache.precompute import CorpusSpec, PrecomputeConfig
     from logitcache.precompute.run import make_spec
     from logitcache.precompute.teacher import load_teacher, load_tokenizer
-    from logitcache.progress import Reporter
-    from logitcache.storage import CacheWriter
 
     if samples is not None:
         top_k = None
@@ -297,28 +294,9 @@ def run_precompute_bench(
         load_s = time.perf_counter() - t0
         spec = make_spec(config, tokenizer, AutoConfig.from_pretrained(teacher))
 
-        result = PrecomputeResult(manifest=None)
-        with CacheWriter(config.out, spec) as writer:
-            pipe = _make_pipeline_class()(
-                config, spec, tokenizer, model, dev, writer, Reporter(enabled=False), result
-            )
-            seqs = list(enumerate(iter_sequences(corpus, tokenizer)))
-            # Packed and cut at a multiple of seq_len: no padding in either pass.
-            assert all(len(seq.input_ids) == seq_len for _, seq in seqs)
-            batches = [
-                _as_tensors(batch, dev)
-                for j in range(0, len(seqs), shard_sequences)
-                for batch in pipe._batches(seqs[j : j + shard_sequences])
-            ]
-            n_tokens = sum(int(mask.sum()) for _, mask in batches)
-            _bare_pass(model, batches[:1], dev)  # warm-up: kernels, allocator, caches
-            bare = [_bare_pass(model, batches, dev)]
-            t0 = time.perf_counter()
-            pipe.run()
-            pipeline_s = time.perf_counter() - t0
-            bare.append(_bare_pass(model, batches, dev))
-        manifest = result.manifest
-        assert manifest is not None and manifest.n_tokens == n_tokens
+        pipe, batches, n_tokens, bare, pipeline_s, t0, manifest = _time_both(
+            config, spec, tokenizer, model, dev
+        )
 
     bare_mean = sum(bare) / len(bare)
     drain_s = pipeline_s - (pipe.last_put_end - t0) if pipe.last_put_end else 0.0
@@ -338,6 +316,39 @@ def run_precompute_bench(
         reader_wait_s=max(0.0, pipeline_s - pipe.busy_s - pipe.put_wait_s - drain_s),
         loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
     )  # fmt: skip
+
+
+def _time_both(config, spec, tokenizer, model, dev):
+    """(pipeline, batches, tokens, bare pass times, pipeline time, its start, manifest)."""
+    from logitcache.precompute import PrecomputeResult
+    from logitcache.precompute.packing import iter_sequences
+    from logitcache.progress import Reporter
+    from logitcache.storage import CacheWriter
+
+    size = config.shard_sequences
+    result = PrecomputeResult(manifest=None)
+    with CacheWriter(config.out, spec) as writer:
+        pipe = _make_pipeline_class()(
+            config, spec, tokenizer, model, dev, writer, Reporter(enabled=False), result
+        )
+        seqs = list(enumerate(iter_sequences(config.corpus, tokenizer)))
+        # Packed and cut at a multiple of seq_len: no padding in either pass.
+        assert all(len(seq.input_ids) == config.corpus.seq_len for _, seq in seqs)
+        batches = [
+            _as_tensors(batch, dev)
+            for j in range(0, len(seqs), size)
+            for batch in pipe._batches(seqs[j : j + size])
+        ]
+        n_tokens = sum(int(mask.sum()) for _, mask in batches)
+        _bare_pass(model, batches[:1], dev)  # warm-up: kernels, allocator, caches
+        bare = [_bare_pass(model, batches, dev)]
+        t0 = time.perf_counter()
+        pipe.run()
+        pipeline_s = time.perf_counter() - t0
+        bare.append(_bare_pass(model, batches, dev))
+    manifest = result.manifest
+    assert manifest is not None and manifest.n_tokens == n_tokens
+    return pipe, batches, n_tokens, bare, pipeline_s, t0, manifest
 
 
 def _describe(shape: SyntheticLlama) -> str:

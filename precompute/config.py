@@ -2,31 +2,30 @@
 
 In: values from the library, a recipe file or flags (``logitcache precompute``'s options are
 made from these fields and their docstrings; see ``logitcache.options``). Out: a frozen,
-validated config; ``run_precompute`` saves it resolved beside the cache as
-``precompute_config.json``, which ``--config`` reads back.
+validated config. A cache's manifest records every setting that shapes its bytes; read back
+(``read_recipe``: ``--config CACHE``) they make the same cache again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitcacheError
 from logitcache.options import option, to_argv
+from logitcache.recipes import parse_recipe_file
 
 from .corpus import CorpusSpec
 from .defaults import DEFAULT_SAMPLES
 
-__all__ = ["CONFIG_FILE", "PrecomputeConfig"]
-
-CONFIG_FILE = "precompute_config.json"
-"""The resolved settings, saved at the root of the cache (without ``out`` and the worker
-split, which change neither the bytes nor where they belong)."""
+__all__ = ["PrecomputeConfig", "read_recipe", "settings_from_spec"]
 
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    """Everything ``logitcache precompute`` needs; saved resolved beside the cache."""
+    """Everything ``logitcache precompute`` needs; what shapes the bytes is in the manifest."""
 
     teacher: str
     """Hub id or local directory of any AutoModelForCausalLM; its tokenizer is used."""
@@ -115,3 +114,51 @@ class PrecomputeConfig:
     def to_argv(self) -> list[str]:
         """The ``logitcache precompute`` flags that make this config."""
         return to_argv(self)
+
+
+def settings_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that made a cache, from its manifest's spec (recipe keys).
+
+    They are the ones that shape its bytes; device, batch size, workers and streaming do not
+    (docs/design.md), so a teacher pass with these writes the same cache. The teacher
+    revision is the one resolved at the time (a hub commit), which pins an unpinned run.
+    """
+    teacher, corpus, content = spec["teacher"], spec["corpus"], spec["settings"]
+    if corpus.get("kind") == "hub":
+        data = {"data": [corpus["name"]], "data_config": corpus.get("config"),
+                "split": corpus.get("split", "train"),
+                "data_revision": corpus.get("revision")}  # fmt: skip
+    else:
+        data = {"data": [f["path"] for f in corpus["files"]]}
+    dtype = teacher.get("dtype")
+    return {
+        "teacher": teacher["name_or_path"],
+        "teacher_revision": teacher.get("revision"),
+        "dtype": None if dtype in (None, "auto") else dtype,
+        **data,
+        "text_field": corpus.get("text_field", "text"),
+        "messages_field": corpus.get("messages_field"),
+        "max_tokens": content.get("max_tokens"),
+        "seq_len": spec["seq_len"],
+        "pack": spec["pack"],
+        "top_k": spec["k"],
+        "samples": spec["samples"],
+        "sampled_logprobs": spec["sampled_logprobs"],
+        "seed": content.get("seed", 0),
+        "container": spec["container"],
+        "logprob_codec": content.get("logprob_codec", "lossy"),
+        "logprob_step": content.get("logprob_step", 1 / 32),
+        "shard_sequences": spec["shard_sequences"],
+    }
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """A ``precompute`` recipe: a YAML/JSON file, or a cache (directory, URL or its
+    manifest.json) whose manifest says how it was made."""
+    from logitcache.storage import Location, read_manifest
+
+    local = Path(path).expanduser()
+    if local.name != "manifest.json" and local.suffix in (".yaml", ".yml", ".json"):
+        return parse_recipe_file(path)
+    cache = str(local.parent) if local.name == "manifest.json" else path
+    return settings_from_spec(read_manifest(Location(cache)).spec.to_dict())

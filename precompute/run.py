@@ -27,10 +27,9 @@ import torch
 from logitcache.errors import LogitcacheError
 from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.progress import Reporter, human_bytes
-from logitcache.recipes import recipe_json
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
 
-from .config import CONFIG_FILE, PrecomputeConfig
+from .config import PrecomputeConfig
 from .corpus import corpus_identity
 from .packing import CorpusStats, iter_sequences
 from .ranks import (
@@ -66,7 +65,6 @@ class _ShardWork:
 
 
 _END = object()
-_NOT_SAVED = ("out", "num_workers", "worker_index")  # where and how split: not the bytes
 _PAD_MULTIPLE = 64  # tokens; see Pipeline._width
 
 
@@ -141,8 +139,6 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
             reporter.log(f"{config.out} is already complete: nothing to do")
             result.manifest, result.already_complete = writer.manifest, True
             return result
-        if config.worker_index == 0:  # beside the cache, read back by --config
-            writer.loc.publish_bytes(CONFIG_FILE, recipe_json(config, drop=_NOT_SAVED).encode())
         done = sum(1 for s in writer.manifest.shards if writer.owns(s.index))
         if done:
             reporter.log(f"resuming: {done} shards of this worker are already complete")

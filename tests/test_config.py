@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from logitcache.cli import main, precompute_config, train_config
 from logitcache.errors import LogitcacheError
 from logitcache.options import build, click_options, option, settings, settings_of, to_argv
-from logitcache.precompute.config import CONFIG_FILE, PrecomputeConfig
+from logitcache.precompute.config import PrecomputeConfig
 from logitcache.precompute.corpus import CorpusSpec
 from logitcache.recipes import resolve
 from logitcache.train.config import TrainConfig
@@ -185,21 +185,23 @@ def test_the_shipped_recipes_parse_and_dry_run(path):
 
 
 # -- saved settings reproduce the run ----------------------------------------------------
-def test_a_saved_precompute_config_reproduces_the_cache(tmp_path, tiny_teacher_dir, text_corpus):
-    first, second = tmp_path / "first", tmp_path / "second"
+def test_a_cache_is_the_recipe_that_makes_it_again(tmp_path, tiny_teacher_dir, text_corpus):
+    first = tmp_path / "first"
     argv = ["--teacher", tiny_teacher_dir, "--data", text_corpus, "--seq-len", "32",
-            "--shard-sequences", "8", "--samples", "8", "--seed", "4", "--device", "cpu",
-            "--quiet"]  # fmt: skip
-    assert invoke("precompute", *argv, "--out", first).exit_code == 0
-    saved = json.loads((first / CONFIG_FILE).read_text())
-    assert "out" not in saved and saved["samples"] == 8 and saved["data_revision"] is None
-    result = invoke("precompute", "--config", first / CONFIG_FILE, "--out", second, "--quiet")
-    assert result.exit_code == 0, result.output
-    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file()
-                   and ".locks" not in p.parts)  # fmt: skip
-    assert len(files) > 3
-    for name in files:
-        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+            "--shard-sequences", "8", "--samples", "8", "--seed", "4", "--no-pack",
+            "--logprob-step", "0.0625", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert invoke("precompute", *argv, "--out", first, "--batch-tokens", "64").exit_code == 0
+    recipe = parse("precompute", ["--config", first, "--out", "x"])
+    assert recipe == replace(parse("precompute", [*argv, "--out", "x"]), device="auto")
+    for source in (first, first / "manifest.json"):
+        again = tmp_path / f"again-{source.name}"
+        result = invoke("precompute", "--config", source, "--out", again, "--quiet")
+        assert result.exit_code == 0, result.output
+        files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file()
+                       and ".locks" not in p.parts)  # fmt: skip
+        assert len(files) > 3
+        for name in files:
+            assert (first / name).read_bytes() == (again / name).read_bytes(), name
 
 
 def test_a_saved_train_config_reproduces_the_losses(

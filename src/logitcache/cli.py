@@ -17,7 +17,7 @@ import click
 from logitcache.bench.commands import bench
 from logitcache.errors import one_line_errors as _expected_errors
 from logitcache.options import build, click_options
-from logitcache.precompute.config import PrecomputeConfig
+from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
 from logitcache.recipes import recipe_options, recipe_yaml, resolve
 from logitcache.train.config import RUN_RECORD_KEYS, TrainConfig
@@ -107,7 +107,7 @@ def precompute_config(
     """
     from logitcache.precompute.ranks import resolve_worker
 
-    flat = resolve(PrecomputeConfig, ctx, params, config=recipe)
+    flat = resolve(PrecomputeConfig, ctx, params, config=recipe, read=read_recipe)
     if flat.get("top_k") is None and flat.get("samples") is None:
         flat["samples"] = DEFAULT_SAMPLES
     flat["worker_index"], flat["num_workers"] = resolve_worker(

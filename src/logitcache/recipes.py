@@ -3,8 +3,8 @@
 In: a ``--config`` file, a mapping of recipe keys (a flag's name without the dashes, ``_``
 for ``-``; see ``logitcache.options``) to values, and the command's parsed flags. Out: flat
 settings where a flag given on the command line wins over the file, and the file over the
-defaults (``resolve``); the text of a resolved recipe (``recipe_json``, ``recipe_yaml``),
-which read back with ``--config`` makes the same run.
+defaults (``resolve``); the text of a resolved recipe (``recipe_yaml``), which read back
+with ``--config`` makes the same run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,21 @@ from click.core import ParameterSource
 from logitcache.errors import LogitcacheError
 from logitcache.options import Setting, settings, settings_of, to_argv
 
-__all__ = ["load_recipe", "recipe_json", "recipe_options", "recipe_yaml", "resolve"]
+Reader = Callable[[str], dict[str, Any]]
+
+__all__ = ["load_recipe", "parse_recipe_file", "recipe_options", "recipe_yaml", "resolve"]
 
 
-def load_recipe(path: str, cls: type, *, ignore: Iterable[str] = ()) -> dict[str, Any]:
-    """The settings a recipe file gives, converted to the fields' types.
+def load_recipe(
+    path: str, cls: type, *, ignore: Iterable[str] = (), read: Reader | None = None
+) -> dict[str, Any]:
+    """The settings a recipe gives, converted to the fields' types.
 
     ``ignore``: keys a saved file may carry besides settings (e.g. train_config.json's
     ``world_size``). Any other unknown key is an error naming the closest valid one.
+    ``read``: how ``path`` becomes a mapping (default: ``parse_recipe_file``).
     """
-    data = _parse(path)
+    data = (read or parse_recipe_file)(path)
     by_key = {s.key: s for s in settings(cls)}
     out: dict[str, Any] = {}
     for key, value in data.items():
@@ -49,7 +54,8 @@ def load_recipe(path: str, cls: type, *, ignore: Iterable[str] = ()) -> dict[str
     return out
 
 
-def _parse(path: str) -> dict[str, Any]:
+def parse_recipe_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML file (JSON when the name ends in .json); one-line errors."""
     try:
         text = Path(path).expanduser().read_text()
     except OSError as err:
@@ -95,8 +101,8 @@ def recipe_options(fn):
         default=None,
         metavar="FILE",
         help="A YAML or JSON recipe of this command's settings (keys: the flags' names with _ "
-        "for -); flags given here override it. A run's saved settings (a cache's "
-        "precompute_config.json, a student's train_config.json) are recipes.",
+        "for -); flags given here override it. Saved runs are recipes: precompute takes a "
+        "cache (its manifest records how it was made), train a run's train_config.json.",
     )(fn)
 
 
@@ -107,10 +113,11 @@ def resolve(
     *,
     config: str | None = None,
     ignore: Iterable[str] = (),
+    read: Reader | None = None,
 ) -> dict[str, Any]:
     """Flat settings of ``cls``: flags given on the command line, then the ``config``
-    file, then the defaults. Without ``ctx`` every flag counts as given."""
-    from_file = load_recipe(config, cls, ignore=ignore) if config else {}
+    recipe, then the defaults. Without ``ctx`` every flag counts as given."""
+    from_file = load_recipe(config, cls, ignore=ignore, read=read) if config else {}
     flat: dict[str, Any] = {}
     for s in settings(cls):
         if not s.meta.cli:  # a key only; or the rest of a flag given on the command line
@@ -151,12 +158,6 @@ def _missing(ctx: click.Context | None, s: Setting, config: str | None) -> None:
         raise LogitcacheError(f"missing option {s.flag}{where}")
     param = next(p for p in ctx.command.params if p.name == s.key)
     raise click.MissingParameter(ctx=ctx, param=param, message=where.strip(" ()") or None)
-
-
-def recipe_json(config: Any, *, drop: Iterable[str] = ()) -> str:
-    """The resolved settings of ``config`` as a JSON recipe (``drop``: keys left out)."""
-    flat = {k: v for k, v in settings_of(config).items() if k not in set(drop)}
-    return json.dumps(flat, indent=1) + "\n"
 
 
 def recipe_yaml(config: Any, command: str) -> str:

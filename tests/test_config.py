@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import click
 import pytest
@@ -246,6 +247,12 @@ class _Example:
     """Numbers, comma-separated."""
     hidden: int = option(0, cli=False)
     """A recipe key only."""
+    level: Literal["low", "high"] = "low"
+    """A Literal: its values are the choices."""
+    tags: tuple[str, ...] = ("x", "y")
+    """A repeatable flag with a default."""
+    extra: dict[str, int] = option(default_factory=dict, cli=False)  # noqa: RUF009
+    """Any other type: a recipe key only, taken as is."""
 
 
 def test_a_new_field_with_a_docstring_is_a_flag():
@@ -257,13 +264,15 @@ def test_a_new_field_with_a_docstring_is_a_flag():
     helptext = CliRunner().invoke(command, ["--help"]).output
     for needle in ("--name TEXT", "Required text.", "[required]", "--count INTEGER",
                    "[default: 3]", "--mode [fast|exact]", "--flag / --no-flag", "--paths TEXT",
-                   "--weights X,Y,..."):  # fmt: skip
+                   "--weights X,Y,...", "--level [low|high]", "[default: (x, y)]"):  # fmt: skip
         assert needle in helptext, needle
-    assert "--hidden" not in helptext
-    example = _Example("n", 4, 0.5, "exact", True, ("a", "b"), (1.0, 2.5))
+    assert "--hidden" not in helptext and "--extra" not in helptext
+    example = _Example("n", 4, 0.5, "exact", True, ("a", "b"), (1.0, 2.5), 0, "high", ("z",))
     result = CliRunner().invoke(command, to_argv(example))
     assert result.output.strip() == repr(example)
     assert to_argv(replace(example, count=3, flag=False)).count("--count") == 0
+    assert CliRunner().invoke(command, ["--name", "n"]).output.strip() == repr(_Example("n"))
+    assert settings_of(replace(example, extra={"a": 1}))["extra"] == {"a": 1}
 
 
 def test_a_field_without_a_docstring_is_refused():

@@ -58,9 +58,12 @@ class OptionMeta:
     """A repeatable flag: its first value is this field, the others go to the named field."""
 
 
-def option(default: Any = MISSING, **meta: Any) -> Any:
+def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: Any) -> Any:
     """A dataclass field with a default and ``OptionMeta`` (see its fields for ``meta``)."""
-    return field(default=default, metadata={"option": OptionMeta(**meta)})
+    metadata = {"option": OptionMeta(**meta)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,15 @@ class Setting:
     path: tuple[str, ...]
     """Attribute path from the top config, e.g. ("corpus", "revision")."""
     kind: type
-    """bool, int, float, str, or tuple (of ``item``)."""
+    """bool, int, float, str, tuple (of ``item``), or object (a key only: taken as is)."""
     item: type | None
     optional: bool
     default: Any
     """MISSING for a required field."""
     help: str
     meta: OptionMeta
+    choices: tuple[str, ...] | None = None
+    """``meta.choices``, or the values of a ``Literal`` type."""
 
     @property
     def flag(self) -> str:
@@ -96,9 +101,9 @@ class Setting:
         return None if self.default is MISSING else self.default
 
     def click_type(self) -> click.ParamType:
-        if self.meta.choices is not None:
+        if self.choices is not None:
             extra = (self.meta.none,) if self.meta.none is not None else ()
-            return click.Choice([*extra, *self.meta.choices])
+            return click.Choice([*extra, *self.choices])
         if self.kind is tuple:
             return click.STRING  # one value of a repeatable flag, or numbers as "3,1"
         return {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}[self.kind]
@@ -109,6 +114,8 @@ class Setting:
             if self.optional or self.meta.none is not None:
                 return None
             raise LogitcacheError(f"{where}: {self.key} must be set (it has no null value)")
+        if self.kind is object:
+            return value
         if self.kind is tuple:
             return self._convert_tuple(value, where)
         if self.kind in (int, float) and isinstance(value, bool):
@@ -148,22 +155,30 @@ def _walk(cls: type, prefix: tuple[str, ...]):
     hints = typing.get_type_hints(cls)
     docs = _docstrings(cls)
     for f in dataclasses.fields(cls):
-        kind, item, optional = _kind(hints[f.name], f"{cls.__name__}.{f.name}")
+        where = f"{cls.__name__}.{f.name}"
+        meta = f.metadata.get("option", OptionMeta())
+        try:
+            kind, item, optional, choices = _kind(hints[f.name], where)
+        except TypeError:
+            if meta.cli:
+                raise
+            kind, item, optional, choices = object, None, True, None  # a key only, as is
         if dataclasses.is_dataclass(kind):
             yield from _walk(kind, (*prefix, f.name))
             continue
-        meta = f.metadata.get("option", OptionMeta())
         text = meta.help or docs.get(f.name)
         if not text and meta.cli:
-            raise TypeError(f"{cls.__name__}.{f.name} needs a docstring: it is a flag's help")
+            raise TypeError(f"{where} needs a docstring: it is a flag's help")
         text = " ".join((text or "").replace("``", "").split())
-        default = f.default if f.default is not MISSING else MISSING
+        default = f.default
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
         yield Setting(meta.key or f.name, (*prefix, f.name), kind, item, optional, default, text,
-                      meta)  # fmt: skip
+                      meta, meta.choices or choices)  # fmt: skip
 
 
-def _kind(hint: Any, where: str) -> tuple[type, type | None, bool]:
-    """(kind, item type of a tuple, optional) of a field's type hint."""
+def _kind(hint: Any, where: str) -> tuple[type, type | None, bool, tuple[str, ...] | None]:
+    """(kind, item type of a tuple, optional, choices) of a field's type hint."""
     optional = False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -175,10 +190,16 @@ def _kind(hint: Any, where: str) -> tuple[type, type | None, bool]:
         item = typing.get_args(hint)[0]
         if item not in (str, int, float):
             raise TypeError(f"{where}: tuples of str, int or float only")
-        return tuple, item, optional
+        return tuple, item, optional, None
+    if typing.get_origin(hint) is typing.Literal and all(
+        isinstance(a, str) for a in typing.get_args(hint)
+    ):
+        return str, None, optional, typing.get_args(hint)
     if hint in (bool, int, float, str) or dataclasses.is_dataclass(hint):
-        return hint, None, optional
-    raise TypeError(f"{where}: no flag for type {hint!r}")
+        return hint, None, optional, None
+    raise TypeError(
+        f"{where}: no flag for type {hint!r}; give it another type or option(..., cli=False)"
+    )
 
 
 def _docstrings(cls: type) -> dict[str, str]:
@@ -219,7 +240,9 @@ def _click_option(s: Setting):
         return click.option(f"{s.flag}/--no-{s.flag[2:]}", default=bool(default),
                             show_default=bool(default), **kw)  # fmt: skip
     if s.meta.rest_into or (s.kind is tuple and s.item is str):
-        return click.option(s.flag, multiple=True, **kw)
+        shown = bool(default) and not s.meta.rest_into
+        return click.option(s.flag, multiple=True, default=default if shown else None,
+                            show_default=", ".join(default) if shown else False, **kw)  # fmt: skip
     if s.kind is tuple:
         return click.option(s.flag, default=None, metavar="X,Y,...", **kw)
     return click.option(s.flag, type=s.click_type(), default=default,

@@ -33,7 +33,8 @@ def invoke(*args):
 
 def parse(command: str, argv: list[str]):
     """The config ``logitcache COMMAND ARGV`` would run (flags only, nothing runs)."""
-    ctx = main.commands[command].make_context(command, [str(a) for a in argv])
+    parent = click.Context(main, info_name="logitcache", **main.context_settings)
+    ctx = main.commands[command].make_context(command, [str(a) for a in argv], parent=parent)
     return COMMANDS[command][1](ctx.params, ctx, ctx.params["recipe"])
 
 

@@ -75,7 +75,7 @@ class CorpusSpec:
     messages_field: str | None = None
     """Row field holding a chat as a list of {"role", "content"}; overrides text_field."""
     max_tokens: int | None = None
-    """Stop after emitting exactly this many tokens in total (None: the whole corpus)."""
+    """Stop after emitting exactly this many tokens in total (unset: the whole corpus)."""
     seq_len: int = 2048
     """Tokens per packed sequence; the upper bound on length when not packing."""
     pack: bool = True

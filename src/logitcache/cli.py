@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from logitcache.bench.commands import bench
-from logitcache.errors import one_line_errors as _expected_errors
+from logitcache.errors import one_line_errors
 from logitcache.options import build, click_options
 from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
@@ -27,7 +27,17 @@ __all__ = ["main", "precompute_config", "render_reference", "train_config"]
 _QUIET = click.option("--quiet", is_flag=True, default=False, help="No progress bars.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The command group: every command's expected errors print one line (``one_line_errors``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return one_line_errors(super().invoke)(ctx)
+
+
+_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(cls=_Commands, context_settings=_SETTINGS)
 @click.version_option(package_name="logitcache")
 def main() -> None:
     """Distill language models from an offline teacher-logit cache.
@@ -51,7 +61,6 @@ main.add_command(bench)
               "~/.cache/logitcache].")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @_QUIET
-@_expected_errors
 def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> None:
     """Teacher, cache, and a distilled student beating a CE-only one, on this CPU.
 
@@ -78,7 +87,6 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
 @click_options(PrecomputeConfig)
 @_QUIET
 @recipe_options
-@_expected_errors
 def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) -> None:
     """Run a teacher over a corpus once and write the cache (resumable)."""
     from logitcache.describe import summary_text
@@ -120,7 +128,6 @@ def precompute_config(
 @main.command()
 @click_options(TrainConfig)
 @recipe_options
-@_expected_errors
 def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
     """Train a student from a cache, with no teacher in memory."""
     from logitcache.train import train as run_train
@@ -152,7 +159,6 @@ def train_config(
 @main.command()
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_expected_errors
 def inspect(cache: str, as_json: bool) -> None:
     """Summarize a cache (directory or URL): size, mode, teacher, tokenizer, corpus."""
     from logitcache.describe import cache_summary, summary_text
@@ -167,7 +173,6 @@ def inspect(cache: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("cache")
-@_expected_errors
 def verify(cache: str) -> None:
     """Recompute every shard hash and decode every record; exit 1 naming bad shards.
 
@@ -195,7 +200,6 @@ def verify(cache: str) -> None:
 
 @main.command()
 @click.argument("cache")
-@_expected_errors
 def merge(cache: str) -> None:
     """Write the complete manifest of a cache (directory or URL) written by several workers."""
     from logitcache.storage import merge_parts
@@ -215,7 +219,6 @@ _THREADS = click.option(
 @click.argument("url")
 @_THREADS
 @_QUIET
-@_expected_errors
 def push(cache: str, url: str, threads: int, quiet: bool) -> None:
     """Copy CACHE to URL (s3://, gs://, ... or a directory), checking every shard's hash.
 
@@ -234,7 +237,6 @@ def push(cache: str, url: str, threads: int, quiet: bool) -> None:
 )
 @_THREADS
 @_QUIET
-@_expected_errors
 def pull(
     url: str, directory: str, shards: str | None, max_tokens: int | None, threads: int, quiet: bool
 ) -> None:

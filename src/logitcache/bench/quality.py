@@ -23,6 +23,7 @@ from logitcache.demo import (
     HELDOUT_STORE,
     QUICK,
     DemoBudget,
+    command_line,
     ensure_teacher,
     precompute_config,
     prepare_corpus,
@@ -108,6 +109,7 @@ class _Study:
         dest = self.work / "caches" / f"{regime}-{store_key(store)}"
         data = self.slice_file if regime == "slice" else self.work / "more.jsonl"
         config = precompute_config(self.teacher, data, dest, self.budget, tokens, store)
+        self.reporter.log(f"[{self.corpus}/{regime}] {command_line(config)}")
         run_cache(config, Reporter(enabled=False))
         return dest, read_manifest(Location(dest)).stats()["bytes_per_token"]
 
@@ -120,6 +122,7 @@ class _Study:
                               settings)  # fmt: skip
         done = dest / "model" / "config.json"
         if not done.is_file():  # a finished student of an interrupted study is kept
+            self.reporter.log(f"[{self.corpus}/{regime}] {command_line(config)}")
             train(config)
         final = read_evals(dest / "metrics.jsonl")[-1]
         row = QualityRow(self.corpus, regime, name, final["eval_ce"], final["eval_kl"], None,

@@ -157,8 +157,8 @@ def read_recipe(path: str) -> dict[str, Any]:
     manifest.json) whose manifest says how it was made."""
     from logitcache.storage import Location, read_manifest
 
-    local = Path(path).expanduser()
-    if local.name != "manifest.json" and local.suffix in (".yaml", ".yml", ".json"):
+    if path.endswith("manifest.json"):
+        path = path[: -len("manifest.json")].rstrip("/") or "."
+    elif Path(path).suffix in (".yaml", ".yml", ".json"):
         return parse_recipe_file(path)
-    cache = str(local.parent) if local.name == "manifest.json" else path
-    return settings_from_spec(read_manifest(Location(cache)).spec.to_dict())
+    return settings_from_spec(read_manifest(Location(path)).spec.to_dict())

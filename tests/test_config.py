@@ -14,6 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from logitcache.bench.http_server import StaticServer
 from logitcache.cli import main, precompute_config, train_config
 from logitcache.errors import LogitcacheError
 from logitcache.options import build, click_options, option, settings, settings_of, to_argv
@@ -187,7 +188,10 @@ def test_the_shipped_recipes_parse_and_dry_run(path):
 
 
 # -- saved settings reproduce the run ----------------------------------------------------
-def test_a_cache_is_the_recipe_that_makes_it_again(tmp_path, tiny_teacher_dir, text_corpus):
+def test_a_cache_is_the_recipe_that_makes_it_again(
+    tmp_path, monkeypatch, tiny_teacher_dir, text_corpus
+):
+    monkeypatch.setenv("LOGITCACHE_HOME", str(tmp_path / "home"))
     first = tmp_path / "first"
     argv = ["--teacher", tiny_teacher_dir, "--data", text_corpus, "--seq-len", "32",
             "--shard-sequences", "8", "--samples", "8", "--seed", "4", "--no-pack",
@@ -204,6 +208,9 @@ def test_a_cache_is_the_recipe_that_makes_it_again(tmp_path, tiny_teacher_dir, t
         assert len(files) > 3
         for name in files:
             assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    with StaticServer(tmp_path) as server:  # a cache anywhere is its recipe: a URL too
+        for url in (f"{server.url}/first", f"{server.url}/first/manifest.json"):
+            assert parse("precompute", ["--config", url, "--out", "x"]) == recipe
 
 
 def test_a_saved_train_config_reproduces_the_losses(

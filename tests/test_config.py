@@ -173,6 +173,8 @@ def test_required_settings_come_from_the_file_or_a_flag(tmp_path):
     result = invoke("train", "--config", recipe)
     assert result.exit_code == 2 and "Missing option '--cache'" in result.output
     assert parse("train", ["--config", recipe, "--cache", "c"]).out == "o"
+    result = invoke("precompute", "--teacher", "t", "--out", "o")
+    assert result.exit_code == 2 and "Missing option '--data'" in result.output
     missing = tmp_path / "nope.yaml"
     assert "nope.yaml" in one_line_error(invoke("train", "--config", missing))
 

@@ -145,7 +145,7 @@ def _from_flag(s: Setting, value: Any) -> dict[str, Any]:
         return {s.key: values[0], s.meta.rest_into: values[1:]} if values else {}
     if s.kind is tuple:
         if value is None or value == ():
-            return {s.key: s.default if s.default is not None else ()}
+            return {} if s.required else {s.key: s.default if s.default is not None else ()}
         return {s.key: s.convert(value, s.flag)}
     if s.meta.none is not None and value == s.meta.none:
         return {s.key: None}

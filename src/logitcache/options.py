@@ -118,10 +118,15 @@ class Setting:
             return value
         if self.kind is tuple:
             return self._convert_tuple(value, where)
-        if self.kind in (int, float) and isinstance(value, bool):
-            raise LogitcacheError(f"{where}: {self.key}: expected a number, got {value!r}")
-        if self.kind is int and isinstance(value, float) and not value.is_integer():
-            raise LogitcacheError(f"{where}: {self.key}: expected an integer, got {value!r}")
+        expected = _EXPECTED[self.kind] if self.choices is None else f"one of {self.choices}"
+        wrong = (
+            not isinstance(value, (str, int, float))  # a list or a mapping
+            or (self.kind is bool and not isinstance(value, (bool, str)))
+            or (self.kind is not bool and isinstance(value, bool))
+            or (self.kind is int and isinstance(value, float) and not value.is_integer())
+        )
+        if wrong:
+            raise LogitcacheError(f"{where}: {self.key}: expected {expected}, got {value!r}")
         try:
             return self.click_type().convert(value, None, None)
         except click.BadParameter as err:
@@ -143,6 +148,9 @@ class Setting:
             raise LogitcacheError(
                 f"{self.flag} {text}: expected numbers separated by commas"
             ) from None
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 @functools.cache

@@ -161,4 +161,13 @@ def read_recipe(path: str) -> dict[str, Any]:
         path = path[: -len("manifest.json")].rstrip("/") or "."
     elif Path(path).suffix in (".yaml", ".yml", ".json"):
         return parse_recipe_file(path)
-    return settings_from_spec(read_manifest(Location(path)).spec.to_dict())
+    try:
+        manifest = read_manifest(Location(path))
+    except LogitcacheError as err:
+        raise LogitcacheError(f"--config {path} (a .yaml/.json recipe or a cache): {err}") from None
+    try:
+        return settings_from_spec(manifest.spec.to_dict())
+    except (KeyError, TypeError) as err:
+        raise LogitcacheError(
+            f"--config {path}: its manifest does not record how it was made (no {err})"
+        ) from None

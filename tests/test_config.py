@@ -21,6 +21,7 @@ from logitcache.options import build, click_options, option, settings, settings_
 from logitcache.precompute.config import PrecomputeConfig
 from logitcache.precompute.corpus import CorpusSpec
 from logitcache.recipes import resolve
+from logitcache.storage import CacheSpec
 from logitcache.train.config import TrainConfig
 
 RECIPES = Path(__file__).parent.parent / "docs" / "recipes"
@@ -213,6 +214,13 @@ def test_a_cache_is_the_recipe_that_makes_it_again(
         assert len(files) > 3
         for name in files:
             assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    manifest = json.loads((first / "manifest.json").read_text())
+    del manifest["spec"]["teacher"]["name_or_path"]
+    manifest["cache_id"] = CacheSpec.from_dict(manifest["spec"]).cache_id
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "manifest.json").write_text(json.dumps(manifest))
+    line = one_line_error(invoke("precompute", "--config", tmp_path / "odd", "--dry-run"))
+    assert "does not record how it was made (no 'name_or_path')" in line
     with StaticServer(tmp_path) as server:  # a cache anywhere is its recipe: a URL too
         for url in (f"{server.url}/first", f"{server.url}/first/manifest.json"):
             assert parse("precompute", ["--config", url, "--out", "x"]) == recipe

@@ -60,6 +60,8 @@ def parse_recipe_file(path: str) -> dict[str, Any]:
         text = Path(path).expanduser().read_text()
     except OSError as err:
         raise LogitcacheError(f"--config {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise LogitcacheError(f"--config {path}: not a UTF-8 text file") from None
     try:
         if path.endswith(".json"):
             data = json.loads(text)

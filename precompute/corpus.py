@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitcacheError
+from logitcache.options import option
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -59,12 +60,13 @@ class CorpusSpec:
     """What to read and how to cut it into sequences."""
 
     data: tuple[str, ...]
-    """One Hugging Face dataset name, or local paths / globs of .txt, .jsonl, .json, .parquet."""
+    """One Hugging Face dataset name, or local .txt/.jsonl/.json/.parquet files, directories or
+    globs (repeat the flag for several)."""
     data_config: str | None = None
     """Hub dataset configuration name (hub only)."""
     split: str = "train"
     """Hub dataset split (hub only)."""
-    revision: str | None = None
+    revision: str | None = option(None, key="data_revision")
     """Hub dataset revision (commit, tag or branch) to pin; hub only."""
     streaming: bool = False
     """Stream the hub dataset instead of downloading it first (hub only)."""
@@ -73,7 +75,7 @@ class CorpusSpec:
     messages_field: str | None = None
     """Row field holding a chat as a list of {"role", "content"}; overrides text_field."""
     max_tokens: int | None = None
-    """Stop after emitting exactly this many tokens in total (None: the whole corpus)."""
+    """Stop after emitting exactly this many tokens in total (unset: the whole corpus)."""
     seq_len: int = 2048
     """Tokens per packed sequence; the upper bound on length when not packing."""
     pack: bool = True

@@ -18,17 +18,19 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from logitcache.errors import LogitcacheError
+from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
 
-from .corpus import CorpusSpec, corpus_identity
+from .config import PrecomputeConfig
+from .corpus import corpus_identity
 from .packing import CorpusStats, iter_sequences
 from .ranks import (
     device_map_memory,
@@ -37,92 +39,9 @@ from .ranks import (
     rank_device,
 )
 from .sparse import SparseTargets, sample_generator, sampled_targets, topk_targets
-from .teacher import (
-    config_fingerprint,
-    load_teacher,
-    load_tokenizer,
-    tokenizer_identity,
-    weights_fingerprint,
-)
+from .teacher import load_teacher, load_tokenizer
 
-__all__ = ["PrecomputeConfig", "PrecomputeResult", "run_precompute"]
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    """Everything ``logitcache precompute`` needs; saved (resolved) in the manifest."""
-
-    teacher: str
-    """Hub id or local directory of any AutoModelForCausalLM; its tokenizer is used."""
-    out: str
-    """Cache directory or URL."""
-    corpus: CorpusSpec
-    top_k: int | None = None
-    """Store the k most probable ids per position (topk mode)."""
-    samples: int | None = None
-    """Store the distinct ids of N draws per position, with counts (sampled mode, 1..255)."""
-    sampled_logprobs: bool = False
-    """Sampled mode: also store the exact log-probs of the drawn ids."""
-    seed: int = 0
-    """Seeds the draws of sampled mode, per sequence."""
-    container: str = "arrow"
-    """``arrow`` or ``zarr``."""
-    logprob_codec: str = "lossy"
-    """``lossy`` (quantized gaps), ``float16`` or ``float32``."""
-    logprob_step: float = 1 / 32
-    """Quantization step of the lossy codec, in nats (error <= step/2 per log-prob)."""
-    shard_sequences: int = 256
-    """Sequences per shard (the unit of resume, verification and parallel work)."""
-    dtype: str | None = None
-    """Teacher dtype: bfloat16, float16, float32; None = the model's own."""
-    device: str = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    device_map: str | None = None
-    """``auto`` spreads a teacher larger than one GPU over the visible GPUs (under torchrun,
-    over this rank's share of the node's GPUs); needs ``accelerate``."""
-    batch_tokens: int = 16384
-    """Tokens per teacher forward (padding included); halved on out-of-memory."""
-    num_workers: int = 1
-    worker_index: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.top_k is None) == (self.samples is None):
-            raise LogitcacheError("choose exactly one of --top-k K or --samples N")
-        if self.top_k is not None and self.top_k < 1:
-            raise LogitcacheError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.samples is not None and not 1 <= self.samples <= 255:
-            raise LogitcacheError(f"--samples must be in 1..255, got {self.samples}")
-        if self.sampled_logprobs and self.samples is None:
-            raise LogitcacheError("--sampled-logprobs needs --samples")
-        if self.shard_sequences < 1:
-            raise LogitcacheError(f"--shard-sequences must be >= 1, got {self.shard_sequences}")
-        if self.batch_tokens < 1:
-            raise LogitcacheError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
-        if not 0 <= self.worker_index < self.num_workers:
-            raise LogitcacheError(
-                f"--worker-index {self.worker_index} must be in 0..{self.num_workers - 1}"
-            )
-        if not 0 < self.logprob_step <= 1:
-            raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
-        if self.device_map is not None and self.device != "auto":
-            raise LogitcacheError(
-                f"--device-map {self.device_map} places the teacher itself: drop --device "
-                f"{self.device}"
-            )
-
-    @property
-    def mode(self) -> str:
-        return "topk" if self.top_k is not None else "sampled"
-
-    def content_settings(self) -> dict[str, Any]:
-        """The settings that shape the cache's bytes (workers, batch size, device do not)."""
-        return {
-            "seed": self.seed,
-            "max_tokens": self.corpus.max_tokens,
-            "logprob_codec": self.logprob_codec,
-            "logprob_step": self.logprob_step,
-        }
+__all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 
 
 @dataclass
@@ -146,10 +65,11 @@ class _ShardWork:
 
 
 _END = object()
-_PAD_MULTIPLE = 64  # tokens; see _Pipeline._width
+_PAD_MULTIPLE = 64  # tokens; see Pipeline._width
 
 
-def _make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
+def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
+    """The cache spec ``config`` writes with this teacher (refused if they do not fit)."""
     vocab = int(model_config.vocab_size)
     if config.top_k is not None and config.top_k > vocab:
         raise LogitcacheError(
@@ -174,7 +94,7 @@ def _make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> C
         sampled_logprobs=config.sampled_logprobs,
         teacher={
             "name_or_path": config.teacher,
-            "revision": config.revision or getattr(model_config, "_commit_hash", None),
+            "revision": config.teacher_revision or getattr(model_config, "_commit_hash", None),
             "config_sha256": config_fingerprint(model_config),
             "weights_sha256": weights_fingerprint(config.teacher),
             "dtype": config.dtype or "auto",
@@ -205,12 +125,12 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
     from transformers import AutoConfig
 
     tokenizer = load_tokenizer(
-        config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+        config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
     model_config = AutoConfig.from_pretrained(
-        config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+        config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
-    spec = _make_spec(config, tokenizer, model_config)
+    spec = make_spec(config, tokenizer, model_config)
     result = PrecomputeResult(manifest=None)
     with CacheWriter(
         config.out, spec, worker=config.worker_index, num_workers=config.num_workers
@@ -226,16 +146,18 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
             config.teacher,
             dtype=config.dtype,
             device=config.device if config.device_map else rank_device(config.device),
-            revision=config.revision,
+            revision=config.teacher_revision,
             trust_remote_code=config.trust_remote_code,
             device_map=config.device_map,
             max_memory=device_map_memory(config.device_map),
         )
-        _Pipeline(config, spec, tokenizer, model, device, writer, reporter, result).run()
+        Pipeline(config, spec, tokenizer, model, device, writer, reporter, result).run()
     return result
 
 
-class _Pipeline:
+class Pipeline:
+    """The three overlapping stages of one worker's teacher pass (see the module docstring)."""
+
     def __init__(self, config, spec, tokenizer, model, device, writer, reporter, result):
         self.config, self.spec, self.tokenizer = config, spec, tokenizer
         self.model, self.device, self.writer = model, device, writer
@@ -507,10 +429,3 @@ def _close(inbox: queue.Queue, thread: threading.Thread) -> None:
         except queue.Full:
             continue
     thread.join()
-
-
-def settings_dict(config: PrecomputeConfig) -> dict[str, Any]:
-    """The fully resolved settings, JSON-able, for logs and reports."""
-    out = asdict(config)
-    out["corpus"] = asdict(config.corpus)
-    return out

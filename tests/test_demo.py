@@ -44,7 +44,7 @@ def test_quality_study_plumbing(tmp_path, tiny_teacher_dir, text_corpus):
 
     from logitcache import toy
     from logitcache.bench.quality import _gap, _Study, cache_variants, format_rows
-    from logitcache.demo import QUICK, _cli, precompute_args, write_student_config
+    from logitcache.demo import QUICK, precompute_config, run_cache, write_student_config
     from logitcache.progress import Reporter
 
     budget = replace(QUICK, seq_len=32, slice_tokens=300, heldout_tokens=200, student_steps=2,
@@ -54,8 +54,8 @@ def test_quality_study_plumbing(tmp_path, tiny_teacher_dir, text_corpus):
     slice_file = toy.write_jsonl(docs[:16], tmp_path / "slice.jsonl")
     held_file = toy.write_jsonl(docs[16:], tmp_path / "held.jsonl")
     held = tmp_path / "held-cache"
-    _cli([*precompute_args(Path(tiny_teacher_dir), held_file, held, budget, 200,
-                           ["--top-k", "16"]), "--quiet"])  # fmt: skip
+    run_cache(precompute_config(Path(tiny_teacher_dir), held_file, held, budget, 200,
+                                {"top_k": 16}), Reporter(enabled=False))  # fmt: skip
     config = write_student_config(budget, Path(tiny_teacher_dir), tmp_path)
     study = _Study("tiny", budget, tmp_path, Path(tiny_teacher_dir), slice_file, held, config,
                    Reporter(enabled=False))  # fmt: skip

@@ -7,10 +7,15 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from logitcache.errors import LogitcacheError
+from logitcache.options import option, to_argv
 
 from .losses import LOSSES, TAIL_POLICIES
 
-__all__ = ["RESUME_MAY_CHANGE", "TrainConfig", "lr_multiplier"]
+__all__ = ["RESUME_MAY_CHANGE", "RUN_RECORD_KEYS", "TrainConfig", "lr_multiplier"]
+
+# Keys train_config.json holds besides the settings (written by the training loop): skipped
+# when the file is read back with --config.
+RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 
 # Settings a resumed run may change; any other difference is refused.
 RESUME_MAY_CHANGE = frozenset(
@@ -36,14 +41,16 @@ RESUME_MAY_CHANGE = frozenset(
 class TrainConfig:
     """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""
 
-    cache: str
-    """Cache directory or URL."""
+    cache: str = option(rest_into="mix_caches")
+    """Cache directory (or URL) written by precompute; repeat --cache to mix several caches."""
     out: str
     """Output directory: checkpoints, metrics.jsonl, the final model in ``model/``."""
-    mix_caches: tuple[str, ...] = ()
-    """More caches (same tokenizer) mixed into the stream with ``cache``."""
+    mix_caches: tuple[str, ...] = option((), cli=False)
+    """More caches (same tokenizer) mixed into the stream with ``cache`` (the 2nd, 3rd...
+    ``--cache`` on the command line)."""
     cache_weights: tuple[float, ...] = ()
-    """Mixing weights of ``cache`` and ``mix_caches`` (any positive scale); default: sizes."""
+    """Mixing weights of the caches, in --cache order, e.g. 3,1 (any positive scale; default:
+    by size)."""
     student: str | None = None
     """Hub id or directory of a pretrained student."""
     student_config: str | None = None
@@ -53,13 +60,15 @@ class TrainConfig:
     extended_vocab: bool = False
     """Accept a student tokenizer that differs from the cache's (it must extend it)."""
     trust_remote_code: bool = False
-    loss: str = "forward-kl"
-    """forward-kl, reverse-kl, jsd, tvd, or ce (cross-entropy only: the baseline)."""
-    tail: str = "bucket"
-    """Top-k tail policy: renorm, bucket or label."""
-    target: str = "auto"
+    """Run the Python code a hub student or tokenizer ships with (only if you trust it)."""
+    loss: str = option("forward-kl", choices=(*LOSSES, "ce"))
+    """The distillation loss; ce = cross-entropy on the true next token only (baseline)."""
+    tail: str = option("bucket", choices=TAIL_POLICIES)
+    """Top-k caches: where the teacher's missing mass goes."""
+    target: str = option("auto", choices=("auto", "counts", "probs"))
     """Sampled caches: counts (unbiased counts/N) or probs (stored log-probs); auto picks."""
     temperature: float = 1.0
+    """Softmax temperature of teacher and student in the distillation loss."""
     alpha: float = 0.0
     """Weight of cross-entropy on the true next token (0 = pure distillation)."""
     beta: float = 0.5
@@ -67,19 +76,27 @@ class TrainConfig:
     steps: int | None = None
     """Optimizer steps (default: one epoch when neither steps nor epochs is given)."""
     epochs: float | None = None
+    """Epochs over the cache (default 1 when neither steps nor epochs is given)."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
+    """The learning rate decays to lr * min_lr_ratio (cosine and wsd)."""
     warmup_steps: int = 0
-    schedule: str = "cosine"
+    """Steps of linear warmup."""
+    schedule: str = option("cosine", choices=("cosine", "wsd", "constant"))
     """cosine, wsd (warmup-stable-decay) or constant (after warmup)."""
     decay_fraction: float = 0.2
     """wsd: share of the steps spent decaying."""
     weight_decay: float = 0.1
+    """AdamW weight decay."""
     grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: off)."""
     seed: int = 0
+    """Seeds a from-scratch student's weights and the data order."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_fraction: float = 0.02
@@ -94,6 +111,7 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    """How many of the latest checkpoints are kept."""
     block_shards: int = 4
     """Shuffle window: sequences are shuffled within blocks of this many shards."""
     chunk_size: int = 1024
@@ -101,16 +119,20 @@ class TrainConfig:
     num_workers: int = 1
     """DataLoader workers decoding shards in the background (0: in the main process)."""
     device: str = "auto"
-    precision: str = "auto"
+    """auto, cuda, cuda:N, cpu or mps."""
+    precision: str = option("auto", choices=("auto", "bf16", "fp32"))
     """auto (bfloat16 autocast on CUDA, float32 elsewhere), bf16 or fp32."""
     resume: bool = False
+    """Continue from the latest checkpoint in out."""
     verify: bool = True
+    """Check each shard's sha256 when first opened."""
     local_cache: str | None = None
     """Remote caches: where downloaded shards are kept (default $LOGITCACHE_HOME/shards)."""
     local_cache_gb: float | None = None
     """Remote caches: size limit of the local shard cache in GB (default 20); least recently
     used shards are evicted."""
     quiet: bool = False
+    """No progress bars or status lines."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix_caches", tuple(self.mix_caches))
@@ -153,6 +175,10 @@ class TrainConfig:
             ),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}"),
+            (
+                0 < self.decay_fraction <= 1,
+                f"--decay-fraction must be in (0, 1], got {self.decay_fraction}",
+            ),
             (self.eval_sequences >= 1, f"--eval-sequences must be >= 1, got {self.eval_sequences}"),
             (
                 self.local_cache_gb is None or self.local_cache_gb > 0,
@@ -181,6 +207,10 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_argv(self) -> list[str]:
+        """The ``logitcache train`` flags that make this config."""
+        return to_argv(self)
 
     def loss_kwargs(self) -> dict[str, Any]:
         if self.loss == "ce":

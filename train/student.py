@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from logitcache.errors import LogitcacheError
-from logitcache.precompute.teacher import check_model_path, load_tokenizer, tokenizer_fingerprint
+from logitcache.identity import tokenizer_fingerprint
+from logitcache.precompute.teacher import check_model_path, load_tokenizer
 from logitcache.storage import CacheSpec
 
 from .losses import TeacherTargets, chunked_loss

@@ -8,6 +8,10 @@ of the held-out curves, and the exact commands that produced each artifact.
 The regime is the everyday one where distillation pays: the teacher has learned from the
 whole corpus (pretrained here on first run, then reused from ``~/.cache/logitcache``), while
 the cache covers only a smaller slice and both students see only that slice.
+
+The stages run as library calls (``run_precompute``, ``train``) on configs; the command
+lines printed are those configs' ``to_argv()``. The demo owns ``--out``: outputs of an
+earlier demo of another size are removed before any work (``claim_out``).
 """
 
 from __future__ import annotations
@@ -16,14 +20,38 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from logitcache.errors import LogitcacheError
+from logitcache.precompute.config import PrecomputeConfig
+from logitcache.precompute.corpus import CorpusSpec
+from logitcache.precompute.defaults import DEFAULT_SAMPLES
 from logitcache.progress import Reporter
+from logitcache.train.config import TrainConfig
 
-__all__ = ["FULL", "QUICK", "DemoBudget", "default_home", "run_demo"]
+__all__ = [
+    "FULL",
+    "HELDOUT_STORE",
+    "QUICK",
+    "DemoBudget",
+    "claim_out",
+    "command_line",
+    "default_home",
+    "ensure_teacher",
+    "precompute_config",
+    "prepare_corpus",
+    "read_evals",
+    "run_cache",
+    "run_demo",
+    "take_text",
+    "teacher_heldout_ce",
+    "train_config",
+    "write_student_config",
+]
 
 
 @dataclass(frozen=True)
@@ -83,8 +111,11 @@ QUICK = DemoBudget(
 )  # fmt: skip
 
 
-HELDOUT_STORE = ["--top-k", "256", "--logprob-codec", "float32"]
+HELDOUT_STORE = {"top_k": 256, "logprob_codec": "float32"}
 """How evaluation caches are written: KL measured against nearly the whole teacher."""
+_MARKER = ".logitcache-demo.json"
+_OWNED = ("cache", "heldout-cache", "student-ce-only", "student-distilled", "slice.jsonl",
+          "heldout.jsonl", "student_config.json", "summary.json", "demo.png")  # fmt: skip
 
 
 def default_home() -> Path:
@@ -93,19 +124,45 @@ def default_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "logitcache"
 
 
-def _cli(args: list[str]) -> None:
-    """Run a logitcache command in this process exactly as the shell would."""
-    from logitcache.cli import main
-
-    try:
-        main.main(args=args, prog_name="logitcache", standalone_mode=False)
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise RuntimeError(f"logitcache {args[0]} exited with {exit_.code}") from None
+def command_line(config: PrecomputeConfig | TrainConfig) -> str:
+    """The shell command that runs ``config``."""
+    command = "precompute" if isinstance(config, PrecomputeConfig) else "train"
+    return " ".join(["logitcache", command, *map(shlex.quote, config.to_argv())])
 
 
-def _command(args: list[str]) -> str:
-    return "logitcache " + " ".join(shlex.quote(a) for a in args)
+def claim_out(out: Path, budget: DemoBudget, reporter: Reporter) -> None:
+    """Make ``out`` this demo's: outputs of a demo of another size are removed, files the
+    demo did not write are refused (one line, before any expensive work)."""
+    identity = {"demo": budget.name, "budget": asdict(budget)}
+    marker = out / _MARKER
+    present = [name for name in _OWNED if (out / name).exists()]
+    if present:
+        previous = _previous_demo(out)
+        if previous is None:
+            raise LogitcacheError(
+                f"--out {out} already holds {', '.join(present)}, not written by a demo: choose "
+                "an empty or new --out"
+            )
+        if previous != identity:
+            reporter.log(f"replacing the outputs of the earlier {previous.get('demo')} demo in "
+                         f"{out}")  # fmt: skip
+            for name in present:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity, indent=1))
+
+
+def _previous_demo(out: Path) -> dict[str, Any] | None:
+    """The identity of the demo whose outputs are in ``out`` (None: not a demo's)."""
+    for name, read in ((_MARKER, lambda d: d),
+                       ("summary.json", lambda d: {"demo": d["budget"]["name"],
+                                                   "budget": d["budget"]})):  # fmt: skip
+        try:
+            return read(json.loads((out / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def prepare_corpus(
@@ -116,8 +173,8 @@ def prepare_corpus(
     from logitcache import toy
 
     train_docs, heldout_docs = toy.split_heldout(docs, 0.05)
-    slice_docs = _take_tokens(train_docs, budget.slice_tokens * 4)  # ~4 bytes per token
-    held_docs = _take_tokens(heldout_docs, budget.heldout_tokens * 4)
+    slice_docs = take_text(train_docs, budget.slice_tokens * 4)  # ~4 bytes per token
+    held_docs = take_text(heldout_docs, budget.heldout_tokens * 4)
     slice_file = toy.write_jsonl(slice_docs, out / "slice.jsonl")
     held_file = toy.write_jsonl(held_docs, out / "heldout.jsonl")
     return train_docs, slice_file, held_file
@@ -141,7 +198,7 @@ def ensure_teacher(
         return teacher_dir
     reporter.log(f"first run: pretraining a teacher into {teacher_dir} (kept for later runs)")
     if budget.teacher_text_bytes is not None:
-        train_docs = _take_tokens(train_docs, budget.teacher_text_bytes)
+        train_docs = take_text(train_docs, budget.teacher_text_bytes)
     tok_dir = home / "corpus" / f"{tag}-tok-{budget.name}-{budget.teacher_key()}"
     tokenizer = toy.train_tokenizer([t for _, t in train_docs], budget.vocab_size, tok_dir)
     tokens = toy.tokenize_corpus(train_docs, tokenizer)
@@ -158,27 +215,40 @@ def ensure_teacher(
     return teacher_dir
 
 
-def precompute_args(
-    teacher: Path, data: Path, dest: Path, budget: DemoBudget, tokens: int, store: list[str]
-) -> list[str]:
-    """The ``precompute`` command line of a demo or study cache."""
-    return ["precompute", "--teacher", str(teacher), "--data", str(data), "--out", str(dest),
-            "--seq-len", str(budget.seq_len), "--max-tokens", str(tokens),
-            "--shard-sequences", "64", "--device", "cpu", *store]  # fmt: skip
+def precompute_config(
+    teacher: Path, data: Path, dest: Path, budget: DemoBudget, tokens: int, store: dict[str, Any]
+) -> PrecomputeConfig:
+    """The teacher pass of a demo or study cache; ``store``: how the cache stores targets
+    (e.g. ``{"top_k": 8}``; default: sampled, as ``precompute``'s default)."""
+    mode = {} if "top_k" in store or "samples" in store else {"samples": DEFAULT_SAMPLES}
+    corpus = CorpusSpec(data=(str(data),), seq_len=budget.seq_len, max_tokens=tokens)
+    return PrecomputeConfig(teacher=str(teacher), out=str(dest), corpus=corpus,
+                            shard_sequences=64, device="cpu", **mode, **store)  # fmt: skip
 
 
-def train_args(
+def train_config(
     cache: Path, out: Path, config: Path, teacher: Path, held_cache: Path, budget: DemoBudget,
-    extra: list[str], seed: int = 0, steps: int | None = None,
-) -> list[str]:  # fmt: skip
-    """The ``train`` command line of a demo or study student."""
+    extra: dict[str, Any], seed: int = 0, steps: int | None = None, quiet: bool = True,
+) -> TrainConfig:  # fmt: skip
+    """The training run of a demo or study student; ``extra``: its own settings."""
     steps = steps or budget.student_steps
-    return ["train", "--cache", str(cache), "--out", str(out), "--student-config", str(config),
-            "--tokenizer", str(teacher), "--eval-cache", str(held_cache),
-            "--eval-fraction", "0", "--steps", str(steps),
-            "--batch-size", str(budget.student_batch), "--lr", str(budget.student_lr),
-            "--warmup-steps", str(steps // 10), "--eval-every", str(budget.eval_every),
-            "--seed", str(seed), "--num-workers", "0", "--device", "cpu", *extra]  # fmt: skip
+    return TrainConfig(
+        cache=str(cache), out=str(out), student_config=str(config), tokenizer=str(teacher),
+        eval_cache=str(held_cache), eval_fraction=0.0, steps=steps,
+        batch_size=budget.student_batch, lr=budget.student_lr, warmup_steps=steps // 10,
+        eval_every=budget.eval_every, seed=seed, num_workers=0, device="cpu", quiet=quiet,
+        **extra,
+    )  # fmt: skip
+
+
+def run_cache(config: PrecomputeConfig, reporter: Reporter) -> None:
+    """Write (or finish) the cache of ``config``."""
+    from logitcache.describe import summary_text
+    from logitcache.precompute import run_precompute
+
+    result = run_precompute(config, reporter)
+    if result.manifest is not None and result.manifest.complete:
+        reporter.log(summary_text(result.manifest, config.out))
 
 
 def run_demo(
@@ -188,12 +258,12 @@ def run_demo(
     import torch
 
     from logitcache import toy
+    from logitcache.train import train
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out, budget, reporter)
     timings: dict[str, float] = {}
     commands: list[str] = []
     torch.manual_seed(seed)
-    quiet = [] if reporter.enabled else ["--quiet"]
 
     # 1. corpus: stdlib files, a stable held-out split, the slice the students will see
     t0 = time.perf_counter()
@@ -212,23 +282,24 @@ def run_demo(
     # the training cache in the default mode; the held-out cache keeps 256 ids in float32,
     # so "KL to teacher" is measured against nearly the whole teacher distribution
     for data, dest, tokens, store in (
-        (slice_file, cache, budget.slice_tokens, []),
+        (slice_file, cache, budget.slice_tokens, {}),
         (held_file, held_cache, budget.heldout_tokens, HELDOUT_STORE),
     ):
-        args = precompute_args(teacher_dir, data, dest, budget, tokens, store)
-        commands.append(_command(args))
-        _cli(args + quiet)
+        config = precompute_config(teacher_dir, data, dest, budget, tokens, store)
+        commands.append(command_line(config))
+        run_cache(config, reporter)
     timings["precompute"] = time.perf_counter() - t0
 
     # 4. two students on the same tokens and steps: cross-entropy only, and distilled
     student_config = write_student_config(budget, teacher_dir, out)
     results = {}
-    for name, loss_args in (("ce-only", ["--loss", "ce"]), ("distilled", [])):
+    for name, loss in (("ce-only", {"loss": "ce"}), ("distilled", {})):
         t0 = time.perf_counter()
-        args = train_args(cache, out / f"student-{name}", student_config, teacher_dir,
-                          held_cache, budget, loss_args, seed)  # fmt: skip
-        commands.append(_command(args))
-        _cli(args + quiet)
+        config = train_config(cache, out / f"student-{name}", student_config, teacher_dir,
+                              held_cache, budget, loss, seed,
+                              quiet=not reporter.enabled)  # fmt: skip
+        commands.append(command_line(config))
+        train(config)
         timings[name] = time.perf_counter() - t0
         results[name] = read_evals(out / f"student-{name}" / "metrics.jsonl")
 
@@ -246,7 +317,7 @@ def write_student_config(budget: DemoBudget, teacher_dir: Path, out: Path) -> Pa
     return path
 
 
-def _take_tokens(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, str]]:
+def take_text(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, str]]:
     """Files in (stable hash) order until about n_bytes of text."""
     ordered = sorted(docs, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())
     taken, size = [], 0

@@ -249,7 +249,7 @@ def _install(fault: Fault) -> None:
     if fault.point == "forward":
         from logitcache.precompute import run
 
-        forward = run._Pipeline._forward
+        forward = run.Pipeline._forward
 
         def counted_forward(self, batch):
             for item in forward(self, batch):
@@ -257,7 +257,7 @@ def _install(fault: Fault) -> None:
                     _act(fault)
                 yield item
 
-        run._Pipeline._forward = counted_forward
+        run.Pipeline._forward = counted_forward
     elif fault.point.startswith("publish:"):
         from logitcache.storage import Location
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import logitcache.train.checkpoint as checkpoint
-from logitcache.precompute.teacher import tokenizer_fingerprint
+from logitcache.identity import tokenizer_fingerprint
 from logitcache.storage import CacheReader
 
 

@@ -1,4 +1,7 @@
-"""The ``logitcache bench`` commands: each prints measured numbers, none is a test."""
+"""The ``logitcache bench`` commands: each prints measured numbers, none is a test.
+
+Expected errors print one line: the ``logitcache`` group handles them for every command.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 
 import click
 
-from logitcache.errors import LogitcacheError, one_line_errors
+from logitcache.errors import LogitcacheError
 
 __all__ = ["bench"]
 
@@ -22,7 +25,6 @@ def bench() -> None:
 @click.option("--top-k", type=int, default=64, show_default=True)
 @click.option("--vocab", type=int, default=151_936, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-@one_line_errors
 def bench_storage(sequences: int, seq_len: int, top_k: int, vocab: int, as_json: bool) -> None:
     """Bytes and speed of each codec and container on a synthetic top-k cache."""
     import torch
@@ -66,7 +68,6 @@ def bench_storage(sequences: int, seq_len: int, top_k: int, vocab: int, as_json:
     "--threads", type=int, default=1, show_default=True, help="torch CPU threads (0: default)."
 )
 @click.option("--json", "as_json", is_flag=True)
-@one_line_errors
 def bench_precompute(
     teacher: str | None,
     seq_len: int,
@@ -131,7 +132,6 @@ def bench_precompute(
     "--threads", type=int, default=1, show_default=True, help="torch CPU threads (0: default)."
 )
 @click.option("--json", "as_json", is_flag=True)
-@one_line_errors
 def bench_train(
     student_config: str | None,
     teacher_width: int,
@@ -180,7 +180,6 @@ def bench_train(
 @click.option("--more-data/--no-more-data", default=True, show_default=True,
               help="Also the data-size point (4x the slice, best variant).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
-@one_line_errors
 def bench_quality(out, home, shakespeare, quick, stdlib, only, more_data, as_json) -> None:
     """Which cache to write: students from each cache mode vs CE-only and online KD."""
     from pathlib import Path
@@ -220,7 +219,6 @@ def bench_quality(out, home, shakespeare, quick, stdlib, only, more_data, as_jso
 @click.option("--batches", type=int, default=20, show_default=True, help="Batches after the first.")
 @click.option("--work", default=None, help="Keep (and reuse) the built cache here.")
 @click.option("--json", "as_json", is_flag=True)
-@one_line_errors
 def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bool) -> None:
     """Open a large cache over HTTP with latency and time its first training batch."""
     import torch

@@ -9,10 +9,10 @@ corpus, grouped by shard and batched by the pipeline's own ``_batches``.
 - (a) bare forward: ``model(input_ids=..., attention_mask=...).logits`` under
   ``inference_mode`` on those batches, already on the device; synchronized. Run once
   before and once after (b), so drift in machine load shows and averages out.
-- (b) pipeline: the teacher is loaded once, outside the clock; then the real ``_Pipeline``
+- (b) pipeline: the teacher is loaded once, outside the clock; then the real ``Pipeline``
   (reader thread tokenizing, teacher + top-k/sampling on the main thread, writer thread
   encoding and publishing shards, the manifest at the end) runs into a temporary cache.
-  Its wall time is ``_Pipeline.run()`` alone: no model loading, no weight hashing.
+  Its wall time is ``Pipeline.run()`` alone: no model loading, no weight hashing.
 
 The teacher thread's time inside (b) is split into busy (forward + extraction + copy to
 host, per shard), blocked on the writer (the outbox put), the final drain (writer finishing
@@ -189,10 +189,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _make_pipeline_class():
-    """``_Pipeline`` plus clocks on the teacher thread (built lazily: nothing at import)."""
-    from logitcache.precompute.run import _Pipeline
+    """``Pipeline`` plus clocks on the teacher thread (built lazily: nothing at import)."""
+    from logitcache.precompute.run import Pipeline
 
-    class TimedPipeline(_Pipeline):
+    class TimedPipeline(Pipeline):
         busy_s = 0.0
         put_wait_s = 0.0
         last_put_end: float | None = None
@@ -232,7 +232,7 @@ def _bare_pass(model: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], dev
 
 
 def _as_tensors(batch: list[tuple[int, Any]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same padded [B, L] int64 ids and mask that ``_Pipeline._forward`` builds."""
+    """The same padded [B, L] int64 ids and mask that ``Pipeline._forward`` builds."""
     lengths = [len(seq.input_ids) for _, seq in batch]
     ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -265,12 +265,9 @@ def run_precompute_bench(
     """
     from transformers import AutoConfig
 
-    from logitcache.precompute import CorpusSpec, PrecomputeConfig, PrecomputeResult
-    from logitcache.precompute.packing import iter_sequences
-    from logitcache.precompute.run import _make_spec
+    from logitcache.precompute import CorpusSpec, PrecomputeConfig
+    from logitcache.precompute.run import make_spec
     from logitcache.precompute.teacher import load_teacher, load_tokenizer
-    from logitcache.progress import Reporter
-    from logitcache.storage import CacheWriter
 
     if samples is not None:
         top_k = None
@@ -295,30 +292,11 @@ def run_precompute_bench(
         t0 = time.perf_counter()
         model, torch_dtype, dev = load_teacher(teacher, dtype=dtype, device=device)
         load_s = time.perf_counter() - t0
-        spec = _make_spec(config, tokenizer, AutoConfig.from_pretrained(teacher))
+        spec = make_spec(config, tokenizer, AutoConfig.from_pretrained(teacher))
 
-        result = PrecomputeResult(manifest=None)
-        with CacheWriter(config.out, spec) as writer:
-            pipe = _make_pipeline_class()(
-                config, spec, tokenizer, model, dev, writer, Reporter(enabled=False), result
-            )
-            seqs = list(enumerate(iter_sequences(corpus, tokenizer)))
-            # Packed and cut at a multiple of seq_len: no padding in either pass.
-            assert all(len(seq.input_ids) == seq_len for _, seq in seqs)
-            batches = [
-                _as_tensors(batch, dev)
-                for j in range(0, len(seqs), shard_sequences)
-                for batch in pipe._batches(seqs[j : j + shard_sequences])
-            ]
-            n_tokens = sum(int(mask.sum()) for _, mask in batches)
-            _bare_pass(model, batches[:1], dev)  # warm-up: kernels, allocator, caches
-            bare = [_bare_pass(model, batches, dev)]
-            t0 = time.perf_counter()
-            pipe.run()
-            pipeline_s = time.perf_counter() - t0
-            bare.append(_bare_pass(model, batches, dev))
-        manifest = result.manifest
-        assert manifest is not None and manifest.n_tokens == n_tokens
+        pipe, batches, n_tokens, bare, pipeline_s, t0, manifest = _time_both(
+            config, spec, tokenizer, model, dev
+        )
 
     bare_mean = sum(bare) / len(bare)
     drain_s = pipeline_s - (pipe.last_put_end - t0) if pipe.last_put_end else 0.0
@@ -338,6 +316,39 @@ def run_precompute_bench(
         reader_wait_s=max(0.0, pipeline_s - pipe.busy_s - pipe.put_wait_s - drain_s),
         loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
     )  # fmt: skip
+
+
+def _time_both(config, spec, tokenizer, model, dev):
+    """(pipeline, batches, tokens, bare pass times, pipeline time, its start, manifest)."""
+    from logitcache.precompute import PrecomputeResult
+    from logitcache.precompute.packing import iter_sequences
+    from logitcache.progress import Reporter
+    from logitcache.storage import CacheWriter
+
+    size = config.shard_sequences
+    result = PrecomputeResult(manifest=None)
+    with CacheWriter(config.out, spec) as writer:
+        pipe = _make_pipeline_class()(
+            config, spec, tokenizer, model, dev, writer, Reporter(enabled=False), result
+        )
+        seqs = list(enumerate(iter_sequences(config.corpus, tokenizer)))
+        # Packed and cut at a multiple of seq_len: no padding in either pass.
+        assert all(len(seq.input_ids) == config.corpus.seq_len for _, seq in seqs)
+        batches = [
+            _as_tensors(batch, dev)
+            for j in range(0, len(seqs), size)
+            for batch in pipe._batches(seqs[j : j + size])
+        ]
+        n_tokens = sum(int(mask.sum()) for _, mask in batches)
+        _bare_pass(model, batches[:1], dev)  # warm-up: kernels, allocator, caches
+        bare = [_bare_pass(model, batches, dev)]
+        t0 = time.perf_counter()
+        pipe.run()
+        pipeline_s = time.perf_counter() - t0
+        bare.append(_bare_pass(model, batches, dev))
+    manifest = result.manifest
+    assert manifest is not None and manifest.n_tokens == n_tokens
+    return pipe, batches, n_tokens, bare, pipeline_s, t0, manifest
 
 
 def _describe(shape: SyntheticLlama) -> str:

@@ -6,7 +6,8 @@ only; online full-vocabulary KD with the teacher in memory (the upper reference)
 caches: top-k for k in {8, 32, 128} with each tail policy, sampled with N in {16, 64} with
 and without stored log-probs. Reports held-out cross-entropy, KL(teacher || student) on
 held-out positions, bytes per token, and the share of the CE-only -> online-KD gap closed.
-Every student is trained through the real ``precompute`` / ``train`` commands.
+Every cache and student is made by the same library calls the commands make
+(``run_precompute``, ``train``) on configs built as the demo builds them.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from logitcache.demo import (
     HELDOUT_STORE,
     QUICK,
     DemoBudget,
-    _cli,
+    command_line,
     ensure_teacher,
-    precompute_args,
+    precompute_config,
     prepare_corpus,
     read_evals,
+    run_cache,
+    take_text,
     teacher_heldout_ce,
-    train_args,
+    train_config,
     write_student_config,
 )
 from logitcache.progress import Reporter
@@ -50,15 +53,18 @@ class QualityRow:
     wall_s: float
 
 
-def cache_variants(quick: bool) -> list[tuple[str, list[str], list[str]]]:
-    """(name, precompute flags, train flags) of every cache-backed student."""
+Settings = dict[str, Any]
+
+
+def cache_variants(quick: bool) -> list[tuple[str, Settings, Settings]]:
+    """(name, precompute settings, train settings) of every cache-backed student."""
     ks = (8, 32) if quick else (8, 32, 128)
     tails = ("bucket",) if quick else ("renorm", "bucket", "label")
-    out = [(f"top-{k} {t}", ["--top-k", str(k)], ["--tail", t]) for k in ks for t in tails]
+    out = [(f"top-{k} {t}", {"top_k": k}, {"tail": t}) for k in ks for t in tails]
     for n in (16,) if quick else (16, 64):
-        out.append((f"sampled N={n}", ["--samples", str(n)], ["--target", "counts"]))
-        out.append((f"sampled N={n} + log-probs", ["--samples", str(n), "--sampled-logprobs"],
-                    ["--target", "probs", "--tail", "bucket"]))  # fmt: skip
+        out.append((f"sampled N={n}", {"samples": n}, {"target": "counts"}))
+        out.append((f"sampled N={n} + log-probs", {"samples": n, "sampled_logprobs": True},
+                    {"target": "probs", "tail": "bucket"}))  # fmt: skip
     return out
 
 
@@ -96,22 +102,28 @@ class _Study:
     config: Path
     reporter: Reporter
 
-    def cache(self, store: list[str], tokens: int, regime: str = "slice") -> tuple[Path, float]:
-        """A cache written by ``precompute`` (a no-op when it already exists)."""
+    def cache(self, store: Settings, tokens: int, regime: str = "slice") -> tuple[Path, float]:
+        """A cache written by the teacher pass (a no-op when it already exists)."""
         from logitcache.storage import Location, read_manifest
 
         dest = self.work / "caches" / f"{regime}-{store_key(store)}"
         data = self.slice_file if regime == "slice" else self.work / "more.jsonl"
-        _cli([*precompute_args(self.teacher, data, dest, self.budget, tokens, store), "--quiet"])
+        config = precompute_config(self.teacher, data, dest, self.budget, tokens, store)
+        self.reporter.log(f"[{self.corpus}/{regime}] {command_line(config)}")
+        run_cache(config, Reporter(enabled=False))
         return dest, read_manifest(Location(dest)).stats()["bytes_per_token"]
 
-    def student(self, name: str, cache: Path, flags: list[str], regime: str = "slice"):
+    def student(self, name: str, cache: Path, settings: Settings, regime: str = "slice"):
+        from logitcache.train import train
+
         t0 = time.perf_counter()
         dest = self.work / "students" / f"{regime}-{name.replace(' ', '_').replace('=', '')}"
-        args = train_args(cache, dest, self.config, self.teacher, self.held, self.budget, flags)
+        config = train_config(cache, dest, self.config, self.teacher, self.held, self.budget,
+                              settings)  # fmt: skip
         done = dest / "model" / "config.json"
         if not done.is_file():  # a finished student of an interrupted study is kept
-            _cli([*args, "--quiet"])
+            self.reporter.log(f"[{self.corpus}/{regime}] {command_line(config)}")
+            train(config)
         final = read_evals(dest / "metrics.jsonl")[-1]
         row = QualityRow(self.corpus, regime, name, final["eval_ce"], final["eval_kl"], None,
                          None, time.perf_counter() - t0)  # fmt: skip
@@ -121,9 +133,9 @@ class _Study:
 
     def regime(self, variants, tokens: int, regime: str) -> list[QualityRow]:
         """CE only, online KD and each cache variant, on ``tokens`` of data."""
-        top8, _ = self.cache(["--top-k", "8"], tokens, regime)
-        ce = self.student("CE only", top8, ["--loss", "ce"], regime)
-        online = self.student("online full KD", top8, ["--online-teacher", str(self.teacher)],
+        top8, _ = self.cache({"top_k": 8}, tokens, regime)
+        ce = self.student("CE only", top8, {"loss": "ce"}, regime)
+        online = self.student("online full KD", top8, {"online_teacher": str(self.teacher)},
                               regime)  # fmt: skip
         rows = [ce, online]
         for name, store, flags in variants:
@@ -156,8 +168,8 @@ def run_quality(
         train_docs, slice_file, held_file = prepare_corpus(load_docs(), budget, work)
         teacher = ensure_teacher(train_docs, budget, home, tag=corpus, reporter=reporter)
         held = work / "heldout-cache"
-        _cli([*precompute_args(teacher, held_file, held, budget, budget.heldout_tokens,
-                               HELDOUT_STORE), "--quiet"])  # fmt: skip
+        run_cache(precompute_config(teacher, held_file, held, budget, budget.heldout_tokens,
+                                    HELDOUT_STORE), Reporter(enabled=False))  # fmt: skip
         config = write_student_config(budget, teacher, work)
         study = _Study(corpus, budget, work, teacher, slice_file, held, config, reporter)
         teacher_ce = teacher_heldout_ce(teacher, held)
@@ -176,14 +188,16 @@ def run_quality(
     return rows
 
 
-def store_key(store: list[str]) -> str:
-    return "_".join(s.lstrip("-") for s in store)
+def store_key(store: Settings) -> str:
+    """A cache's directory name from its settings: {"top_k": 8} -> "top-k_8"."""
+    parts = []
+    for key, value in store.items():
+        parts += [key.replace("_", "-")] + ([] if value is True else [str(value)])
+    return "_".join(parts)
 
 
 def _more_docs(train_docs, n_tokens: int):
-    from logitcache.demo import _take_tokens
-
-    return _take_tokens(train_docs, n_tokens * 4)
+    return take_text(train_docs, n_tokens * 4)
 
 
 def _gap(rows: list[QualityRow], ce: QualityRow, online: QualityRow) -> None:

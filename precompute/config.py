@@ -1,0 +1,173 @@
+"""The teacher pass's settings, typed and checked: ``PrecomputeConfig``.
+
+In: values from the library, a recipe file or flags (``logitcache precompute``'s options are
+made from these fields and their docstrings; see ``logitcache.options``). Out: a frozen,
+validated config. A cache's manifest records every setting that shapes its bytes; read back
+(``read_recipe``: ``--config CACHE``) they make the same cache again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from logitcache.errors import LogitcacheError
+from logitcache.options import option, to_argv
+from logitcache.recipes import parse_recipe_file
+
+from .corpus import CorpusSpec
+from .defaults import DEFAULT_SAMPLES
+
+__all__ = ["PrecomputeConfig", "read_recipe", "settings_from_spec"]
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything ``logitcache precompute`` needs; what shapes the bytes is in the manifest."""
+
+    teacher: str
+    """Hub id or local directory of any AutoModelForCausalLM; its tokenizer is used."""
+    out: str
+    """Cache directory or URL."""
+    corpus: CorpusSpec
+    top_k: int | None = None
+    """Store the k most probable ids per position (topk mode)."""
+    samples: int | None = option(
+        None,
+        help=f"Store the distinct ids of N draws per position with counts (sampled mode, 1..255) "
+        f"[default: {DEFAULT_SAMPLES} when --top-k is not given; see docs/benchmarks.md].",
+    )
+    """Store the distinct ids of N draws per position, with counts (sampled mode, 1..255)."""
+    sampled_logprobs: bool = False
+    """Sampled mode: also store the exact log-probs of the drawn ids."""
+    seed: int = 0
+    """Seeds the draws of sampled mode, per sequence."""
+    container: str = option("arrow", choices=("arrow", "zarr"))
+    """Shard container: Arrow IPC files or Zarr v3 arrays."""
+    logprob_codec: str = option("lossy", choices=("lossy", "float16", "float32"))
+    """How log-probs are stored: lossy (quantized gaps), float16 or float32."""
+    logprob_step: float = 1 / 32
+    """Quantization step of the lossy codec, in nats (error <= step/2 per log-prob)."""
+    shard_sequences: int = 256
+    """Sequences per shard (the unit of resume, verification and parallel work)."""
+    dtype: str | None = option(None, choices=("bfloat16", "float16", "float32"), none="auto")
+    """Teacher dtype: bfloat16, float16, float32; None (auto) = the model's own."""
+    device: str = "auto"
+    """auto, cuda, cuda:N, cpu or mps."""
+    teacher_revision: str | None = None
+    """Hub revision (commit, tag or branch) of the teacher and its tokenizer to pin."""
+    trust_remote_code: bool = False
+    """Run the Python code a hub teacher ships with (only for teachers you trust)."""
+    device_map: str | None = None
+    """``auto`` spreads a teacher larger than one GPU over the visible GPUs (under torchrun,
+    over this rank's share of the node's GPUs); needs ``accelerate``."""
+    batch_tokens: int = 16384
+    """Tokens per teacher forward (padding included); halved on out-of-memory."""
+    num_workers: int = option(
+        1, flag_default=None,
+        help="Split the work over N workers (default: torchrun's WORLD_SIZE, else 1).",
+    )  # fmt: skip
+    """Split the work over this many workers (shard j belongs to worker j % num_workers)."""
+    worker_index: int = option(0, flag_default=None)
+    """This worker's index (0..num_workers-1)."""
+
+    def __post_init__(self) -> None:
+        if (self.top_k is None) == (self.samples is None):
+            raise LogitcacheError("choose exactly one of --top-k K or --samples N")
+        if self.top_k is not None and self.top_k < 1:
+            raise LogitcacheError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.samples is not None and not 1 <= self.samples <= 255:
+            raise LogitcacheError(f"--samples must be in 1..255, got {self.samples}")
+        if self.sampled_logprobs and self.samples is None:
+            raise LogitcacheError("--sampled-logprobs needs --samples")
+        if self.shard_sequences < 1:
+            raise LogitcacheError(f"--shard-sequences must be >= 1, got {self.shard_sequences}")
+        if self.batch_tokens < 1:
+            raise LogitcacheError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise LogitcacheError(
+                f"--worker-index {self.worker_index} must be in 0..{self.num_workers - 1}"
+            )
+        if not 0 < self.logprob_step <= 1:
+            raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
+        if self.device_map is not None and self.device != "auto":
+            raise LogitcacheError(
+                f"--device-map {self.device_map} places the teacher itself: drop --device "
+                f"{self.device}"
+            )
+
+    @property
+    def mode(self) -> str:
+        return "topk" if self.top_k is not None else "sampled"
+
+    def content_settings(self) -> dict[str, Any]:
+        """The settings that shape the cache's bytes (workers, batch size, device do not)."""
+        return {
+            "seed": self.seed,
+            "max_tokens": self.corpus.max_tokens,
+            "logprob_codec": self.logprob_codec,
+            "logprob_step": self.logprob_step,
+        }
+
+    def to_argv(self) -> list[str]:
+        """The ``logitcache precompute`` flags that make this config."""
+        return to_argv(self)
+
+
+def settings_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that made a cache, from its manifest's spec (recipe keys).
+
+    They are the ones that shape its bytes; device, batch size, workers and streaming do not
+    (docs/design.md), so a teacher pass with these writes the same cache. The teacher
+    revision is the one resolved at the time (a hub commit), which pins an unpinned run.
+    """
+    teacher, corpus, content = spec["teacher"], spec["corpus"], spec["settings"]
+    if corpus.get("kind") == "hub":
+        data = {"data": [corpus["name"]], "data_config": corpus.get("config"),
+                "split": corpus.get("split", "train"),
+                "data_revision": corpus.get("revision")}  # fmt: skip
+    else:
+        data = {"data": [f["path"] for f in corpus["files"]]}
+    dtype = teacher.get("dtype")
+    return {
+        "teacher": teacher["name_or_path"],
+        "teacher_revision": teacher.get("revision"),
+        "dtype": None if dtype in (None, "auto") else dtype,
+        **data,
+        "text_field": corpus.get("text_field", "text"),
+        "messages_field": corpus.get("messages_field"),
+        "max_tokens": content.get("max_tokens"),
+        "seq_len": spec["seq_len"],
+        "pack": spec["pack"],
+        "top_k": spec["k"],
+        "samples": spec["samples"],
+        "sampled_logprobs": spec["sampled_logprobs"],
+        "seed": content.get("seed", 0),
+        "container": spec["container"],
+        "logprob_codec": content.get("logprob_codec", "lossy"),
+        "logprob_step": content.get("logprob_step", 1 / 32),
+        "shard_sequences": spec["shard_sequences"],
+    }
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """A ``precompute`` recipe: a YAML/JSON file, or a cache (directory, URL or its
+    manifest.json) whose manifest says how it was made."""
+    from logitcache.storage import Location, read_manifest
+
+    if path.endswith("manifest.json"):
+        path = path[: -len("manifest.json")].rstrip("/") or "."
+    elif Path(path).suffix in (".yaml", ".yml", ".json"):
+        return parse_recipe_file(path)
+    try:
+        manifest = read_manifest(Location(path))
+    except LogitcacheError as err:
+        raise LogitcacheError(f"--config {path} (a .yaml/.json recipe or a cache): {err}") from None
+    try:
+        return settings_from_spec(manifest.spec.to_dict())
+    except (KeyError, TypeError) as err:
+        raise LogitcacheError(
+            f"--config {path}: its manifest does not record how it was made (no {err})"
+        ) from None

@@ -1,0 +1,80 @@
+"""What ``logitcache inspect`` (and the end of ``precompute``) says about a cache.
+
+In: a cache's ``Manifest``. Out: a JSON-able summary (size, mode, teacher, tokenizer,
+corpus) and the same as a few aligned lines of text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["cache_summary", "summary_text"]
+
+
+def cache_summary(manifest: Any) -> dict[str, Any]:
+    from logitcache.storage import FORMAT_VERSION
+
+    spec = manifest.spec
+    stats = manifest.stats()
+    return {
+        "format_version": FORMAT_VERSION,
+        "cache_id": spec.cache_id,
+        "complete": manifest.complete,
+        "mode": spec.mode,
+        "k": spec.k,
+        "samples": spec.samples,
+        "sampled_logprobs": spec.sampled_logprobs,
+        "vocab_size": spec.vocab_size,
+        "seq_len": spec.seq_len,
+        "pack": spec.pack,
+        "container": spec.container,
+        "n_sequences": manifest.n_sequences,
+        "n_tokens": manifest.n_tokens,
+        "n_positions": manifest.n_positions,
+        "n_entries": manifest.n_entries,
+        "n_shards": len(manifest.shards),
+        "bytes": manifest.bytes,
+        "bytes_per_token": stats["bytes_per_token"],
+        "bytes_per_entry": stats["bytes_per_entry"],
+        "entries_per_position": stats["entries_per_position"],
+        "mean_covered_mass": stats["mean_covered_mass"],
+        "mean_entropy": stats["mean_entropy"],
+        "teacher": dict(spec.teacher),
+        "tokenizer_fingerprint": spec.tokenizer.get("fingerprint"),
+        "corpus": dict(spec.corpus),
+        "codecs": {k: v for k, v in spec.codecs.items()},
+        "created_by": manifest.created_by,
+    }
+
+
+def summary_text(manifest: Any, url: str) -> str:
+    from logitcache.progress import human_bytes
+
+    s = cache_summary(manifest)
+    what = (
+        f"top-{s['k']}"
+        if s["mode"] == "topk"
+        else f"sampled N={s['samples']}" + (" + log-probs" if s["sampled_logprobs"] else "")
+    )
+    corpus = s["corpus"]
+    corpus_name = corpus.get("name") or ", ".join(f["path"] for f in corpus.get("files", [])[:3])
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return "\n".join(
+        [
+            f"cache       {url}  ({'complete' if s['complete'] else 'INCOMPLETE'}, "
+            f"format v{s['format_version']}, id {s['cache_id']})",
+            f"content     {s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens in "
+            f"{s['n_shards']} {s['container']} shards; seq_len {s['seq_len']}, "
+            f"{'packed' if s['pack'] else 'unpacked'}",
+            f"targets     {what} of vocab {s['vocab_size']:,}; "
+            f"{fmt(s['entries_per_position'], '.1f')} entries/position",
+            f"size        {human_bytes(s['bytes'])}: {fmt(s['bytes_per_token'], '.2f')} B/token, "
+            f"{fmt(s['bytes_per_entry'], '.2f')} B/stored entry",
+            f"quality     covered mass {fmt(s['mean_covered_mass'], '.4f')}, entropy of stored "
+            f"part {fmt(s['mean_entropy'], '.3f')} nats",
+            f"teacher     {s['teacher'].get('name_or_path')} (dtype {s['teacher'].get('dtype')}, "
+            f"config {str(s['teacher'].get('config_sha256'))[:12]})",
+            f"tokenizer   {str(s['tokenizer_fingerprint'])[:16]}",
+            f"corpus      {corpus_name}",
+        ]
+    )

@@ -1,0 +1,316 @@
+"""Command-line options made from config dataclasses: one source for flags, recipes and help.
+
+In: a dataclass (``PrecomputeConfig``, ``TrainConfig``, ...) whose fields have a type, a
+default and an attribute docstring, plus ``option(...)`` metadata where a field needs more
+(choices, another key, how None is spelled). Out: its ``Setting``s (one per leaf field,
+nested dataclasses flattened), click options for them (``click_options``), a config's flat
+settings (``settings_of``) and command line (``to_argv``), and a config built back from flat
+settings (``build``). Recipe files (``logitcache.recipes``) use the same flat keys: a key is
+its flag without the dashes, ``_`` for ``-``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
+import click
+
+from logitcache.errors import LogitcacheError
+
+__all__ = [
+    "OptionMeta",
+    "Setting",
+    "build",
+    "click_options",
+    "option",
+    "settings",
+    "settings_of",
+    "to_argv",
+]
+
+
+@dataclass(frozen=True)
+class OptionMeta:
+    """What a field's type, default and docstring cannot say about its flag."""
+
+    choices: tuple[str, ...] | None = None
+    """The allowed values (a ``click.Choice``)."""
+    key: str | None = None
+    """Recipe key and flag name (``--`` + key with ``-`` for ``_``); default: the field name."""
+    help: str | None = None
+    """Help text, when the docstring (written for library users) does not suit a flag."""
+    cli: bool = True
+    """False: a recipe key only, no flag."""
+    none: str | None = None
+    """How None is spelled on the command line (e.g. ``auto``); it becomes a choice."""
+    flag_default: Any = "<the field's>"
+    """The flag's default when it differs from the field's (None: the command resolves it)."""
+    rest_into: str | None = None
+    """A repeatable flag: its first value is this field, the others go to the named field."""
+
+
+def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: Any) -> Any:
+    """A dataclass field with a default and ``OptionMeta`` (see its fields for ``meta``)."""
+    metadata = {"option": OptionMeta(**meta)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf field of a config as the command line and recipe files see it."""
+
+    key: str
+    path: tuple[str, ...]
+    """Attribute path from the top config, e.g. ("corpus", "revision")."""
+    kind: type
+    """bool, int, float, str, tuple (of ``item``), or object (a key only: taken as is)."""
+    item: type | None
+    optional: bool
+    default: Any
+    """MISSING for a required field."""
+    help: str
+    meta: OptionMeta
+    choices: tuple[str, ...] | None = None
+    """``meta.choices``, or the values of a ``Literal`` type."""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+    @property
+    def cli_default(self) -> Any:
+        if self.meta.flag_default != OptionMeta.flag_default:
+            return self.meta.flag_default
+        if self.default is None and self.meta.none is not None:
+            return self.meta.none
+        return None if self.default is MISSING else self.default
+
+    def click_type(self) -> click.ParamType:
+        if self.choices is not None:
+            extra = (self.meta.none,) if self.meta.none is not None else ()
+            return click.Choice([*extra, *self.choices])
+        if self.kind is tuple:
+            return click.STRING  # one value of a repeatable flag, or numbers as "3,1"
+        return {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}[self.kind]
+
+    def convert(self, value: Any, where: str) -> Any:
+        """``value`` from a flag or a recipe file, as the field's type; one-line errors."""
+        if value is None or (self.meta.none is not None and value == self.meta.none):
+            if self.optional or self.meta.none is not None:
+                return None
+            raise LogitcacheError(f"{where}: {self.key} must be set (it has no null value)")
+        if self.kind is object:
+            return value
+        if self.kind is tuple:
+            return self._convert_tuple(value, where)
+        expected = _EXPECTED[self.kind] if self.choices is None else f"one of {self.choices}"
+        wrong = (
+            not isinstance(value, (str, int, float))  # a list or a mapping
+            or (self.kind is bool and not isinstance(value, (bool, str)))
+            or (self.kind is not bool and isinstance(value, bool))
+            or (self.kind is int and isinstance(value, float) and not value.is_integer())
+        )
+        if wrong:
+            raise LogitcacheError(f"{where}: {self.key}: expected {expected}, got {value!r}")
+        try:
+            return self.click_type().convert(value, None, None)
+        except click.BadParameter as err:
+            raise LogitcacheError(f"{where}: {self.key}: {err.message}") from None
+
+    def _convert_tuple(self, value: Any, where: str) -> tuple:
+        if self.item is str:
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+                raise LogitcacheError(f"{where}: {self.key}: expected a string or a list of them")
+            return tuple(items)
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            if not isinstance(items, (list, tuple)) or any(isinstance(v, bool) for v in items):
+                raise ValueError
+            return tuple(self.item(v) for v in items)
+        except (TypeError, ValueError):
+            text = value if isinstance(value, str) else repr(value)
+            raise LogitcacheError(
+                f"{self.flag} {text}: expected numbers separated by commas"
+            ) from None
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+@functools.cache
+def settings(cls: type) -> tuple[Setting, ...]:
+    """Every leaf field of ``cls`` in field order, nested dataclasses flattened in place."""
+    return tuple(_walk(cls, ()))
+
+
+def _walk(cls: type, prefix: tuple[str, ...]):
+    hints = typing.get_type_hints(cls)
+    docs = _docstrings(cls)
+    for f in dataclasses.fields(cls):
+        where = f"{cls.__name__}.{f.name}"
+        meta = f.metadata.get("option", OptionMeta())
+        try:
+            kind, item, optional, choices = _kind(hints[f.name], where)
+        except TypeError:
+            if meta.cli:
+                raise
+            kind, item, optional, choices = object, None, True, None  # a key only, as is
+        if dataclasses.is_dataclass(kind):
+            yield from _walk(kind, (*prefix, f.name))
+            continue
+        text = meta.help or docs.get(f.name)
+        if not text and meta.cli:
+            raise TypeError(f"{where} needs a docstring: it is a flag's help")
+        text = " ".join((text or "").replace("``", "").split())
+        default = f.default
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
+        yield Setting(meta.key or f.name, (*prefix, f.name), kind, item, optional, default, text,
+                      meta, meta.choices or choices)  # fmt: skip
+
+
+def _kind(hint: Any, where: str) -> tuple[type, type | None, bool, tuple[str, ...] | None]:
+    """(kind, item type of a tuple, optional, choices) of a field's type hint."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if len(args) != 1:
+            raise TypeError(f"{where}: only X | None unions can be options")
+        hint = args[0]
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if item not in (str, int, float):
+            raise TypeError(f"{where}: tuples of str, int or float only")
+        return tuple, item, optional, None
+    if typing.get_origin(hint) is typing.Literal and all(
+        isinstance(a, str) for a in typing.get_args(hint)
+    ):
+        return str, None, optional, typing.get_args(hint)
+    if hint in (bool, int, float, str) or dataclasses.is_dataclass(hint):
+        return hint, None, optional, None
+    raise TypeError(
+        f"{where}: no flag for type {hint!r}; give it another type or option(..., cli=False)"
+    )
+
+
+def _docstrings(cls: type) -> dict[str, str]:
+    """Attribute docstrings: the string literal right after each annotated field."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: nxt.value.value
+        for node, nxt in itertools.pairwise(body)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+        and isinstance(nxt.value.value, str)
+    }  # fmt: skip
+
+
+def click_options(cls: type):
+    """Decorator adding one click option per setting of ``cls`` (in field order)."""
+
+    def decorate(fn):
+        for setting in reversed(settings(cls)):
+            if setting.meta.cli:
+                fn = _click_option(setting)(fn)
+        return fn
+
+    return decorate
+
+
+class _SettingOption(click.Option):
+    """Shows [required] but lets a recipe file supply the value (checked after merging)."""
+
+    def value_is_missing(self, value: Any) -> bool:
+        return False
+
+
+def _click_option(s: Setting):
+    kw: dict[str, Any] = {"help": s.help, "cls": _SettingOption, "required": s.required}
+    default = s.cli_default
+    if s.kind is bool:
+        return click.option(f"{s.flag}/--no-{s.flag[2:]}", default=bool(default),
+                            show_default=bool(default), **kw)  # fmt: skip
+    if s.meta.rest_into or (s.kind is tuple and s.item is str):
+        shown = bool(default) and not s.meta.rest_into
+        return click.option(s.flag, multiple=True, default=default if shown else None,
+                            show_default=", ".join(default) if shown else False, **kw)  # fmt: skip
+    if s.kind is tuple:
+        return click.option(s.flag, default=None, metavar="X,Y,...", **kw)
+    return click.option(s.flag, type=s.click_type(), default=default,
+                        show_default=default is not None, **kw)  # fmt: skip
+
+
+def settings_of(config: Any) -> dict[str, Any]:
+    """The flat settings of ``config``: recipe keys to JSON-able values (tuples as lists)."""
+    out = {}
+    for s in settings(type(config)):
+        value = _get(config, s.path)
+        out[s.key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def to_argv(config: Any) -> list[str]:
+    """The flags that make ``config`` (settings left at their default are left out)."""
+    argv: list[str] = []
+    for s in settings(type(config)):
+        value = _get(config, s.path)
+        if not s.meta.cli or (not s.required and value == s.default):
+            continue
+        if s.meta.rest_into:
+            rest = _get(config, (*s.path[:-1], s.meta.rest_into))
+            argv += [part for v in (value, *rest) for part in (s.flag, str(v))]
+        elif s.kind is bool:
+            argv.append(s.flag if value else f"--no-{s.flag[2:]}")
+        elif value is None:
+            argv += [s.flag, s.meta.none] if s.meta.none else []
+        elif s.kind is tuple and s.item is str:
+            argv += [part for v in value for part in (s.flag, v)]
+        elif s.kind is tuple:
+            argv += [s.flag, ",".join(f"{v:g}" for v in value)]
+        else:
+            argv += [s.flag, str(value)]
+    return argv
+
+
+def build(cls: type, flat: dict[str, Any]) -> Any:
+    """``cls`` from flat settings (missing keys take the field defaults)."""
+    nested: dict[str, Any] = {}
+    for s in settings(cls):
+        if s.key in flat:
+            node = nested
+            for name in s.path[:-1]:
+                node = node.setdefault(name, {})
+            node[s.path[-1]] = flat[s.key]
+    return _construct(cls, nested)
+
+
+def _construct(cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        kwargs[name] = _construct(kind, value) if dataclasses.is_dataclass(kind) else value
+    return cls(**kwargs)
+
+
+def _get(config: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        config = getattr(config, name)
+    return config

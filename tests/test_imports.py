@@ -1,0 +1,120 @@
+"""The module graph stays a tree of layers: no import cycle among the project's modules
+(imports inside functions count: they are cycles that wait for a call), and no module
+imports another's private (``_name``) names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+PACKAGES = {  # import name -> directory (see pyproject.toml's package-dir)
+    "logitcache": ROOT / "src" / "logitcache",
+    "logitcache.storage": ROOT / "storage",
+    "logitcache.precompute": ROOT / "precompute",
+    "logitcache.train": ROOT / "train",
+}
+
+
+def project_modules() -> dict[str, Path]:
+    out = {}
+    for package, directory in PACKAGES.items():
+        for path in sorted(directory.rglob("*.py")):
+            parts = list(path.relative_to(directory).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join([package, *parts])] = path
+    return out
+
+
+def imports(name: str, path: Path, modules: dict[str, Path]):
+    """(imported module, private names taken from it) for every import in the file."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules:
+                    yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = (
+                (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            )
+            if target not in modules:
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                if sub in modules:
+                    yield sub, []
+                else:
+                    private = alias.name.startswith("_") and not alias.name.startswith("__")
+                    yield target, [alias.name] if private else []
+
+
+def graph() -> tuple[dict[str, set[str]], list[str]]:
+    modules = project_modules()
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    private = []
+    for name, path in modules.items():
+        for target, names in imports(name, path, modules):
+            if target != name:
+                edges[name].add(target)
+            private += [f"{name} imports {target}.{n}" for n in names if target != name]
+    return edges, private
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each strongly connected group of modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_no_import_cycles():
+    edges, _ = graph()
+    assert len(edges) > 40  # the walk found the project
+    assert cycles(edges) == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    _, private = graph()
+    assert private == []
+
+
+def test_the_checks_catch_a_cycle_and_a_private_import(tmp_path):
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    x = tmp_path / "x.py"
+    x.write_text("def f():\n    from .y import _secret, public, __version__\n")
+    modules = {"logitcache.x": x, "logitcache.y": tmp_path / "y.py"}
+    assert list(imports("logitcache.x", x, modules)) == [
+        ("logitcache.y", ["_secret"]),
+        ("logitcache.y", []),
+        ("logitcache.y", []),
+    ]

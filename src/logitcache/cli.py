@@ -554,8 +554,22 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str) -> None:
     from logitcache.progress import Reporter, human_bytes
     from logitcache.storage import copy_cache
 
-    result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
-                        reporter=Reporter(enabled=not quiet))  # fmt: skip
+    reporter, bar = Reporter(enabled=not quiet), None
+
+    def progress(done: int, total: int, message: str | None) -> None:
+        nonlocal bar
+        if message:
+            reporter.log(message)
+        if bar is None:
+            bar = reporter.bar(total=total, desc="copy", unit="B")
+        bar.update(done - bar.n)
+
+    try:
+        result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
+                            progress=progress)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
     manifest = result.manifest
     state = "complete" if manifest is not None and manifest.complete else "partial"
     click.echo(

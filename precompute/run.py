@@ -219,6 +219,7 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
             reporter.log(f"{config.out} is already complete: nothing to do")
             result.manifest, result.already_complete = writer.manifest, True
             return result
+        writer.attach_tokenizer(tokenizer)  # the cache carries its tokenizer (format 1.1)
         done = sum(1 for s in writer.manifest.shards if writer.owns(s.index))
         if done:
             reporter.log(f"resuming: {done} shards of this worker are already complete")

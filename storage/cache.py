@@ -142,6 +142,8 @@ class CacheWriter:
                 )
             for info in old.shards:
                 merged = merged.with_shard(info)
+            if old.tokenizer_files:
+                merged = replace(merged, tokenizer_files=old.tokenizer_files)
             # Only manifest.json speaks for the whole cache: a part marked complete says that
             # one worker is done, not that the others are.
             if old.complete and old in main:
@@ -177,6 +179,13 @@ class CacheWriter:
         return sequence_index // self.shard_sequences
 
     # -- writing --------------------------------------------------------------------
+    def attach_tokenizer(self, tokenizer: Any) -> None:
+        """Store the tokenizer's files in the cache; the next manifest written lists them."""
+        from .tokenizer import write_tokenizer_files
+
+        files = write_tokenizer_files(self.loc, tokenizer)
+        self.manifest = replace(self.manifest, tokenizer_files=files)
+
     def write_shard(self, shard: int, records: Sequence[SequenceRecord]) -> ShardInfo:
         """Encode, publish and list one shard; its records must be its exact sequences."""
         first = shard * self.shard_sequences
@@ -293,6 +302,8 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
         if part.spec.to_dict() != spec.to_dict():
             changes = diff_specs(spec, part.spec)
             raise CacheError(f"{PARTS}/{name} belongs to another cache: {changes}")
+        if part.tokenizer_files:  # every worker saves the same files (save_pretrained is stable)
+            merged = replace(merged, tokenizer_files=part.tokenizer_files)
         for info in part.shards:
             clash = [s for s in merged.shards if s.index == info.index and s.sha256 != info.sha256]
             if clash:

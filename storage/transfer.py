@@ -7,7 +7,8 @@ every few seconds while copying, and last).
 
 Resuming is skipping: a shard the destination manifest already lists with the same sha256
 (and whose object has the listed size) is not copied again; on a local destination an
-unlisted shard file left by an interrupted run is hashed and kept if it is right. Every
+unlisted shard file left by an interrupted run is hashed and kept if it is right. The
+tokenizer's files (format 1.1) are copied first, each checked against its sha256. Every
 shard goes through a local temporary (beside its final name on a local disk, so the rename
 is atomic; uploaded in one PUT to an object store), so a partial copy is never visible.
 A damaged source shard is named and refused; the others are still copied.
@@ -15,6 +16,7 @@ A damaged source shard is named and refused; the others are still copied.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -131,6 +133,7 @@ def copy_cache(
     copy.total = sum(s.bytes for s in todo)
     skipped = copy.result.skipped
     copy.report(f"{skipped} of {len(chosen)} shards already at {dst}" if skipped else None)
+    copy.copy_tokenizer()
     errors: list[BaseException] = []
     try:
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="copy") as pool:
@@ -162,6 +165,7 @@ class _Copy:
         self.source, self.target, self.src_manifest = source, target, manifest
         self.progress = progress
         self.total = 0
+        self.tokenizer_files = manifest.tokenizer_files
         self.result = TransferResult()
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -191,6 +195,23 @@ class _Copy:
             return True
         self.listed.pop(info.index, None)  # listed but wrong or gone: copy it again
         return False
+
+    def copy_tokenizer(self) -> None:
+        """Copy the tokenizer's files (small: read whole, checked, published before the
+        manifest that lists them); a damaged one is refused and left out of the manifest."""
+        try:
+            for entry in self.src_manifest.tokenizer_files:
+                data = self.source.read_if_exists(entry.path) or b""
+                digest = hashlib.sha256(data).hexdigest()
+                if (len(data), digest) != (entry.bytes, entry.sha256):
+                    raise ShardCorruptError(
+                        f"tokenizer file {self.source.url_of(entry.path)} is missing or damaged"
+                    )
+                self.target.publish_bytes(entry.path, data)
+        except ShardCorruptError as err:
+            self.tokenizer_files = ()
+            self.result.failed.append(str(err))
+            self.report(f"refused: {err}")
 
     def report(self, message: str | None = None) -> None:
         with self._lock:
@@ -267,6 +288,7 @@ class _Copy:
             # known for a copy of a finished cache even when only part of it is copied:
             # that is what tells a partial copy from an unfinished teacher pass
             n_sequences_total=src.n_sequences_total,
+            tokenizer_files=self.tokenizer_files,
         )
         self.target.publish_bytes(MANIFEST, manifest.to_json().encode())
         self.result.manifest = manifest

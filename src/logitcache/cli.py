@@ -216,7 +216,10 @@ def precompute(**kw: Any) -> None:
     help="JSON/YAML transformers config (with model_type) for a student from scratch.",
 )
 @click.option(
-    "--tokenizer", default=None, help="Tokenizer for a from-scratch student (default: the cache's)."
+    "--tokenizer",
+    default=None,
+    help="Tokenizer for a from-scratch student (default: the one stored in the cache; caches "
+    "made before 0.2 store none: pass it, or add it with `logitcache tokenizer CACHE --add`).",
 )
 @click.option(
     "--extended-vocab",
@@ -415,6 +418,7 @@ def _summary(manifest: Any) -> dict[str, Any]:
         "mean_entropy": stats["mean_entropy"],
         "teacher": dict(spec.teacher),
         "tokenizer_fingerprint": spec.tokenizer.get("fingerprint"),
+        "tokenizer_stored": bool(manifest.tokenizer_files),
         "corpus": dict(spec.corpus),
         "codecs": {k: v for k, v in spec.codecs.items()},
         "created_by": manifest.created_by,
@@ -435,7 +439,7 @@ def _summary_text(manifest: Any, url: str) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     return "\n".join(
         [
-            f"cache       {url}  ({'complete' if s['complete'] else 'INCOMPLETE'}, "
+            f"cache       {url}  ({_state(manifest)}, "
             f"format v{s['format_version']}, id {s['cache_id']})",
             f"content     {s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens in "
             f"{s['n_shards']} {s['container']} shards; seq_len {s['seq_len']}, "
@@ -448,10 +452,30 @@ def _summary_text(manifest: Any, url: str) -> str:
             f"part {fmt(s['mean_entropy'], '.3f')} nats",
             f"teacher     {s['teacher'].get('name_or_path')} (dtype {s['teacher'].get('dtype')}, "
             f"config {str(s['teacher'].get('config_sha256'))[:12]})",
-            f"tokenizer   {str(s['tokenizer_fingerprint'])[:16]}",
+            f"tokenizer   {str(s['tokenizer_fingerprint'])[:16]}; "
+            + _tokenizer_state(manifest, url),
             f"corpus      {corpus_name}",
         ]
     )
+
+
+def _state(manifest: Any) -> str:
+    """complete, a partial copy of a finished cache, or an unfinished teacher pass."""
+    if manifest.complete:
+        return "complete"
+    total = manifest.n_sequences_total
+    if total is not None:
+        n_shards = -(-total // manifest.spec.shard_sequences)
+        return f"partial copy: {len(manifest.shards)} of {n_shards} shards"
+    return "INCOMPLETE: teacher pass not finished"
+
+
+def _tokenizer_state(manifest: Any, url: str) -> str:
+    from logitcache.storage.tokenizer import missing_tokenizer_hint
+
+    if manifest.tokenizer_files:
+        return f"stored in the cache ({len(manifest.tokenizer_files)} files)"
+    return "not stored: " + missing_tokenizer_hint(url, manifest).split("; ", 1)[-1]
 
 
 @main.command()
@@ -487,13 +511,7 @@ def verify(cache: str) -> None:
     if problems:
         click.echo(f"{len(problems)} of {n} shards failed verification", err=True)
         sys.exit(1)
-    state = (
-        "complete"
-        if manifest.complete
-        else "PARTIAL (a copy of part of a finished cache)"
-        if manifest.n_sequences_total is not None
-        else "INCOMPLETE (teacher pass not finished)"
-    )
+    state = _state(manifest)
     click.echo(f"ok: {n} shards, {manifest.n_sequences} sequences verified; cache {state}")
 
 
@@ -506,6 +524,38 @@ def merge(cache: str) -> None:
 
     manifest = merge_parts(cache)
     click.echo(f"merged: {len(manifest.shards)} shards, {manifest.n_sequences} sequences")
+
+
+@main.command()
+@click.argument("cache")
+@click.argument("out", required=False)
+@click.option(
+    "--add",
+    default=None,
+    metavar="TOKENIZER",
+    help="Store this tokenizer (directory or hub id) in a local CACHE written before caches "
+    "carried theirs; refused unless it is the one the cache was made with.",
+)
+@_expected_errors
+def tokenizer(cache: str, out: str | None, add: str | None) -> None:
+    """Export the tokenizer stored in CACHE to the directory OUT (checked against its hashes
+    and the cache's fingerprint), or store one in an older cache with --add."""
+    from logitcache.precompute.teacher import load_tokenizer, tokenizer_fingerprint
+    from logitcache.storage import add_tokenizer, fetch_tokenizer, read_manifest
+    from logitcache.storage.location import Location
+
+    if (out is None) == (add is None):
+        raise LogitcacheError("give OUT (export the cache's tokenizer) or --add TOKENIZER")
+    if add is not None:
+        tok = load_tokenizer(add)
+        manifest = add_tokenizer(cache, tok, tokenizer_fingerprint(tok), name=add)
+        click.echo(f"stored {len(manifest.tokenizer_files)} tokenizer files in {cache}")
+        return
+    path = fetch_tokenizer(cache, out)
+    expected = read_manifest(Location(cache)).spec.tokenizer.get("fingerprint")
+    if tokenizer_fingerprint(load_tokenizer(str(path))) != expected:
+        raise LogitcacheError(f"the tokenizer stored in {cache} does not have its fingerprint")
+    click.echo(f"tokenizer written to {path}")
 
 
 # -- push / pull ------------------------------------------------------------------------

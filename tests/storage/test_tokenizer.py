@@ -143,7 +143,7 @@ def test_a_damaged_tokenizer_file_is_named(cache, tmp_path):
     target.write_bytes(target.read_bytes().replace(b"<|eos|>", b"<|EOS|>"))
     problems = verify_cache(cache)[1]
     assert len(problems) == 1 and "tokenizer/tokenizer.json" in problems[0]
-    with pytest.raises(ShardCorruptError, match="tokenizer/tokenizer.json fails its check"):
+    with pytest.raises(ShardCorruptError, match=r"tokenizer/tokenizer\.json fails its check"):
         fetch_tokenizer(cache, tmp_path / "out")
     result = invoke("verify", cache)
     assert result.exit_code == 1 and "tokenizer/tokenizer.json" in result.stderr
@@ -165,7 +165,7 @@ def test_only_listed_files_reach_the_loader(cache):
 def test_a_tokenizer_path_outside_the_cache_is_refused(cache, path):
     raw = json.loads((cache / "manifest.json").read_text())
     raw["tokenizer_files"][0]["path"] = path
-    with pytest.raises(CacheError, match="tokenizer file #0|outside the cache"):
+    with pytest.raises(CacheError, match=r"tokenizer file #0|outside the cache"):
         Manifest.from_json(json.dumps(raw))
     (cache / "manifest.json").write_text(json.dumps(raw))
     assert one_line_error(invoke("inspect", cache))

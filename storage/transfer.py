@@ -117,12 +117,17 @@ def copy_cache(
     dst_options: dict[str, Any] | None = None,
     threads: int = 4,
     progress: Progress | None = None,
+    private: bool = True,
 ) -> TransferResult:
     """Copy (part of) the cache at ``src`` to ``dst``, verifying every shard; resumable.
 
     Raises CacheError if a shard was refused (after copying the others and writing the
-    destination manifest), RemoteError at once if a store cannot be reached.
+    destination manifest), RemoteError at once if a store cannot be reached. A ``dst`` of
+    ``hf://datasets/ORG/NAME`` is pushed in batched commits (``storage/hub.py``), creating
+    the repository (``private`` unless told otherwise) if it does not exist.
     """
+    if str(dst).startswith("hf://"):
+        return _push_to_hub(src, str(dst), shards, max_tokens, progress or _quiet, private)
     source, target = Location(src, src_options), Location(dst, dst_options)
     target.check_writable()
     manifest = read_manifest(source)
@@ -156,6 +161,15 @@ def copy_cache(
             + "; ".join(copy.result.failed[:3])
         )
     return copy.result
+
+
+def _push_to_hub(src, url, shards, max_tokens, progress, private) -> TransferResult:
+    from .hub import push_to_hub
+
+    chosen = select_shards(read_manifest(Location(src)), shards, max_tokens)
+    manifest, copied, skipped, sent = push_to_hub(src, url, chosen, progress=progress,
+                                                  private=private)  # fmt: skip
+    return TransferResult(copied=copied, skipped=skipped, bytes_copied=sent, manifest=manifest)
 
 
 class _Copy:

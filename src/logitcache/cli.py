@@ -568,15 +568,23 @@ _THREADS = click.option(
 @click.argument("cache")
 @click.argument("url")
 @_THREADS
+@click.option(
+    "--public",
+    is_flag=True,
+    default=False,
+    help="hf:// only: create a missing repository public (default: private).",
+)
 @click.option("--quiet", is_flag=True, default=False)
 @_expected_errors
-def push(cache: str, url: str, threads: int, quiet: bool) -> None:
-    """Copy CACHE to URL (s3://, gs://, ... or a directory), checking every shard's hash.
+def push(cache: str, url: str, threads: int, public: bool, quiet: bool) -> None:
+    """Copy CACHE to URL (s3://, gs://, hf://datasets/ORG/NAME, ... or a directory), checking
+    every shard's hash.
 
     Resumable: shards already at URL with the right hash are skipped, and the manifest is
-    written last. Credentials come from the environment (AWS_*, FSSPEC_S3, ...).
+    written last. To the Hub: batched commits, a dataset card. Credentials come from the
+    environment (AWS_*, FSSPEC_S3, HF_TOKEN, ...).
     """
-    _transfer(cache, url, None, None, threads, quiet, verb="pushed")
+    _transfer(cache, url, None, None, threads, quiet, verb="pushed", private=not public)
 
 
 @main.command()
@@ -600,7 +608,7 @@ def pull(
     _transfer(url, directory, shards, max_tokens, threads, quiet, verb="pulled")
 
 
-def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str) -> None:
+def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=True) -> None:
     from logitcache.progress import Reporter, human_bytes
     from logitcache.storage import copy_cache
 
@@ -616,7 +624,7 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str) -> None:
 
     try:
         result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
-                            progress=progress)  # fmt: skip
+                            progress=progress, private=private)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

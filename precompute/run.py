@@ -337,6 +337,7 @@ class _Pipeline:
             raise
         finally:
             _close(outbox, writer)
+            bar.set_postfix_str(f"cache {human_bytes(self.result.bytes_written)}")  # all written
             bar.close()
             self.stop.set()
             reader.join(timeout=5)
@@ -465,8 +466,8 @@ class _Pipeline:
         r, stats = self.result, self.result.corpus
         rate = r.teacher_tokens / r.teacher_s if r.teacher_s else float("nan")
         lines = [
-            f"sequences: {total_sequences} in the corpus; {r.shards_written} shards written, "
-            f"{r.shards_skipped} already present",
+            f"sequences: {total_sequences} in the corpus; {r.shards_written} "
+            f"shard{'s' * (r.shards_written != 1)} written, {r.shards_skipped} already present",
         ]
         if stats.skipped_empty:
             lines.append(f"skipped {stats.skipped_empty} empty or whitespace-only documents")

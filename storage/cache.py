@@ -102,6 +102,10 @@ class CacheWriter:
         self.codec = RecordCodec(spec)
         self._pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode")
         self._lock_fd: int | None = None
+        self._tokenizer: Any = None
+        # A run that fails before its first shard (an empty corpus) removes what it made.
+        self._fresh = self.loc.local and num_workers == 1 and not self.loc.listdir("")
+        self._root_existed = self.loc.exists()
         self.loc.makedirs()
         self._acquire_lock()
         try:
@@ -180,11 +184,9 @@ class CacheWriter:
 
     # -- writing --------------------------------------------------------------------
     def attach_tokenizer(self, tokenizer: Any) -> None:
-        """Store the tokenizer's files in the cache; the next manifest written lists them."""
-        from .tokenizer import write_tokenizer_files
-
-        files = write_tokenizer_files(self.loc, tokenizer)
-        self.manifest = replace(self.manifest, tokenizer_files=files)
+        """Store the tokenizer's files in the cache (anything with ``save_pretrained``): they
+        are written just before the first manifest that lists them."""
+        self._tokenizer = tokenizer
 
     def write_shard(self, shard: int, records: Sequence[SequenceRecord]) -> ShardInfo:
         """Encode, publish and list one shard; its records must be its exact sequences."""
@@ -232,6 +234,12 @@ class CacheWriter:
             return None  # other workers are still running; the last one merges
 
     def _publish_manifest(self, part_complete: bool = False) -> None:
+        if self._tokenizer is not None:
+            from .tokenizer import write_tokenizer_files
+
+            files = write_tokenizer_files(self.loc, self._tokenizer)
+            self.manifest = replace(self.manifest, tokenizer_files=files)
+            self._tokenizer = None
         if self.num_workers == 1:
             self.loc.publish_bytes(MANIFEST, self.manifest.to_json().encode())
             return
@@ -253,8 +261,19 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
+        if exc_type is not None and self._fresh and not self.manifest.shards:
+            self._remove_stub()
+
+    def _remove_stub(self) -> None:
+        """Delete the empty directories a failed first run made (``.locks/``, ``shards/``)."""
+        if self.loc.exists(MANIFEST) or self.loc.listdir(SHARDS):
+            return
+        for name in (".locks", SHARDS):
+            self.loc.remove(name)
+        if not self._root_existed and not self.loc.listdir(""):
+            os.rmdir(self.loc.root)
 
 
 def _part_names(loc: Location) -> list[str]:

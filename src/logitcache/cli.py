@@ -190,8 +190,10 @@ def precompute(**kw: Any) -> None:
         trust_remote_code=kw["trust_remote_code"],
     )
     result = run_precompute(config, Reporter(enabled=not kw["quiet"], rank=rank))
-    if result.manifest is not None and result.manifest.complete and not kw["quiet"] and rank == 0:
-        click.echo(_summary_text(result.manifest, kw["out"]), err=True)
+    if result.manifest is not None and result.manifest.complete and rank == 0:
+        manifest, out = result.manifest, kw["out"]
+        text = _summary_line(manifest, out) if kw["quiet"] else _summary_text(manifest, out)
+        click.echo(text, err=True)  # --quiet keeps one summary line
 
 
 # -- train ----------------------------------------------------------------------------
@@ -442,7 +444,8 @@ def _summary_text(manifest: Any, url: str) -> str:
             f"cache       {url}  ({_state(manifest)}, "
             f"format v{s['format_version']}, id {s['cache_id']})",
             f"content     {s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens in "
-            f"{s['n_shards']} {s['container']} shards; seq_len {s['seq_len']}, "
+            f"{s['n_shards']} {s['container']} shard{'s' * (s['n_shards'] != 1)}; "
+            f"seq_len {s['seq_len']}, "
             f"{'packed' if s['pack'] else 'unpacked'}",
             f"targets     {what} of vocab {s['vocab_size']:,}; "
             f"{fmt(s['entries_per_position'], '.1f')} entries/position",
@@ -456,6 +459,18 @@ def _summary_text(manifest: Any, url: str) -> str:
             + _tokenizer_state(manifest, url),
             f"corpus      {corpus_name}",
         ]
+    )
+
+
+def _summary_line(manifest: Any, url: str) -> str:
+    """What --quiet keeps: one line naming the cache, its state and its size."""
+    from logitcache.progress import human_bytes
+
+    n, bpt = len(manifest.shards), manifest.stats()["bytes_per_token"]
+    return (
+        f"cache {url}: {_state(manifest)}, {manifest.n_sequences:,} sequences in {n} "
+        f"shard{'s' * (n != 1)}, {human_bytes(manifest.bytes)}"
+        + (f" ({bpt:.1f} B/token)" if bpt is not None else "")
     )
 
 

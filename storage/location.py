@@ -149,10 +149,16 @@ class Location:
                 f"access to {where} was denied ({short(err)}): the credentials in use lack "
                 "permission for it, or the URL is wrong"
             )
+        if self.protocol == "hf":  # huggingface_hub keeps its own timeouts and retries
+            each, knobs = "each retried by huggingface_hub too", "LOGITCACHE_RETRIES"
+        else:
+            each, knobs = (
+                f"{self.timeout:g} s timeout each",
+                "LOGITCACHE_TIMEOUT / LOGITCACHE_RETRIES",
+            )
         return RemoteError(
-            f"cannot reach {where} after {attempts} attempt{'s' * (attempts > 1)} "
-            f"({self.timeout:g} s timeout each): {short(err)}; check the URL and the "
-            "network, or raise LOGITCACHE_TIMEOUT / LOGITCACHE_RETRIES"
+            f"cannot reach {where} after {attempts} attempt{'s' * (attempts > 1)} ({each}): "
+            f"{short(err)}; check the URL and the network, or raise {knobs}"
         )
 
     def check_writable(self) -> None:

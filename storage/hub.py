@@ -34,6 +34,7 @@ from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import Manifest, ShardInfo, diff_specs
 from .location import Location
 from .remote import backoff_s, classify, credentials_hint, remote_settings, short
+from .tokenizer import check_tokenizer_files
 
 __all__ = ["BATCH_BYTES", "BATCH_FILES", "HubTarget", "dataset_card", "push_to_hub"]
 
@@ -102,6 +103,9 @@ def push_to_hub(
              repo_type="dataset", private=private, exist_ok=True)  # fmt: skip
     present = hub.files()
     listed = hub.listed_shards(manifest, present)
+    damaged = check_tokenizer_files(source, manifest)
+    if damaged:
+        raise ShardCorruptError(f"{damaged[0]}; nothing was pushed")
     todo: list[tuple[str, Path]] = []  # (relative path, local file) not yet in the repository
     for entry in manifest.tokenizer_files:
         todo += _missing(source, entry.path, present, hub.target)
@@ -150,12 +154,18 @@ class _Hub:
         self.api, self.target = api, target
         _, self.attempts = remote_settings()
 
-    def call(self, what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    def call(
+        self, what: str, fn: Callable[..., _T], *args: Any, missing_ok: bool = False, **kwargs: Any
+    ) -> _T | None:
+        """``fn(*args, **kwargs)``, retried while the Hub is busy; None if it answers 404 and
+        ``missing_ok``."""
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn(*args, **kwargs)
             except Exception as err:  # classified below; anything unknown is re-raised
                 kind = classify(err)
+                if kind == "missing" and missing_ok:
+                    return None
                 if kind == "transient" and attempt < self.attempts:
                     time.sleep(backoff_s(err, attempt))
                     continue
@@ -173,9 +183,9 @@ class _Hub:
         """Repository path -> (size, LFS sha256 or None, git blob id) under the target."""
         entries = self.call("list the repository", lambda: list(self.api.list_repo_tree(
             self.target.repo_id, path_in_repo=self.target.path or None, recursive=True,
-            repo_type="dataset", revision=self.target.revision)))  # fmt: skip
+            repo_type="dataset", revision=self.target.revision)), missing_ok=True)  # fmt: skip
         out = {}
-        for e in entries:
+        for e in entries or ():  # None: the folder does not exist yet
             if not hasattr(e, "blob_id"):
                 continue  # a folder
             lfs = getattr(e, "lfs", None)

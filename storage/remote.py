@@ -142,7 +142,8 @@ def classify(err: BaseException) -> str:
             return "denied"
         if n & _TRANSIENT_ERRORS or (status is not None and (status >= 500 or status == 429)):
             return "transient"
-    if isinstance(err, FileNotFoundError) or any(status_of(e) == 404 for e in chain):
+    missing = isinstance(err, FileNotFoundError) or any("EntryNotFoundError" in n for n in names)
+    if missing or any(status_of(e) == 404 for e in chain):
         return "missing"
     return "other"
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import httpx2
 import pytest
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
 from storage_synth import make_spec, write_cache
 
 from logitcache.storage import (
@@ -58,6 +58,8 @@ class FakeHub:
 
     def list_repo_tree(self, repo_id, path_in_repo=None, *, recursive, repo_type, revision):
         self._maybe_fail("list_repo_tree")
+        if path_in_repo and not any(p.startswith(f"{path_in_repo}/") for p in self.files):
+            raise http_error(404, RemoteEntryNotFoundError)  # the Hub: no such folder (yet)
         for path, data in sorted(self.files.items()):
             if path_in_repo and not path.startswith(f"{path_in_repo}/"):
                 continue
@@ -179,6 +181,13 @@ def test_a_partial_push_then_the_rest(fake, cache):
     assert not part.manifest.complete
     rest = copy_cache(cache, URL)
     assert (rest.copied, rest.skipped) == (4, 3) and rest.manifest.complete
+
+
+def test_a_damaged_tokenizer_file_is_not_pushed(fake, cache):
+    (cache / "tokenizer" / "tokenizer.json").write_text('{"model": "other"}')
+    with pytest.raises(CacheError, match=r"tokenizer/tokenizer\.json fails its check"):
+        copy_cache(cache, URL)
+    assert fake.commits == []
 
 
 def test_push_refuses_another_cache_and_keeps_a_hand_written_card(fake, cache, tmp_path):

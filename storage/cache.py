@@ -235,10 +235,14 @@ class CacheWriter:
 
     def _publish_manifest(self, part_complete: bool = False) -> None:
         if self._tokenizer is not None:
-            from .tokenizer import write_tokenizer_files
+            from .tokenizer import check_tokenizer_files, write_tokenizer_files
 
-            files = write_tokenizer_files(self.loc, self._tokenizer)
-            self.manifest = replace(self.manifest, tokenizer_files=files)
+            # A resumed run keeps the files a previous one stored (the spec, and so the
+            # fingerprint, is the same): rewriting them could change their bytes.
+            kept = self.manifest.tokenizer_files
+            if not kept or check_tokenizer_files(self.loc, self.manifest):
+                files = write_tokenizer_files(self.loc, self._tokenizer)
+                self.manifest = replace(self.manifest, tokenizer_files=files)
             self._tokenizer = None
         if self.num_workers == 1:
             self.loc.publish_bytes(MANIFEST, self.manifest.to_json().encode())
@@ -321,7 +325,7 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
         if part.spec.to_dict() != spec.to_dict():
             changes = diff_specs(spec, part.spec)
             raise CacheError(f"{PARTS}/{name} belongs to another cache: {changes}")
-        if part.tokenizer_files:  # every worker saves the same files (save_pretrained is stable)
+        if part.tokenizer_files:
             merged = replace(merged, tokenizer_files=part.tokenizer_files)
         for info in part.shards:
             clash = [s for s in merged.shards if s.index == info.index and s.sha256 != info.sha256]
@@ -346,5 +350,10 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
             "the missing workers (the same precompute command with their --worker-index)"
         )
     merged = replace(merged, complete=True)
+    if merged.tokenizer_files:  # every worker saved them: list the copies that are there
+        from .tokenizer import restate_tokenizer_files
+
+        files = restate_tokenizer_files(loc, merged.tokenizer_files)
+        merged = replace(merged, tokenizer_files=files)
     loc.publish_bytes(MANIFEST, merged.to_json().encode())
     return merged

@@ -33,6 +33,7 @@ __all__ = [
     "check_tokenizer_files",
     "fetch_tokenizer",
     "missing_tokenizer_hint",
+    "restate_tokenizer_files",
     "write_tokenizer_files",
 ]
 
@@ -53,6 +54,22 @@ def write_tokenizer_files(loc: Location, tokenizer: Any) -> tuple[StoredFile, ..
     if not files:
         raise CacheError("the tokenizer saved no files; it cannot be stored in the cache")
     return tuple(files)
+
+
+def restate_tokenizer_files(loc: Location, files: tuple[StoredFile, ...]) -> tuple[StoredFile, ...]:
+    """The entries of ``files`` as the cache holds them now.
+
+    Parallel workers each save the tokenizer, and ``save_pretrained`` output is not stable
+    across processes and library versions (``tokenizer_config.json`` differs by a byte); each
+    file is published whole, so the last worker's copy of each is what a merged manifest lists.
+    """
+    out = []
+    for entry in files:
+        data = loc.read_if_exists(entry.path)
+        if data is None:
+            raise CacheError(f"tokenizer file {entry.path} listed by a worker is missing")
+        out.append(StoredFile(entry.path, len(data), hashlib.sha256(data).hexdigest()))
+    return tuple(out)
 
 
 def missing_tokenizer_hint(url: str, manifest: Manifest) -> str:

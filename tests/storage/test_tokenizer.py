@@ -177,3 +177,52 @@ def test_newer_minor_and_unknown_optional_keys_read(cache):
     raw["format_minor"], raw["something_new"] = 7, {"x": 1}
     manifest = Manifest.from_json(json.dumps(raw))
     assert manifest.tokenizer_files and len(manifest.shards) == len(raw["shards"])
+
+
+class SavedText:
+    """A tokenizer stand-in whose saved file says ``text``: save_pretrained output can differ
+    between processes and library versions (a byte of tokenizer_config.json did, in tests)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def save_pretrained(self, directory: str) -> None:
+        Path(directory, "tokenizer.json").write_text(self.text)
+
+
+def test_a_resumed_writer_keeps_the_stored_tokenizer(tmp_path):
+    from storage_synth import make_records, make_spec
+
+    from logitcache.storage import CacheWriter
+
+    spec, path = make_spec(shard_sequences=3), tmp_path / "c"
+    records = make_records(spec, 0, 6)
+    with CacheWriter(path, spec) as writer:
+        writer.attach_tokenizer(SavedText("first"))
+        writer.write_shard(0, records[:3])
+    with CacheWriter(path, spec) as writer:  # resumed by a process that saves other bytes
+        writer.attach_tokenizer(SavedText("second"))
+        writer.write_shard(1, records[3:])
+        writer.finish(6)
+    assert (path / "tokenizer" / "tokenizer.json").read_text() == "first"
+    assert verify_cache(path)[1] == []
+
+
+def test_parallel_workers_that_save_different_bytes_merge_into_a_verified_cache(tmp_path):
+    from storage_synth import make_records, make_spec
+
+    from logitcache.storage import CacheWriter
+
+    spec, path = make_spec(shard_sequences=3), tmp_path / "c"
+    records = make_records(spec, 0, 6)
+    writers = [CacheWriter(path, spec, worker=w, num_workers=2) for w in (0, 1)]  # at once
+    for worker in (1, 0):  # worker 1 saves first; worker 0's files replace its copies
+        writers[worker].attach_tokenizer(SavedText(f"worker {worker}"))
+        writers[worker].write_shard(worker, records[3 * worker : 3 * worker + 3])
+    # shard 0 is listed, so worker 1 merges; the last part read (its own) lists other bytes
+    merged = writers[1].finish(6)
+    for writer in writers:
+        writer.close()
+    assert merged is not None and merged.complete
+    assert (path / "tokenizer" / "tokenizer.json").read_text() == "worker 0"
+    assert verify_cache(path)[1] == []

@@ -567,9 +567,13 @@ def tokenizer(cache: str, out: str | None, add: str | None) -> None:
         click.echo(f"stored {len(manifest.tokenizer_files)} tokenizer files in {cache}")
         return
     path = fetch_tokenizer(cache, out)
-    expected = read_manifest(Location(cache)).spec.tokenizer.get("fingerprint")
-    if tokenizer_fingerprint(load_tokenizer(str(path))) != expected:
-        raise LogitcacheError(f"the tokenizer stored in {cache} does not have its fingerprint")
+    expected = str(read_manifest(Location(cache)).spec.tokenizer.get("fingerprint"))
+    found = tokenizer_fingerprint(load_tokenizer(str(path)))
+    if found != expected:
+        raise LogitcacheError(
+            f"the tokenizer stored in {cache} (fingerprint {found[:16]}) is not the one the "
+            f"cache was made with (fingerprint {expected[:16]}): an edited cache; {path} holds it"
+        )
     click.echo(f"tokenizer written to {path}")
 
 

@@ -226,3 +226,24 @@ def test_parallel_workers_that_save_different_bytes_merge_into_a_verified_cache(
     assert merged is not None and merged.complete
     assert (path / "tokenizer" / "tokenizer.json").read_text() == "worker 0"
     assert verify_cache(path)[1] == []
+
+
+def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
+    cache, tiny_tokenizer, text_corpus, student_config, tmp_path
+):
+    """Files whose hashes the manifest vouches for, but of another tokenizer (an edited cache)."""
+    from logitcache.storage.tokenizer import write_tokenizer_files
+
+    other = tiny_tokenizer.train_new_from_iterator([text_corpus.read_text()], vocab_size=280)
+    manifest = read_manifest(Location(cache))
+    shutil.rmtree(cache / "tokenizer")
+    files = write_tokenizer_files(Location(cache), other)
+    (cache / "manifest.json").write_text(replace(manifest, tokenizer_files=files).to_json())
+    assert verify_cache(cache)[1] == []  # the hashes agree; the fingerprint does not
+    err = one_line_error(invoke("tokenizer", cache, tmp_path / "tok"))
+    assert "is not the one the cache was made with" in err
+    run = invoke(
+        "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
+        "--steps", "1", "--num-workers", "0", "--quiet",
+    )  # fmt: skip
+    assert "is not the cache's" in one_line_error(run)

@@ -77,10 +77,6 @@ class HubTarget:
         return f"hf://datasets/{self.repo_id}{rev}" + (f"/{self.path}" if self.path else "")
 
 
-def is_hub_url(url: str | os.PathLike) -> bool:
-    return str(url).startswith("hf://")
-
-
 def push_to_hub(
     src: str | os.PathLike,
     url: str,
@@ -115,7 +111,7 @@ def push_to_hub(
         if (size, digest) != (info.bytes, info.sha256):
             raise ShardCorruptError(
                 f"shard {source.url_of(info.path)} is damaged (sha256 {digest[:16]}…, manifest "
-                f"says {info.sha256[:16]}…); nothing of it was pushed"
+                f"says {info.sha256[:16]}…); nothing was pushed"
             )
         missing = _missing(source, info.path, present, hub.target)
         uploaded, skipped = uploaded + bool(missing), skipped + (not missing)
@@ -209,7 +205,9 @@ class _Hub:
                 f"{self.target.url} holds another cache ({changes}); choose another repository "
                 "or folder"
             )
-        return {s.index: s for s in existing.shards if self.target.key(s.path) in present}
+        folders = {p.rsplit("/", i)[0] for p in present for i in range(1, p.count("/") + 1)}
+        held = present.keys() | folders  # a Zarr shard is a folder of files
+        return {s.index: s for s in existing.shards if self.target.key(s.path) in held}
 
     def card_path(self, present: dict) -> str | None:
         """README.md at the repository root, unless someone wrote their own card there."""

@@ -174,6 +174,19 @@ def test_429_is_retried_with_backoff_and_401_is_one_line(fake, cache):
     assert "\n" not in message and "HF_TOKEN" in message and "401" in message
 
 
+def test_a_zarr_cache_resumes_by_its_files(fake, tmp_path):
+    write_cache(tmp_path / "z", make_spec(shard_sequences=3, container="zarr"), 8)
+    first = copy_cache(tmp_path / "z", URL, shards="0-1")
+    assert first.copied == 2 and all(
+        "shard-000002" not in p for _, paths in fake.commits for p in paths
+    )
+    fake.commits.clear()
+    rest = copy_cache(tmp_path / "z", URL)
+    assert (rest.copied, rest.skipped) == (1, 2) and rest.manifest.complete
+    sent = [p for _, paths in fake.commits for p in paths]
+    assert sent and all(p.startswith("shards/shard-000002.zarr/") for p in sent[:-2])
+
+
 def test_a_partial_push_then_the_rest(fake, cache):
     part = copy_cache(cache, URL, shards="0-2")
     listed = json.loads(fake.files["manifest.json"])

@@ -345,7 +345,8 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
         counts = {int(m.group(2)) for m in map(_PART_RE.match, names)}
         owners = sorted({f"worker {j % n} of {n}" for j in missing for n in counts})
         raise CacheError(
-            f"cannot merge yet: {n_missing} shards missing (first: {missing}, owned by "
+            f"cannot merge yet: {n_missing} shard{'s' * (n_missing != 1)} missing (first: "
+            f"{missing}, owned by "
             f"{', '.join(owners)}); unfinished workers: {', '.join(waiting) or 'none'}; run "
             "the missing workers (the same precompute command with their --worker-index)"
         )

@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,14 @@ class Document:
 
 
 def _looks_like_path(arg: str) -> bool:
-    return arg.startswith((".", "/", "~")) or arg.lower().endswith(SUPPORTED_SUFFIXES)
+    """Whether ``arg`` cannot be a hub dataset id (``NAME`` or ``ORG/NAME``): it starts like a
+    path, has a file extension (``corpus.csv``; ``v1.0`` is not one), more than one ``/``, a
+    backslash, or a first component that is a directory here (``data/train``)."""
+    if arg.startswith((".", "/", "~")) or "\\" in arg or arg.count("/") > 1:
+        return True
+    if re.search(r"\.[A-Za-z][A-Za-z0-9]{0,7}$", arg):
+        return True
+    return "/" in arg and os.path.isdir(arg.split("/", 1)[0])
 
 
 def _check_suffix(path: str, arg: str) -> None:
@@ -170,7 +178,10 @@ def resolve_files(spec: CorpusSpec) -> tuple[str, ...] | None:
                 )
             files.extend(matches)
         elif _looks_like_path(arg):
-            raise CorpusError(f"no such file or directory: {arg!r}")
+            raise CorpusError(
+                f"no such file or directory: {arg!r} (a local path, not a Hugging Face dataset "
+                "name: those look like NAME or ORG/NAME, without a file extension)"
+            )
         else:
             hub_names.append(arg)
     if hub_names:

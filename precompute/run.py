@@ -139,6 +139,7 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
             reporter.log(f"{config.out} is already complete: nothing to do")
             result.manifest, result.already_complete = writer.manifest, True
             return result
+        writer.attach_tokenizer(tokenizer)  # the cache carries its tokenizer (format 1.1)
         done = sum(1 for s in writer.manifest.shards if writer.owns(s.index))
         if done:
             reporter.log(f"resuming: {done} shards of this worker are already complete")
@@ -258,6 +259,7 @@ class Pipeline:
             raise
         finally:
             _close(outbox, writer)
+            bar.set_postfix_str(f"cache {human_bytes(self.result.bytes_written)}")  # all written
             bar.close()
             self.stop.set()
             reader.join(timeout=5)
@@ -386,8 +388,8 @@ class Pipeline:
         r, stats = self.result, self.result.corpus
         rate = r.teacher_tokens / r.teacher_s if r.teacher_s else float("nan")
         lines = [
-            f"sequences: {total_sequences} in the corpus; {r.shards_written} shards written, "
-            f"{r.shards_skipped} already present",
+            f"sequences: {total_sequences} in the corpus; {r.shards_written} "
+            f"shard{'s' * (r.shards_written != 1)} written, {r.shards_skipped} already present",
         ]
         if stats.skipped_empty:
             lines.append(f"skipped {stats.skipped_empty} empty or whitespace-only documents")

@@ -6,12 +6,13 @@ In: teacher distributions as ``SequenceRecord``s. Out: a cache directory or URL 
 
 from .cache import CacheWriter, merge_parts, read_manifest
 from .codecs import default_codecs
-from .errors import CacheError, RemoteError, ShardCorruptError
-from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo
+from .errors import CacheError, NoTokenizerError, RemoteError, ShardCorruptError
+from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo, StoredFile
 from .location import Location
 from .reader import CacheReader, verify_cache
 from .record import SequenceRecord
 from .shardcache import DEFAULT_LOCAL_CACHE_BYTES, ShardCache, default_local_cache
+from .tokenizer import add_tokenizer, fetch_tokenizer
 from .transfer import TransferResult, copy_cache
 
 __all__ = [
@@ -23,15 +24,19 @@ __all__ = [
     "CacheWriter",
     "Location",
     "Manifest",
+    "NoTokenizerError",
     "RemoteError",
     "SequenceRecord",
     "ShardCache",
     "ShardCorruptError",
     "ShardInfo",
+    "StoredFile",
     "TransferResult",
+    "add_tokenizer",
     "copy_cache",
     "default_codecs",
     "default_local_cache",
+    "fetch_tokenizer",
     "merge_parts",
     "read_manifest",
     "verify_cache",

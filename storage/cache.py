@@ -102,6 +102,10 @@ class CacheWriter:
         self.codec = RecordCodec(spec)
         self._pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode")
         self._lock_fd: int | None = None
+        self._tokenizer: Any = None
+        # A run that fails before its first shard (an empty corpus) removes what it made.
+        self._fresh = self.loc.local and num_workers == 1 and not self.loc.listdir("")
+        self._root_existed = self.loc.exists()
         self.loc.makedirs()
         self._acquire_lock()
         try:
@@ -142,6 +146,8 @@ class CacheWriter:
                 )
             for info in old.shards:
                 merged = merged.with_shard(info)
+            if old.tokenizer_files:
+                merged = replace(merged, tokenizer_files=old.tokenizer_files)
             # Only manifest.json speaks for the whole cache: a part marked complete says that
             # one worker is done, not that the others are.
             if old.complete and old in main:
@@ -177,6 +183,11 @@ class CacheWriter:
         return sequence_index // self.shard_sequences
 
     # -- writing --------------------------------------------------------------------
+    def attach_tokenizer(self, tokenizer: Any) -> None:
+        """Store the tokenizer's files in the cache (anything with ``save_pretrained``): they
+        are written just before the first manifest that lists them."""
+        self._tokenizer = tokenizer
+
     def write_shard(self, shard: int, records: Sequence[SequenceRecord]) -> ShardInfo:
         """Encode, publish and list one shard; its records must be its exact sequences."""
         first = shard * self.shard_sequences
@@ -223,6 +234,16 @@ class CacheWriter:
             return None  # other workers are still running; the last one merges
 
     def _publish_manifest(self, part_complete: bool = False) -> None:
+        if self._tokenizer is not None:
+            from .tokenizer_files import check_tokenizer_files, write_tokenizer_files
+
+            # A resumed run keeps the files a previous one stored (the spec, and so the
+            # fingerprint, is the same): rewriting them could change their bytes.
+            kept = self.manifest.tokenizer_files
+            if not kept or check_tokenizer_files(self.loc, self.manifest):
+                files = write_tokenizer_files(self.loc, self._tokenizer)
+                self.manifest = replace(self.manifest, tokenizer_files=files)
+            self._tokenizer = None
         if self.num_workers == 1:
             self.loc.publish_bytes(MANIFEST, self.manifest.to_json().encode())
             return
@@ -244,8 +265,19 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
+        if exc_type is not None and self._fresh and not self.manifest.shards:
+            self._remove_stub()
+
+    def _remove_stub(self) -> None:
+        """Delete the empty directories a failed first run made (``.locks/``, ``shards/``)."""
+        if self.loc.exists(MANIFEST) or self.loc.listdir(SHARDS):
+            return
+        for name in (".locks", SHARDS):
+            self.loc.remove(name)
+        if not self._root_existed and not self.loc.listdir(""):
+            os.rmdir(self.loc.root)
 
 
 def _part_names(loc: Location) -> list[str]:
@@ -293,6 +325,8 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
         if part.spec.to_dict() != spec.to_dict():
             changes = diff_specs(spec, part.spec)
             raise CacheError(f"{PARTS}/{name} belongs to another cache: {changes}")
+        if part.tokenizer_files:
+            merged = replace(merged, tokenizer_files=part.tokenizer_files)
         for info in part.shards:
             clash = [s for s in merged.shards if s.index == info.index and s.sha256 != info.sha256]
             if clash:
@@ -311,10 +345,16 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
         counts = {int(m.group(2)) for m in map(_PART_RE.match, names)}
         owners = sorted({f"worker {j % n} of {n}" for j in missing for n in counts})
         raise CacheError(
-            f"cannot merge yet: {n_missing} shards missing (first: {missing}, owned by "
+            f"cannot merge yet: {n_missing} shard{'s' * (n_missing != 1)} missing (first: "
+            f"{missing}, owned by "
             f"{', '.join(owners)}); unfinished workers: {', '.join(waiting) or 'none'}; run "
             "the missing workers (the same precompute command with their --worker-index)"
         )
     merged = replace(merged, complete=True)
+    if merged.tokenizer_files:  # every worker saved them: list the copies that are there
+        from .tokenizer_files import restate_tokenizer_files
+
+        files = restate_tokenizer_files(loc, merged.tokenizer_files)
+        merged = replace(merged, tokenizer_files=files)
     loc.publish_bytes(MANIFEST, merged.to_json().encode())
     return merged

@@ -2,7 +2,7 @@
 
 from logitcache.errors import LogitcacheError
 
-__all__ = ["CacheError", "RemoteError", "ShardCorruptError"]
+__all__ = ["CacheError", "NoTokenizerError", "RemoteError", "ShardCorruptError"]
 
 
 class CacheError(LogitcacheError, ValueError):
@@ -15,3 +15,7 @@ class ShardCorruptError(CacheError):
 
 class RemoteError(CacheError):
     """A remote store is unreachable, or refused (or lacks) the credentials."""
+
+
+class NoTokenizerError(CacheError):
+    """The cache stores no tokenizer (written before format 1.1); the message says what to do."""

@@ -18,12 +18,15 @@ from typing import Any
 from .errors import CacheError
 
 __all__ = [
+    "FORMAT_MINOR",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MODES",
+    "TOKENIZER_DIR",
     "CacheSpec",
     "Manifest",
     "ShardInfo",
+    "StoredFile",
     "canonical_json",
     "check_relative_path",
     "diff_specs",
@@ -31,7 +34,13 @@ __all__ = [
 
 FORMAT_NAME = "logitcache"
 FORMAT_VERSION = 1
+"""The major version: a reader refuses any other (docs/format.md, "Versions")."""
+FORMAT_MINOR = 1
+"""Minor versions add optional manifest keys that a reader of an older minor ignores:
+1 = ``tokenizer_files``. Written only when a manifest uses them."""
 MODES = ("topk", "sampled")
+TOKENIZER_DIR = "tokenizer"
+"""Where a cache keeps its tokenizer's files (``save_pretrained`` output), since format 1.1."""
 
 # Declared sizes above these are refused before anything is allocated: a manifest is
 # read by people's machines, and a hostile one must not ask for terabytes.
@@ -39,6 +48,8 @@ _MAX_SEQUENCES_PER_SHARD = 1 << 24
 _MAX_SHARD_BYTES = 1 << 40
 _MAX_VOCAB = 1 << 24
 _MAX_SEQ_LEN = 1 << 22
+_MAX_TOKENIZER_FILES = 64
+_MAX_TOKENIZER_FILE_BYTES = 1 << 30  # a 256k-vocabulary tokenizer.json is ~30 MB
 
 
 def canonical_json(obj: Any) -> str:
@@ -246,6 +257,30 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class StoredFile:
+    """A file the manifest lists besides shards (the tokenizer's), checked on every read."""
+
+    path: str
+    """Relative to the cache root, under ``tokenizer/`` (POSIX, never outside the cache)."""
+    bytes: int
+    sha256: str
+    """Hex digest of the file."""
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> StoredFile:
+        if not isinstance(obj, Mapping) or set(obj) != {"path", "bytes", "sha256"}:
+            raise CacheError(f"{where} must be an object with exactly path, bytes, sha256")
+        path = check_relative_path(obj["path"])
+        if not path.startswith(f"{TOKENIZER_DIR}/") or path.count("/") != 1:
+            raise CacheError(f"{where}: {path!r} is not a file directly under {TOKENIZER_DIR}/")
+        _int(obj, "bytes", where, 0, _MAX_TOKENIZER_FILE_BYTES)
+        digest = obj["sha256"]
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise CacheError(f"{where}: 'sha256' must be a 64-character hex digest")
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """``manifest.json``: the spec, the completed shards, and summary statistics."""
 
@@ -257,6 +292,9 @@ class Manifest:
     """Known when the teacher pass has read the whole corpus."""
     created_by: str = ""
     format_version: int = FORMAT_VERSION
+    tokenizer_files: tuple[StoredFile, ...] = ()
+    """The tokenizer's files stored in the cache (optional: caches written before 0.2 lack
+    them); their fingerprint is ``spec.tokenizer["fingerprint"]``."""
 
     @property
     def n_sequences(self) -> int:
@@ -309,9 +347,10 @@ class Manifest:
         return replace(self, shards=tuple(sorted([*others, info], key=lambda s: s.index)))
 
     def to_json(self) -> str:
-        obj = {
-            "format": FORMAT_NAME,
-            "format_version": self.format_version,
+        obj: dict[str, Any] = {"format": FORMAT_NAME, "format_version": self.format_version}
+        if self.tokenizer_files:  # format 1.1; without them a manifest is written as 1.0 was
+            obj["format_minor"] = FORMAT_MINOR
+        obj |= {
             "cache_id": self.spec.cache_id,
             "created_by": self.created_by,
             "complete": self.complete,
@@ -323,6 +362,8 @@ class Manifest:
             "spec": self.spec.to_dict(),
             "shards": [asdict(s) for s in self.shards],
         }
+        if self.tokenizer_files:
+            obj["tokenizer_files"] = [asdict(f) for f in self.tokenizer_files]
         return json.dumps(obj, indent=1, allow_nan=False) + "\n"
 
     @classmethod
@@ -365,13 +406,27 @@ class Manifest:
         total = obj.get("n_sequences_total")
         if total is not None:
             _int(obj, "n_sequences_total", where)
+        if "format_minor" in obj:
+            _int(obj, "format_minor", where)  # any minor of this version reads
         return cls(
+            tokenizer_files=_tokenizer_files(obj.get("tokenizer_files", []), where),
             spec=spec,
             shards=shards,
             complete=obj.get("complete", False),
             n_sequences_total=total,
             created_by=str(obj.get("created_by", "")),
         )
+
+
+def _tokenizer_files(raw: Any, where: str) -> tuple[StoredFile, ...]:
+    if not isinstance(raw, list) or len(raw) > _MAX_TOKENIZER_FILES:
+        raise CacheError(f"{where}: 'tokenizer_files' must be a list of at most 64 files")
+    files = tuple(
+        StoredFile.from_dict(f, f"{where} tokenizer file #{i}") for i, f in enumerate(raw)
+    )
+    if len({f.path for f in files}) != len(files):
+        raise CacheError(f"{where}: a tokenizer file is listed twice")
+    return files
 
 
 def _check_layout(shards: tuple[ShardInfo, ...], where: str) -> None:

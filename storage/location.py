@@ -1,4 +1,4 @@
-"""Where a cache lives: a local directory or any fsspec URL (s3://, gs://, http(s)://, file://).
+"""Where a cache lives: a local directory or any fsspec URL (s3://, gs://, http(s)://, hf://).
 
 In: a path or URL (and optional fsspec storage options). Out: a ``Location`` that reads,
 writes and publishes objects relative to the cache root, and turns the failures of
@@ -13,8 +13,10 @@ the usual places (``AWS_*`` variables, ``~/.aws``, instance roles, ``FSSPEC_<PRO
 fsspec configuration). logitcache sets only timeouts and a bounded number of attempts
 (``$LOGITCACHE_TIMEOUT`` seconds per request, default 30; ``$LOGITCACHE_RETRIES``
 attempts, default 3), so an unreachable server is an error after a bounded time, never a
-hang. botocore retries S3 requests itself; fsspec's HTTP has no retry, so reads over
-http(s) are retried here.
+hang. botocore retries S3 requests itself; fsspec's HTTP and huggingface_hub's
+``HfFileSystem`` do not retry every call, so calls over http(s) and ``hf://`` are retried
+here (``storage/remote.py`` says which failures are temporary). ``hf://datasets/ORG/NAME``
+is read-only here: ``logitcache push`` writes it in batched commits (``storage/hub.py``).
 """
 
 from __future__ import annotations
@@ -32,43 +34,21 @@ from typing import IO, Any, TypeVar
 import fsspec
 
 from .errors import CacheError, RemoteError
+from .remote import (
+    HTTP,
+    RETRIED_PROTOCOLS,
+    backoff_s,
+    classify,
+    credentials_hint,
+    default_options,
+    merge_options,
+    remote_settings,
+    short,
+)
 
-__all__ = ["Location", "remote_settings"]
+__all__ = ["Location"]
 
 _T = TypeVar("_T")
-_HTTP = ("http", "https")
-_CREDENTIAL_ERRORS = {
-    "NoCredentialsError",
-    "PartialCredentialsError",
-    "CredentialRetrievalError",
-    "DefaultCredentialsError",  # google.auth
-}
-# Failures worth another attempt: the network, timeouts, a truncated body, a busy server.
-_TRANSIENT_ERRORS = {
-    "ConnectionError",  # builtin (refused, reset) and botocore's
-    "TimeoutError",  # builtin, asyncio's, and fsspec's FSTimeoutError
-    "ClientConnectionError",  # aiohttp: connector, disconnects, server timeouts
-    "ClientPayloadError",  # aiohttp: body shorter than its Content-Length
-    "EndpointConnectionError",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "IncompleteRead",
-    "ResponseStreamingError",
-}
-
-
-def remote_settings() -> tuple[float, int]:
-    """(seconds per request, attempts) for remote stores, from the environment."""
-    try:
-        timeout = float(os.environ.get("LOGITCACHE_TIMEOUT", "30"))
-        retries = int(os.environ.get("LOGITCACHE_RETRIES", "3"))
-    except ValueError:
-        raise CacheError(
-            "LOGITCACHE_TIMEOUT must be seconds and LOGITCACHE_RETRIES an integer"
-        ) from None
-    if timeout <= 0 or retries < 1:
-        raise CacheError("LOGITCACHE_TIMEOUT must be > 0 and LOGITCACHE_RETRIES >= 1")
-    return timeout, retries
 
 
 class Location:
@@ -110,8 +90,8 @@ class Location:
         """The storage options in effect: logitcache's timeouts, fsspec config, the caller's."""
         if self.local:
             return dict(self.storage_options)
-        return _merge(
-            _default_options(self.protocol, self.timeout, self.retries),
+        return merge_options(
+            default_options(self.protocol, self.timeout, self.retries),
             fsspec.config.conf.get(self.protocol, {}),
             self.storage_options,
         )
@@ -138,16 +118,16 @@ class Location:
         """
         if self.local:
             return fn(*args, **kwargs)
-        attempts = self.retries if self.protocol in _HTTP else 1
+        attempts = self.retries if self.protocol in RETRIED_PROTOCOLS else 1
         for attempt in range(1, attempts + 1):
             try:
                 return fn(*args, **kwargs)
             except Exception as err:  # classified below; anything unknown is re-raised
-                kind = _classify(err)
+                kind = classify(err)
                 if kind == "missing":
-                    raise FileNotFoundError(f"{self.url_of(rel)}: {_short(err)}") from None
+                    raise FileNotFoundError(f"{self.url_of(rel)}: {short(err)}") from None
                 if kind == "transient" and attempt < attempts:
-                    time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+                    time.sleep(backoff_s(err, attempt))
                     continue
                 if kind == "other":
                     raise
@@ -156,21 +136,38 @@ class Location:
 
     def _error(self, err: BaseException, kind: str, rel: str, attempts: int) -> CacheError:
         where = self.url_of(rel)
+        if kind == "norepo":
+            return RemoteError(
+                f"{self.url}: no such Hub repository or revision, or it is private or gated "
+                f"and the token in use cannot read it ({short(err)}); check the name, or "
+                f"{credentials_hint(self.protocol)}"
+            )
         if kind == "credentials":
-            return RemoteError(f"no credentials for {where}: {_credentials_hint(self.protocol)}")
+            return RemoteError(f"no credentials for {where}: {credentials_hint(self.protocol)}")
         if kind == "denied":
             return RemoteError(
-                f"access to {where} was denied ({_short(err)}): the credentials in use lack "
+                f"access to {where} was denied ({short(err)}): the credentials in use lack "
                 "permission for it, or the URL is wrong"
             )
+        if self.protocol == "hf":  # huggingface_hub keeps its own timeouts and retries
+            each, knobs = "each retried by huggingface_hub too", "LOGITCACHE_RETRIES"
+        else:
+            each, knobs = (
+                f"{self.timeout:g} s timeout each",
+                "LOGITCACHE_TIMEOUT / LOGITCACHE_RETRIES",
+            )
         return RemoteError(
-            f"cannot reach {where} after {attempts} attempt{'s' * (attempts > 1)} "
-            f"({self.timeout:g} s timeout each): {_short(err)}; check the URL and the "
-            "network, or raise LOGITCACHE_TIMEOUT / LOGITCACHE_RETRIES"
+            f"cannot reach {where} after {attempts} attempt{'s' * (attempts > 1)} ({each}): "
+            f"{short(err)}; check the URL and the network, or raise {knobs}"
         )
 
     def check_writable(self) -> None:
-        if self.protocol in _HTTP:
+        if self.protocol == "hf":
+            raise CacheError(
+                f"cannot write to {self.url} file by file (one Hub commit per file): write the "
+                f"cache to a directory, then `logitcache push DIR {self.url}` (batched commits)"
+            )
+        if self.protocol in HTTP:
             raise CacheError(
                 f"cannot write to {self.url}: http(s) is read-only; write to a directory or an "
                 "object store (s3://, gs://, ...) and serve that over HTTP"
@@ -367,83 +364,6 @@ class Location:
                 self.remove(f"{rel_dir}/{name}" if rel_dir else name)
                 count += 1
         return count
-
-
-# -- remote options and errors ------------------------------------------------------------
-def _default_options(protocol: str, timeout: float, retries: int) -> dict[str, Any]:
-    if protocol in _HTTP:
-        import aiohttp
-
-        # No total limit (a large shard may take minutes); a connect or a read that stalls
-        # for `timeout` seconds fails.
-        client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-        return {"client_kwargs": {"timeout": client_timeout}}
-    if protocol in ("s3", "s3a"):
-        return {
-            "config_kwargs": {
-                "connect_timeout": timeout,
-                "read_timeout": timeout,
-                "retries": {"max_attempts": retries, "mode": "standard"},
-            }
-        }
-    return {}
-
-
-def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
-    """Later layers win; nested dicts (client_kwargs, config_kwargs) merge key by key."""
-    out: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = _merge(out[key], value)
-            else:
-                out[key] = value
-    return out
-
-
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def _classify(err: BaseException) -> str:
-    """credentials, denied, transient (worth retrying), missing, or other."""
-    chain = list(_chain(err))
-    names = [{c.__name__ for c in type(e).__mro__} for e in chain]
-    if any(n & _CREDENTIAL_ERRORS for n in names):
-        return "credentials"
-    for e, n in zip(chain, names):
-        status = getattr(e, "status", None)
-        if isinstance(e, PermissionError) or status in (401, 403):
-            return "denied"
-        if n & _TRANSIENT_ERRORS or (isinstance(status, int) and (status >= 500 or status == 429)):
-            return "transient"
-    if isinstance(err, FileNotFoundError):
-        return "missing"
-    return "other"
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
-def _credentials_hint(protocol: str) -> str:
-    if protocol in ("s3", "s3a"):
-        return (
-            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with "
-            "~/.aws/credentials, or use an instance role); for a public bucket set "
-            "FSSPEC_S3='{\"anon\": true}'"
-        )
-    if protocol in ("gs", "gcs"):
-        return (
-            "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
-            "`gcloud auth application-default login`"
-        )
-    return f"configure them as fsspec's {protocol} filesystem expects (FSSPEC_{protocol.upper()})"
 
 
 def _fsync_file(path: Path) -> None:

@@ -7,7 +7,8 @@ every few seconds while copying, and last).
 
 Resuming is skipping: a shard the destination manifest already lists with the same sha256
 (and whose object has the listed size) is not copied again; on a local destination an
-unlisted shard file left by an interrupted run is hashed and kept if it is right. Every
+unlisted shard file left by an interrupted run is hashed and kept if it is right. The
+tokenizer's files (format 1.1) are copied first, each checked against its sha256. Every
 shard goes through a local temporary (beside its final name on a local disk, so the rename
 is atomic; uploaded in one PUT to an object store), so a partial copy is never visible.
 A damaged source shard is named and refused; the others are still copied.
@@ -15,18 +16,18 @@ A damaged source shard is named and refused; the others are still copied.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from logitcache.progress import Reporter
 
 from .cache import MANIFEST, SHARDS, read_manifest
 from .containers import shard_digest
@@ -34,9 +35,18 @@ from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import Manifest, ShardInfo, diff_specs
 from .location import Location
 
-__all__ = ["TransferResult", "copy_cache", "parse_shard_list", "select_shards"]
+__all__ = ["Progress", "TransferResult", "copy_cache", "parse_shard_list", "select_shards"]
 
 _MANIFEST_EVERY_S = 5.0  # a killed transfer re-copies at most ~5 s of shards
+
+Progress = Callable[[int, int, "str | None"], None]
+"""``progress(bytes copied, bytes to copy, message or None)``: called once before copying
+(with a message when shards are skipped), after each shard, and with a message for each
+shard refused. It may be called from several threads, never at once."""
+
+
+def _quiet(done: int, total: int, message: str | None) -> None:
+    pass
 
 
 @dataclass
@@ -106,28 +116,33 @@ def copy_cache(
     src_options: dict[str, Any] | None = None,
     dst_options: dict[str, Any] | None = None,
     threads: int = 4,
-    reporter: Reporter | None = None,
+    progress: Progress | None = None,
+    private: bool = True,
 ) -> TransferResult:
     """Copy (part of) the cache at ``src`` to ``dst``, verifying every shard; resumable.
 
     Raises CacheError if a shard was refused (after copying the others and writing the
-    destination manifest), RemoteError at once if a store cannot be reached.
+    destination manifest), RemoteError at once if a store cannot be reached. A ``dst`` of
+    ``hf://datasets/ORG/NAME`` is pushed in batched commits (``storage/hub.py``), creating
+    the repository (``private`` unless told otherwise) if it does not exist.
     """
-    reporter = reporter or Reporter(enabled=False)
+    if str(dst).startswith("hf://"):
+        return _push_to_hub(src, str(dst), shards, max_tokens, progress or _quiet, private)
     source, target = Location(src, src_options), Location(dst, dst_options)
     target.check_writable()
     manifest = read_manifest(source)
     chosen = select_shards(manifest, shards, max_tokens)
-    copy = _Copy(source, target, manifest, reporter)
+    copy = _Copy(source, target, manifest, progress or _quiet)
     todo = [info for info in chosen if not copy.already_there(info)]
     copy.result.skipped = len(chosen) - len(todo)
-    if copy.result.skipped:
-        reporter.log(f"{copy.result.skipped} of {len(chosen)} shards already at {dst}")
-    bar = reporter.bar(total=sum(s.bytes for s in todo), desc="copy", unit="B")
+    copy.total = sum(s.bytes for s in todo)
+    skipped = copy.result.skipped
+    copy.report(f"{skipped} of {len(chosen)} shards already at {dst}" if skipped else None)
+    copy.copy_tokenizer()
     errors: list[BaseException] = []
     try:
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="copy") as pool:
-            futures = [pool.submit(copy.one, info, bar) for info in todo]
+            futures = [pool.submit(copy.one, info) for info in todo]
             try:
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # KeyboardInterrupt: running shards finish and are listed
@@ -137,7 +152,6 @@ def copy_cache(
             if errors:
                 copy.stop.set()  # queued shards return at once; running ones finish
     finally:
-        bar.close()
         copy.publish()
     for err in errors:
         raise err
@@ -149,12 +163,23 @@ def copy_cache(
     return copy.result
 
 
+def _push_to_hub(src, url, shards, max_tokens, progress, private) -> TransferResult:
+    from .hub import push_to_hub
+
+    chosen = select_shards(read_manifest(Location(src)), shards, max_tokens)
+    manifest, copied, skipped, sent = push_to_hub(src, url, chosen, progress=progress,
+                                                  private=private)  # fmt: skip
+    return TransferResult(copied=copied, skipped=skipped, bytes_copied=sent, manifest=manifest)
+
+
 class _Copy:
     """One transfer's state: what the destination lists, and publishing it."""
 
-    def __init__(self, source: Location, target: Location, manifest: Manifest, reporter):
+    def __init__(self, source: Location, target: Location, manifest: Manifest, progress: Progress):
         self.source, self.target, self.src_manifest = source, target, manifest
-        self.reporter = reporter
+        self.progress = progress
+        self.total = 0
+        self.tokenizer_files = manifest.tokenizer_files
         self.result = TransferResult()
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -185,7 +210,28 @@ class _Copy:
         self.listed.pop(info.index, None)  # listed but wrong or gone: copy it again
         return False
 
-    def one(self, info: ShardInfo, bar) -> None:
+    def copy_tokenizer(self) -> None:
+        """Copy the tokenizer's files (small: read whole, checked, published before the
+        manifest that lists them); a damaged one is refused and left out of the manifest."""
+        try:
+            for entry in self.src_manifest.tokenizer_files:
+                data = self.source.read_if_exists(entry.path) or b""
+                digest = hashlib.sha256(data).hexdigest()
+                if (len(data), digest) != (entry.bytes, entry.sha256):
+                    raise ShardCorruptError(
+                        f"tokenizer file {self.source.url_of(entry.path)} is missing or damaged"
+                    )
+                self.target.publish_bytes(entry.path, data)
+        except ShardCorruptError as err:
+            self.tokenizer_files = ()
+            self.result.failed.append(str(err))
+            self.report(f"refused: {err}")
+
+    def report(self, message: str | None = None) -> None:
+        with self._lock:
+            self.progress(self.result.bytes_copied, self.total, message)
+
+    def one(self, info: ShardInfo) -> None:
         if self.stop.is_set():
             return
         try:
@@ -200,13 +246,13 @@ class _Copy:
         except CacheError as err:  # damaged or missing at the source: name it, go on
             with self._lock:
                 self.result.failed.append(str(err))
-            self.reporter.log(f"refused: {err}")
+            self.report(f"refused: {err}")
             return
         self._list(info)
         with self._lock:
             self.result.copied += 1
             self.result.bytes_copied += info.bytes
-        bar.update(info.bytes)
+        self.report()
 
     def _download_then_publish(self, info: ShardInfo) -> None:
         if self.target.local:  # beside the final name: publishing is one rename
@@ -256,6 +302,7 @@ class _Copy:
             # known for a copy of a finished cache even when only part of it is copied:
             # that is what tells a partial copy from an unfinished teacher pass
             n_sequences_total=src.n_sequences_total,
+            tokenizer_files=self.tokenizer_files,
         )
         self.target.publish_bytes(MANIFEST, manifest.to_json().encode())
         self.result.manifest = manifest

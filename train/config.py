@@ -56,7 +56,8 @@ class TrainConfig:
     student_config: str | None = None
     """A JSON/YAML transformers config (with model_type) for a student from scratch."""
     tokenizer: str | None = None
-    """Tokenizer for a from-scratch student (default: the cache's tokenizer name)."""
+    """Tokenizer for a from-scratch student (default: the one stored in the cache; caches made
+    before format 1.1 store none: pass it, or add it with `logitcache tokenizer CACHE --add`)."""
     extended_vocab: bool = False
     """Accept a student tokenizer that differs from the cache's (it must extend it)."""
     trust_remote_code: bool = False

@@ -73,7 +73,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     eval_reader = _eval_reader(reader, config)
     model, tokenizer, _ = load_student(
         config.student, config.student_config, config.tokenizer, spec=reader.spec,
-        seed=config.seed, trust_remote_code=config.trust_remote_code,
+        seed=config.seed, trust_remote_code=config.trust_remote_code, cache=reader.loc,
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
     try:

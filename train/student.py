@@ -18,7 +18,7 @@ from torch import nn
 from logitcache.errors import LogitcacheError
 from logitcache.identity import tokenizer_fingerprint
 from logitcache.precompute.teacher import check_model_path, load_tokenizer
-from logitcache.storage import CacheSpec
+from logitcache.storage import CacheSpec, NoTokenizerError, fetch_tokenizer
 
 from .losses import TeacherTargets, chunked_loss
 
@@ -42,8 +42,13 @@ def load_student(
     spec: CacheSpec,
     seed: int,
     trust_remote_code: bool = False,
+    cache: Any = None,
 ):
-    """Returns (model, tokenizer, tokenizer name) for a pretrained or from-scratch student."""
+    """Returns (model, tokenizer, tokenizer name) for a pretrained or from-scratch student.
+
+    A from-scratch student uses ``tokenizer_name``, else the tokenizer stored in ``cache`` (a
+    path, URL or storage ``Location``; its files' hashes are checked here, its fingerprint
+    by ``check_student``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -71,11 +76,29 @@ def load_student(
             raise LogitcacheError(f"invalid student config {student_config}: {err}") from None
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        name = tokenizer_name or spec.tokenizer.get("name_or_path")
-        if not name:
-            raise LogitcacheError("a student from --student-config needs --tokenizer")
+        name = tokenizer_name or _cache_tokenizer(cache, spec)
+    if tokenizer_name is not None:
+        check_model_path(tokenizer_name, "--tokenizer")
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     return model, tokenizer, name
+
+
+def _cache_tokenizer(cache: Any, spec: CacheSpec) -> str:
+    """The cache's stored tokenizer (a verified local copy), or one clear line saying how to
+    give one: caches written before format 1.1 only name the teacher's path."""
+    if cache is None:
+        raise LogitcacheError("a student from --student-config needs --tokenizer")
+    try:
+        return str(fetch_tokenizer(cache))
+    except NoTokenizerError as err:
+        recorded = spec.tokenizer.get("name_or_path")
+        try:  # an old cache on the machine that made it: the path it records still works
+            check_model_path(recorded or "", "tokenizer")
+        except LogitcacheError:
+            raise LogitcacheError(f"the cache's tokenizer: {err}") from None
+        if not recorded:
+            raise LogitcacheError(f"the cache's tokenizer: {err}") from None
+        return recorded
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

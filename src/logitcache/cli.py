@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from logitcache.bench.commands import bench
-from logitcache.errors import one_line_errors
+from logitcache.errors import LogitcacheError, one_line_errors
 from logitcache.options import build, click_options
 from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
@@ -89,7 +89,7 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
 @recipe_options
 def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) -> None:
     """Run a teacher over a corpus once and write the cache (resumable)."""
-    from logitcache.describe import summary_text
+    from logitcache.describe import summary_line, summary_text
     from logitcache.precompute import run_precompute
     from logitcache.precompute.ranks import distributed_worker
     from logitcache.progress import Reporter
@@ -100,8 +100,9 @@ def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) ->
         return
     rank, _ = distributed_worker()
     result = run_precompute(config, Reporter(enabled=not quiet, rank=rank))
-    if result.manifest is not None and result.manifest.complete and not quiet and rank == 0:
-        click.echo(summary_text(result.manifest, config.out), err=True)
+    if result.manifest is not None and result.manifest.complete and rank == 0:
+        describe = summary_line if quiet else summary_text  # --quiet keeps one summary line
+        click.echo(describe(result.manifest, config.out), err=True)
 
 
 def precompute_config(
@@ -188,13 +189,9 @@ def verify(cache: str) -> None:
     if problems:
         click.echo(f"{len(problems)} of {n} shards failed verification", err=True)
         sys.exit(1)
-    state = (
-        "complete"
-        if manifest.complete
-        else "PARTIAL (a copy of part of a finished cache)"
-        if manifest.n_sequences_total is not None
-        else "INCOMPLETE (teacher pass not finished)"
-    )
+    from logitcache.describe import cache_state
+
+    state = cache_state(manifest)
     click.echo(f"ok: {n} shards, {manifest.n_sequences} sequences verified; cache {state}")
 
 
@@ -208,6 +205,38 @@ def merge(cache: str) -> None:
     click.echo(f"merged: {len(manifest.shards)} shards, {manifest.n_sequences} sequences")
 
 
+@main.command()
+@click.argument("cache")
+@click.argument("out", required=False)
+@click.option("--add", default=None, metavar="TOKENIZER",
+              help="Store this tokenizer (directory or hub id) in a local CACHE written before "
+              "caches carried theirs; refused unless it is the cache's.")  # fmt: skip
+def tokenizer(cache: str, out: str | None, add: str | None) -> None:
+    """Export the tokenizer stored in CACHE to the directory OUT (checked against its hashes
+    and the cache's fingerprint), or store one in an older cache with --add."""
+    from logitcache.identity import tokenizer_fingerprint
+    from logitcache.precompute.teacher import load_tokenizer
+    from logitcache.storage import add_tokenizer, fetch_tokenizer, read_manifest
+    from logitcache.storage.location import Location
+
+    if (out is None) == (add is None):
+        raise LogitcacheError("give OUT (export the cache's tokenizer) or --add TOKENIZER")
+    if add is not None:
+        tok = load_tokenizer(add)
+        manifest = add_tokenizer(cache, tok, tokenizer_fingerprint(tok), name=add)
+        click.echo(f"stored {len(manifest.tokenizer_files)} tokenizer files in {cache}")
+        return
+    path = fetch_tokenizer(cache, out)
+    expected = str(read_manifest(Location(cache)).spec.tokenizer.get("fingerprint"))
+    found = tokenizer_fingerprint(load_tokenizer(str(path)))
+    if found != expected:
+        raise LogitcacheError(
+            f"the tokenizer stored in {cache} (fingerprint {found[:16]}) is not the one the "
+            f"cache was made with (fingerprint {expected[:16]}): an edited cache; {path} holds it"
+        )
+    click.echo(f"tokenizer written to {path}")
+
+
 # -- push / pull ------------------------------------------------------------------------
 _THREADS = click.option(
     "--threads", type=int, default=8, show_default=True, help="Shards transferred at once."
@@ -218,14 +247,18 @@ _THREADS = click.option(
 @click.argument("cache")
 @click.argument("url")
 @_THREADS
+@click.option("--public", is_flag=True, default=False,
+              help="hf:// only: create a missing repository public (default private).")  # fmt: skip
 @_QUIET
-def push(cache: str, url: str, threads: int, quiet: bool) -> None:
-    """Copy CACHE to URL (s3://, gs://, ... or a directory), checking every shard's hash.
+def push(cache: str, url: str, threads: int, public: bool, quiet: bool) -> None:
+    """Copy CACHE to URL (s3://, gs://, hf://datasets/ORG/NAME, ... or a directory), checking
+    every shard's hash.
 
     Resumable: shards already at URL with the right hash are skipped, and the manifest is
-    written last. Credentials come from the environment (AWS_*, FSSPEC_S3, ...).
+    written last. To the Hub: batched commits, a dataset card. Credentials come from the
+    environment (AWS_*, FSSPEC_S3, HF_TOKEN, ...).
     """
-    _transfer(cache, url, None, None, threads, quiet, verb="pushed")
+    _transfer(cache, url, None, None, threads, quiet, verb="pushed", private=not public)
 
 
 @main.command()
@@ -248,12 +281,13 @@ def pull(
     _transfer(url, directory, shards, max_tokens, threads, quiet, verb="pulled")
 
 
-def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str) -> None:
-    from logitcache.progress import Reporter, human_bytes
+def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=True) -> None:
+    from logitcache.progress import ByteProgress, Reporter, human_bytes
     from logitcache.storage import copy_cache
 
-    result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
-                        reporter=Reporter(enabled=not quiet))  # fmt: skip
+    with ByteProgress(Reporter(enabled=not quiet)) as progress:
+        result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
+                            progress=progress, private=private)  # fmt: skip
     manifest = result.manifest
     state = "complete" if manifest is not None and manifest.complete else "partial"
     click.echo(
@@ -264,26 +298,10 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str) -> None:
 
 
 def render_reference() -> str:
-    """The README's command reference: every command's --help, in order."""
-    parts = []
-    for path in _command_paths(main, ["logitcache"]):
-        ctx = click.Context(path[-1][1], info_name=path[-1][0], terminal_width=100,
-                            max_content_width=100, help_option_names=["-h", "--help"])  # fmt: skip
-        name = " ".join(p[0] for p in path)
-        text = path[-1][1].get_help(ctx).replace(f"Usage: {path[-1][0]}", f"Usage: {name}", 1)
-        parts.append(f"### `{name}`\n\n```\n{text}\n```\n")
-    return "\n".join(parts)
+    """The README's command reference (``logitcache.reference``) of these commands."""
+    from logitcache import reference
 
-
-def _command_paths(command: click.Command, prefix: list[str], trail=()) -> list:
-    trail = (*trail, (prefix[-1], command))
-    out = [list(trail)] if trail[1:] else []
-    if isinstance(command, click.Group):
-        for name in sorted(command.commands):
-            sub = command.commands[name]
-            if not sub.hidden:
-                out += _command_paths(sub, [*prefix, name], trail)
-    return out
+    return reference.render_reference(main)
 
 
 @main.command(hidden=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Reporter", "human_bytes"]
+__all__ = ["ByteProgress", "Reporter", "human_bytes"]
 
 
 def human_bytes(n: float) -> str:
@@ -43,3 +43,28 @@ class Reporter:
             file=sys.stderr,
             **kw,
         )
+
+
+class ByteProgress:
+    """Storage's progress callback ``(done_bytes, total_bytes, message)`` drawn as one bar.
+
+    Storage reports through plain callbacks; this adapts one to a ``Reporter``. Use it as a
+    context manager so the bar is closed (and the line cleared) however the copy ends.
+    """
+
+    def __init__(self, reporter: Reporter, desc: str = "copy") -> None:
+        self.reporter, self.desc, self._bar = reporter, desc, None
+
+    def __call__(self, done: int, total: int, message: str | None = None) -> None:
+        if message:
+            self.reporter.log(message)
+        if self._bar is None:
+            self._bar = self.reporter.bar(total=total, desc=self.desc, unit="B")
+        self._bar.update(done - self._bar.n)
+
+    def __enter__(self) -> ByteProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -101,7 +101,8 @@ def test_torchrun_finishes_a_cache_begun_by_another_worker_count(
     assert proc.stderr.count("cache       ") == 1  # rank 0's summary of the complete cache
     assert {n: (out / "shards" / n).stat().st_mtime_ns for n in done} == done  # not redone
     assert shard_bytes(out) == shard_bytes(single)
-    assert invoke("verify", out).exit_code == 0
+    verified = invoke("verify", out)
+    assert verified.exit_code == 0, verified.output
 
 
 # ---------------------------------------------------------------------------------------

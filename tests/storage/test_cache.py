@@ -395,7 +395,7 @@ def test_two_workers_write_the_same_cache_as_one(tmp_path, container):
     w0.write_shard(2, shard_records(spec, 2, n))
     assert w0.finish(n) is None  # worker 1 is still running
     with pytest.raises(
-        CacheError, match=r"1 shards missing \(first: \[3\], owned by worker 1 of 2\)"
+        CacheError, match=r"1 shard missing \(first: \[3\], owned by worker 1 of 2\)"
     ) as err:
         merge_parts(multi)
     assert "unfinished workers: worker-00001-of-00002.json" in str(err.value)

@@ -34,7 +34,9 @@ def test_pull_and_verify_over_http(served, tmp_path):
     assert result.exit_code == 0, result.output
     assert "pulled: 2 shards" in result.stdout and "(partial)" in result.stdout
     ok = invoke("verify", tmp_path / "copy")
-    assert ok.exit_code == 0 and "PARTIAL" in ok.stdout
+    assert ok.exit_code == 0 and "partial copy: 2 of 4 shards" in ok.stdout
+    shown = invoke("inspect", tmp_path / "copy").stdout  # not INCOMPLETE: the pass finished
+    assert "(partial copy: 2 of 4 shards," in shown and "INCOMPLETE" not in shown
     result = invoke("pull", url, tmp_path / "copy", "--quiet")
     assert "2 shards" in result.stdout and "2 already there" in result.stdout
     assert "(complete)" in result.stdout

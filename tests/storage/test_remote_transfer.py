@@ -198,3 +198,14 @@ def test_a_pull_killed_mid_transfer_resumes(served, tmp_path, remote_env):
     assert "shard-000000.arrow" not in shard_gets(server)
     assert cache_files(dest) == cache_files(server.root / "c")
     assert verify_cache(dest)[1] == []
+
+
+def test_progress_is_reported_through_a_plain_callback(served, tmp_path):
+    calls: list[tuple[int, int, str | None]] = []
+    result = copy_cache(served.url, tmp_path / "copy", progress=lambda *a: calls.append(a))
+    done = [d for d, _, _ in calls]
+    assert done[0] == 0 and done == sorted(done) and len(calls) == 1 + result.copied
+    assert calls[-1][:2] == (result.bytes_copied, result.manifest.bytes)
+    calls.clear()
+    copy_cache(served.url, tmp_path / "copy", progress=lambda *a: calls.append(a))
+    assert calls == [(0, 0, f"4 of 4 shards already at {tmp_path / 'copy'}")]

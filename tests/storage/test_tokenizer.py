@@ -1,0 +1,249 @@
+"""A cache carries its tokenizer (format 1.1): stored, listed with hashes, verified, copied,
+used by ``train`` by default, exported by ``logitcache tokenizer``; older caches still read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from logitcache.cli import main
+from logitcache.identity import tokenizer_fingerprint
+from logitcache.storage import (
+    CacheError,
+    Manifest,
+    ShardCorruptError,
+    copy_cache,
+    fetch_tokenizer,
+    read_manifest,
+    verify_cache,
+)
+from logitcache.storage.location import Location
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_teacher_dir, text_corpus) -> Path:
+    """A cache made from a teacher at ./teachercopy, which is then deleted."""
+    root = tmp_path_factory.mktemp("made")
+    teacher = root / "teachercopy"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    result = invoke(
+        "precompute", "--teacher", teacher, "--data", text_corpus, "--out", root / "cache",
+        "--seq-len", "32", "--shard-sequences", "32", "--top-k", "4", "--device", "cpu",
+        "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(teacher)
+    return root / "cache"
+
+
+@pytest.fixture
+def cache(made, tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LOGITCACHE_HOME", str(tmp_path / "home"))
+    copy = tmp_path / "cache"
+    shutil.copytree(made, copy, ignore=shutil.ignore_patterns(".locks"))
+    return copy
+
+
+def strip_tokenizer(cache: Path) -> None:
+    """Make ``cache`` what logitcache 0.1 wrote: no tokenizer files, format 1.0."""
+    manifest = read_manifest(Location(cache))
+    (cache / "manifest.json").write_text(replace(manifest, tokenizer_files=()).to_json())
+    shutil.rmtree(cache / "tokenizer")
+
+
+def test_precompute_stores_the_tokenizer(cache, tiny_tokenizer):
+    raw = json.loads((cache / "manifest.json").read_text())
+    assert raw["format_version"] == 1 and raw["format_minor"] == 1
+    names = sorted(f["path"] for f in raw["tokenizer_files"])
+    assert "tokenizer/tokenizer.json" in names and "tokenizer/tokenizer_config.json" in names
+    for entry in raw["tokenizer_files"]:
+        assert (cache / entry["path"]).stat().st_size == entry["bytes"]
+    assert raw["spec"]["tokenizer"]["name_or_path"].endswith("teachercopy")
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(fetch_tokenizer(cache))
+    assert tokenizer_fingerprint(loaded) == raw["spec"]["tokenizer"]["fingerprint"]
+    assert tokenizer_fingerprint(loaded) == tokenizer_fingerprint(tiny_tokenizer)
+
+
+def test_a_pulled_cache_trains_without_the_teacher(cache, student_config, tmp_path):
+    """The issue's case: pull into another directory, teacher's directory gone, train."""
+    pulled = tmp_path / "elsewhere" / "pulled"
+    result = copy_cache(cache, pulled)
+    assert result.manifest.tokenizer_files and not result.failed
+    shutil.rmtree(cache)
+    assert verify_cache(pulled)[1] == []
+    run = invoke(
+        "train", "--cache", pulled, "--student-config", student_config, "--out", tmp_path / "run",
+        "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--quiet",
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    done = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert max(m.get("step", 0) for m in done) == 2
+    assert (tmp_path / "run" / "model" / "tokenizer.json").exists()
+    out = invoke("tokenizer", pulled, tmp_path / "tok")
+    assert out.exit_code == 0, out.output
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted(
+        Path(f.path).name for f in result.manifest.tokenizer_files
+    )
+    assert "stored in the cache" in invoke("inspect", pulled).stdout
+
+
+def test_an_old_cache_reads_and_says_how_to_add_its_tokenizer(
+    cache, student_config, tiny_teacher_dir, tmp_path
+):
+    strip_tokenizer(cache)
+    raw = json.loads((cache / "manifest.json").read_text())
+    assert "format_minor" not in raw and "tokenizer_files" not in raw  # as 0.1 wrote it
+    assert verify_cache(cache)[1] == []
+    shown = invoke("inspect", cache).stdout
+    assert "not stored" in shown and f"logitcache tokenizer {cache} --add" in shown
+    train = [
+        "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
+        "--steps", "1", "--batch-size", "4", "--num-workers", "0", "--quiet",
+    ]  # fmt: skip
+    err = one_line_error(invoke(*train))  # the recorded ./teachercopy is gone
+    assert "teachercopy" in err and "--tokenizer" in err and "--add" in err
+    missing = one_line_error(invoke(*train, "--tokenizer", tmp_path / "nope"))
+    assert "--tokenizer path" in missing and "nope" in missing
+    added = invoke("tokenizer", cache, "--add", tiny_teacher_dir)
+    assert added.exit_code == 0, added.output
+    assert verify_cache(cache)[1] == []
+    assert invoke(*train).exit_code == 0
+
+
+def test_add_refuses_another_tokenizer(cache, tiny_tokenizer, text_corpus, tmp_path):
+    strip_tokenizer(cache)
+    other = tiny_tokenizer.train_new_from_iterator([text_corpus.read_text()], vocab_size=280)
+    other.save_pretrained(tmp_path / "other")
+    err = one_line_error(invoke("tokenizer", cache, "--add", tmp_path / "other"))
+    assert "is not the one this cache was made with" in err
+    assert not (cache / "tokenizer").exists()
+    assert "tokenizer_files" not in (cache / "manifest.json").read_text()
+
+
+def test_a_damaged_tokenizer_file_is_named(cache, tmp_path):
+    target = cache / "tokenizer" / "tokenizer.json"
+    target.write_bytes(target.read_bytes().replace(b"<|eos|>", b"<|EOS|>"))
+    problems = verify_cache(cache)[1]
+    assert len(problems) == 1 and "tokenizer/tokenizer.json" in problems[0]
+    with pytest.raises(ShardCorruptError, match=r"tokenizer/tokenizer\.json fails its check"):
+        fetch_tokenizer(cache, tmp_path / "out")
+    result = invoke("verify", cache)
+    assert result.exit_code == 1 and "tokenizer/tokenizer.json" in result.stderr
+
+
+def test_only_listed_files_reach_the_loader(cache):
+    """A file slipped into tokenizer/ (one naming remote code, say) is never copied out."""
+    (cache / "tokenizer" / "tokenization_evil.py").write_text("raise SystemExit('ran')\n")
+    fetched = fetch_tokenizer(cache)
+    assert "tokenization_evil.py" not in {p.name for p in fetched.iterdir()}
+    assert fetch_tokenizer(cache) == fetched  # content-addressed: reused once verified
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../tokenizer.json", "tokenizer/../../etc/passwd", "/etc/passwd", "shards/shard-000000.arrow",
+     "tokenizer/sub/x.json", "tokenizer\\x.json", "s3://bucket/tokenizer.json"],
+)  # fmt: skip
+def test_a_tokenizer_path_outside_the_cache_is_refused(cache, path):
+    raw = json.loads((cache / "manifest.json").read_text())
+    raw["tokenizer_files"][0]["path"] = path
+    with pytest.raises(CacheError, match=r"tokenizer file #0|outside the cache"):
+        Manifest.from_json(json.dumps(raw))
+    (cache / "manifest.json").write_text(json.dumps(raw))
+    assert one_line_error(invoke("inspect", cache))
+
+
+def test_newer_minor_and_unknown_optional_keys_read(cache):
+    """Same major version: a minor this reader does not know adds keys it ignores."""
+    raw = json.loads((cache / "manifest.json").read_text())
+    raw["format_minor"], raw["something_new"] = 7, {"x": 1}
+    manifest = Manifest.from_json(json.dumps(raw))
+    assert manifest.tokenizer_files and len(manifest.shards) == len(raw["shards"])
+
+
+class SavedText:
+    """A tokenizer stand-in whose saved file says ``text``: save_pretrained output can differ
+    between processes and library versions (a byte of tokenizer_config.json did, in tests)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def save_pretrained(self, directory: str) -> None:
+        Path(directory, "tokenizer.json").write_text(self.text)
+
+
+def test_a_resumed_writer_keeps_the_stored_tokenizer(tmp_path):
+    from storage_synth import make_records, make_spec
+
+    from logitcache.storage import CacheWriter
+
+    spec, path = make_spec(shard_sequences=3), tmp_path / "c"
+    records = make_records(spec, 0, 6)
+    with CacheWriter(path, spec) as writer:
+        writer.attach_tokenizer(SavedText("first"))
+        writer.write_shard(0, records[:3])
+    with CacheWriter(path, spec) as writer:  # resumed by a process that saves other bytes
+        writer.attach_tokenizer(SavedText("second"))
+        writer.write_shard(1, records[3:])
+        writer.finish(6)
+    assert (path / "tokenizer" / "tokenizer.json").read_text() == "first"
+    assert verify_cache(path)[1] == []
+
+
+def test_parallel_workers_that_save_different_bytes_merge_into_a_verified_cache(tmp_path):
+    from storage_synth import make_records, make_spec
+
+    from logitcache.storage import CacheWriter
+
+    spec, path = make_spec(shard_sequences=3), tmp_path / "c"
+    records = make_records(spec, 0, 6)
+    writers = [CacheWriter(path, spec, worker=w, num_workers=2) for w in (0, 1)]  # at once
+    for worker in (1, 0):  # worker 1 saves first; worker 0's files replace its copies
+        writers[worker].attach_tokenizer(SavedText(f"worker {worker}"))
+        writers[worker].write_shard(worker, records[3 * worker : 3 * worker + 3])
+    # shard 0 is listed, so worker 1 merges; the last part read (its own) lists other bytes
+    merged = writers[1].finish(6)
+    for writer in writers:
+        writer.close()
+    assert merged is not None and merged.complete
+    assert (path / "tokenizer" / "tokenizer.json").read_text() == "worker 0"
+    assert verify_cache(path)[1] == []
+
+
+def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
+    cache, tiny_tokenizer, text_corpus, student_config, tmp_path
+):
+    """Files whose hashes the manifest vouches for, but of another tokenizer (an edited cache)."""
+    from logitcache.storage.tokenizer_files import write_tokenizer_files
+
+    other = tiny_tokenizer.train_new_from_iterator([text_corpus.read_text()], vocab_size=280)
+    manifest = read_manifest(Location(cache))
+    shutil.rmtree(cache / "tokenizer")
+    files = write_tokenizer_files(Location(cache), other)
+    (cache / "manifest.json").write_text(replace(manifest, tokenizer_files=files).to_json())
+    assert verify_cache(cache)[1] == []  # the hashes agree; the fingerprint does not
+    err = one_line_error(invoke("tokenizer", cache, tmp_path / "tok"))
+    assert "is not the one the cache was made with" in err
+    run = invoke(
+        "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
+        "--steps", "1", "--num-workers", "0", "--quiet",
+    )  # fmt: skip
+    assert "is not the cache's" in one_line_error(run)

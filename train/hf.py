@@ -26,11 +26,12 @@ from .dataset import CacheDataset
 from .distill_loss import DistillationLoss
 from .sampler import CacheSampler
 
-__all__ = ["DistillationTrainer"]
+__all__ = ["DistillationMixin", "DistillationTrainer"]
 
 
-class DistillationTrainer(Trainer):
-    """``Trainer`` that distils from a cache; see the module docstring.
+class DistillationMixin:
+    """What makes a ``Trainer`` (or a subclass of it, such as TRL's ``SFTTrainer``) distil
+    from a cache: put it first, ``class MyTrainer(DistillationMixin, SFTTrainer)``.
 
     ``distillation_loss``: the loss (default ``DistillationLoss()``: forward KL, bucket
     tail). ``block_shards``: the shuffle window of ``CacheSampler``. ``data_collator``
@@ -86,3 +87,7 @@ class DistillationTrainer(Trainer):
                 # num_items_in_batch counts every process; DDP averages gradients over them.
                 loss = loss * self.args.world_size
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+
+class DistillationTrainer(DistillationMixin, Trainer):
+    """The Hugging Face ``Trainer`` distilling from a cache (``DistillationMixin``)."""

@@ -1,6 +1,7 @@
 """The module graph stays a tree of layers: no import cycle among the project's modules
-(imports inside functions count: they are cycles that wait for a call), and no module
-imports another's private (``_name``) names."""
+(imports inside functions count: they are cycles that wait for a call; imports under
+``if TYPE_CHECKING:`` do not: they never run), and no module imports another's private
+(``_name``) names."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ PACKAGES = {  # import name -> directory (see pyproject.toml's package-dir)
     "logitcache.precompute": ROOT / "precompute",
     "logitcache.train": ROOT / "train",
 }
+
+
+_TYPE_CHECKING = {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -30,7 +34,17 @@ def project_modules() -> dict[str, Path]:
 def imports(name: str, path: Path, modules: dict[str, Path]):
     """(imported module, private names taken from it) for every import in the file."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in _TYPE_CHECKING
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name in modules:

@@ -134,9 +134,23 @@ class TrainConfig:
     used shards are evicted."""
     quiet: bool = False
     """No progress bars or status lines."""
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters instead of all weights (0: off; needs ``peft``)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default: 2 x lora_r); updates are scaled by alpha / r."""
+    lora_targets: tuple[str, ...] = ()
+    """Module names that get adapters, e.g. q_proj,v_proj (default: every linear layer but
+    the LM head, PEFT's ``all-linear``)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    merge_lora: bool = False
+    """Also save the student with the adapters merged in, to ``OUT/model-merged``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix_caches", tuple(self.mix_caches))
+        targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
+        names = tuple(n.strip() for t in targets for n in t.split(",") if n.strip())
+        object.__setattr__(self, "lora_targets", names)  # "q_proj,v_proj" or a list of names
         object.__setattr__(self, "cache_weights", tuple(float(w) for w in self.cache_weights))
         n_caches, weights = 1 + len(self.mix_caches), self.cache_weights
         if weights and (len(weights) != n_caches or min(weights) <= 0):
@@ -184,6 +198,25 @@ class TrainConfig:
             (
                 self.local_cache_gb is None or self.local_cache_gb > 0,
                 f"--local-cache-gb must be > 0, got {self.local_cache_gb}",
+            ),
+            (self.lora_r >= 0, f"--lora-r must be >= 0 (0: off), got {self.lora_r}"),
+            (
+                self.lora_r > 0
+                or (
+                    self.lora_alpha is None
+                    and not self.lora_targets
+                    and not self.lora_dropout
+                    and not self.merge_lora
+                ),
+                "--lora-alpha, --lora-targets, --lora-dropout and --merge-lora need --lora-r",
+            ),
+            (
+                self.lora_alpha is None or self.lora_alpha > 0,
+                f"--lora-alpha must be > 0, got {self.lora_alpha}",
+            ),
+            (
+                0 <= self.lora_dropout < 1,
+                f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
             ),
         ]
         for ok, message in checks:

@@ -37,6 +37,7 @@ __all__ = [
     "LOSSES",
     "TAIL_POLICIES",
     "TeacherTargets",
+    "check_loss_args",
     "chunked_loss",
     "cross_entropy_sum",
     "distill_loss",
@@ -105,7 +106,7 @@ class TeacherTargets:
         )
 
 
-def _check_args(loss: str, tail: str, temperature: float, alpha: float, beta: float) -> None:
+def check_loss_args(loss: str, tail: str, temperature: float, alpha: float, beta: float) -> None:
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if tail not in TAIL_POLICIES:
@@ -226,7 +227,7 @@ def distill_loss(
     p floored at 1e-12), jsd (beta-weighted, mixture M = beta p + (1 - beta) q) or tvd
     (0.5 * sum |p - q|); ``tail`` is renorm, bucket or label (see the module docstring).
     """
-    _check_args(loss, tail, temperature, alpha, beta)
+    check_loss_args(loss, tail, temperature, alpha, beta)
     logits = logits.to(_compute_dtype(logits))  # [N, V]
     total = logits.new_zeros(())
     logp_t1 = None  # [N, V] log-softmax at T=1, shared with the CE term when T = 1
@@ -259,7 +260,7 @@ def full_vocab_kd(
     ``logits``, ``teacher_logits`` [N, V] (the teacher held in memory, the upper bound every
     cache is compared with); summed over rows.
     """
-    _check_args("forward-kl", "bucket", temperature, alpha, 0.5)
+    check_loss_args("forward-kl", "bucket", temperature, alpha, 0.5)
     logits = logits.to(_compute_dtype(logits))  # [N, V]
     logq = torch.log_softmax(logits / temperature, dim=-1)
     logp = torch.log_softmax(teacher_logits.to(logits.dtype) / temperature, dim=-1)
@@ -321,7 +322,7 @@ def chunked_loss(
         if len(targets) != hidden.shape[0]:
             raise ValueError(f"targets have {len(targets)} rows, hidden has {hidden.shape[0]}")
         # Fail here, not inside a checkpointed chunk.
-        _check_args(
+        check_loss_args(
             distill_kwargs.get("loss", "forward-kl"),
             distill_kwargs.get("tail", "bucket"),
             distill_kwargs.get("temperature", 1.0),

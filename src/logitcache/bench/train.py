@@ -6,16 +6,19 @@ a 32,000-word vocabulary) and sizes. Out: a ``TrainBench`` of measured numbers.
 A teacher ``teacher_width`` times wider than the student is made at random (same depth and
 vocabulary), and ``precompute`` writes its top-k cache once. Then the same student (same
 seed, same initial weights) trains on the same batches (the cache's sequences in index
-order, collated by ``train.data.collate``) under:
+order, collated by ``DistillCollator``) under:
 
 - (a) ``ce``: ``DistillModule`` with cross-entropy only;
 - (b) ``offline-kd``: ``DistillModule`` with forward KL, bucket tail, targets from the
   cache: what ``logitcache train`` does;
 - (c) ``online-kd``: the teacher in memory, its forward under ``no_grad`` each step, and
   the full-vocabulary forward KL of the student's logits against it (TRL's GKD with
-  beta=0, torchtune's KD recipe: both materialize [B, L, V] logits for both models).
+  beta=0, torchtune's KD recipe: both materialize [B, L, V] logits for both models);
+- (d) ``hf-trainer``: (b)'s loss through the Hugging Face ``Trainer``
+  (``DistillationTrainer`` over a ``CacheDataset``, ``bench.train_hf``): what a user's own
+  training stack costs against ``logitcache train``'s loop.
 
-A step is forward, backward, grad clip, AdamW step, like ``train.loop._step``, with bf16
+A step is forward, backward, grad clip, AdamW step, like ``logitcache train``'s step, with bf16
 autocast on CUDA. Step time is the median over the steps after ``warmup``, synchronized.
 
 Peak memory: each variant runs in a fresh Python process (``isolate=True``). On CUDA it is
@@ -33,7 +36,6 @@ import contextlib
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,9 @@ import torch
 
 from logitcache.errors import LogitcacheError
 
+from .peak import PeakRSS, sync
 from .precompute import SyntheticLlama, synthetic_corpus, synthetic_tokenizer, synthetic_words
+from .variant import VariantResult, build_model
 
 __all__ = [
     "VARIANTS",
@@ -59,25 +63,9 @@ __all__ = [
     "train_as_dict",
 ]
 
-VARIANTS = ("ce", "offline-kd", "online-kd")
+VARIANTS = ("ce", "offline-kd", "online-kd", "hf-trainer")
 _RESULT_PREFIX = "BENCH-TRAIN-RESULT "
 _CHUNK_SIZE = 1024  # rows per loss chunk, TrainConfig's default
-
-
-@dataclass
-class VariantResult:
-    variant: str
-    step_s: float
-    """Median step time after warm-up."""
-    step_s_all: list[float]
-    step_cpu_s: float
-    """Median CPU seconds of this process per step: on a shared machine it swings less than
-    wall time (which counts time preempted by other processes)."""
-    tokens_per_step: int
-    tokens_per_s: float
-    peak_bytes: int | None
-    """See the module docstring for what is counted; None where not measurable."""
-    final_loss: float
 
 
 @dataclass
@@ -103,6 +91,9 @@ class TrainBench:
     time_c_over_b: float
     memory_b_over_a: float | None
     memory_c_over_b: float | None
+    time_d_over_b: float
+    """The HF Trainer path over ``logitcache train``'s step (goal: within 1.05x)."""
+    memory_d_over_b: float | None
     loadavg_before: tuple[float, float, float]
     loadavg_after: tuple[float, float, float]
 
@@ -156,16 +147,6 @@ def _describe(config: dict[str, Any]) -> str:
     )
 
 
-def _build_model(config: dict[str, Any], seed: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no bar for saving shards
-    kwargs = {k: v for k, v in config.items() if k != "model_type"}
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **kwargs))
-
-
 def run_train_bench(
     *,
     student_config: str | dict[str, Any] | None = None,
@@ -188,33 +169,16 @@ def run_train_bench(
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
     from logitcache.precompute.teacher import resolve_device
 
-    checks = [
-        (steps >= 1, f"--steps must be >= 1, got {steps}"),
-        (warmup >= 0, f"--warmup must be >= 0, got {warmup}"),
-        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
-        (seq_len >= 2, f"--seq-len must be >= 2, got {seq_len}"),
-        (teacher_width >= 1, f"--teacher-width must be >= 1, got {teacher_width}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LogitcacheError(message)
+    _check_sizes(steps, warmup, batch_size, seq_len, teacher_width)
     dev = resolve_device(device)
     loadavg_before = os.getloadavg()
-    if isinstance(student_config, str):
-        student = _read_config(student_config)
-    else:
-        student = dict(student_config or default_student_config())
-    tokenizer = synthetic_tokenizer(student["vocab_size"])
-    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-           "bos_token_id": None}  # fmt: skip
-    student = {**student, **ids}
-    student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
+    student, tokenizer = _student(student_config, seq_len)
     teacher = _teacher_config(student, teacher_width)
     n_sequences = (steps + warmup) * batch_size
 
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=workdir) as tmp:
         teacher_dir = Path(tmp, "teacher")
-        _build_model(teacher, seed + 1).save_pretrained(teacher_dir)
+        build_model(teacher, seed + 1).save_pretrained(teacher_dir)
         tokenizer.save_pretrained(str(teacher_dir))
         student_file = Path(tmp, "student.json")
         student_file.write_text(json.dumps(student))
@@ -242,7 +206,7 @@ def run_train_bench(
             for v in VARIANTS
         ]
 
-    a, b, c = runs
+    a, b, c, d = runs
     ratio = lambda x, y: x / y if x is not None and y else None  # noqa: E731
     cpu_memory = "peak RSS minus RSS after setup, fresh process per variant"
     return TrainBench(
@@ -257,13 +221,40 @@ def run_train_bench(
         variants=runs, time_b_over_a=b.step_s / a.step_s, time_c_over_b=c.step_s / b.step_s,
         memory_b_over_a=ratio(b.peak_bytes, a.peak_bytes),
         memory_c_over_b=ratio(c.peak_bytes, b.peak_bytes),
+        time_d_over_b=d.step_s / b.step_s, memory_d_over_b=ratio(d.peak_bytes, b.peak_bytes),
         loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
     )  # fmt: skip
 
 
+def _student(config: str | dict[str, Any] | None, seq_len: int) -> tuple[dict[str, Any], Any]:
+    """(the student's config dict, a synthetic tokenizer of its vocabulary)."""
+    student = _read_config(config) if isinstance(config, str) else dict(
+        config or default_student_config()
+    )  # fmt: skip
+    tokenizer = synthetic_tokenizer(student["vocab_size"])
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": None}  # fmt: skip
+    student = {**student, **ids}
+    student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
+    return student, tokenizer
+
+
+def _check_sizes(steps: int, warmup: int, batch_size: int, seq_len: int, width: int) -> None:
+    checks = [
+        (steps >= 1, f"--steps must be >= 1, got {steps}"),
+        (warmup >= 0, f"--warmup must be >= 0, got {warmup}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (seq_len >= 2, f"--seq-len must be >= 2, got {seq_len}"),
+        (width >= 1, f"--teacher-width must be >= 1, got {width}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LogitcacheError(message)
+
+
 def _count_params(config: dict[str, Any]) -> int:
     with torch.device("meta"):
-        model = _build_model(config, 0)
+        model = build_model(config, 0)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -290,79 +281,37 @@ def _variant_main(job_json: str) -> None:
     print(_RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
 
 
-class _PeakRSS:
-    """Peak resident memory added since ``start()``, in bytes.
-
-    Linux: the high-water mark is reset to the current RSS (``/proc/self/clear_refs``), so
-    a transient peak during imports or setup is not mistaken for the variant's. Elsewhere
-    ``ru_maxrss`` minus its value at ``start()``: a lower bound when setup peaked higher.
-    """
-
-    def start(self) -> None:
-        self.reset = _reset_hwm()
-        self.base = _status_kib("VmRSS") * 1024 if self.reset else _ru_maxrss()
-
-    def added(self) -> int:
-        peak = _status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss()
-        return max(0, peak - self.base)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _ru_maxrss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantResult:
     """Train ``job['variant']`` for warmup + steps batches and time it (see module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    from logitcache.storage import CacheReader
-    from logitcache.train.data import collate
-    from logitcache.train.losses import TeacherTargets
+    from logitcache.train import CacheDataset, DistillationLoss, DistillCollator
     from logitcache.train.student import DistillModule
 
     variant, device = job["variant"], torch.device(job["device"])
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if variant == "hf-trainer":
+        from .train_hf import run_hf_variant
+
+        return run_hf_variant(job, measure_rss=measure_rss)
     student_config = json.loads(Path(job["student_config"]).read_text())
     vocab = student_config["vocab_size"]
-    reader = CacheReader(job["cache"], verify=False)
+    data = CacheDataset(job["cache"], split="all", vocab_limit=vocab, verify=False)
     size, n = job["batch_size"], job["steps"] + job["warmup"]
+    collate = DistillCollator()
     batches = [
-        collate([reader.read(i) for i in range(s, s + size)], vocab_limit=vocab)
-        for s in range(0, n * size, size)
-    ]  # (input_ids [B, L], attention_mask [B, L], rows [N], TeacherTargets of N rows)
+        collate([data[i] for i in range(s, s + size)]) for s in range(0, n * size, size)
+    ]  # DistillCollator dicts: input_ids [B, L], teacher_ids [B, L, K], ...
 
     # -- setup: everything the variant adds is measured from here ----------------------
     gc.collect()
-    rss = _PeakRSS()
+    rss = PeakRSS()
     rss.start()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model = _build_model(student_config, job["seed"]).to(device).train()
+    model = build_model(student_config, job["seed"]).to(device).train()
     teacher = None
     if variant == "online-kd":
         # Frozen: bf16 weights on CUDA (as TRL/torchtune load a teacher), fp32 on CPU.
@@ -370,40 +319,31 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
         teacher = AutoModelForCausalLM.from_pretrained(job["teacher"], dtype=dtype)
         teacher.to(device).eval().requires_grad_(False)
     else:
-        kd = {"loss": "forward-kl", "tail": "bucket", "temperature": 1.0, "alpha": 0.0}
-        loss_kwargs = {"loss": "ce"} if variant == "ce" else {**kd, "beta": 0.5}
-        module = DistillModule(model, loss_kwargs=loss_kwargs, chunk_size=_CHUNK_SIZE)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+        loss = "ce" if variant == "ce" else "forward-kl"
+        module = DistillModule(model, DistillationLoss(loss, chunk_size=_CHUNK_SIZE))
+    optimizer = _optimizer(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else (
+        contextlib.nullcontext()
     )  # fmt: skip
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
 
     # -- steps -----------------------------------------------------------------------------
     times, cpu_times, loss = [], [], float("nan")
-    for input_ids, mask, rows, targets in batches:
-        _sync(device)
+    for cpu_batch in batches:
+        sync(device)
         t0, cpu0 = time.perf_counter(), time.process_time()
-        input_ids, mask, rows = input_ids.to(device), mask.to(device), rows.to(device)
+        n_rows = int(DistillationLoss.trained(cpu_batch).sum())
+        batch = {k: v.to(device) for k, v in cpu_batch.items()}
         with autocast:
             if teacher is None:
-                fields = (targets.ids, targets.probs, targets.valid, targets.tail, targets.labels)
-                targets = TeacherTargets(*(t.to(device) for t in fields))
-                loss_sum, _ = module(input_ids, mask, rows, targets)
+                loss_sum = module(batch, n_rows)
             else:
-                loss_sum = _online_kd(model, teacher, input_ids, mask, rows)
-        (loss_sum / max(rows.shape[0], 1)).backward()
+                loss_sum = _online_kd(model, teacher, batch)
+        (loss_sum / max(n_rows, 1)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum.item() / max(rows.shape[0], 1)
-        _sync(device)
+        loss = loss_sum.item() / max(n_rows, 1)
+        sync(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - cpu0)
 
@@ -412,22 +352,33 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     else:
         peak = rss.added() if measure_rss else None
     timed, warm = times[job["warmup"] :], job["warmup"]
-    tokens = int(batches[0][1].sum())
+    tokens = int(batches[0]["attention_mask"].sum())
     step_s = statistics.median(timed)
     return VariantResult(variant, step_s, timed, statistics.median(cpu_times[warm:]), tokens,
                          tokens / step_s, peak, loss)  # fmt: skip
 
 
-def _online_kd(student, teacher, input_ids, mask, rows) -> torch.Tensor:
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``logitcache train``'s AdamW (no decay on vectors)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
+
+
+def _online_kd(student, teacher, batch) -> torch.Tensor:
     """Summed KL(teacher || student) over the full vocabulary at the trained rows."""
     import torch.nn.functional as F
 
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    trained = batch["labels"][:, 1:] != -100  # [B, L-1]
     logits = student(input_ids=input_ids, attention_mask=mask).logits  # [B, L, V]
     with torch.no_grad():
         t_logits = teacher(input_ids=input_ids, attention_mask=mask).logits  # [B, L, V]
-    vocab = logits.shape[-1]
-    s_logp = F.log_softmax(logits.reshape(-1, vocab)[rows].float(), dim=-1)  # [N, V] float32
-    t_logp = F.log_softmax(t_logits.reshape(-1, vocab)[rows].float(), dim=-1)
+    s_logp = F.log_softmax(logits[:, :-1][trained].float(), dim=-1)  # [N, V] float32
+    t_logp = F.log_softmax(t_logits[:, :-1][trained].float(), dim=-1)
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
 
 
@@ -446,7 +397,7 @@ def format_train(r: TrainBench) -> str:
         f"device      {r.device}, torch threads {r.threads}; peak memory: {r.memory_method}",
         f"{'variant':16} {'step ms':>9} {'cpu ms':>9} {'tok/s':>9} {'peak MiB':>9} {'loss':>8}",
     ]
-    for label, v in zip(("(a)", "(b)", "(c)"), r.variants):
+    for label, v in zip(("(a)", "(b)", "(c)", "(d)"), r.variants):
         lines.append(
             f"{label} {v.variant:12} {v.step_s * 1000:9.0f} {v.step_cpu_s * 1000:9.0f} "
             f"{v.tokens_per_s:9,.0f} "
@@ -455,6 +406,7 @@ def format_train(r: TrainBench) -> str:
     lines += [
         f"b/a         time {x(r.time_b_over_a)}   memory {x(r.memory_b_over_a)}",
         f"c/b         time {x(r.time_c_over_b)}   memory {x(r.memory_c_over_b)}",
+        f"d/b         time {x(r.time_d_over_b)}   memory {x(r.memory_d_over_b)}",
         f"load avg    {load(r.loadavg_before)} before, {load(r.loadavg_after)} after",
     ]
     return "\n".join(lines)

@@ -160,7 +160,11 @@ class DistillModule(nn.Module):
     def forward(self, input_ids, attention_mask, rows, targets: TeacherTargets):
         if rows.shape[0] == 0:
             # An empty micro-batch (a rank past the end of an epoch): DDP still waits for a
-            # gradient of every parameter, so return a zero that touches them all.
+            # gradient of every parameter, so return a zero that touches them all. FSDP also
+            # needs every layer's forward, in order: the other ranks gather and reduce them.
+            if _is_sharded(self):
+                h = self.hidden_rows(input_ids, torch.ones_like(attention_mask), rows)  # [0, H]
+                return self.model.get_output_embeddings()(h).sum() * 0.0, 0
             params = [p for p in self.model.parameters() if p.requires_grad]
             return sum(p.sum() for p in params) * 0.0, 0
         if self._teacher:
@@ -208,3 +212,9 @@ class DistillModule(nn.Module):
             sl = slice(s, s + self.chunk_size)
             total = total + checkpoint(chunk, h[sl], th[sl], labels[sl], use_reentrant=False)
         return total
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)

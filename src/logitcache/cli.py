@@ -350,6 +350,18 @@ def precompute(**kw: Any) -> None:
 )
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--quiet", is_flag=True, default=False)
+@click.option(
+    "--fsdp", is_flag=True, default=False,
+    help="Shard weights, gradients and optimizer state over the torchrun ranks (FSDP2).",
+)  # fmt: skip
+@click.option(
+    "--gradient-checkpointing", is_flag=True, default=False,
+    help="Rerun each layer's forward in backward: far fewer activations.",
+)  # fmt: skip
+@click.option(
+    "--optimizer", type=click.Choice(["adamw", "adamw8bit"]), default="adamw",
+    show_default=True, help="adamw8bit: torchao's 8-bit AdamW (pip install torchao).",
+)  # fmt: skip
 @_expected_errors
 def train(**kw: Any) -> None:
     """Train a student from a cache, with no teacher in memory."""

@@ -3,6 +3,10 @@
 In: a ``TrainConfig``. Out: ``OUT/model`` (``save_pretrained`` model + tokenizer),
 ``OUT/metrics.jsonl``, ``OUT/train_config.json`` and checkpoints under ``OUT/checkpoints``.
 Runs under ``torchrun`` as DDP (gloo on CPU, nccl on GPU) with the cache split by rank.
+
+Built on the public API and nothing else for data and loss: a ``CacheDataset`` streamed in
+the exact-resume order (``CacheStream``), ``DistillCollator`` batches and the
+``DistillationLoss`` module; a user's own trainer given the same pieces computes the same loss.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from logitcache.errors import LogitcacheError
-from logitcache.progress import Reporter, human_bytes
+from logitcache.progress import Reporter
 from logitcache.storage import CacheReader
 
 from .checkpoint import (
@@ -33,11 +37,23 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import RESUME_MAY_CHANGE, TrainConfig, lr_multiplier
-from .data import CacheStream, StreamState, count_split, eval_batches
-from .losses import cross_entropy_sum, teacher_kl
+from .data import StreamState, count_split
+from .dataset import CacheDataset
+from .distill_loss import DistillationLoss
+from .distributed import (
+    Env,
+    autocast_for,
+    barrier,
+    check_fits_one_device,
+    check_ranks_resume_together,
+    setup_distributed,
+    wrap_ddp,
+)
+from .evaluate import evaluate
+from .stream import CacheStream
 from .student import DistillModule, check_student, load_student
 
-__all__ = ["TrainResult", "evaluate", "train"]
+__all__ = ["TrainResult", "train"]
 
 
 @dataclass
@@ -50,68 +66,89 @@ class TrainResult:
 
 
 @dataclass
-class _Env:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+class _Run:
+    """What setup builds and the steps use."""
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    model: torch.nn.Module
+    tokenizer: Any
+    wrapped: torch.nn.Module  # DistillModule, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    stream: CacheStream
+    eval_data: CacheDataset | None
+    progress: TrainingProgress
+    fingerprint: dict[str, Any]
+    total_steps: int
+    autocast: Any
 
 
 def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Train a student from a cache; see the module docstring."""
-    env = _setup_distributed(config)
+    env = setup_distributed(config.device)
     reporter = reporter or Reporter(enabled=not config.quiet, rank=env.rank)
     start = time.perf_counter()
+    run = _setup(config, env, reporter)
+    final_eval = _train_steps(run, config, env, reporter)
 
-    # -- setup ------------------------------------------------------------------------
+    model_dir = Path(config.out) / "model"
+    if env.rank == 0:
+        _save_final(run.model, run.tokenizer, model_dir)
+        reporter.log(f"saved the student to {model_dir} (load with from_pretrained)")
+    barrier(env)
+    if env.distributed:
+        dist.destroy_process_group()
+    return TrainResult(run.progress.step, run.progress.tokens, time.perf_counter() - start,
+                       final_eval, str(model_dir))  # fmt: skip
+
+
+def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
+    """Open and check the caches, load the student, resume, and open the stream."""
     reader = CacheReader(config.cache, **config.reader_options())
     _check_cache(reader, config)
     mixed = _mixed_readers(reader, config)
-    eval_reader = _eval_reader(reader, config)
     model, tokenizer, _ = load_student(
         config.student, config.student_config, config.tokenizer, spec=reader.spec,
         seed=config.seed, trust_remote_code=config.trust_remote_code,
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
     try:
-        _check_fits_one_device(model, env)
+        check_fits_one_device(model, env)
         model.to(env.device)
     except (AssertionError, RuntimeError):  # what torch raises for CUDA on a CPU-only machine
         if env.device.type == "cuda" and not torch.cuda.is_available():
             raise LogitcacheError(f"--device {config.device}: CUDA is not available") from None
         raise
-    teacher = _online_teacher(config, env)
-    module = DistillModule(
-        model, loss_kwargs=config.loss_kwargs(), chunk_size=config.chunk_size, teacher=teacher
-    )
+    module = DistillModule(model, DistillationLoss.from_config(config),
+                           teacher=_online_teacher(config, env))  # fmt: skip
     optimizer = _optimizer(model, config)
     total_steps = _total_steps([reader, *mixed], config, env.world_size)
     progress = TrainingProgress()
     fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
     if config.resume:
         progress = _resume(config, model, optimizer, fingerprint, reporter)
-        _check_ranks_resume_together(progress, env, config.out)
+        check_ranks_resume_together(progress.step, env, config.out)
     _write_config(config, env, fingerprint, total_steps)
-    wrapped = _wrap_ddp(module, env)
-    stream = CacheStream(
-        config.caches, weights=config.cache_weights or None, micro_batch=config.batch_size,
-        seed=config.seed,
-        start=StreamState(progress.epoch, progress.consumed), rank=env.rank,
-        world_size=env.world_size, block_shards=config.block_shards,
-        eval_fraction=config.eval_fraction, vocab_limit=vocab_rows, target=config.target,
-        verify=config.verify, grad_accum=config.grad_accum,
-        reader_options=config.reader_options(),
+    data = CacheDataset(
+        config.caches, split="train", eval_fraction=config.eval_fraction,
+        vocab_limit=vocab_rows, target=config.target, reader_options=config.reader_options(),
     )  # fmt: skip
-    batches = iter(_loader(stream, config))
+    stream = data.stream(
+        batch_size=config.batch_size, seed=config.seed, rank=env.rank,
+        world_size=env.world_size, grad_accum=config.grad_accum,
+        block_shards=config.block_shards, weights=config.cache_weights or None,
+        start=StreamState(progress.epoch, progress.consumed),
+    )  # fmt: skip
+    return _Run(model, tokenizer, wrap_ddp(module, env), optimizer, stream,
+                _eval_dataset(reader, config, vocab_rows), progress, fingerprint, total_steps,
+                autocast_for(config.precision, env))  # fmt: skip
+
+
+def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter) -> dict:
+    """The loop: steps until ``total_steps``, evaluating and checkpointing on schedule."""
+    progress, total_steps = run.progress, run.total_steps
+    batches = iter(_loader(run.stream, config))
     metrics = _MetricsLog(Path(config.out) / "metrics.jsonl", env.rank, resume_step=progress.step)
     bar = reporter.bar(total=total_steps, desc="train", unit="step", initial=progress.step)
-    autocast = _autocast(config, env)
     final_eval: dict[str, float] = {}
-
-    # -- loop ---------------------------------------------------------------------------
     while progress.step < total_steps:
         t0 = time.perf_counter()
         micro = [_next_batch(batches) for _ in range(config.grad_accum)]
@@ -119,11 +156,12 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             progress.step, total_steps, warmup=config.warmup_steps, schedule=config.schedule,
             min_ratio=config.min_lr_ratio, decay_fraction=config.decay_fraction,
         )  # fmt: skip
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss, tokens = _step(wrapped, optimizer, micro, config, env, autocast)
+        loss, tokens = _step(run, micro, config, env)
+        position = run.stream.after_steps(StreamState(progress.epoch, progress.consumed))
         progress.step += 1
-        progress.epoch, progress.consumed = micro[-1].epoch, micro[-1].consumed_after
+        progress.epoch, progress.consumed = position.epoch, position.consumed
         progress.tokens += tokens
         rate = tokens / (time.perf_counter() - t0)
         metrics.write({"step": progress.step, "loss": loss, "lr": lr, "tokens": progress.tokens,
@@ -132,53 +170,43 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         bar.update(1)
         last = progress.step == total_steps
         if (config.eval_every and progress.step % config.eval_every == 0) or last:
-            final_eval = evaluate(module, eval_reader, config, vocab_rows, env, autocast)
+            final_eval = _evaluate(run, config, env)
             metrics.write({"step": progress.step, **final_eval})
             bar.write(_eval_line(progress.step, final_eval)) if reporter.enabled else None
         if (config.save_every and progress.step % config.save_every == 0) or last:
             if env.rank == 0:
-                save_checkpoint(config.out, model, optimizer, progress, fingerprint,
+                save_checkpoint(config.out, run.model, run.optimizer, progress, run.fingerprint,
                                 config.keep_checkpoints)  # fmt: skip
-            _barrier(env)
+            barrier(env)
     bar.close()
-
-    # -- save -----------------------------------------------------------------------------
-    model_dir = Path(config.out) / "model"
-    if env.rank == 0:
-        _save_final(model, tokenizer, model_dir)
-        reporter.log(f"saved the student to {model_dir} (load with from_pretrained)")
-    _barrier(env)
-    if env.distributed:
-        dist.destroy_process_group()
-    return TrainResult(progress.step, progress.tokens, time.perf_counter() - start, final_eval,
-                       str(model_dir))  # fmt: skip
+    return final_eval
 
 
-def _step(wrapped, optimizer, micro, config, env, autocast) -> tuple[float, int]:
+def _step(run: _Run, micro: list[dict], config: TrainConfig, env: Env) -> tuple[float, int]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens)."""
-    rows = torch.tensor(float(sum(b.rows.shape[0] for b in micro)), device=env.device)
+    counts = [int(DistillationLoss.trained(b).sum()) for b in micro]  # trained positions
+    rows = torch.tensor(float(sum(counts)), device=env.device)
     if env.distributed:
         dist.all_reduce(rows)
     scale = env.world_size / max(rows.item(), 1.0)  # DDP averages over ranks
     total = torch.zeros((), device=env.device)
     tokens = 0
+    wrapped = run.wrapped
     wrapped.train()
-    for i, b in enumerate(micro):
+    for i, (b, n) in enumerate(zip(micro, counts)):
         sync = i == len(micro) - 1
         ctx = wrapped.no_sync() if (env.distributed and not sync) else contextlib.nullcontext()
-        with ctx, autocast:
-            loss_sum, _ = wrapped(
-                b.input_ids.to(env.device), b.attention_mask.to(env.device),
-                b.rows.to(env.device), _to(b.targets, env.device),
-            )  # fmt: skip
+        batch = {k: v.to(env.device, non_blocking=True) for k, v in b.items()}
+        with ctx, run.autocast:
+            loss_sum = wrapped(batch, n)
         with ctx:
             (loss_sum * scale).backward()
         total += loss_sum.detach()
-        tokens += b.n_tokens
+        tokens += int(b["attention_mask"].sum())
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     if env.distributed:
         dist.all_reduce(total)
         token_count = torch.tensor(float(tokens), device=env.device)
@@ -187,108 +215,15 @@ def _step(wrapped, optimizer, micro, config, env, autocast) -> tuple[float, int]
     return total.item() / max(rows.item(), 1.0), tokens
 
 
-@torch.no_grad()
-def evaluate(module, reader, config, vocab_rows, env, autocast) -> dict[str, float]:
-    """Held-out cross-entropy on the true tokens and KL(teacher || student), per position.
-
-    Under DDP rank r evaluates micro-batches r, r + world, ... and the sums are all-reduced,
-    so every rank returns what one process evaluating all of them would (up to the order
-    of a float64 sum) in 1/world of the time.
-    """
-    was_training = module.training
-    module.eval()
-    ce = kl = 0.0
-    n = 0
-    fraction = 1.0 if config.eval_cache else config.eval_fraction
-    for i, (input_ids, mask, rows, targets) in enumerate(eval_batches(
-        reader, fraction=fraction, micro_batch=config.batch_size,
-        vocab_limit=vocab_rows, max_sequences=config.eval_sequences,
-    )):  # fmt: skip
-        if i % env.world_size != env.rank:
-            continue
-        targets = _to(targets, env.device)
-        with autocast:
-            h = module.hidden_rows(input_ids.to(env.device), mask.to(env.device),
-                                   rows.to(env.device))  # fmt: skip
-        head = module.model.get_output_embeddings()
-        for s in range(0, h.shape[0], config.chunk_size):
-            logits = head(h[s : s + config.chunk_size]).float()  # [n, V]
-            part = targets[s : s + config.chunk_size]
-            ce += cross_entropy_sum(logits, part.labels).item()
-            kl += teacher_kl(logits, part).item()
-        n += h.shape[0]
-    module.train(was_training)
-    if env.distributed:
-        sums = torch.tensor([ce, kl, float(n)], dtype=torch.float64, device=env.device)
-        dist.all_reduce(sums)
-        ce, kl, n = sums[0].item(), sums[1].item(), int(sums[2].item())
-    if n == 0:
+def _evaluate(run: _Run, config: TrainConfig, env: Env) -> dict[str, float]:
+    if run.eval_data is None:
         return {}
-    return {"eval_ce": ce / n, "eval_kl": kl / n, "eval_positions": n}
+    return evaluate(run.model, run.eval_data, batch_size=config.batch_size,
+                    chunk_size=config.chunk_size, device=env.device, rank=env.rank,
+                    world_size=env.world_size, autocast=run.autocast)  # fmt: skip
 
 
 # -- helpers of the story above ----------------------------------------------------------
-def _setup_distributed(config: TrainConfig) -> _Env:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(config.device)
-        except RuntimeError:
-            raise LogitcacheError(
-                f"--device {config.device}: not a device name (auto, cpu, cuda, cuda:N, mps)"
-            ) from None
-    if world > 1:
-        rank = int(os.environ["RANK"])
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return _Env(rank, world, device)
-    return _Env(0, 1, device)
-
-
-def _barrier(env: _Env) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
-def _check_fits_one_device(model: torch.nn.Module, env: _Env) -> None:
-    """DDP keeps a whole student on every GPU: float32 weights, gradients and two AdamW
-    moments are 16 B per parameter before any activation (a 7B student: 104 GiB). One that
-    cannot fit that is refused here, not by an out-of-memory error at the first step."""
-    if env.device.type != "cuda":
-        return
-    n = sum(p.numel() for p in model.parameters())
-    need, have = 16 * n, torch.cuda.get_device_properties(env.device).total_memory
-    if need > have:
-        raise LogitcacheError(
-            f"the student has {n:,} parameters: training it needs at least {human_bytes(need)} "
-            "per GPU (float32 weights, gradients and AdamW moments: 16 B per parameter) and "
-            f"{env.device} has {human_bytes(have)}. Students train with DDP, a whole copy "
-            "per GPU; sharding one over GPUs (FSDP) is not supported yet: choose a smaller "
-            "student (docs/distributed.md)"
-        )
-
-
-def _check_ranks_resume_together(progress: TrainingProgress, env: _Env, out: str) -> None:
-    """Every rank must resume from the same checkpoint: an --out that only rank 0's node
-    sees would start the other nodes at step 0, and the ranks' collectives would stop
-    matching. Cheap: one all-reduce of two integers."""
-    if not env.distributed:
-        return
-    steps = torch.tensor([progress.step, -progress.step], dtype=torch.int64, device=env.device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    high, low = int(steps[0].item()), -int(steps[1].item())
-    if high != low:
-        raise LogitcacheError(
-            f"--resume: the ranks found different checkpoints in {out} (steps {low} to {high}); "
-            "--out must be one directory that every node sees (a shared filesystem)"
-        )
-
-
 def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
     manifest, url = reader.manifest, reader.loc.url
     # A partial pull (`pull --shards/--max-tokens`) of a finished cache knows its total and
@@ -332,7 +267,7 @@ def _mixed_readers(reader: CacheReader, config: TrainConfig) -> list[CacheReader
     return readers
 
 
-def _online_teacher(config: TrainConfig, env: _Env):
+def _online_teacher(config: TrainConfig, env: Env):
     if not config.online_teacher:
         return None
     from logitcache.precompute.teacher import load_teacher
@@ -341,18 +276,24 @@ def _online_teacher(config: TrainConfig, env: _Env):
     return model
 
 
-def _eval_reader(reader: CacheReader, config: TrainConfig) -> CacheReader:
-    """The training cache (its held-out split), or a separate evaluation cache."""
-    if not config.eval_cache:
-        return reader
-    other = CacheReader(config.eval_cache, **config.reader_options())
-    mine, theirs = reader.spec.tokenizer.get("fingerprint"), other.spec.tokenizer.get("fingerprint")
-    if mine != theirs:
-        raise LogitcacheError(
-            f"--eval-cache {config.eval_cache} was made with another tokenizer "
-            f"({str(theirs)[:16]} vs {str(mine)[:16]})"
-        )
-    return other
+def _eval_dataset(reader: CacheReader, config: TrainConfig, vocab_rows: int):
+    """The training cache's held-out split, or all of a separate evaluation cache."""
+    url, fraction = config.cache, config.eval_fraction
+    if config.eval_cache:
+        other = CacheReader(config.eval_cache, **config.reader_options())
+        mine = reader.spec.tokenizer.get("fingerprint")
+        theirs = other.spec.tokenizer.get("fingerprint")
+        if mine != theirs:
+            raise LogitcacheError(
+                f"--eval-cache {config.eval_cache} was made with another tokenizer "
+                f"({str(theirs)[:16]} vs {str(mine)[:16]})"
+            )
+        url, fraction = config.eval_cache, 1.0
+    if fraction == 0:
+        return None
+    return CacheDataset(url, split="eval", eval_fraction=fraction, vocab_limit=vocab_rows,
+                        max_sequences=config.eval_sequences,
+                        reader_options=config.reader_options())  # fmt: skip
 
 
 def _total_steps(readers: list[CacheReader], config: TrainConfig, world: int) -> int:
@@ -408,7 +349,7 @@ def _resume(config, model, optimizer, fingerprint, reporter) -> TrainingProgress
     return progress
 
 
-def _write_config(config: TrainConfig, env: _Env, fingerprint: dict, total_steps: int) -> None:
+def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps: int) -> None:
     if env.rank != 0:
         return
     out = Path(config.out)
@@ -416,15 +357,6 @@ def _write_config(config: TrainConfig, env: _Env, fingerprint: dict, total_steps
     resolved = {**config.to_dict(), "world_size": env.world_size, "total_steps": total_steps,
                 "device": str(env.device), "fingerprint": fingerprint}  # fmt: skip
     (out / "train_config.json").write_text(json.dumps(resolved, indent=1))
-
-
-def _wrap_ddp(module: DistillModule, env: _Env) -> torch.nn.Module:
-    if not env.distributed:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
 
 
 def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:
@@ -450,22 +382,6 @@ def _next_batch(batches):
         # message; the original message is the last line, after "module.ClassName: ".
         last = text.strip().splitlines()[-1]
         raise type(err)(last.split(f"{type(err).__name__}: ", 1)[-1]) from None
-
-
-def _autocast(config: TrainConfig, env: _Env):
-    use_bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and env.device.type == "cuda"
-    )
-    if use_bf16:
-        return torch.autocast(env.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _to(targets, device):
-    if device.type == "cpu":
-        return targets
-    return type(targets)(**{k: getattr(targets, k).to(device) for k in
-                            ("ids", "probs", "valid", "tail", "labels")})  # fmt: skip
 
 
 def _eval_line(step: int, ev: dict[str, float]) -> str:

@@ -2,8 +2,8 @@
 
 In: a hub id / directory, or a transformers config file, plus the cache spec. Out: the
 model and tokenizer, refused with a clear message if they cannot learn from this cache;
-and ``DistillModule``, whose forward returns the summed loss of a micro-batch so that DDP
-sees one forward per step and the LM head runs on trained rows only, in chunks.
+and ``DistillModule``, the student with its ``DistillationLoss``, whose forward returns the
+summed loss of a micro-batch so that DDP sees one forward per micro-batch.
 """
 
 from __future__ import annotations
@@ -19,18 +19,9 @@ from logitcache.errors import LogitcacheError
 from logitcache.precompute.teacher import check_model_path, load_tokenizer, tokenizer_fingerprint
 from logitcache.storage import CacheSpec
 
-from .losses import TeacherTargets, chunked_loss
+from .distill_loss import DistillationLoss, final_hidden
 
 __all__ = ["DistillModule", "check_student", "load_student"]
-
-# Models whose logits are not simply lm_head(hidden): the chunked path would skip their
-# final transform, so they run through the model's own forward instead.
-_LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier",
-)
 
 
 def load_student(
@@ -125,40 +116,24 @@ def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab
 
 
 class DistillModule(nn.Module):
-    """Wraps a causal LM; ``forward`` returns (summed loss, trained rows) of a micro-batch."""
+    """The student and its loss as one module, so that DDP sees one forward per micro-batch.
+
+    ``forward(batch, n_rows)`` returns the loss of a ``DistillCollator`` batch summed over
+    its ``n_rows`` trained positions (``DistillationLoss``, ``reduction="sum"``).
+    """
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        loss_kwargs: dict[str, Any],
-        chunk_size: int,
-        teacher: nn.Module | None = None,
+        self, model: nn.Module, loss: DistillationLoss, *, teacher: nn.Module | None = None
     ):
         super().__init__()
         self.model = model
+        self.loss = loss
         # The reference of the quality study: a teacher in memory, full-vocabulary KL.
         # Kept out of the module's parameters (and of DDP and checkpoints) on purpose.
         self._teacher = [teacher] if teacher is not None else []
-        self.loss_kwargs = dict(loss_kwargs)
-        self.ce_only = self.loss_kwargs.pop("loss", None) == "ce"
-        if not self.ce_only:
-            self.loss_kwargs["loss"] = loss_kwargs["loss"]
-        self.chunk_size = chunk_size
-        config = model.config
-        self.chunked = all(getattr(config, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
 
-    def hidden_rows(self, input_ids, attention_mask, rows, model=None) -> torch.Tensor:
-        """[N, H] final hidden states at the trained rows."""
-        model = model if model is not None else self.model
-        base = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if base is None:
-            base = model.base_model
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden.reshape(-1, hidden.shape[-1])[rows]  # [N, H]
-
-    def forward(self, input_ids, attention_mask, rows, targets: TeacherTargets):
-        if rows.shape[0] == 0:
+    def forward(self, batch: dict[str, torch.Tensor], n_rows: int) -> torch.Tensor:
+        if n_rows == 0:
             # An empty micro-batch (a rank past the end of an epoch): DDP still waits for a
             # gradient of every parameter, so return a zero that touches them all. FSDP also
             # needs every layer's forward, in order: the other ranks gather and reduce them.
@@ -166,41 +141,27 @@ class DistillModule(nn.Module):
                 h = self.hidden_rows(input_ids, torch.ones_like(attention_mask), rows)  # [0, H]
                 return self.model.get_output_embeddings()(h).sum() * 0.0, 0
             params = [p for p in self.model.parameters() if p.requires_grad]
-            return sum(p.sum() for p in params) * 0.0, 0
+            return sum(p.sum() for p in params) * 0.0
         if self._teacher:
-            return self._online(input_ids, attention_mask, rows, targets.labels), rows.shape[0]
-        if self.chunked:
-            h = self.hidden_rows(input_ids, attention_mask, rows)
-            head = self.model.get_output_embeddings()
-            if self.ce_only:
-                total = chunked_loss(h, head, None, labels=targets.labels,
-                                     chunk_size=self.chunk_size)  # fmt: skip
-            else:
-                total = chunked_loss(h, head, targets, chunk_size=self.chunk_size,
-                                     **self.loss_kwargs)  # fmt: skip
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            selected = logits.reshape(-1, logits.shape[-1])[rows]  # [N, V]
-            from .losses import cross_entropy_sum, distill_loss
+            return self._online(batch)
+        return self.loss(batch, model=self.model, reduction="sum")
 
-            if self.ce_only:
-                total = cross_entropy_sum(selected, targets.labels)
-            else:
-                total = distill_loss(selected, targets, **self.loss_kwargs)
-        return total, rows.shape[0]
-
-    def _online(self, input_ids, attention_mask, rows, labels) -> torch.Tensor:
+    def _online(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-vocabulary KD against the in-memory teacher, chunked like the cached path."""
         from torch.utils.checkpoint import checkpoint
 
         from .losses import full_vocab_kd
 
         teacher = self._teacher[0]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        trained = self.loss.trained(batch)  # [B, L-1]
         with torch.no_grad():
-            th = self.hidden_rows(input_ids, attention_mask, rows, model=teacher)  # [N, Ht]
-        h = self.hidden_rows(input_ids, attention_mask, rows)  # [N, H]
+            th = final_hidden(teacher, ids, mask)[:, :-1][trained]  # [N, Ht]
+        h = final_hidden(self.model, ids, mask)[:, :-1][trained]  # [N, H]
+        labels = batch["labels"][:, 1:][trained]  # [N]
         head, t_head = self.model.get_output_embeddings(), teacher.get_output_embeddings()
-        kw = {k: self.loss_kwargs[k] for k in ("temperature", "alpha") if k in self.loss_kwargs}
+        kw = {"temperature": self.loss.temperature, "alpha": self.loss.alpha}
+        chunk_size = self.loss.chunk_size
 
         def chunk(hc, thc, lc):
             with torch.no_grad():
@@ -208,8 +169,8 @@ class DistillModule(nn.Module):
             return full_vocab_kd(head(hc), t_logits, lc, **kw)
 
         total = h.sum() * 0.0
-        for s in range(0, h.shape[0], self.chunk_size):
-            sl = slice(s, s + self.chunk_size)
+        for s in range(0, h.shape[0], chunk_size):
+            sl = slice(s, s + chunk_size)
             total = total + checkpoint(chunk, h[sl], th[sl], labels[sl], use_reentrant=False)
         return total
 

@@ -3,8 +3,31 @@
 Stages (each a subpackage): ``logitcache.storage`` owns the on-disk cache format,
 ``logitcache.precompute`` runs a teacher once over a corpus and writes a cache,
 ``logitcache.train`` trains students from a cache with no teacher in memory.
+
+The names below are the public API for bringing a cache to your own trainer
+(``docs/api.md``); they are imported on first use, so ``import logitcache`` stays cheap.
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_PUBLIC = {
+    "CacheDataset": "logitcache.train.dataset",
+    "CacheStream": "logitcache.train.stream",
+    "DistillCollator": "logitcache.train.collator",
+    "DistillationLoss": "logitcache.train.distill_loss",
+    "StreamState": "logitcache.train.data",
+    "TrainConfig": "logitcache.train.config",
+    "evaluate": "logitcache.train.evaluate",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'logitcache' has no attribute {name!r}")

@@ -2,11 +2,16 @@
 
 Runs on the session's 55-sequence caches (7 shards of 8, the last short); collation is also
 checked on records made by hand (ragged lengths, holes in the loss mask, foreign ids).
+
+The stream and the collator are the public ``CacheDataset(...).stream(...)`` and
+``DistillCollator``; ``stream()`` and ``collate()`` below view their dict batches as the
+trained rows the loss sees (``DistillationLoss.targets``) plus the stream position.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -14,15 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from logitcache.storage import CacheReader, SequenceRecord
-from logitcache.train.data import (
-    CacheStream,
-    StreamState,
-    collate,
-    count_split,
-    epoch_order,
-    eval_batches,
-    heldout_mask,
-)
+from logitcache.train import CacheDataset, DistillationLoss, DistillCollator
+from logitcache.train.data import StreamState, count_split, epoch_order, heldout_mask
+from logitcache.train.dataset import example_of
 
 EVAL_FRACTION = 0.2  # holds out 12 of the 55 sequences: 43 train, a prime count
 
@@ -43,17 +42,73 @@ def training(reader) -> np.ndarray:
     return idx[~heldout_mask(idx, EVAL_FRACTION)]
 
 
-def stream(cache, vocab, **kw) -> CacheStream:
-    settings = dict(
-        micro_batch=4,
-        seed=0,
-        start=StreamState(),
-        eval_fraction=EVAL_FRACTION,
-        block_shards=2,
-        vocab_limit=vocab,
-    )
+def collate(records, *, vocab_limit, target="auto"):
+    """Records -> (input_ids [B, L], attention_mask [B, L], rows [N], TeacherTargets of N),
+    through ``example_of`` and ``DistillCollator``; rows are flat b * L + p positions."""
+    batch = DistillCollator()([example_of(r, vocab_limit=vocab_limit, target=target)
+                               for r in records])  # fmt: skip
+    return view(batch)
+
+
+def view(batch):
+    mask = DistillationLoss.trained(batch)  # [B, L-1]
+    width = batch["input_ids"].shape[1]
+    b, p = torch.nonzero(mask, as_tuple=True)
+    rows = b * width + p
+    return batch["input_ids"], batch["attention_mask"], rows, DistillationLoss.targets(batch)
+
+
+@dataclass
+class Micro:
+    """A stream micro-batch seen as the old trainer saw it."""
+
+    batch: dict
+    epoch: int
+    consumed_after: int
+
+    @property
+    def indices(self) -> list[int]:
+        return [i for i in self.batch["index"].tolist() if i >= 0]
+
+    @property
+    def sources(self) -> list[int]:
+        return [c for c in self.batch["source"].tolist() if c >= 0]
+
+    def __getattr__(self, name):
+        fields = dict(zip(("input_ids", "attention_mask", "rows", "targets"), view(self.batch)))
+        if name in fields:
+            return fields[name]
+        if name == "n_tokens":
+            return int(self.batch["attention_mask"].sum())
+        raise AttributeError(name)
+
+
+class Viewed:
+    """Iterates a CacheStream as ``Micro``s: each with the epoch of its step and the stream
+    position once that step is consumed (from the iterator's own state)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        it = iter(self.stream)
+        n, step = self.stream.epoch_size(), self.stream.step_size
+        while True:
+            s = it.next
+            epoch, consumed = (s.epoch + 1, 0) if s.consumed >= n else (s.epoch, s.consumed)
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            yield Micro(batch, epoch, min(consumed + step, n))
+
+
+def stream(cache, vocab, **kw) -> Viewed:
+    data = CacheDataset(str(cache), eval_fraction=EVAL_FRACTION, vocab_limit=vocab)
+    settings = dict(batch_size=kw.pop("micro_batch", 4), seed=0, start=StreamState(),
+                    block_shards=2)  # fmt: skip
     settings.update(kw)
-    return CacheStream(str(cache), **settings)
+    return Viewed(data.stream(**settings))
 
 
 def take(batches, n: int) -> list:
@@ -124,16 +179,19 @@ def test_heldout_split_never_trained_on(topk_cache, vocab, reader, training, see
     assert sorted(seen) == sorted(training.tolist() * 2)
 
 
-def test_eval_batches_are_the_heldout_split(reader, vocab):
+def test_eval_split_is_the_heldout_split(topk_cache, reader, vocab, training):
     idx = reader.sequence_indices()
     held = idx[heldout_mask(idx, EVAL_FRACTION)]
-    batches = list(eval_batches(reader, fraction=EVAL_FRACTION, micro_batch=5, vocab_limit=vocab))
-    first_tokens = torch.cat([ids[:, 0] for ids, *_ in batches]).tolist()
+    data = CacheDataset(str(topk_cache), split="eval", eval_fraction=EVAL_FRACTION)
+    assert [int(data[i]["index"]) for i in range(len(data))] == held.tolist()
+    first_tokens = [int(data[i]["input_ids"][0]) for i in range(len(data))]
     assert first_tokens == [int(reader.read(int(i)).input_ids[0]) for i in held]
-    capped = eval_batches(
-        reader, fraction=EVAL_FRACTION, micro_batch=5, vocab_limit=vocab, max_sequences=3
-    )
-    assert [ids.shape[0] for ids, *_ in capped] == [3]
+    capped = CacheDataset(str(topk_cache), split="eval", eval_fraction=EVAL_FRACTION,
+                          max_sequences=3)  # fmt: skip
+    assert len(capped) == 3
+    train = CacheDataset(str(topk_cache), eval_fraction=EVAL_FRACTION)
+    assert [int(train[i]["index"]) for i in range(len(train))] == training.tolist()
+    assert len(CacheDataset(str(topk_cache), split="all")) == 55
 
 
 # -- one epoch, any batch size -----------------------------------------------------------
@@ -204,29 +262,24 @@ def test_gradient_accumulation_splits_steps_like_ranks(topk_cache, vocab, traini
     assert steps[6][0].epoch == 1 and steps[6][0].consumed_after == 8
 
 
-def batch_equal(a, b) -> bool:
-    return (
-        a.indices == b.indices
-        and (a.epoch, a.consumed_after) == (b.epoch, b.consumed_after)
-        and torch.equal(a.input_ids, b.input_ids)
-        and torch.equal(a.attention_mask, b.attention_mask)
-        and torch.equal(a.rows, b.rows)
-        and all(
-            torch.equal(getattr(a.targets, f), getattr(b.targets, f))
-            for f in ("ids", "probs", "valid", "tail", "labels")
-        )
-    )
+def same_batch(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def batch_equal(a: Micro, b: Micro) -> bool:
+    same_place = (a.epoch, a.consumed_after) == (b.epoch, b.consumed_after)
+    return same_place and same_batch(a.batch, b.batch)
 
 
 def test_dataloader_workers_keep_the_order(topk_cache, vocab):
     """Two workers yield the same batches, in the same order, as the main process."""
     s = stream(topk_cache, vocab, micro_batch=3, rank=1, world_size=2, start=StreamState(0, 6))
-    direct = take(DataLoader(s, batch_size=None, num_workers=0), 13)
-    workers = take(DataLoader(s, batch_size=None, num_workers=2), 13)
+    direct = take(s, 13)
+    workers = take(DataLoader(s.stream, batch_size=None, num_workers=2), 13)
     assert len(direct) == len(workers) == 13
     assert len({b.epoch for b in direct}) == 2  # crosses an epoch boundary
     for a, b in zip(direct, workers, strict=True):
-        assert batch_equal(a, b)
+        assert same_batch(a.batch, b)
 
 
 # -- resume --------------------------------------------------------------------------------

@@ -143,15 +143,15 @@ def test_a_student_too_large_for_one_gpu_is_refused_before_training(
 RESUME_APART = """
 import torch.distributed as dist
 from logitcache.errors import LogitcacheError
-from logitcache.train import loop
-from logitcache.train.checkpoint import TrainingProgress
+import torch
+from logitcache.train.distributed import Env, check_ranks_resume_together
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-env = loop._Env(rank, 2, loop.torch.device("cpu"))
-loop._check_ranks_resume_together(TrainingProgress(step=8), env, "out")  # agree: passes
+env = Env(rank, 2, torch.device("cpu"))
+check_ranks_resume_together(8, env, "out")  # agree: passes
 try:
-    loop._check_ranks_resume_together(TrainingProgress(step=8 * (1 - rank)), env, "out")
+    check_ranks_resume_together(8 * (1 - rank), env, "out")
 except LogitcacheError as err:
     print(f"rank {rank} refused: {err}")
 dist.destroy_process_group()

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import logitcache.train.loop as loop
 from logitcache.train import TrainConfig, train
 from logitcache.train.checkpoint import latest_checkpoint
-from logitcache.train.data import CacheStream, StreamState
+from logitcache.train.data import StreamState
+from logitcache.train.dataset import CacheDataset
 
 STEPS = 12
 
@@ -90,10 +91,10 @@ def test_target_flag_reaches_the_stream(
     seen = []
 
     def spy(*args, **kw):
-        seen.append(kw["target"])
-        return CacheStream(*args, **kw)
+        seen.append((kw["split"], kw.get("target", "auto")))
+        return CacheDataset(*args, **kw)
 
-    monkeypatch.setattr(loop, "CacheStream", spy)
+    monkeypatch.setattr(loop, "CacheDataset", spy)
     config = TrainConfig(
         cache=str(sampled_cache),
         out=str(tmp_path),
@@ -106,7 +107,7 @@ def test_target_flag_reaches_the_stream(
         quiet=True,
     )
     train(config)
-    assert seen == ["counts"]
+    assert seen[0] == ("train", "counts")
 
 
 def test_an_empty_micro_batch_still_reaches_every_parameter(topk_cache, student_config):
@@ -114,27 +115,20 @@ def test_an_empty_micro_batch_still_reaches_every_parameter(topk_cache, student_
     produce a gradient for every parameter, or the ranks' all-reduces stop matching."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from logitcache.train import DistillationLoss
     from logitcache.train.student import DistillModule
 
     config = json.loads(student_config.read_text())
     model = AutoModelForCausalLM.from_config(
         AutoConfig.for_model(config.pop("model_type"), **config)
     )
-    module = DistillModule(model, loss_kwargs={"loss": "forward-kl"}, chunk_size=64)
-    rank1 = CacheStream(
-        str(topk_cache),
-        micro_batch=4,
-        seed=0,
-        start=StreamState(),
-        rank=1,
-        world_size=2,
-        eval_fraction=0.2,
-        vocab_limit=300,
-        epochs=1,
-    )
+    module = DistillModule(model, DistillationLoss(chunk_size=64))
+    data = CacheDataset(str(topk_cache), eval_fraction=0.2, vocab_limit=300)
+    rank1 = data.stream(batch_size=4, start=StreamState(), rank=1, world_size=2, epochs=1)
     *_, empty = rank1  # 43 = 5 * 8 + 3 training sequences: rank 1 gets none of the last 3
-    assert empty.indices == []
-    loss, n = module(empty.input_ids, empty.attention_mask, empty.rows, empty.targets)
+    assert empty["index"].tolist() == [-1]
+    n = int(DistillationLoss.trained(empty).sum())
+    loss = module(empty, n)
     loss.backward()
     assert n == 0 and loss.item() == 0.0
     for name, p in model.named_parameters():

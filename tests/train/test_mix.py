@@ -12,7 +12,8 @@ import shutil
 import numpy as np
 import pytest
 
-from logitcache.train.data import CacheStream, StreamState, epoch_order, mixture_order
+from logitcache.train import CacheDataset, CacheStream
+from logitcache.train.data import epoch_order, mixture_order
 
 EVAL_FRACTION = 0.2  # 43 training sequences per session cache
 
@@ -55,39 +56,42 @@ def test_mixture_follows_the_weights_and_each_cache_order():
 
 @pytest.fixture(scope="module")
 def mixed(topk_cache, sampled_cache):
+    data = CacheDataset([str(topk_cache), str(sampled_cache)], eval_fraction=EVAL_FRACTION,
+                        vocab_limit=10_000)  # fmt: skip
+
     def make(**kw) -> CacheStream:
-        settings = dict(
-            micro_batch=3,
-            seed=1,
-            start=StreamState(),
-            eval_fraction=EVAL_FRACTION,
-            block_shards=2,
-            vocab_limit=10_000,
-            weights=[1, 2],
-        )
-        return CacheStream([str(topk_cache), str(sampled_cache)], **{**settings, **kw})
+        settings = dict(batch_size=3, seed=1, block_shards=2, weights=[1, 2])
+        return data.stream(**{**settings, **kw})
 
     return make
 
 
+def pairs_of(batch) -> list[tuple[int, int]]:
+    return list(zip(batch["source"].tolist(), batch["index"].tolist()))
+
+
 def test_a_stream_over_two_caches(mixed):
     batches = list(mixed(epochs=1))
-    pairs = [(c, i) for b in batches for c, i in zip(b.sources, b.indices)]
+    pairs = [p for b in batches for p in pairs_of(b)]
     assert len(pairs) == 86  # one mixture epoch: 43 + 43 draws
     counts = np.bincount([c for c, _ in pairs])
     assert counts[1] > counts[0] > 10  # weight 2:1
-    for b in batches:  # sampled rows carry no tail mass; top-k rows usually do
-        for c in set(b.sources):
-            assert c in (0, 1)
+    for b in batches:  # sampled rows carry no tail mass
+        sampled = b["source"] == 1
+        assert not b["teacher_tail"][sampled].any()
 
 
 def test_a_mixed_stream_resumes_exactly(mixed):
-    full = list(itertools.islice(iter(mixed()), 40))
-    cut = 17
-    resumed = mixed(start=StreamState(full[cut - 1].epoch, full[cut - 1].consumed_after))
-    rest = list(itertools.islice(iter(resumed), 40 - cut))
-    seen = [(b.sources, b.indices) for b in full[cut:]]
-    assert [(b.sources, b.indices) for b in rest] == seen
+    """state_dict() after 17 micro-batches; a new stream loaded with it yields the rest."""
+    stream = mixed()
+    it = iter(stream)
+    full = [pairs_of(b) for b in itertools.islice(it, 17)]
+    state = stream.state_dict()
+    full += [pairs_of(b) for b in itertools.islice(it, 23)]
+    resumed = mixed()
+    resumed.load_state_dict(state)
+    rest = [pairs_of(b) for b in itertools.islice(iter(resumed), 23)]
+    assert rest == full[17:]
 
 
 # -- through the CLI -----------------------------------------------------------------------

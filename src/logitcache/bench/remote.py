@@ -84,13 +84,14 @@ def build_cache(
 
 
 def _first_batches(url: str, vocab: int, prefetch: bool, batches: int, server) -> RemoteRow:
-    from logitcache.train.data import CacheStream, StreamState
+    from logitcache.train import CacheDataset
 
     server.clear()
     start = time.perf_counter()
-    stream = CacheStream(url, micro_batch=8, seed=0, start=StreamState(), block_shards=4,
-                         eval_fraction=0.02, vocab_limit=vocab)  # fmt: skip
-    reader = stream.reader()
+    stream = CacheDataset(url, eval_fraction=0.02, vocab_limit=vocab).stream(
+        batch_size=8, seed=0, block_shards=4
+    )
+    reader = stream.dataset.readers()[0]
     opened = time.perf_counter()
     if prefetch:  # what train does per cache c: readers[c].prefetch_sequences(its order)
         source, order = stream.order(0)

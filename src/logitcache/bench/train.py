@@ -6,7 +6,7 @@ a 32,000-word vocabulary) and sizes. Out: a ``TrainBench`` of measured numbers.
 A teacher ``teacher_width`` times wider than the student is made at random (same depth and
 vocabulary), and ``precompute`` writes its top-k cache once. Then the same student (same
 seed, same initial weights) trains on the same batches (the cache's sequences in index
-order, collated by ``train.data.collate``) under:
+order, collated by ``DistillCollator``) under:
 
 - (a) ``ce``: ``DistillModule`` with cross-entropy only;
 - (b) ``offline-kd``: ``DistillModule`` with forward KL, bucket tail, targets from the
@@ -15,7 +15,7 @@ order, collated by ``train.data.collate``) under:
   the full-vocabulary forward KL of the student's logits against it (TRL's GKD with
   beta=0, torchtune's KD recipe: both materialize [B, L, V] logits for both models).
 
-A step is forward, backward, grad clip, AdamW step, like ``train.loop._step``, with bf16
+A step is forward, backward, grad clip, AdamW step, like ``logitcache train``'s step, with bf16
 autocast on CUDA. Step time is the median over the steps after ``warmup``, synchronized.
 
 Peak memory: each variant runs in a fresh Python process (``isolate=True``). On CUDA it is
@@ -338,9 +338,7 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     """Train ``job['variant']`` for warmup + steps batches and time it (see module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    from logitcache.storage import CacheReader
-    from logitcache.train.data import collate
-    from logitcache.train.losses import TeacherTargets
+    from logitcache.train import CacheDataset, DistillationLoss, DistillCollator
     from logitcache.train.student import DistillModule
 
     variant, device = job["variant"], torch.device(job["device"])
@@ -348,12 +346,12 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     student_config = json.loads(Path(job["student_config"]).read_text())
     vocab = student_config["vocab_size"]
-    reader = CacheReader(job["cache"], verify=False)
+    data = CacheDataset(job["cache"], split="all", vocab_limit=vocab, verify=False)
     size, n = job["batch_size"], job["steps"] + job["warmup"]
+    collate = DistillCollator()
     batches = [
-        collate([reader.read(i) for i in range(s, s + size)], vocab_limit=vocab)
-        for s in range(0, n * size, size)
-    ]  # (input_ids [B, L], attention_mask [B, L], rows [N], TeacherTargets of N rows)
+        collate([data[i] for i in range(s, s + size)]) for s in range(0, n * size, size)
+    ]  # DistillCollator dicts: input_ids [B, L], teacher_ids [B, L, K], ...
 
     # -- setup: everything the variant adds is measured from here ----------------------
     gc.collect()
@@ -370,9 +368,8 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
         teacher = AutoModelForCausalLM.from_pretrained(job["teacher"], dtype=dtype)
         teacher.to(device).eval().requires_grad_(False)
     else:
-        kd = {"loss": "forward-kl", "tail": "bucket", "temperature": 1.0, "alpha": 0.0}
-        loss_kwargs = {"loss": "ce"} if variant == "ce" else {**kd, "beta": 0.5}
-        module = DistillModule(model, loss_kwargs=loss_kwargs, chunk_size=_CHUNK_SIZE)
+        loss = "ce" if variant == "ce" else "forward-kl"
+        module = DistillModule(model, DistillationLoss(loss, chunk_size=_CHUNK_SIZE))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -387,22 +384,21 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
 
     # -- steps -----------------------------------------------------------------------------
     times, cpu_times, loss = [], [], float("nan")
-    for input_ids, mask, rows, targets in batches:
+    for cpu_batch in batches:
         _sync(device)
         t0, cpu0 = time.perf_counter(), time.process_time()
-        input_ids, mask, rows = input_ids.to(device), mask.to(device), rows.to(device)
+        n_rows = int(DistillationLoss.trained(cpu_batch).sum())
+        batch = {k: v.to(device) for k, v in cpu_batch.items()}
         with autocast:
             if teacher is None:
-                fields = (targets.ids, targets.probs, targets.valid, targets.tail, targets.labels)
-                targets = TeacherTargets(*(t.to(device) for t in fields))
-                loss_sum, _ = module(input_ids, mask, rows, targets)
+                loss_sum = module(batch, n_rows)
             else:
-                loss_sum = _online_kd(model, teacher, input_ids, mask, rows)
-        (loss_sum / max(rows.shape[0], 1)).backward()
+                loss_sum = _online_kd(model, teacher, batch)
+        (loss_sum / max(n_rows, 1)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum.item() / max(rows.shape[0], 1)
+        loss = loss_sum.item() / max(n_rows, 1)
         _sync(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - cpu0)
@@ -412,22 +408,23 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     else:
         peak = rss.added() if measure_rss else None
     timed, warm = times[job["warmup"] :], job["warmup"]
-    tokens = int(batches[0][1].sum())
+    tokens = int(batches[0]["attention_mask"].sum())
     step_s = statistics.median(timed)
     return VariantResult(variant, step_s, timed, statistics.median(cpu_times[warm:]), tokens,
                          tokens / step_s, peak, loss)  # fmt: skip
 
 
-def _online_kd(student, teacher, input_ids, mask, rows) -> torch.Tensor:
+def _online_kd(student, teacher, batch) -> torch.Tensor:
     """Summed KL(teacher || student) over the full vocabulary at the trained rows."""
     import torch.nn.functional as F
 
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    trained = batch["labels"][:, 1:] != -100  # [B, L-1]
     logits = student(input_ids=input_ids, attention_mask=mask).logits  # [B, L, V]
     with torch.no_grad():
         t_logits = teacher(input_ids=input_ids, attention_mask=mask).logits  # [B, L, V]
-    vocab = logits.shape[-1]
-    s_logp = F.log_softmax(logits.reshape(-1, vocab)[rows].float(), dim=-1)  # [N, V] float32
-    t_logp = F.log_softmax(t_logits.reshape(-1, vocab)[rows].float(), dim=-1)
+    s_logp = F.log_softmax(logits[:, :-1][trained].float(), dim=-1)  # [N, V] float32
+    t_logp = F.log_softmax(t_logits[:, :-1][trained].float(), dim=-1)
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
 
 

@@ -92,7 +92,17 @@ def save_checkpoint(
     progress: TrainingProgress,
     config_fingerprint: dict[str, Any],
     keep: int,
-) -> Path:
+    *,
+    sharded: bool = False,
+    rank: int = 0,
+) -> Path | None:
+    """The whole format, written by rank 0 (other ranks return None); with ``sharded``
+    the ``dcp`` format, written by every rank together (``save_sharded_checkpoint``)."""
+    if sharded:
+        return save_sharded_checkpoint(out, model, optimizer, progress, config_fingerprint,
+                                       keep, rank=rank)  # fmt: skip
+    if rank != 0:
+        return None
     loc = Location(out)
     name = f"step-{progress.step:07d}"
     try:
@@ -276,13 +286,21 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 
 def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    with open(path / ".metadata", "rb") as fh:  # a foreign one is refused here, unread
+        _MetadataUnpickler(fh).load()
     # The optimizer's state is created here (a step at lr 0) so that DCP has tensors of
     # this run's sharding to read the saved moments into.
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
+    try:
+        dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
+    except CheckpointException as err:  # a BaseException holding each rank's failure
+        failure = next(iter(err.failures.values()), err)
+        failure = failure[0] if isinstance(failure, tuple) else failure
+        raise RuntimeError(f"{type(failure).__name__}: {failure}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])  # fmt: skip
 

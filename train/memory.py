@@ -23,7 +23,9 @@ a bound no batch size can fix, and names the flags that make it fit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -33,7 +35,15 @@ from logitcache.progress import human_bytes
 from .optim import STATE_BYTES_PER_PARAM
 from .sharding import decoder_layers
 
-__all__ = ["Footprint", "Setup", "StudentShape", "check_fits", "footprint", "options_table"]
+__all__ = [
+    "Footprint",
+    "Setup",
+    "StudentShape",
+    "check_fits",
+    "check_student_fits",
+    "footprint",
+    "options_table",
+]
 
 
 @dataclass(frozen=True)
@@ -118,8 +128,8 @@ def _variants(setup: Setup, world: int) -> list[tuple[str, Setup]]:
         ("DDP (a whole student per GPU)", replace(setup, fsdp=False, world_size=1,
                                                   gradient_checkpointing=False)),
         (f"--fsdp over {world} ranks", fsdp),
-        ("  + --gradient-checkpointing", gc),
-        ("  + --optimizer adamw8bit", replace(gc, optimizer="adamw8bit")),
+        ("+ --gradient-checkpointing", gc),
+        ("+ --optimizer adamw8bit", replace(gc, optimizer="adamw8bit")),
     ]  # fmt: skip
 
 
@@ -133,35 +143,68 @@ def options_table(shape: StudentShape, setup: Setup, world: int) -> str:
     return "; ".join(lines)
 
 
-def _ranks_to_fit(shape: StudentShape, setup: Setup, have: float) -> tuple[int, Setup] | None:
-    """The fewest ranks (and the lightest flags) whose estimated total fits ``have``."""
-    for world in (2, 4, 8, 16, 32, 64):
-        for _, variant in _variants(setup, world)[1:]:
-            if footprint(shape, variant).total <= 0.9 * have:
-                return world, variant
+def _ranks_to_fit(shape: StudentShape, setup: Setup, have: float) -> tuple[int, Setup, bool] | None:
+    """The fewest ranks (and the lightest flags) whose estimated total fits ``have``; failing
+    that, whose states and working set do (then activations must shrink: the bool is False)."""
+    for whole in (True, False):
+        for world in (2, 4, 8, 16, 32, 64):
+            for _, variant in _variants(setup, world)[1:]:
+                f = footprint(shape, variant)
+                if (f.total if whole else f.floor) <= 0.9 * have:
+                    return world, variant, whole
     return None
 
 
-def check_fits(shape: StudentShape, setup: Setup, have: int, device: str) -> None:
-    """Refuse a run whose states and working set alone exceed the device's ``have`` bytes,
-    with the arithmetic of every option and the flags that make it fit."""
-    need = footprint(shape, setup)
-    if need.floor <= have:
+def check_student_fits(model: nn.Module, config: Any, env: Any, seq_len: int,
+                       warn: Callable[[str], None]) -> None:  # fmt: skip
+    """``check_fits`` for ``logitcache train`` (a ``TrainConfig``, the loop's ``Env``) on
+    CUDA; elsewhere the device's memory is not known and nothing is checked."""
+    import torch
+
+    if env.device.type != "cuda":
         return
+    bf16 = config.precision == "bf16" or config.precision == "auto"
+    setup = Setup(world_size=env.world_size, fsdp=config.fsdp and env.world_size > 1,
+                  gradient_checkpointing=config.gradient_checkpointing,
+                  optimizer=config.optimizer, bf16=bf16, tokens=config.batch_size * seq_len,
+                  chunk_size=config.chunk_size)  # fmt: skip
+    have = torch.cuda.get_device_properties(env.device).total_memory
+    warning = check_fits(StudentShape.of(model), setup, have, str(env.device))
+    if warning:
+        warn(warning)
+
+
+def check_fits(shape: StudentShape, setup: Setup, have: int, device: str) -> str | None:
+    """Refuse a run whose states and working set alone exceed the device's ``have`` bytes,
+    with the arithmetic of every option and the flags that make it fit. Returns a warning
+    when only the activation estimate exceeds it (a smaller --batch-size may fit)."""
+    need = footprint(shape, setup)
     how = "with --fsdp" if setup.fsdp else "with DDP"
-    fix = _ranks_to_fit(shape, setup, have)
-    if fix is None:
-        advice = "no setup up to 64 ranks fits: choose a smaller student"
-    else:
-        world, variant = fix
-        flags = " --fsdp" + " --gradient-checkpointing" * variant.gradient_checkpointing
-        flags += f" --optimizer {variant.optimizer}" * (variant.optimizer != "adamw")
-        advice = (f"it fits with `torchrun --nproc-per-node {world} -m logitcache.cli train ..."
-                  f"{flags}` (keep the global batch: --grad-accum x ranks)")  # fmt: skip
+    if need.floor <= have:
+        if need.total <= have:
+            return None
+        return (f"warning: {how} the student may not fit {device} ({human_bytes(have)}): "
+                f"{human_bytes(need.floor)} of states and ~{human_bytes(need.activations)} of "
+                f"activations (estimated) per GPU. If it runs out of memory: "
+                f"{_advice(shape, setup, have)}, or lower --batch-size")  # fmt: skip
     raise LogitcacheError(
         f"the student has {shape.params:,} parameters: {how} over {setup.world_size} "
         f"rank(s) it needs at least {human_bytes(need.floor)} per GPU before activations "
         f"and {device} has {human_bytes(have)}. Per GPU: "
-        f"{options_table(shape, setup, max(setup.world_size, 2))}. {advice} "
-        "(docs/distributed.md)"
+        f"{options_table(shape, setup, max(setup.world_size, 2))}. "
+        f"{_advice(shape, setup, have)} (docs/distributed.md)"
     )
+
+
+def _advice(shape: StudentShape, setup: Setup, have: int) -> str:
+    fix = _ranks_to_fit(shape, setup, have)
+    if fix is None:
+        return "no setup up to 64 ranks fits: choose a smaller student"
+    world, variant, whole = fix
+    flags = " --fsdp" + " --gradient-checkpointing" * variant.gradient_checkpointing
+    flags += f" --optimizer {variant.optimizer}" * (variant.optimizer != "adamw")
+    text = (f"it fits with `torchrun --nproc-per-node {world} -m logitcache.cli train ..."
+            f"{flags}` (keep the global batch: --grad-accum x ranks)")  # fmt: skip
+    if not whole:
+        text += ", with a smaller --batch-size and --chunk-size for the activations"
+    return text

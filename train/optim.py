@@ -28,7 +28,7 @@ STATE_BYTES_PER_PARAM = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / 256)}
 
 
 def make_optimizer(
-    model: nn.Module, *, name: str, lr: float, weight_decay: float
+    model: nn.Module, name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; decay on tensors of 2+ dimensions only."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]

@@ -36,6 +36,7 @@ __all__ = [
     "full_state_dict",
     "is_sharded",
     "micro_batch_context",
+    "pad_sharded_forwards",
     "shard_student",
     "unsharded_root",
 ]
@@ -59,19 +60,20 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False  # a KV cache is never used in training
 
 
-def shard_student(module: nn.Module, *, device: torch.device, world_size: int,
-                  bf16: bool) -> nn.Module:  # fmt: skip
+def shard_student(module: nn.Module, device: torch.device, world_size: int,
+                  precision: str = "auto") -> nn.Module:  # fmt: skip
     """``fully_shard`` each decoder layer of ``module.model``, then ``module`` as the root.
 
     The student may still be on the CPU: each rank keeps only its shard and moves it to
-    ``device``, so the whole float32 student never sits on one GPU.
+    ``device``, so the whole float32 student never sits on one GPU. ``precision`` as
+    ``--precision``: bfloat16 compute on CUDA for ``auto`` and ``bf16``.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
     kwargs: dict[str, Any] = {"mesh": mesh}
-    if device.type == "cuda" and bf16:
+    if device.type == "cuda" and precision in ("auto", "bf16"):
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
@@ -93,7 +95,7 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def micro_batch_context(wrapped: nn.Module, *, last: bool, distributed: bool):
+def micro_batch_context(wrapped: nn.Module, last: bool, distributed: bool):
     """The context of one micro-batch's forward and backward under gradient accumulation.
 
     DDP: ``no_sync`` until the last micro-batch (gradients add up locally, one all-reduce).
@@ -120,6 +122,23 @@ def unsharded_root(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.reshard()
+
+
+def pad_sharded_forwards(model: nn.Module, n_batches: int, rank: int, world_size: int,
+                         device: torch.device) -> None:  # fmt: skip
+    """Evaluation splits ``n_batches`` over the ranks (``i % world_size``). Under FSDP each
+    forward gathers every layer from all ranks, so a rank that got fewer batches runs
+    forwards of one padding token until it has run as many as rank 0 (else rank 0 waits
+    forever). Without FSDP it does nothing."""
+    from .distill_loss import final_hidden
+
+    if not any(is_sharded(m) for m in model.modules()):
+        return
+    mine = len(range(rank, n_batches, world_size))
+    ids = torch.zeros((1, 1), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for _ in range(-(-n_batches // world_size) - mine):
+            final_hidden(model, ids, torch.ones_like(ids))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -138,8 +138,9 @@ class DistillModule(nn.Module):
             # gradient of every parameter, so return a zero that touches them all. FSDP also
             # needs every layer's forward, in order: the other ranks gather and reduce them.
             if _is_sharded(self):
-                h = self.hidden_rows(input_ids, torch.ones_like(attention_mask), rows)  # [0, H]
-                return self.model.get_output_embeddings()(h).sum() * 0.0, 0
+                ids = batch["input_ids"]
+                h = final_hidden(self.model, ids, torch.ones_like(ids))[:, :0]  # [B, 0, H]
+                return self.model.get_output_embeddings()(h).sum() * 0.0
             params = [p for p in self.model.parameters() if p.requires_grad]
             return sum(p.sum() for p in params) * 0.0
         if self._teacher:

@@ -237,7 +237,7 @@ def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bo
 
 @bench.command("train-memory")
 @click.option("--student-config", default=None,
-              help="JSON/YAML transformers config (default: 4x512 Llama, 32k vocab).")  # fmt: skip
+              help="JSON/YAML transformers config (default: 8x512 Llama, 16k vocab).")  # fmt: skip
 @click.option("--nproc", type=int, default=2, show_default=True, help="Ranks (torchrun).")
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--batch-sizes", default="1,4", show_default=True,

@@ -1,6 +1,6 @@
 """``logitcache bench train-memory``: memory per parameter and step time of DDP vs FSDP.
 
-In: a student config (default a 4x512 Llama, 32k vocabulary, 45M parameters), the ranks
+In: a student config (default an 8x512 Llama, 16k vocabulary, 33.7M parameters), the ranks
 and micro-batch sizes. Out: a ``MemoryBench``: for each variant, measured per rank,
 
 - ``ddp``: DDP, float32, AdamW (a whole student per rank);
@@ -53,6 +53,9 @@ class MemoryRun:
     step_s: float
     """Median step time after warm-up (rank 0)."""
     loss: float
+    state_bytes: int = 0
+    """Bytes of this rank's weights, gradients and optimizer state tensors at the end of
+    the last step (largest over the ranks), counted from their storage."""
 
 
 @dataclass
@@ -68,6 +71,8 @@ class MemoryBench:
     """Bytes per parameter of the peak, its token-proportional part removed."""
     per_token: dict[str, float]
     """Peak bytes added per token of the micro-batch (activations)."""
+    state_per_param: dict[str, float]
+    """Weights, gradients and optimizer state per parameter (counted tensor bytes)."""
     predicted_per_param: dict[str, float]
     """What ``train.memory.footprint`` predicts for states + working set, per parameter."""
     loadavg: tuple[float, float, float]
@@ -78,7 +83,7 @@ def run_memory_bench(*, student_config: dict[str, Any] | None = None, nproc: int
                      warmup: int = 1, device: str = "cpu",
                      variants: tuple[str, ...] = MEMORY_VARIANTS) -> MemoryBench:  # fmt: skip
     """Run every variant at every micro-batch size (see the module docstring)."""
-    student = dict(student_config or default_student_config_45m())
+    student = dict(student_config or default_memory_student())
     student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
     runs = []
     for variant in variants:
@@ -89,7 +94,7 @@ def run_memory_bench(*, student_config: dict[str, Any] | None = None, nproc: int
                    "steps": steps, "warmup": warmup, "device": device}  # fmt: skip
             runs.append(_launch(job, nproc))
     params = _count_params(student)
-    per_param, per_token, predicted = {}, {}, {}
+    per_param, per_token, predicted, state = {}, {}, {}, {}
     for variant in dict.fromkeys(r.variant for r in runs):
         mine = sorted((r for r in runs if r.variant == variant), key=lambda r: r.batch_size)
         lo, hi = mine[0], mine[-1]
@@ -99,18 +104,22 @@ def run_memory_bench(*, student_config: dict[str, Any] | None = None, nproc: int
         per_token[variant] = slope
         per_param[variant] = (lo.peak_bytes - slope * lo.batch_size * seq_len) / params
         predicted[variant] = _predicted(student, variant, nproc, device) / params
+        state[variant] = max(r.state_bytes for r in mine) / params
     method = ("torch.cuda.max_memory_allocated" if device.startswith("cuda") else
               "peak RSS minus RSS before the student, MALLOC_MMAP_THRESHOLD_=65536")  # fmt: skip
     return MemoryBench(_describe(student), params, device, nproc, seq_len, method, runs,
-                       per_param, per_token, predicted, os.getloadavg())  # fmt: skip
+                       per_param, per_token, state, predicted, os.getloadavg())  # fmt: skip
 
 
-def default_student_config_45m() -> dict[str, Any]:
-    """A 4x512 Llama, 32k vocabulary (untied): 45M parameters, 73 % of them embeddings."""
+def default_memory_student() -> dict[str, Any]:
+    """An 8x512 Llama, 16k vocabulary, tied embeddings: 33.7M parameters, 75 % of them in
+    decoder layers (Qwen2.5-1.5B: 85 %, -0.5B: 72 %), so that sharding layers matters as
+    much as in the students it stands for."""
     from .precompute import SyntheticLlama
 
-    shape = SyntheticLlama(hidden=512, layers=4, heads=8, intermediate=1376, init_std=0.02)
-    return default_student_config(shape)
+    shape = SyntheticLlama(hidden=512, layers=8, heads=8, intermediate=1376, vocab=16384,
+                           init_std=0.02)  # fmt: skip
+    return {**default_student_config(shape), "tie_word_embeddings": True}
 
 
 def _has_torchao() -> bool:
@@ -161,19 +170,22 @@ def _launch(job: dict[str, Any], nproc: int) -> MemoryRun:
 
 
 # -- one rank ---------------------------------------------------------------------------------
-def _targets(n: int, vocab: int, gen: torch.Generator):
-    from logitcache.train.losses import TeacherTargets
-
-    ids = torch.stack([torch.randperm(vocab, generator=gen)[:_TOP_K] for _ in range(n)])
-    probs = torch.softmax(torch.randn(n, _TOP_K, generator=gen), -1) * 0.9
-    return TeacherTargets(ids, probs, torch.ones(n, _TOP_K, dtype=torch.bool),
-                          torch.full((n,), 0.1), ids[:, 0].clone())  # fmt: skip
+def _batch(b: int, seq: int, vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A ``DistillCollator``-shaped batch of random tokens and random top-k targets."""
+    ids = torch.randint(0, vocab, (b, seq), generator=gen)  # [B, L] int64
+    top = torch.stack([torch.randperm(vocab, generator=gen)[:_TOP_K] for _ in range(b * seq)])
+    probs = torch.softmax(torch.randn(b * seq, _TOP_K, generator=gen), -1) * 0.9
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+            "teacher_ids": top.view(b, seq, _TOP_K),  # [B, L, K] int64
+            "teacher_probs": probs.view(b, seq, _TOP_K),  # [B, L, K] float32
+            "teacher_valid": torch.ones(b, seq, _TOP_K, dtype=torch.bool),
+            "teacher_tail": torch.full((b, seq), 0.1)}  # fmt: skip
 
 
 def _rank_main(job: dict[str, Any]) -> None:
     import torch.distributed as dist
 
-    from logitcache.train import sharding
+    from logitcache.train import DistillationLoss, sharding
     from logitcache.train.optim import make_optimizer
     from logitcache.train.student import DistillModule
 
@@ -187,8 +199,7 @@ def _rank_main(job: dict[str, Any]) -> None:
     student, b, seq = job["student"], job["batch_size"], job["seq_len"]
     gen = torch.Generator().manual_seed(1000 + rank)
     n = job["steps"] + job["warmup"]
-    ids = [torch.randint(0, student["vocab_size"], (b, seq), generator=gen) for _ in range(n)]
-    targets = [_targets(b * seq, student["vocab_size"], gen) for _ in range(n)]
+    batches = [_batch(b, seq, student["vocab_size"], gen) for _ in range(n)]
 
     with torch.device("meta"):  # imports the model's code: its RSS is not the student's
         _build(student)
@@ -199,33 +210,34 @@ def _rank_main(job: dict[str, Any]) -> None:
     model = _build(student)
     if "gc" in job["variant"]:
         sharding.enable_gradient_checkpointing(model)
-    kd = {"loss": "forward-kl", "tail": "bucket", "temperature": 1.0, "alpha": 0.0, "beta": 0.5}
-    module = DistillModule(model, loss_kwargs=kd, chunk_size=1024)
+    module = DistillModule(model, DistillationLoss("forward-kl", chunk_size=1024))
     bf16 = device.type == "cuda"
     if job["variant"] == "ddp":
         module.to(device)
         wrapped = DistributedDataParallel(module, device_ids=[device.index] if bf16 else None)
     else:
-        wrapped = sharding.shard_student(module, device=device, world_size=world, bf16=bf16)
+        wrapped = sharding.shard_student(module, device=device, world_size=world)
     name = "adamw8bit" if job["variant"].endswith("8bit") else "adamw"
-    optimizer = make_optimizer(model, name=name, lr=1e-4, weight_decay=0.1)
+    optimizer = make_optimizer(model, name, 1e-4, 0.1)
     rss = _PeakRSS()
     rss.start()  # resets the high-water mark: the whole student built above is gone
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
-    rows = torch.arange(b * seq, device=device)
+    rows = b * (seq - 1)  # every position but the last is trained
     times, loss = [], float("nan")
     for step in range(n):
+        if step == job["warmup"]:  # the first steps' transients (torch.compile's) are not kept
+            rss.start()
         t0 = time.perf_counter()
         with autocast:
-            loss_sum, _ = wrapped(ids[step].to(device), torch.ones_like(ids[step]).to(device),
-                                  rows, _to(targets[step], device))  # fmt: skip
-        (loss_sum / rows.shape[0]).backward()
+            loss_sum = wrapped({k: v.to(device) for k, v in batches[step].items()}, rows)
+        (loss_sum / rows).backward()
         torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
         optimizer.step()
+        state = _state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum.item() / rows.shape[0]
+        loss = loss_sum.item() / rows
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -233,18 +245,33 @@ def _rank_main(job: dict[str, Any]) -> None:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = rss.base + rss.added() - before
-    peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(peaks, torch.tensor([float(peak)], dtype=torch.float64))
+    peaks = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(peaks, torch.tensor([float(peak), float(state)], dtype=torch.float64))
     if rank == 0:
-        run = MemoryRun(job["variant"], b, int(max(p.item() for p in peaks)),
-                        statistics.median(times[job["warmup"] :]), loss)  # fmt: skip
+        run = MemoryRun(job["variant"], b, int(max(p[0].item() for p in peaks)),
+                        statistics.median(times[job["warmup"] :]), loss,
+                        int(max(p[1].item() for p in peaks)))  # fmt: skip
         print(_PREFIX + json.dumps(asdict(run)), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _to(t, device):
-    return type(t)(*(getattr(t, k).to(device) for k in ("ids", "probs", "valid", "tail", "labels")))
+def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """This rank's bytes of weights, gradients and optimizer state (its shards under FSDP)."""
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters()]
+    tensors += [v for st in optimizer.state.values() for v in st.values()]
+    return sum(_local_bytes(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor, of a DTensor's local shard, or of a tensor subclass's
+    inner tensors (torchao's 8-bit state: codes and scales)."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    if hasattr(t, "__tensor_flatten__") and not isinstance(t, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_local_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -257,10 +284,11 @@ def format_memory(r: MemoryBench) -> str:
     ]
     lines += [f"{x.variant:14} {x.batch_size:5d} {gb(x.peak_bytes):>9} {x.step_s:7.2f} "
               f"{x.loss:7.3f}" for x in r.runs]  # fmt: skip
-    lines.append(f"{'variant':14} {'B/param':>8} {'predicted':>9} {'KiB/token':>9}")
+    lines.append(f"{'variant':14} {'peak B/param':>12} {'state B/param':>13} "
+                 f"{'predicted':>9} {'KiB/token':>9}")  # fmt: skip
     for v, per in r.per_param.items():
-        lines.append(f"{v:14} {per:8.2f} {r.predicted_per_param[v]:9.2f} "
-                     f"{r.per_token[v] / 1024:9.1f}")  # fmt: skip
+        lines.append(f"{v:14} {per:12.2f} {r.state_per_param[v]:13.2f} "
+                     f"{r.predicted_per_param[v]:9.2f} {r.per_token[v] / 1024:9.1f}")  # fmt: skip
     ddp = {x.batch_size: x.step_s for x in r.runs if x.variant == "ddp"}
     for x in r.runs:
         if x.variant == "fsdp" and x.batch_size in ddp:

@@ -69,8 +69,13 @@ def shard_student(module: nn.Module, device: torch.device, world_size: int,
     ``--precision``: bfloat16 compute on CUDA for ``auto`` and ``bf16``.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise LogitcacheError(
+            f"--fsdp needs torch >= 2.6 (FSDP2), this is {torch.__version__}"
+        ) from None
     mesh = init_device_mesh(device.type, (world_size,))
     kwargs: dict[str, Any] = {"mesh": mesh}
     if device.type == "cuda" and precision in ("auto", "bf16"):
@@ -90,8 +95,10 @@ def shard_student(module: nn.Module, device: torch.device, world_size: int,
 
 
 def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2, so nothing is sharded
+        return False
     return isinstance(module, FSDPModule)
 
 

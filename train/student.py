@@ -177,6 +177,6 @@ class DistillModule(nn.Module):
 
 
 def _is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    from .sharding import is_sharded
 
-    return isinstance(module, FSDPModule)
+    return is_sharded(module)

@@ -235,7 +235,7 @@ def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bo
     click.echo(json.dumps(result, indent=1) if as_json else format_remote(result))
 
 
-@bench.command("train-memory")
+@bench.command("memory")
 @click.option("--student-config", default=None,
               help="JSON/YAML transformers config (default: 8x512 Llama, 16k vocab).")  # fmt: skip
 @click.option("--nproc", type=int, default=2, show_default=True, help="Ranks (torchrun).")
@@ -247,7 +247,7 @@ def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bo
 @click.option("--variants", default="ddp,fsdp,fsdp-gc,fsdp-gc-8bit", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
-def bench_train_memory(student_config, nproc, seq_len, batch_sizes, steps, device, variants,
+def bench_memory(student_config, nproc, seq_len, batch_sizes, steps, device, variants,
                        as_json) -> None:  # fmt: skip
     """Peak memory per parameter and step time: DDP vs FSDP, checkpointing, 8-bit AdamW."""
     from dataclasses import asdict

@@ -1,4 +1,4 @@
-"""``logitcache bench train-memory``: memory per parameter and step time of DDP vs FSDP.
+"""``logitcache bench memory``: memory per parameter and step time of DDP vs FSDP.
 
 In: a student config (default an 8x512 Llama, 16k vocabulary, 33.7M parameters), the ranks
 and micro-batch sizes. Out: a ``MemoryBench``: for each variant, measured per rank,

@@ -1,12 +1,12 @@
 """Sharding a student over the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 In: the ``DistillModule`` (a transformers causal LM inside), the device, the world size and
-whether to compute in bfloat16. Out: the same module, its parameters ``DTensor`` shards
-(dim 0 split over the ranks): weights, gradients and the optimizer state built on them
-take 1/N of the memory each. A whole layer exists only while it runs (forward, then again
-in backward). Plus the few things the loop does differently with a sharded student:
-micro-batch gradient sync, the root's parameters in evaluation, and gathering the full
-weights for ``save_pretrained``.
+``--precision``. Out: the same module, its parameters ``DTensor`` shards (dim 0 split over
+the ranks): weights, gradients and the optimizer state built on them take 1/N of the
+memory each. A whole layer exists only while it runs (forward, then again in backward).
+Plus the few things the loop does differently with a sharded student: micro-batch gradient
+sync, the root's parameters in evaluation, evaluation forwards in lockstep over the ranks
+(every forward is collective), and gathering the full weights for ``save_pretrained``.
 
 Grouping: one FSDP group per decoder layer (the model's ``_no_split_modules`` classes:
 ``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ...) and the root group for the rest

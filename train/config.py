@@ -113,6 +113,17 @@ class TrainConfig:
     """Remote caches: size limit of the local shard cache in GB (default 20); least recently
     used shards are evicted."""
     quiet: bool = False
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters instead of all weights (0: off; needs ``peft``)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default: 2 x lora_r); updates are scaled by alpha / r."""
+    lora_targets: tuple[str, ...] = ()
+    """Module names that get adapters, e.g. q_proj,v_proj (default: every linear layer but
+    the LM head, PEFT's ``all-linear``)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    merge_lora: bool = False
+    """Also save the student with the adapters merged in, to ``OUT/model-merged``."""
     fsdp: bool = False
     """Shard the student's weights, gradients and optimizer state over the torchrun ranks
     (FSDP2): 1/N of the 16 B per parameter each, so a student too large for one GPU trains
@@ -126,6 +137,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix_caches", tuple(self.mix_caches))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "cache_weights", tuple(float(w) for w in self.cache_weights))
         n_caches, weights = 1 + len(self.mix_caches), self.cache_weights
         if weights and (len(weights) != n_caches or min(weights) <= 0):
@@ -170,6 +182,30 @@ class TrainConfig:
             (
                 self.local_cache_gb is None or self.local_cache_gb > 0,
                 f"--local-cache-gb must be > 0, got {self.local_cache_gb}",
+            ),
+            (self.lora_r >= 0, f"--lora-r must be >= 0 (0: off), got {self.lora_r}"),
+            (
+                self.lora_r > 0
+                or (
+                    self.lora_alpha is None
+                    and not self.lora_targets
+                    and not self.lora_dropout
+                    and not self.merge_lora
+                ),
+                "--lora-alpha, --lora-targets, --lora-dropout and --merge-lora need --lora-r",
+            ),
+            (
+                self.lora_alpha is None or self.lora_alpha > 0,
+                f"--lora-alpha must be > 0, got {self.lora_alpha}",
+            ),
+            (
+                0 <= self.lora_dropout < 1,
+                f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
+            ),
+            (
+                not (self.fsdp and self.lora_r),
+                "--fsdp with --lora-r is not supported: LoRA freezes the base weights (no "
+                "gradients or optimizer state for them), so try it without --fsdp",
             ),
         ]
         for ok, message in checks:

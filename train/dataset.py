@@ -153,6 +153,20 @@ class CacheDataset(Dataset):
         return example_of(record, source=source, vocab_limit=self.vocab_limit,
                           target=self.target)  # fmt: skip
 
+    def positions(self, source: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """[n] int64 dataset positions of (cache, global sequence index) pairs."""
+        starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        pos = np.empty(len(index), dtype=np.int64)
+        for c in range(len(self.sizes)):
+            mine = self._index[starts[c] : starts[c + 1]]  # sorted: a split keeps index order
+            sel = np.asarray(source) == c
+            at = np.searchsorted(mine, np.asarray(index)[sel])
+            if np.any(at >= len(mine)) or np.any(mine[np.minimum(at, len(mine) - 1)] !=
+                                                 np.asarray(index)[sel]):  # fmt: skip
+                raise IndexError(f"a sequence of cache {c} is not in this dataset's split")
+            pos[sel] = starts[c] + at
+        return pos
+
     def mixture_weights(self, weights: Sequence[float]) -> torch.Tensor:
         """[n] float64 per-item weights for ``WeightedRandomSampler``: cache c is drawn
         with probability ``weights[c] / sum(weights)`` (a map-style mixture)."""

@@ -176,6 +176,11 @@ class DistillationLoss(nn.Module):
         else:
             rows = logits[:, :-1][mask]  # [N, V]
             total = self._on_logits(rows, batch, mask)
+        if rows.shape[0] == 0 and isinstance(model if model is not None else head, nn.Module):
+            # Nothing trained (a rank's empty last micro-batch): DDP still waits for a
+            # gradient of every parameter, the LM head's included, so touch them all.
+            owner = model if model is not None else head
+            total = total + sum(p.sum() for p in owner.parameters() if p.requires_grad) * 0.0
         if reduction == "sum":
             return total
         return total / mask.sum().clamp(min=1)

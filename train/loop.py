@@ -30,6 +30,7 @@ from logitcache.progress import Reporter
 from logitcache.storage import CacheReader
 
 from . import sharding
+from .caches import check_cache, eval_dataset, mixed_readers
 from .checkpoint import (
     TrainingProgress,
     is_out_of_space,
@@ -53,7 +54,7 @@ from .evaluate import evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes
 from .stream import CacheStream
-from .student import DistillModule, check_student, load_student
+from .student import DistillModule, apply_lora, check_student, load_student
 
 __all__ = ["TrainResult", "train"]
 
@@ -96,6 +97,10 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     if env.rank == 0:
         _save_final(run.model, run.tokenizer, model_dir, state)
         reporter.log(f"saved the student to {model_dir} (load with from_pretrained)")
+        if config.merge_lora:
+            merged = Path(config.out) / "model-merged"
+            _save_final(run.model.merge_and_unload(), run.tokenizer, merged)
+            reporter.log(f"saved the student with its adapters merged to {merged}")
     barrier(env)
     if env.distributed:
         dist.destroy_process_group()
@@ -106,13 +111,16 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     """Open and check the caches, load the student, resume, and open the stream."""
     reader = CacheReader(config.cache, **config.reader_options())
-    _check_cache(reader, config)
-    mixed = _mixed_readers(reader, config)
+    check_cache(reader, config)
+    mixed = mixed_readers(reader, config)
     model, tokenizer, _ = load_student(
         config.student, config.student_config, config.tokenizer, spec=reader.spec,
         seed=config.seed, trust_remote_code=config.trust_remote_code,
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
+    if config.lora_r:
+        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, seed=config.seed,
+                           targets=config.lora_targets, dropout=config.lora_dropout)  # fmt: skip
     sharding.enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
     try:
         check_student_fits(model, config, env, reader.spec.seq_len, warn=reporter.log)
@@ -146,7 +154,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     )  # fmt: skip
     wrapped = module if sharding.is_sharded(module) else wrap_ddp(module, env)
     return _Run(model, tokenizer, wrapped, optimizer, stream,
-                _eval_dataset(reader, config, vocab_rows), progress, fingerprint, total_steps,
+                eval_dataset(reader, config, vocab_rows), progress, fingerprint, total_steps,
                 autocast_for(config.precision, env))  # fmt: skip
 
 
@@ -232,49 +240,6 @@ def _evaluate(run: _Run, config: TrainConfig, env: Env) -> dict[str, float]:
 
 
 # -- helpers of the story above ----------------------------------------------------------
-def _check_cache(reader: CacheReader, config: TrainConfig) -> None:
-    manifest, url = reader.manifest, reader.loc.url
-    # A partial pull (`pull --shards/--max-tokens`) of a finished cache knows its total and
-    # trains on the shards it holds; a teacher pass still running does not, and is refused.
-    if not manifest.complete and manifest.n_sequences_total is None:
-        raise LogitcacheError(
-            f"cache {url} is incomplete (its teacher pass has not finished); "
-            "rerun precompute (or `logitcache merge`) first"
-        )
-    if manifest.n_sequences == 0:
-        raise LogitcacheError(f"cache {url} holds no sequences")
-    n_train, _ = count_split(reader, config.eval_fraction)
-    if n_train == 0:
-        raise LogitcacheError(
-            f"--eval-fraction {config.eval_fraction} leaves no training sequences in "
-            f"{url} ({manifest.n_sequences} sequences)"
-        )
-    if config.target == "counts" and reader.spec.mode != "sampled":
-        raise LogitcacheError("--target counts needs a sampled cache (precompute --samples)")
-    if (
-        config.target == "probs"
-        and reader.spec.mode == "sampled"
-        and not (reader.spec.sampled_logprobs)
-    ):
-        raise LogitcacheError("--target probs needs a cache written with --sampled-logprobs")
-
-
-def _mixed_readers(reader: CacheReader, config: TrainConfig) -> list[CacheReader]:
-    """The caches mixed in with the main one; each must share its tokenizer."""
-    readers = [CacheReader(url, **config.reader_options()) for url in config.mix_caches]
-    mine = reader.spec.tokenizer.get("fingerprint")
-    for other in readers:
-        _check_cache(other, config)
-        theirs = other.spec.tokenizer.get("fingerprint")
-        if theirs != mine:
-            raise LogitcacheError(
-                f"--cache {other.loc.url} was made with another tokenizer than --cache "
-                f"{config.cache} (fingerprint {str(theirs)[:16]} vs {str(mine)[:16]}); "
-                "mixed caches must share one tokenizer"
-            )
-    return readers
-
-
 def _online_teacher(config: TrainConfig, env: Env):
     if not config.online_teacher:
         return None
@@ -282,26 +247,6 @@ def _online_teacher(config: TrainConfig, env: Env):
 
     model, _, _ = load_teacher(config.online_teacher, device=str(env.device))
     return model
-
-
-def _eval_dataset(reader: CacheReader, config: TrainConfig, vocab_rows: int):
-    """The training cache's held-out split, or all of a separate evaluation cache."""
-    url, fraction = config.cache, config.eval_fraction
-    if config.eval_cache:
-        other = CacheReader(config.eval_cache, **config.reader_options())
-        mine = reader.spec.tokenizer.get("fingerprint")
-        theirs = other.spec.tokenizer.get("fingerprint")
-        if mine != theirs:
-            raise LogitcacheError(
-                f"--eval-cache {config.eval_cache} was made with another tokenizer "
-                f"({str(theirs)[:16]} vs {str(mine)[:16]})"
-            )
-        url, fraction = config.eval_cache, 1.0
-    if fraction == 0:
-        return None
-    return CacheDataset(url, split="eval", eval_fraction=fraction, vocab_limit=vocab_rows,
-                        max_sequences=config.eval_sequences,
-                        reader_options=config.reader_options())  # fmt: skip
 
 
 def _total_steps(readers: list[CacheReader], config: TrainConfig, world: int) -> int:
@@ -317,6 +262,13 @@ def _total_steps(readers: list[CacheReader], config: TrainConfig, world: int) ->
 def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (caches by identity, not path)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    settings.pop("merge_lora")  # only the final save
+    if not config.lora_r:  # runs without LoRA compare as they did before it existed
+        for key in ("lora_r", "lora_alpha", "lora_targets", "lora_dropout"):
+            settings.pop(key)
+    for key, default in (("fsdp", False), ("optimizer", "adamw")):  # so do DDP and AdamW's
+        if settings[key] == default:
+            settings.pop(key)
     settings["cache_id"] = readers[0].spec.cache_id
     settings.pop("mix_caches")
     if len(readers) > 1:

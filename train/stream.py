@@ -18,7 +18,6 @@ micro-batches w, w + W, ...), so a restored loader with the same workers continu
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -75,7 +74,7 @@ class CacheStream(IterableDataset):
         self.weights = None if weights is None else [float(w) for w in weights]
         self.collator = collator or DistillCollator()
         self.start = StreamState() if start is None else StreamState(**start.state_dict())
-        self._live: weakref.ref | None = None
+        self._live: _StreamIterator | None = None  # the last iterator made in this process
 
     @property
     def step_size(self) -> int:
@@ -123,13 +122,12 @@ class CacheStream(IterableDataset):
         return StreamState(epoch, min(consumed + self.step_size, n), 0)
 
     def __iter__(self) -> _StreamIterator:
-        it = _StreamIterator(self)
-        self._live = weakref.ref(it)
-        return it
+        self._live = _StreamIterator(self)
+        return self._live
 
     def state_dict(self) -> dict[str, int]:
         """The position of the iterator last made in this process (else the start)."""
-        live = self._live() if self._live is not None else None
+        live = self._live
         return live.state_dict() if live is not None else self.start.state_dict()
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:

@@ -21,7 +21,7 @@ from logitcache.storage import CacheSpec
 
 from .distill_loss import DistillationLoss, final_hidden
 
-__all__ = ["DistillModule", "check_student", "load_student"]
+__all__ = ["DistillModule", "apply_lora", "check_student", "load_student"]
 
 
 def load_student(
@@ -113,6 +113,35 @@ def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab
             f"length ({spec.seq_len})"
         )
     return rows
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    r: int,
+    alpha: float | None = None,
+    targets: tuple[str, ...] = (),
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> nn.Module:
+    """The student with LoRA adapters of rank ``r`` (a ``peft`` ``PeftModel``); only the
+    adapters train. ``targets``: module names (default: all linear layers but the head)."""
+    try:
+        import peft
+    except ImportError:
+        raise LogitcacheError(
+            "--lora-r needs the peft package: pip install 'logitcache[peft]'"
+        ) from None
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+        target_modules=list(targets) if targets else "all-linear", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    torch.manual_seed(seed)  # the adapters' initialization
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise LogitcacheError(f"--lora-targets {','.join(targets)}: {first}") from None
 
 
 class DistillModule(nn.Module):

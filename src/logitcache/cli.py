@@ -351,6 +351,19 @@ def precompute(**kw: Any) -> None:
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--quiet", is_flag=True, default=False)
 @click.option(
+    "--lora-r", type=int, default=0, show_default=True, help="LoRA rank (0: train all weights)."
+)
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank).")
+@click.option(
+    "--lora-targets",
+    default=None,
+    help="Modules given adapters, e.g. q_proj,v_proj (default: all linear but the LM head).",
+)
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option(
+    "--merge-lora", is_flag=True, default=False, help="Also save the merged model (model-merged/)."
+)
+@click.option(
     "--fsdp", is_flag=True, default=False,
     help="Shard weights, gradients and optimizer state over the torchrun ranks (FSDP2).",
 )  # fmt: skip
@@ -386,6 +399,8 @@ def train_config(params: dict[str, Any]) -> Any:
     caches, weights = kw.pop("caches"), kw.pop("cache_weights")
     kw["cache"], kw["mix_caches"] = caches[0], caches[1:]
     kw["cache_weights"] = _numbers("--cache-weights", weights) if weights else ()
+    targets = kw.pop("lora_targets", None) or ""
+    kw["lora_targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())
     return TrainConfig(**kw)
 
 

@@ -101,7 +101,8 @@ def test_train_bench_in_process(tmp_path):
     assert r.teacher_params > r.student_params
     assert _finite_positive(r.time_b_over_a, r.time_c_over_b, r.cache_bytes_per_token)
     assert r.memory_b_over_a is None and "not measured" in r.memory_method
-    assert "(c) online-kd" in format_train(r)
+    assert "(c) online-kd" in format_train(r) and "(d) hf-trainer" in format_train(r)
+    assert _finite_positive(r.time_d_over_b)
     json.dumps(train_as_dict(r))
     assert list(tmp_path.iterdir()) == []
 

@@ -109,7 +109,7 @@ def test_switching_between_ddp_and_fsdp_on_resume_is_refused(cli, flags, referen
     shutil.copytree(reference, out)
     result = cli([*flags(out, nproc=1, steps=STEPS + 1), "--fsdp", "--resume"])
     assert result.exit_code == 1
-    assert "settings differ from the run that wrote it: fsdp (False -> True)" in result.stderr
+    assert "settings differ from the run that wrote it: fsdp (None -> True)" in result.stderr
 
 
 class _Payload:
@@ -138,7 +138,7 @@ def test_a_sharded_checkpoint_with_foreign_metadata_is_refused_unread(tmp_path, 
 GC_SCRIPT = """
 import json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from logitcache.bench.train import _PeakRSS
+from logitcache.bench.peak import PeakRSS
 from logitcache.train.sharding import enable_gradient_checkpointing
 
 torch.set_num_threads(1)
@@ -151,7 +151,7 @@ for gc in (False, True, False):  # the first run warms up the allocator and kern
     model = LlamaForCausalLM(config).train()
     if gc:
         enable_gradient_checkpointing(model)
-    rss = _PeakRSS()
+    rss = PeakRSS()
     rss.start()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

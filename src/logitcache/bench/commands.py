@@ -144,7 +144,7 @@ def bench_train(
     threads: int,
     as_json: bool,
 ) -> None:
-    """Step time and peak memory of CE, offline KD from a cache, and online full-logit KD."""
+    """Step time and peak memory: CE, offline KD from a cache, online KD, HF Trainer path."""
     import torch
 
     from logitcache.bench.train import format_train, run_train_bench, train_as_dict

@@ -13,7 +13,10 @@ order, collated by ``DistillCollator``) under:
   cache: what ``logitcache train`` does;
 - (c) ``online-kd``: the teacher in memory, its forward under ``no_grad`` each step, and
   the full-vocabulary forward KL of the student's logits against it (TRL's GKD with
-  beta=0, torchtune's KD recipe: both materialize [B, L, V] logits for both models).
+  beta=0, torchtune's KD recipe: both materialize [B, L, V] logits for both models);
+- (d) ``hf-trainer``: (b)'s loss through the Hugging Face ``Trainer``
+  (``DistillationTrainer`` over a ``CacheDataset``, ``bench.train_hf``): what a user's own
+  training stack costs against ``logitcache train``'s loop.
 
 A step is forward, backward, grad clip, AdamW step, like ``logitcache train``'s step, with bf16
 autocast on CUDA. Step time is the median over the steps after ``warmup``, synchronized.
@@ -33,7 +36,6 @@ import contextlib
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +49,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 
+from .peak import PeakRSS, sync
 from .precompute import SyntheticLlama, synthetic_corpus, synthetic_tokenizer, synthetic_words
 
 __all__ = [
@@ -59,7 +62,7 @@ __all__ = [
     "train_as_dict",
 ]
 
-VARIANTS = ("ce", "offline-kd", "online-kd")
+VARIANTS = ("ce", "offline-kd", "online-kd", "hf-trainer")
 _RESULT_PREFIX = "BENCH-TRAIN-RESULT "
 _CHUNK_SIZE = 1024  # rows per loss chunk, TrainConfig's default
 
@@ -103,6 +106,9 @@ class TrainBench:
     time_c_over_b: float
     memory_b_over_a: float | None
     memory_c_over_b: float | None
+    time_d_over_b: float
+    """The HF Trainer path over ``logitcache train``'s step (goal: within 1.05x)."""
+    memory_d_over_b: float | None
     loadavg_before: tuple[float, float, float]
     loadavg_after: tuple[float, float, float]
 
@@ -188,27 +194,10 @@ def run_train_bench(
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
     from logitcache.precompute.teacher import resolve_device
 
-    checks = [
-        (steps >= 1, f"--steps must be >= 1, got {steps}"),
-        (warmup >= 0, f"--warmup must be >= 0, got {warmup}"),
-        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
-        (seq_len >= 2, f"--seq-len must be >= 2, got {seq_len}"),
-        (teacher_width >= 1, f"--teacher-width must be >= 1, got {teacher_width}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LogitcacheError(message)
+    _check_sizes(steps, warmup, batch_size, seq_len, teacher_width)
     dev = resolve_device(device)
     loadavg_before = os.getloadavg()
-    if isinstance(student_config, str):
-        student = _read_config(student_config)
-    else:
-        student = dict(student_config or default_student_config())
-    tokenizer = synthetic_tokenizer(student["vocab_size"])
-    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-           "bos_token_id": None}  # fmt: skip
-    student = {**student, **ids}
-    student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
+    student, tokenizer = _student(student_config, seq_len)
     teacher = _teacher_config(student, teacher_width)
     n_sequences = (steps + warmup) * batch_size
 
@@ -242,7 +231,7 @@ def run_train_bench(
             for v in VARIANTS
         ]
 
-    a, b, c = runs
+    a, b, c, d = runs
     ratio = lambda x, y: x / y if x is not None and y else None  # noqa: E731
     cpu_memory = "peak RSS minus RSS after setup, fresh process per variant"
     return TrainBench(
@@ -257,8 +246,35 @@ def run_train_bench(
         variants=runs, time_b_over_a=b.step_s / a.step_s, time_c_over_b=c.step_s / b.step_s,
         memory_b_over_a=ratio(b.peak_bytes, a.peak_bytes),
         memory_c_over_b=ratio(c.peak_bytes, b.peak_bytes),
+        time_d_over_b=d.step_s / b.step_s, memory_d_over_b=ratio(d.peak_bytes, b.peak_bytes),
         loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
     )  # fmt: skip
+
+
+def _student(config: str | dict[str, Any] | None, seq_len: int) -> tuple[dict[str, Any], Any]:
+    """(the student's config dict, a synthetic tokenizer of its vocabulary)."""
+    student = _read_config(config) if isinstance(config, str) else dict(
+        config or default_student_config()
+    )  # fmt: skip
+    tokenizer = synthetic_tokenizer(student["vocab_size"])
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": None}  # fmt: skip
+    student = {**student, **ids}
+    student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
+    return student, tokenizer
+
+
+def _check_sizes(steps: int, warmup: int, batch_size: int, seq_len: int, width: int) -> None:
+    checks = [
+        (steps >= 1, f"--steps must be >= 1, got {steps}"),
+        (warmup >= 0, f"--warmup must be >= 0, got {warmup}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (seq_len >= 2, f"--seq-len must be >= 2, got {seq_len}"),
+        (width >= 1, f"--teacher-width must be >= 1, got {width}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LogitcacheError(message)
 
 
 def _count_params(config: dict[str, Any]) -> int:
@@ -290,50 +306,6 @@ def _variant_main(job_json: str) -> None:
     print(_RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
 
 
-class _PeakRSS:
-    """Peak resident memory added since ``start()``, in bytes.
-
-    Linux: the high-water mark is reset to the current RSS (``/proc/self/clear_refs``), so
-    a transient peak during imports or setup is not mistaken for the variant's. Elsewhere
-    ``ru_maxrss`` minus its value at ``start()``: a lower bound when setup peaked higher.
-    """
-
-    def start(self) -> None:
-        self.reset = _reset_hwm()
-        self.base = _status_kib("VmRSS") * 1024 if self.reset else _ru_maxrss()
-
-    def added(self) -> int:
-        peak = _status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss()
-        return max(0, peak - self.base)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _ru_maxrss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantResult:
     """Train ``job['variant']`` for warmup + steps batches and time it (see module docstring)."""
     from transformers import AutoModelForCausalLM
@@ -344,6 +316,10 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     variant, device = job["variant"], torch.device(job["device"])
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if variant == "hf-trainer":
+        from .train_hf import run_hf_variant
+
+        return run_hf_variant(job, measure_rss=measure_rss)
     student_config = json.loads(Path(job["student_config"]).read_text())
     vocab = student_config["vocab_size"]
     data = CacheDataset(job["cache"], split="all", vocab_limit=vocab, verify=False)
@@ -355,7 +331,7 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
 
     # -- setup: everything the variant adds is measured from here ----------------------
     gc.collect()
-    rss = _PeakRSS()
+    rss = PeakRSS()
     rss.start()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -370,22 +346,15 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     else:
         loss = "ce" if variant == "ce" else "forward-kl"
         module = DistillModule(model, DistillationLoss(loss, chunk_size=_CHUNK_SIZE))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+    optimizer = _optimizer(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else (
+        contextlib.nullcontext()
     )  # fmt: skip
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
 
     # -- steps -----------------------------------------------------------------------------
     times, cpu_times, loss = [], [], float("nan")
     for cpu_batch in batches:
-        _sync(device)
+        sync(device)
         t0, cpu0 = time.perf_counter(), time.process_time()
         n_rows = int(DistillationLoss.trained(cpu_batch).sum())
         batch = {k: v.to(device) for k, v in cpu_batch.items()}
@@ -399,7 +368,7 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_sum.item() / max(n_rows, 1)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - cpu0)
 
@@ -412,6 +381,16 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     step_s = statistics.median(timed)
     return VariantResult(variant, step_s, timed, statistics.median(cpu_times[warm:]), tokens,
                          tokens / step_s, peak, loss)  # fmt: skip
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``logitcache train``'s AdamW (no decay on vectors)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
 
 
 def _online_kd(student, teacher, batch) -> torch.Tensor:
@@ -443,7 +422,7 @@ def format_train(r: TrainBench) -> str:
         f"device      {r.device}, torch threads {r.threads}; peak memory: {r.memory_method}",
         f"{'variant':16} {'step ms':>9} {'cpu ms':>9} {'tok/s':>9} {'peak MiB':>9} {'loss':>8}",
     ]
-    for label, v in zip(("(a)", "(b)", "(c)"), r.variants):
+    for label, v in zip(("(a)", "(b)", "(c)", "(d)"), r.variants):
         lines.append(
             f"{label} {v.variant:12} {v.step_s * 1000:9.0f} {v.step_cpu_s * 1000:9.0f} "
             f"{v.tokens_per_s:9,.0f} "
@@ -452,6 +431,7 @@ def format_train(r: TrainBench) -> str:
     lines += [
         f"b/a         time {x(r.time_b_over_a)}   memory {x(r.memory_b_over_a)}",
         f"c/b         time {x(r.time_c_over_b)}   memory {x(r.memory_c_over_b)}",
+        f"d/b         time {x(r.time_d_over_b)}   memory {x(r.memory_d_over_b)}",
         f"load avg    {load(r.loadavg_before)} before, {load(r.loadavg_after)} after",
     ]
     return "\n".join(lines)

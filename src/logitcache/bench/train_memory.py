@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from .train import _PeakRSS, _status_kib, default_student_config
+from .peak import PeakRSS, _status_kib
+from .train import default_student_config
 
 __all__ = ["MEMORY_VARIANTS", "MemoryBench", "format_memory", "run_memory_bench"]
 
@@ -219,7 +220,7 @@ def _rank_main(job: dict[str, Any]) -> None:
         wrapped = sharding.shard_student(module, device=device, world_size=world)
     name = "adamw8bit" if job["variant"].endswith("8bit") else "adamw"
     optimizer = make_optimizer(model, name, 1e-4, 0.1)
-    rss = _PeakRSS()
+    rss = PeakRSS()
     rss.start()  # resets the high-water mark: the whole student built above is gone
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

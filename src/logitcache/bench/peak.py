@@ -1,0 +1,59 @@
+"""Peak memory of a benchmark step loop: resident memory added on a CPU, allocator peak on CUDA.
+
+In: nothing but the current process (``/proc/self`` on Linux). Out: ``PeakRSS``, the
+resident memory added since ``start()``, and ``sync``, which waits for a device's queued work
+so that a timer around a step measures the step.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+__all__ = ["PeakRSS", "sync"]
+
+
+class PeakRSS:
+    """Peak resident memory added since ``start()``, in bytes.
+
+    Linux: the high-water mark is reset to the current RSS (``/proc/self/clear_refs``), so
+    a transient peak during imports or setup is not mistaken for the variant's. Elsewhere
+    ``ru_maxrss`` minus its value at ``start()``: a lower bound when setup peaked higher.
+    """
+
+    def start(self) -> None:
+        self.reset = _reset_hwm()
+        self.base = _status_kib("VmRSS") * 1024 if self.reset else _ru_maxrss()
+
+    def added(self) -> int:
+        peak = _status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss()
+        return max(0, peak - self.base)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _ru_maxrss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

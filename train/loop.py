@@ -52,7 +52,7 @@ from .distributed import (
 )
 from .evaluate import evaluate
 from .memory import check_student_fits
-from .optim import make_optimizer, optimizer_state_classes
+from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .stream import CacheStream
 from .student import DistillModule, apply_lora, check_student, load_student
 
@@ -172,8 +172,7 @@ def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter) -
             progress.step, total_steps, warmup=config.warmup_steps, schedule=config.schedule,
             min_ratio=config.min_lr_ratio, decay_fraction=config.decay_fraction,
         )  # fmt: skip
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(run.optimizer, lr)
         loss, tokens = _step(run, micro, config, env)
         position = run.stream.after_steps(StreamState(progress.epoch, progress.consumed))
         progress.step += 1

@@ -18,7 +18,13 @@ from torch import nn
 
 from logitcache.errors import LogitcacheError
 
-__all__ = ["OPTIMIZERS", "STATE_BYTES_PER_PARAM", "make_optimizer", "optimizer_state_classes"]
+__all__ = [
+    "OPTIMIZERS",
+    "STATE_BYTES_PER_PARAM",
+    "make_optimizer",
+    "optimizer_state_classes",
+    "set_lr",
+]
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -40,6 +46,16 @@ def make_optimizer(
     if name == "adamw8bit":
         return _torchao_adamw8bit()(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
     raise LogitcacheError(f"--optimizer {name}: expected one of {', '.join(OPTIMIZERS)}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate; torchao keeps it a tensor (its compiled update reads
+    it without recompiling) and refuses a float in its place."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def _torchao_adamw8bit():

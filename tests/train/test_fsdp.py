@@ -195,7 +195,7 @@ def test_adamw8bit_state_survives_a_checkpoint(tmp_path):
     through ``weights_only`` loading, equal."""
     pytest.importorskip("torchao.optim")
     from logitcache.train.checkpoint import TrainingProgress, load_checkpoint, save_checkpoint
-    from logitcache.train.optim import make_optimizer, optimizer_state_classes
+    from logitcache.train.optim import make_optimizer, optimizer_state_classes, set_lr
 
     def make():
         torch.manual_seed(0)
@@ -204,7 +204,9 @@ def test_adamw8bit_state_survives_a_checkpoint(tmp_path):
 
     model, optimizer = make()
     model(torch.randn(8, 128)).square().sum().backward()
+    set_lr(optimizer, 5e-4)  # as the loop's schedule does each step (torchao: a tensor lr)
     optimizer.step()
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(5e-4)
     moment = optimizer.state[model[0].weight]["exp_avg"]
     assert type(moment).__name__ == "OptimState8bit"  # 32,768 values: quantized
     save_checkpoint(str(tmp_path), model, optimizer, TrainingProgress(step=1), {}, keep=1)

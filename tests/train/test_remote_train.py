@@ -60,3 +60,22 @@ def test_train_from_a_partial_pull(cli, args, served, tmp_path):
 def test_bad_local_cache_size(cli, args, topk_cache):
     result = cli(args(topk_cache, steps=1, local_cache_gb=0))
     assert result.exit_code == 1 and "--local-cache-gb must be > 0" in result.output
+
+
+def test_a_map_style_dataset_reads_a_url_by_ranges(served, topk_cache, tmp_path):
+    """``CacheDataset(url)[i]`` gives the local record and downloads no shard whole: every
+    shard request is a byte range (what any sampler, DistributedSampler or Trainer does)."""
+    import torch
+
+    from logitcache.train import CacheDataset
+
+    remote = CacheDataset(f"{served.url}/cache", vocab_limit=300,
+                          reader_options={"local_cache": str(tmp_path / "shards")})  # fmt: skip
+    local = CacheDataset(str(topk_cache), vocab_limit=300)
+    assert len(remote) == len(local)
+    for i in (0, 17, len(local) - 1):
+        a, b = remote[i], local[i]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shard_gets = [(p, rng) for m, p, rng in served.requests if m == "GET" and "/shards/" in p]
+    assert shard_gets and all(rng for _, rng in shard_gets)
+    assert not list((tmp_path / "shards").rglob("*.arrow"))

@@ -84,6 +84,16 @@ def test_fsdp_on_two_processes_resumes_on_one(cli, flags, metrics, reference, tm
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt", "state.json"} <= names
     assert "model.safetensors" not in names  # each rank wrote only its shards
     assert json.loads((checkpoint / "state.json").read_text())["format"] == "dcp"
+    # Every weight and AdamW moment was saved as 2 chunks, one per rank's file: the halves
+    # of dim 0 (the embedding's 300 rows: 150 each) that the ranks held.
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # our own test's file
+    tensors = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "chunks")}
+    embedding = tensors["model.model.embed_tokens.weight"]
+    assert sorted((c.offsets[0], c.sizes[0]) for c in embedding.chunks) == [(0, 150), (150, 150)]
+    for key in ("model.model.embed_tokens.weight", "optimizer.state.lm_head.weight.exp_avg"):
+        files = {metadata.storage_data[i].relative_path for i in metadata.storage_data
+                 if i.fqn == key}  # fmt: skip
+        assert files == {"__0_0.distcp", "__1_0.distcp"}, (key, files)
 
     result = cli([*flags(out, nproc=1, steps=STEPS), "--fsdp", "--resume"])
     assert result.exit_code == 0, result.output

@@ -15,13 +15,11 @@ import torch
 import torch.distributed as dist
 
 from logitcache.errors import LogitcacheError
-from logitcache.progress import human_bytes
 
 __all__ = [
     "Env",
     "autocast_for",
     "barrier",
-    "check_fits_one_device",
     "check_ranks_resume_together",
     "setup_distributed",
     "wrap_ddp",
@@ -74,24 +72,6 @@ def autocast_for(precision: str, env: Env):
     if precision == "bf16" or (precision == "auto" and env.device.type == "cuda"):
         return torch.autocast(env.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def check_fits_one_device(model: torch.nn.Module, env: Env) -> None:
-    """DDP keeps a whole student on every GPU: float32 weights, gradients and two AdamW
-    moments are 16 B per parameter before any activation (a 7B student: 104 GiB). One that
-    cannot fit that is refused here, not by an out-of-memory error at the first step."""
-    if env.device.type != "cuda":
-        return
-    n = sum(p.numel() for p in model.parameters())
-    need, have = 16 * n, torch.cuda.get_device_properties(env.device).total_memory
-    if need > have:
-        raise LogitcacheError(
-            f"the student has {n:,} parameters: training it needs at least {human_bytes(need)} "
-            "per GPU (float32 weights, gradients and AdamW moments: 16 B per parameter) and "
-            f"{env.device} has {human_bytes(have)}. Students train with DDP, a whole copy "
-            "per GPU; sharding one over GPUs (FSDP) is not supported yet: choose a smaller "
-            "student (docs/distributed.md)"
-        )
 
 
 def check_ranks_resume_together(step: int, env: Env, out: str) -> None:

@@ -18,6 +18,7 @@ from .collator import DistillCollator
 from .dataset import CacheDataset
 from .distill_loss import DistillationLoss, final_hidden, is_chunkable
 from .losses import cross_entropy_sum, teacher_kl
+from .sharding import pad_sharded_forwards
 
 __all__ = ["evaluate"]
 
@@ -47,13 +48,15 @@ def evaluate(
     model.eval()
     ce = kl = 0.0
     n = 0
-    for i, start in enumerate(range(0, len(dataset), batch_size)):
+    starts = range(0, len(dataset), batch_size)
+    for i, start in enumerate(starts):
         if i % world_size != rank:
             continue
         items = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) for k, v in collate(items).items()}
         c, k, rows = _sums(model, batch, chunk_size, autocast)
         ce, kl, n = ce + c, kl + k, n + rows
+    pad_sharded_forwards(model, len(starts), rank, world_size, device)
     model.train(was_training)
     if world_size > 1:
         sums = torch.tensor([ce, kl, float(n)], dtype=torch.float64, device=device)

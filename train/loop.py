@@ -2,7 +2,8 @@
 
 In: a ``TrainConfig``. Out: ``OUT/model`` (``save_pretrained`` model + tokenizer),
 ``OUT/metrics.jsonl``, ``OUT/train_config.json`` and checkpoints under ``OUT/checkpoints``.
-Runs under ``torchrun`` as DDP (gloo on CPU, nccl on GPU) with the cache split by rank.
+Runs under ``torchrun`` as DDP (gloo on CPU, nccl on GPU) with the cache split by rank,
+or with ``--fsdp`` the student sharded over the ranks (``sharding.py``, sharded checkpoints).
 
 Built on the public API and nothing else for data and loss: a ``CacheDataset`` streamed in
 the exact-resume order (``CacheStream``), ``DistillCollator`` batches and the
@@ -11,7 +12,6 @@ the exact-resume order (``CacheStream``), ``DistillCollator`` batches and the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -29,6 +29,7 @@ from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter
 from logitcache.storage import CacheReader
 
+from . import sharding
 from .caches import check_cache, eval_dataset, mixed_readers
 from .checkpoint import (
     TrainingProgress,
@@ -45,12 +46,13 @@ from .distributed import (
     Env,
     autocast_for,
     barrier,
-    check_fits_one_device,
     check_ranks_resume_together,
     setup_distributed,
     wrap_ddp,
 )
 from .evaluate import evaluate
+from .memory import check_student_fits
+from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .stream import CacheStream
 from .student import DistillModule, apply_lora, check_student, load_student
 
@@ -72,7 +74,7 @@ class _Run:
 
     model: torch.nn.Module
     tokenizer: Any
-    wrapped: torch.nn.Module  # DistillModule, DDP-wrapped under torchrun
+    wrapped: torch.nn.Module  # DistillModule, DDP-wrapped or sharded under torchrun
     optimizer: torch.optim.Optimizer
     stream: CacheStream
     eval_data: CacheDataset | None
@@ -91,8 +93,9 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     final_eval = _train_steps(run, config, env, reporter)
 
     model_dir = Path(config.out) / "model"
+    state = sharding.full_state_dict(run.model) if sharding.is_sharded(run.wrapped) else None
     if env.rank == 0:
-        _save_final(run.model, run.tokenizer, model_dir)
+        _save_final(run.model, run.tokenizer, model_dir, state)
         reporter.log(f"saved the student to {model_dir} (load with from_pretrained)")
         if config.merge_lora:
             merged = Path(config.out) / "model-merged"
@@ -118,16 +121,20 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     if config.lora_r:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, seed=config.seed,
                            targets=config.lora_targets, dropout=config.lora_dropout)  # fmt: skip
+    sharding.enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
     try:
-        check_fits_one_device(model, env)
-        model.to(env.device)
+        check_student_fits(model, config, env, reader.spec.seq_len, warn=reporter.log)
+        if not (config.fsdp and env.distributed):  # fully_shard moves each rank's shard
+            model.to(env.device)
     except (AssertionError, RuntimeError):  # what torch raises for CUDA on a CPU-only machine
         if env.device.type == "cuda" and not torch.cuda.is_available():
             raise LogitcacheError(f"--device {config.device}: CUDA is not available") from None
         raise
     module = DistillModule(model, DistillationLoss.from_config(config),
                            teacher=_online_teacher(config, env))  # fmt: skip
-    optimizer = _optimizer(model, config)
+    if config.fsdp and env.distributed:
+        sharding.shard_student(module, env.device, env.world_size, config.precision)
+    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     total_steps = _total_steps([reader, *mixed], config, env.world_size)
     progress = TrainingProgress()
     fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
@@ -145,7 +152,8 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
         block_shards=config.block_shards, weights=config.cache_weights or None,
         start=StreamState(progress.epoch, progress.consumed),
     )  # fmt: skip
-    return _Run(model, tokenizer, wrap_ddp(module, env), optimizer, stream,
+    wrapped = module if sharding.is_sharded(module) else wrap_ddp(module, env)
+    return _Run(model, tokenizer, wrapped, optimizer, stream,
                 eval_dataset(reader, config, vocab_rows), progress, fingerprint, total_steps,
                 autocast_for(config.precision, env))  # fmt: skip
 
@@ -164,8 +172,7 @@ def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter) -
             progress.step, total_steps, warmup=config.warmup_steps, schedule=config.schedule,
             min_ratio=config.min_lr_ratio, decay_fraction=config.decay_fraction,
         )  # fmt: skip
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(run.optimizer, lr)
         loss, tokens = _step(run, micro, config, env)
         position = run.stream.after_steps(StreamState(progress.epoch, progress.consumed))
         progress.step += 1
@@ -182,9 +189,9 @@ def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter) -
             metrics.write({"step": progress.step, **final_eval})
             bar.write(_eval_line(progress.step, final_eval)) if reporter.enabled else None
         if (config.save_every and progress.step % config.save_every == 0) or last:
-            if env.rank == 0:
-                save_checkpoint(config.out, run.model, run.optimizer, progress, run.fingerprint,
-                                config.keep_checkpoints)  # fmt: skip
+            save_checkpoint(config.out, run.model, run.optimizer, progress, run.fingerprint,
+                            config.keep_checkpoints, sharded=config.fsdp,
+                            rank=env.rank)  # fmt: skip
             barrier(env)
     bar.close()
     return final_eval
@@ -202,8 +209,7 @@ def _step(run: _Run, micro: list[dict], config: TrainConfig, env: Env) -> tuple[
     wrapped = run.wrapped
     wrapped.train()
     for i, (b, n) in enumerate(zip(micro, counts)):
-        sync = i == len(micro) - 1
-        ctx = wrapped.no_sync() if (env.distributed and not sync) else contextlib.nullcontext()
+        ctx = sharding.micro_batch_context(wrapped, i == len(micro) - 1, env.distributed)
         batch = {k: v.to(env.device, non_blocking=True) for k, v in b.items()}
         with ctx, run.autocast:
             loss_sum = wrapped(batch, n)
@@ -226,9 +232,10 @@ def _step(run: _Run, micro: list[dict], config: TrainConfig, env: Env) -> tuple[
 def _evaluate(run: _Run, config: TrainConfig, env: Env) -> dict[str, float]:
     if run.eval_data is None:
         return {}
-    return evaluate(run.model, run.eval_data, batch_size=config.batch_size,
-                    chunk_size=config.chunk_size, device=env.device, rank=env.rank,
-                    world_size=env.world_size, autocast=run.autocast)  # fmt: skip
+    with sharding.unsharded_root(run.wrapped):
+        return evaluate(run.model, run.eval_data, batch_size=config.batch_size,
+                        chunk_size=config.chunk_size, device=env.device, rank=env.rank,
+                        world_size=env.world_size, autocast=run.autocast)  # fmt: skip
 
 
 # -- helpers of the story above ----------------------------------------------------------
@@ -251,20 +258,15 @@ def _total_steps(readers: list[CacheReader], config: TrainConfig, world: int) ->
     return max(1, math.ceil(per_epoch * (config.epochs or 1.0) - 1e-9))
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
 def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (caches by identity, not path)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
     settings.pop("merge_lora")  # only the final save
     if not config.lora_r:  # runs without LoRA compare as they did before it existed
         for key in ("lora_r", "lora_alpha", "lora_targets", "lora_dropout"):
+            settings.pop(key)
+    for key, default in (("fsdp", False), ("optimizer", "adamw")):  # so do DDP and AdamW's
+        if settings[key] == default:
             settings.pop(key)
     settings["cache_id"] = readers[0].spec.cache_id
     settings.pop("mix_caches")
@@ -293,7 +295,8 @@ def _resume(config, model, optimizer, fingerprint, reporter) -> TrainingProgress
             f"cannot resume {path}: settings differ from the run that wrote it: "
             + "; ".join(changed)
         )
-    progress, _ = load_checkpoint(path, model, optimizer)
+    classes = optimizer_state_classes(config.optimizer)
+    progress, _ = load_checkpoint(path, model, optimizer, state_classes=classes)
     reporter.log(f"resumed from {path} (step {progress.step})")
     return progress
 
@@ -340,12 +343,13 @@ def _eval_line(step: int, ev: dict[str, float]) -> str:
     return f"step {step}: held-out CE {ce:.4f} nats/token, KL to teacher {kl:.4f}"
 
 
-def _save_final(model, tokenizer, model_dir: Path) -> None:
+def _save_final(model, tokenizer, model_dir: Path, state: dict | None = None) -> None:
+    """``save_pretrained`` of the model, or of ``state`` (the gathered weights of a sharded one)."""
     tmp = model_dir.parent / f".tmp-{model_dir.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)

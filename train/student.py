@@ -188,7 +188,12 @@ class DistillModule(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], n_rows: int) -> torch.Tensor:
         if n_rows == 0:
             # An empty micro-batch (a rank past the end of an epoch): DDP still waits for a
-            # gradient of every parameter, so return a zero that touches them all.
+            # gradient of every parameter, so return a zero that touches them all. FSDP also
+            # needs every layer's forward, in order: the other ranks gather and reduce them.
+            if _is_sharded(self):
+                ids = batch["input_ids"]
+                h = final_hidden(self.model, ids, torch.ones_like(ids))[:, :0]  # [B, 0, H]
+                return self.model.get_output_embeddings()(h).sum() * 0.0
             params = [p for p in self.model.parameters() if p.requires_grad]
             return sum(p.sum() for p in params) * 0.0
         if self._teacher:
@@ -222,3 +227,9 @@ class DistillModule(nn.Module):
             sl = slice(s, s + chunk_size)
             total = total + checkpoint(chunk, h[sl], th[sl], labels[sl], use_reentrant=False)
         return total
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    from .sharding import is_sharded
+
+    return is_sharded(module)

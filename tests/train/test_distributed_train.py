@@ -124,7 +124,8 @@ def test_a_student_too_large_for_one_gpu_is_refused_before_training(
 ):
     """The 1-layer test student has 29,536 parameters (2 x 300 x 32 embedding and head, 10,240
     in its layer, 96 in norms): 472.6 KB of weights, gradients and AdamW moments, which a
-    GPU of 256 KiB (stood in for) cannot hold."""
+    GPU of 256 KiB (stood in for) cannot hold; the message gives every option's arithmetic
+    and the ranks and flags whose states fit (8 ranks, --fsdp with 8-bit AdamW)."""
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=256 << 10)
     )
@@ -132,11 +133,14 @@ def test_a_student_too_large_for_one_gpu_is_refused_before_training(
     result = cli([*flags(out, nproc=1, steps=1), "--device", "cuda"])
     assert result.exit_code == 1, result.output
     assert (
-        "error: the student has 29,536 parameters: training it needs at least 472.6 KB per "
-        "GPU (float32 weights, gradients and AdamW moments: 16 B per parameter) and cuda has "
-        "262.1 KB" in result.stderr
+        "error: the student has 29,536 parameters: with DDP over 1 rank(s) it needs at least "
+        "472.6 KB per GPU before activations and cuda has 262.1 KB. Per GPU: DDP (a whole "
+        "student per GPU): 472.6 KB states" in result.stderr
     )
-    assert "sharding one over GPUs (FSDP) is not supported yet" in result.stderr
+    assert "--fsdp over 2 ranks: " in result.stderr
+    assert "it fits with `torchrun --nproc-per-node 8 -m logitcache.cli train ... --fsdp" in (
+        result.stderr
+    )
     assert not (out / "checkpoints").exists()
 
 

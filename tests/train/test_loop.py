@@ -150,8 +150,8 @@ def crash_after(monkeypatch, step: int, *, checkpointed: bool = False) -> None:
         if row["step"] == step and "loss" in row and not checkpointed:
             raise Crash(f"killed after step {step}")
 
-    def dying_save(out, model, optimizer, progress, *args):
-        path = save(out, model, optimizer, progress, *args)
+    def dying_save(out, model, optimizer, progress, *args, **kwargs):
+        path = save(out, model, optimizer, progress, *args, **kwargs)
         if progress.step == step:
             raise Crash(f"killed after checkpointing step {step}")
         return path

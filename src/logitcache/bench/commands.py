@@ -231,3 +231,37 @@ def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bo
                               latency_ms=latency_ms, batches=batches, work=work,
                               reporter=Reporter(enabled=not as_json))  # fmt: skip
     click.echo(json.dumps(result, indent=1) if as_json else format_remote(result))
+
+
+@bench.command("memory")
+@click.option("--student-config", default=None,
+              help="JSON/YAML transformers config (default: 8x512 Llama, 16k vocab).")  # fmt: skip
+@click.option("--nproc", type=int, default=2, show_default=True, help="Ranks (torchrun).")
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--batch-sizes", default="1,4", show_default=True,
+              help="Micro-batch sizes; two or more split activations from the rest.")  # fmt: skip
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per run.")
+@click.option("--device", default="cpu", show_default=True, help="cpu (gloo) or cuda (nccl).")
+@click.option("--variants", default="ddp,fsdp,fsdp-gc,fsdp-gc-8bit", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_memory(student_config, nproc, seq_len, batch_sizes, steps, device, variants,
+                       as_json) -> None:  # fmt: skip
+    """Peak memory per parameter and step time: DDP vs FSDP, checkpointing, 8-bit AdamW."""
+    from dataclasses import asdict
+
+    from logitcache.bench.train_memory import MEMORY_VARIANTS, format_memory, run_memory_bench
+    from logitcache.bench.variant import read_student_config
+
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+    unknown = [v for v in chosen if v not in MEMORY_VARIANTS]
+    if unknown or nproc < 1 or steps < 1:
+        raise LogitcacheError(f"--variants: one of {MEMORY_VARIANTS}; --nproc, --steps >= 1")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise LogitcacheError(f"--batch-sizes {batch_sizes}: integers, e.g. 1,4") from None
+    result = run_memory_bench(
+        student_config=read_student_config(student_config) if student_config else None, nproc=nproc,
+        seq_len=seq_len, batch_sizes=sizes, steps=steps, device=device, variants=chosen,
+    )  # fmt: skip
+    click.echo(json.dumps(asdict(result), indent=1) if as_json else format_memory(result))

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-__all__ = ["PeakRSS", "sync"]
+__all__ = ["PeakRSS", "status_kib", "sync"]
 
 
 class PeakRSS:
@@ -25,10 +25,10 @@ class PeakRSS:
 
     def start(self) -> None:
         self.reset = _reset_hwm()
-        self.base = _status_kib("VmRSS") * 1024 if self.reset else _ru_maxrss()
+        self.base = status_kib("VmRSS") * 1024 if self.reset else _ru_maxrss()
 
     def added(self) -> int:
-        peak = _status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss()
+        peak = status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss()
         return max(0, peak - self.base)
 
 
@@ -41,7 +41,7 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(field + ":"):

@@ -51,7 +51,7 @@ from logitcache.errors import LogitcacheError
 
 from .peak import PeakRSS, sync
 from .precompute import SyntheticLlama, synthetic_corpus, synthetic_tokenizer, synthetic_words
-from .variant import VariantResult, build_model
+from .variant import VariantResult, build_model, read_student_config
 
 __all__ = [
     "VARIANTS",
@@ -107,27 +107,6 @@ def default_student_config(shape: SyntheticLlama | None = None) -> dict[str, Any
         "num_key_value_heads": s.heads, "vocab_size": s.vocab, "initializer_range": s.init_std,
         "tie_word_embeddings": False,
     }  # fmt: skip
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise LogitcacheError(f"--student-config {path!r} does not exist")
-    try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(file.read_text())
-        else:
-            data = json.loads(file.read_text())
-    except Exception as err:
-        raise LogitcacheError(f"cannot parse --student-config {path}: {err}") from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise LogitcacheError(f"--student-config {path} must be a mapping with a 'model_type'")
-    for key in ("hidden_size", "intermediate_size", "vocab_size"):
-        if not isinstance(data.get(key), int):
-            raise LogitcacheError(f"--student-config {path} needs an integer {key!r}")
-    return data
 
 
 def _teacher_config(student: dict[str, Any], width: int) -> dict[str, Any]:
@@ -228,7 +207,7 @@ def run_train_bench(
 
 def _student(config: str | dict[str, Any] | None, seq_len: int) -> tuple[dict[str, Any], Any]:
     """(the student's config dict, a synthetic tokenizer of its vocabulary)."""
-    student = _read_config(config) if isinstance(config, str) else dict(
+    student = read_student_config(config) if isinstance(config, str) else dict(
         config or default_student_config()
     )  # fmt: skip
     tokenizer = synthetic_tokenizer(student["vocab_size"])

@@ -1,0 +1,260 @@
+"""``--fsdp``, ``--gradient-checkpointing`` and ``--optimizer``: the same numbers as DDP and
+gradient accumulation, sharded checkpoints that resume on another world size, and the
+memory arithmetic.
+
+The runs follow tests/train/test_distributed_train.py: global batch 4 everywhere (2 processes
+x batch 2, or 1 process x batch 2 x grad-accum 2), 16 steps at a constant learning rate,
+epoch 0 ending at step 13 on one sequence (rank 1's micro-batch there is empty, which FSDP
+must still run through every layer). The first run stops at step 8, the resumed one goes on
+to 16; both are compared with one uninterrupted process without FSDP, step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from logitcache.errors import LogitcacheError
+
+STEPS, FIRST = 16, 8
+
+
+@pytest.fixture(scope="module")
+def flags(train_args, topk_cache, teacher_dir, student_config):
+    def make(out: Path, nproc: int, steps: int, **extra) -> list[str]:
+        return train_args(
+            topk_cache, out, student_config=student_config, tokenizer=teacher_dir,
+            steps=steps, batch_size=2, grad_accum=2 // nproc, eval_fraction=0.1,
+            schedule="constant", eval_every=4, save_every=4, **extra,
+        )  # fmt: skip
+
+    return make
+
+
+def torchrun(args: list[str], timeout: float = 180) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "logitcache.cli", *args]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cli, flags) -> Path:
+    """One process, no FSDP, grad-accum 2, 16 steps uninterrupted."""
+    out = tmp_path_factory.mktemp("reference")
+    result = cli(flags(out, nproc=1, steps=STEPS))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def same_run(a: Path, b: Path, metrics) -> None:
+    """Losses within 1e-5 at every step, the same evaluations and token counts, and final
+    weights (``save_pretrained``, gathered from the shards) allclose."""
+    one, two = metrics(a), metrics(b)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for x, y in zip(one, two, strict=True):
+        for key in ("loss", "eval_kl", "eval_ce"):
+            if key in x:
+                assert abs(y[key] - x[key]) <= 1e-5, (x["step"], key, x[key], y[key])
+        for key in ("tokens", "epoch", "eval_positions"):
+            assert x.get(key) == y.get(key), (x["step"], key)
+    wa = load_file(a / "model" / "model.safetensors")
+    wb = load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_resumes_on_one(cli, flags, metrics, reference, tmp_path):
+    out = tmp_path / "run"
+    torchrun([*flags(out, nproc=2, steps=FIRST), "--fsdp"])
+    checkpoint = out / "checkpoints" / "step-0000008"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt", "state.json"} <= names
+    assert "model.safetensors" not in names  # each rank wrote only its shards
+    assert json.loads((checkpoint / "state.json").read_text())["format"] == "dcp"
+    # Every weight and AdamW moment was saved as 2 chunks, one per rank's file: the halves
+    # of dim 0 (the embedding's 300 rows: 150 each) that the ranks held.
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # our own test's file
+    tensors = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "chunks")}
+    embedding = tensors["model.model.embed_tokens.weight"]
+    assert sorted((c.offsets[0], c.sizes[0]) for c in embedding.chunks) == [(0, 150), (150, 150)]
+    for key in ("model.model.embed_tokens.weight", "optimizer.state.lm_head.weight.exp_avg"):
+        files = {metadata.storage_data[i].relative_path for i in metadata.storage_data
+                 if i.fqn == key}  # fmt: skip
+        assert files == {"__0_0.distcp", "__1_0.distcp"}, (key, files)
+
+    result = cli([*flags(out, nproc=1, steps=STEPS), "--fsdp", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "train_config.json").read_text())["world_size"] == 1
+    same_run(reference, out, metrics)
+
+
+@pytest.mark.slow
+def test_fsdp_on_one_process_resumes_on_two(cli, flags, metrics, reference, tmp_path):
+    """Steps 9-16 on 2 ranks, across the epoch boundary and its empty micro-batch."""
+    out = tmp_path / "run"
+    result = cli([*flags(out, nproc=1, steps=FIRST), "--fsdp"])
+    assert result.exit_code == 0, result.output
+    torchrun([*flags(out, nproc=2, steps=STEPS), "--fsdp", "--resume"])
+    assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
+    same_run(reference, out, metrics)
+
+
+def test_switching_between_ddp_and_fsdp_on_resume_is_refused(cli, flags, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    result = cli([*flags(out, nproc=1, steps=STEPS + 1), "--fsdp", "--resume"])
+    assert result.exit_code == 1
+    assert "settings differ from the run that wrote it: fsdp (None -> True)" in result.stderr
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_sharded_checkpoint_with_foreign_metadata_is_refused_unread(tmp_path, monkeypatch):
+    """DCP pickles its .metadata; ours is read by an unpickler that knows only DCP's
+    records, so a checkpoint whose metadata would run code is refused and runs nothing."""
+    from logitcache.train.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "step-0000001"
+    path.mkdir()
+    state = {"format": "dcp", "progress": {"step": 1, "epoch": 0, "consumed": 4, "tokens": 8},
+             "config": {}}  # fmt: skip
+    (path / "state.json").write_text(json.dumps(state))
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(LogitcacheError, match=r"\.metadata: UnpicklingError: .* refused unread"):
+        load_checkpoint(path, model, torch.optim.AdamW(model.parameters()))
+    assert not (tmp_path / "PWNED").exists()
+
+
+GC_SCRIPT = """
+import json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from logitcache.bench.peak import PeakRSS
+from logitcache.train.sharding import enable_gradient_checkpointing
+
+torch.set_num_threads(1)
+config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+ids = torch.randint(0, 256, (8, 256), generator=torch.Generator().manual_seed(0))
+out = {}
+for gc in (False, True, False):  # the first run warms up the allocator and kernels
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    if gc:
+        enable_gradient_checkpointing(model)
+    rss = PeakRSS()
+    rss.start()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    out[str(gc)] = {"loss": loss.item(), "peak": rss.added(), "grad": grads[:4096].tolist()}
+    del model, loss, grads
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux RSS peaks")
+def test_gradient_checkpointing_keeps_the_loss_and_lowers_peak_memory(tmp_path):
+    """4 layers of width 64 on 8 x 256 tokens: activations (~6 KB per token and layer)
+    dwarf the 0.2M parameters. Peaks are the process's RSS high-water mark over a forward
+    and backward, freed blocks returned to the system (MALLOC_MMAP_THRESHOLD_)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, "-c", GC_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, checkpointed = runs["False"], runs["True"]
+    assert abs(plain["loss"] - checkpointed["loss"]) <= 1e-6
+    assert torch.allclose(torch.tensor(plain["grad"]), torch.tensor(checkpointed["grad"]),
+                          rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert checkpointed["peak"] < 0.6 * plain["peak"], runs
+
+
+def test_adamw8bit_without_torchao_says_how_to_get_it(monkeypatch):
+    from logitcache.train.optim import make_optimizer
+
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)
+    with pytest.raises(LogitcacheError, match="--optimizer adamw8bit needs torchao"):
+        make_optimizer(torch.nn.Linear(4, 4), "adamw8bit", 1e-3, 0.1)
+
+
+@pytest.mark.slow
+def test_adamw8bit_state_survives_a_checkpoint(tmp_path):
+    """torchao's 8-bit moments (a tensor subclass) go through optimizer.pt and come back
+    through ``weights_only`` loading, equal."""
+    pytest.importorskip("torchao.optim")
+    from logitcache.train.checkpoint import TrainingProgress, load_checkpoint, save_checkpoint
+    from logitcache.train.optim import make_optimizer, optimizer_state_classes, set_lr
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Linear(256, 64))
+        return model, make_optimizer(model, "adamw8bit", 1e-3, 0.1)
+
+    model, optimizer = make()
+    model(torch.randn(8, 128)).square().sum().backward()
+    set_lr(optimizer, 5e-4)  # as the loop's schedule does each step (torchao: a tensor lr)
+    optimizer.step()
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(5e-4)
+    moment = optimizer.state[model[0].weight]["exp_avg"]
+    assert type(moment).__name__ == "OptimState8bit"  # 32,768 values: quantized
+    save_checkpoint(str(tmp_path), model, optimizer, TrainingProgress(step=1), {}, keep=1)
+
+    fresh, fresh_optimizer = make()
+    load_checkpoint(tmp_path / "checkpoints" / "step-0000001", fresh, fresh_optimizer,
+                    state_classes=optimizer_state_classes("adamw8bit"))  # fmt: skip
+    loaded = fresh_optimizer.state[fresh[0].weight]["exp_avg"]
+    assert type(loaded).__name__ == "OptimState8bit"
+    assert torch.equal(loaded.dequantize(), moment.dequantize())
+    assert torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_the_arithmetic_of_a_1_5b_student_on_24_gb():
+    """Qwen2.5-1.5B's shape (built on the meta device): 16 B per parameter with DDP is more
+    than a 24 GB GPU; FSDP over 2 ranks with checkpointing fits, activations included."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from logitcache.train.memory import Setup, StudentShape, check_fits, footprint
+
+    qwen = AutoConfig.for_model(
+        "qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.device("meta"):
+        shape = StudentShape.of(AutoModelForCausalLM.from_config(qwen))
+    assert shape.params == 1_543_714_304 and shape.layers == 28
+    gpu = 24 * 10**9
+    ddp = footprint(shape, Setup(tokens=2 * 2048))
+    assert ddp.states == 16 * shape.params and ddp.total > gpu
+    fsdp = Setup(world_size=2, fsdp=True, gradient_checkpointing=True, tokens=2 * 2048)
+    assert footprint(shape, fsdp).total < gpu
+    assert check_fits(shape, fsdp, gpu, "cuda:0") is None
+    with pytest.raises(LogitcacheError) as refused:  # 24.7 GB of states alone
+        check_fits(shape, Setup(tokens=2 * 2048), gpu, "cuda:0")
+    assert "it needs at least 24.7 GB per GPU before activations" in str(refused.value)
+    assert (
+        "it fits with `torchrun --nproc-per-node 2 -m logitcache.cli train ... --fsdp "
+        "--gradient-checkpointing`" in str(refused.value)
+    )

@@ -178,8 +178,14 @@ class TrainConfig:
             raise LogitcacheError(f"--target {self.target}: expected auto, counts or probs")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise LogitcacheError(f"--schedule {self.schedule}: expected cosine, wsd or constant")
+        for ok, message in [*self._range_checks(), *self._lora_checks()]:
+            if not ok:
+                raise LogitcacheError(message)
+
+    def _range_checks(self) -> list[tuple[bool, str]]:
+        """(holds, what to tell the user) for every numeric and choice setting."""
         ef = self.eval_fraction
-        checks = [
+        return [
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}"),
             (0 < self.beta < 1, f"--beta must be in (0, 1), got {self.beta}"),
@@ -212,6 +218,11 @@ class TrainConfig:
                 self.local_cache_gb is None or self.local_cache_gb > 0,
                 f"--local-cache-gb must be > 0, got {self.local_cache_gb}",
             ),
+        ]
+
+    def _lora_checks(self) -> list[tuple[bool, str]]:
+        """(holds, what to tell the user) for the LoRA settings and what they exclude."""
+        return [
             (self.lora_r >= 0, f"--lora-r must be >= 0 (0: off), got {self.lora_r}"),
             (
                 self.lora_r > 0
@@ -237,9 +248,6 @@ class TrainConfig:
                 "gradients or optimizer state for them), so try it without --fsdp",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise LogitcacheError(message)
 
     @property
     def caches(self) -> list[str]:

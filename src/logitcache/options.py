@@ -27,6 +27,7 @@ import click
 from logitcache.errors import LogitcacheError
 
 __all__ = [
+    "QUIET",
     "OptionMeta",
     "Setting",
     "build",
@@ -36,6 +37,9 @@ __all__ = [
     "settings_of",
     "to_argv",
 ]
+
+QUIET = click.option("--quiet", is_flag=True, default=False, help="No progress bars.")
+"""The ``--quiet`` flag of every command that is not made from a config (demo, push, ...)."""
 
 
 @dataclass(frozen=True)

@@ -291,8 +291,6 @@ def pretrain(
     import torch
     from transformers import LlamaForCausalLM
 
-    from logitcache.progress import Reporter
-
     out = Path(model_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists: load it, or delete it to pretrain again")
@@ -315,6 +313,41 @@ def pretrain(
         lr=lr,
         betas=(0.9, 0.95),
     )
+    t0 = time.perf_counter()
+    ema = _pretrain_steps(
+        model, optimizer, train_tokens, steps=steps, batch_size=batch_size, seq_len=seq_len,
+        lr=lr, warmup=warmup, seed=seed, progress=progress,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - t0
+
+    record = {
+        "spec": asdict(spec),
+        "steps": steps,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
+        "warmup": warmup,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "train_tokens": len(train_tokens),
+        "tokens_seen": steps * batch_size * seq_len,
+        "final_loss_ema": ema,
+        "seconds": elapsed,
+        "tokens_per_second": steps * batch_size * seq_len / elapsed,
+    }
+    _save_atomically(out, model, tokenizer, record)
+    return out
+
+
+def _pretrain_steps(
+    model, optimizer, train_tokens: np.ndarray, *, steps: int, batch_size: int, seq_len: int,
+    lr: float, warmup: int, seed: int, progress: bool,
+) -> float:  # fmt: skip
+    """``pretrain``'s loop: ``steps`` AdamW steps on random windows; returns the loss EMA."""
+    import torch
+
+    from logitcache.progress import Reporter
+
     stream = torch.from_numpy(train_tokens.astype(np.int64))  # [N] int64
     gen = torch.Generator().manual_seed(seed)
     n_starts = len(stream) - seq_len
@@ -322,7 +355,6 @@ def pretrain(
     # the bar counts tokens, so its rate is the tokens/s the budgets are sized by
     tokens_per_step = batch_size * seq_len
     bar = Reporter(enabled=progress).bar(total=steps * tokens_per_step, desc="pretrain teacher")
-    t0 = time.perf_counter()
     ema = float("nan")
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -341,35 +373,22 @@ def pretrain(
         bar.set_postfix(step=step + 1, loss=f"{ema:.3f}", refresh=False)
         bar.update(tokens_per_step)
     bar.close()
-    elapsed = time.perf_counter() - t0
+    return ema
 
+
+def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
+    """Save model, tokenizer and ``toy_pretrain.json`` to a sibling, then rename to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.eval()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(str(tmp))
-        record = {
-            "spec": asdict(spec),
-            "steps": steps,
-            "batch_size": batch_size,
-            "seq_len": seq_len,
-            "lr": lr,
-            "warmup": warmup,
-            "weight_decay": weight_decay,
-            "seed": seed,
-            "train_tokens": len(train_tokens),
-            "tokens_seen": steps * batch_size * seq_len,
-            "final_loss_ema": ema,
-            "seconds": elapsed,
-            "tokens_per_second": steps * batch_size * seq_len / elapsed,
-        }
         (tmp / "toy_pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def heldout_cross_entropy(

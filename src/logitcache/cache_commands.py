@@ -1,0 +1,163 @@
+"""The commands that work on a cache that exists: inspect, verify, merge, tokenizer, push, pull.
+
+In: a cache directory or URL (and, for push/pull, where to copy it). Out: what the cache
+holds, whether every shard checks out, or a checked copy. Thin click commands over
+``logitcache.storage``; ``cli.py`` adds them to the ``logitcache`` group (whose handler
+prints expected errors as one line).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from logitcache.errors import LogitcacheError
+from logitcache.options import QUIET
+
+__all__ = ["CACHE_COMMANDS"]
+
+
+# -- inspect / verify / merge -----------------------------------------------------------
+@click.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(cache: str, as_json: bool) -> None:
+    """Summarize a cache (directory or URL): size, mode, teacher, tokenizer, corpus."""
+    from logitcache.describe import cache_summary, summary_text
+    from logitcache.storage import Location, read_manifest
+
+    manifest = read_manifest(Location(cache))
+    if as_json:
+        click.echo(json.dumps(cache_summary(manifest), indent=1))
+    else:
+        click.echo(summary_text(manifest, cache))
+
+
+@click.command()
+@click.argument("cache")
+def verify(cache: str) -> None:
+    """Recompute every shard hash and decode every record; exit 1 naming bad shards.
+
+    CACHE is a directory or a URL; a remote cache is fetched shard by shard through the local
+    shard cache ($LOGITCACHE_HOME/shards).
+    """
+    from logitcache.storage import verify_cache
+
+    manifest, problems = verify_cache(cache)
+    for problem in problems:
+        click.echo(f"BAD  {problem}", err=True)
+    n = len(manifest.shards)
+    if problems:
+        click.echo(f"{len(problems)} of {n} shards failed verification", err=True)
+        sys.exit(1)
+    from logitcache.describe import cache_state
+
+    state = cache_state(manifest)
+    click.echo(f"ok: {n} shards, {manifest.n_sequences} sequences verified; cache {state}")
+
+
+@click.command()
+@click.argument("cache")
+def merge(cache: str) -> None:
+    """Write the complete manifest of a cache (directory or URL) written by several workers."""
+    from logitcache.storage import merge_parts
+
+    manifest = merge_parts(cache)
+    click.echo(f"merged: {len(manifest.shards)} shards, {manifest.n_sequences} sequences")
+
+
+@click.command()
+@click.argument("cache")
+@click.argument("out", required=False)
+@click.option("--add", default=None, metavar="TOKENIZER",
+              help="Store this tokenizer (directory or hub id) in a local CACHE written before "
+              "caches carried theirs; refused unless it is the cache's.")  # fmt: skip
+def tokenizer(cache: str, out: str | None, add: str | None) -> None:
+    """Export the tokenizer stored in CACHE to the directory OUT (checked against its hashes
+    and the cache's fingerprint), or store one in an older cache with --add."""
+    from logitcache.identity import tokenizer_fingerprint
+    from logitcache.precompute.teacher import load_tokenizer
+    from logitcache.storage import add_tokenizer, fetch_tokenizer, read_manifest
+    from logitcache.storage.location import Location
+
+    if (out is None) == (add is None):
+        raise LogitcacheError("give OUT (export the cache's tokenizer) or --add TOKENIZER")
+    if add is not None:
+        tok = load_tokenizer(add)
+        manifest = add_tokenizer(cache, tok, tokenizer_fingerprint(tok), name=add)
+        click.echo(f"stored {len(manifest.tokenizer_files)} tokenizer files in {cache}")
+        return
+    path = fetch_tokenizer(cache, out)
+    expected = str(read_manifest(Location(cache)).spec.tokenizer.get("fingerprint"))
+    found = tokenizer_fingerprint(load_tokenizer(str(path)))
+    if found != expected:
+        raise LogitcacheError(
+            f"the tokenizer stored in {cache} (fingerprint {found[:16]}) is not the one the "
+            f"cache was made with (fingerprint {expected[:16]}): an edited cache; {path} holds it"
+        )
+    click.echo(f"tokenizer written to {path}")
+
+
+# -- push / pull ------------------------------------------------------------------------
+_THREADS = click.option(
+    "--threads", type=int, default=8, show_default=True, help="Shards transferred at once."
+)
+
+
+@click.command()
+@click.argument("cache")
+@click.argument("url")
+@_THREADS
+@click.option("--public", is_flag=True, default=False,
+              help="hf:// only: create a missing repository public (default private).")  # fmt: skip
+@QUIET
+def push(cache: str, url: str, threads: int, public: bool, quiet: bool) -> None:
+    """Copy CACHE to URL (s3://, gs://, hf://datasets/ORG/NAME, ... or a directory), checking
+    every shard's hash.
+
+    Resumable: shards already at URL with the right hash are skipped, and the manifest is
+    written last. To the Hub: batched commits, a dataset card. Credentials come from the
+    environment (AWS_*, FSSPEC_S3, HF_TOKEN, ...).
+    """
+    _transfer(cache, url, None, None, threads, quiet, verb="pushed", private=not public)
+
+
+@click.command()
+@click.argument("url")
+@click.argument("directory")
+@click.option("--shards", default=None, help="Only these shard indices, e.g. 0-99,120.")
+@click.option(
+    "--max-tokens", type=int, default=None, help="Only the first shards holding this many tokens."
+)
+@_THREADS
+@QUIET
+def pull(
+    url: str, directory: str, shards: str | None, max_tokens: int | None, threads: int, quiet: bool
+) -> None:
+    """Copy the cache at URL (or part of it) to DIRECTORY, checking every shard's hash.
+
+    Resumable: shards already in DIRECTORY with the right hash are skipped; a partial
+    download is never published.
+    """
+    _transfer(url, directory, shards, max_tokens, threads, quiet, verb="pulled")
+
+
+def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=True) -> None:
+    from logitcache.progress import ByteProgress, Reporter, human_bytes
+    from logitcache.storage import copy_cache
+
+    with ByteProgress(Reporter(enabled=not quiet)) as progress:
+        result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
+                            progress=progress, private=private)  # fmt: skip
+    manifest = result.manifest
+    state = "complete" if manifest is not None and manifest.complete else "partial"
+    click.echo(
+        f"{verb}: {result.copied} shards ({human_bytes(result.bytes_copied)}) copied, "
+        f"{result.skipped} already there; {dst} now holds {len(manifest.shards) if manifest else 0}"
+        f" shards ({state})"
+    )
+
+
+CACHE_COMMANDS = (inspect, verify, merge, tokenizer, push, pull)

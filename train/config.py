@@ -33,6 +33,7 @@ RESUME_MAY_CHANGE = frozenset(
         "local_cache_gb",
         "steps",
         "epochs",
+        "overwrite",
     ]
 )
 
@@ -145,6 +146,9 @@ class TrainConfig:
     """Dropout on the adapters' input."""
     merge_lora: bool = False
     """Also save the student with the adapters merged in, to ``OUT/model-merged``."""
+    overwrite: bool = False
+    """Replace the run already in --out (its checkpoints, model, metrics.jsonl and
+    train_config.json; other files stay); without it, or --resume, such an --out is refused."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix_caches", tuple(self.mix_caches))
@@ -214,6 +218,7 @@ class TrainConfig:
                 self.lora_alpha is None or self.lora_alpha > 0,
                 f"--lora-alpha must be > 0, got {self.lora_alpha}",
             ),
+            (not (self.resume and self.overwrite), "give --resume or --overwrite, not both"),
             (
                 0 <= self.lora_dropout < 1,
                 f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",

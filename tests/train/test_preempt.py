@@ -1,7 +1,8 @@
 """``logitcache train`` sent SIGTERM / SIGINT mid-run: it finishes the step, saves a
 checkpoint, prints one line saying how to resume and exits 143 / 130; ``--resume`` then ends
 with the uninterrupted run's exact weights and losses. A second signal stops at once and
-says what is kept. ``precompute`` on SIGTERM says its shards are kept.
+says what is kept. ``precompute`` on SIGTERM says its shards are kept. Under torchrun a
+SIGTERM to one rank stops both after the same step (slow: two fresh interpreters).
 
 The commands run as forks of crashlab's warm forkserver (tests/faults/crashlab.py: a fresh
 interpreter costs ~10 s here); the signals are real ones sent to that process. A ``pause``
@@ -191,3 +192,57 @@ def test_a_dataloader_worker_outlives_ctrl_c_and_a_foreign_sigterm(tmp_path):
     worker.terminate()  # SIGTERM from the parent
     worker.join(10)
     assert worker.exitcode == 128 + signal.SIGTERM
+
+
+# Under torchrun: every rank holds at step 3 until ``go`` exists; the test signals one rank.
+HELD = """
+import os, sys, time
+from pathlib import Path
+from logitcache.train import loop
+
+rank, go, at = os.environ["RANK"], Path(sys.argv[1]), int(sys.argv[2])
+write = loop._MetricsLog.write
+
+def held(self, row):
+    write(self, row)
+    if row.get("step") == at and "loss" in row:
+        Path(f"{go}.{rank}").write_text(str(os.getpid()))
+        while not go.exists():
+            time.sleep(0.02)
+
+loop._MetricsLog.write = held
+from logitcache.cli import main
+main(sys.argv[3:], prog_name="logitcache")
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(lab, args, reference, tmp_path):
+    """2 gloo ranks; rank 1 alone gets SIGTERM after step 3: both save step 3 and exit 143
+    (the stop flag is all-reduced), and one process resumes to the uninterrupted curve."""
+    script, out, go = tmp_path / "held.py", tmp_path / "run", tmp_path / "go"
+    script.write_text(HELD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", str(script), str(go), "3", *args(out, batch_size=2)]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (Path(f"{go}.0").exists() and Path(f"{go}.1").exists()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.kill(int(Path(f"{go}.1").read_text()), signal.SIGTERM)
+    go.touch()
+    output = proc.communicate(timeout=120)[0]
+
+    assert proc.returncode != 0, output[-3000:]
+    lines = [ln for ln in output.splitlines() if "interrupted:" in ln]
+    assert len(lines) == 2 and all("interrupted: SIGTERM after step 3 of 8: " in ln for ln in lines)
+    assert latest_checkpoint(str(out)).name == "step-0000003"
+
+    resumed = [*args(out, batch_size=2, grad_accum=2), "--resume"]  # the same global batch
+    succeeded(lab.run(resumed))
+    one, two = rows(reference), rows(out)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for x, y in zip(one, two, strict=True):
+        assert {k: pytest.approx(v, rel=1e-4) for k, v in x.items()} == y

@@ -311,6 +311,7 @@ def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps:
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**config.to_dict(), "world_size": env.world_size, "total_steps": total_steps,
                 "device": str(env.device), "fingerprint": fingerprint}  # fmt: skip
+    resolved["overwrite"] = False  # read back as a recipe, it never replaces a run unasked
     (out / "train_config.json").write_text(json.dumps(resolved, indent=1))
 
 

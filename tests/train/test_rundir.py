@@ -55,7 +55,9 @@ def test_overwrite_replaces_the_run_and_nothing_else(cli, args, metrics, tmp_pat
     assert steps_kept(out) == ["step-0000001", "step-0000002"]
     assert latest_checkpoint(str(out)).name == "step-0000002"
     assert max(row["step"] for row in metrics(out)) == 2
-    assert json.loads((out / "train_config.json").read_text())["steps"] == 2
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["steps"] == 2
+    assert saved["overwrite"] is False  # read back with --config, it replaces nothing unasked
     assert (out / "notes.txt").read_text() == "mine"
 
 

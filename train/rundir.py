@@ -62,13 +62,13 @@ def claim_out(config: TrainConfig, rank: int) -> None:
 
 def _check_resumable(out: Path) -> None:
     """A ``latest`` pointer naming a checkpoint that is gone, beside others, is refused:
-    starting from scratch there would silently throw them away."""
-    root = out / "checkpoints"
+    starting from scratch there would silently throw them away. (No pointer at all is a
+    run killed before its first pointer write: it starts afresh, as the run it continues.)"""
+    root, pointer = out / "checkpoints", out / "checkpoints" / "latest"
     steps = sorted(p.name for p in root.glob("step-*") if (p / "state.json").is_file())
-    if latest_checkpoint(str(out)) is not None or not steps:
+    if not pointer.is_file() or latest_checkpoint(str(out)) is not None or not steps:
         return
-    pointer = root / "latest"
-    named = pointer.read_text().strip() if pointer.is_file() else "nothing"
+    named = pointer.read_text().strip()
     raise LogitcacheError(
         f"--resume: {pointer} names {named}, which is missing, beside {', '.join(steps)}: "
         f"write the name of the checkpoint to continue from into {pointer}"

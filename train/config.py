@@ -35,6 +35,7 @@ RESUME_MAY_CHANGE = frozenset(
         "steps",
         "epochs",
         "gradient_checkpointing",
+        "overwrite",
     ]
 )
 
@@ -157,6 +158,9 @@ class TrainConfig:
     optimizer: str = option("adamw", choices=OPTIMIZERS)
     """adamw (torch, 8 B of state per parameter) or adamw8bit (torchao's 8-bit AdamW, ~2 B;
     needs torchao installed)."""
+    overwrite: bool = False
+    """Replace the run already in --out (its checkpoints, model, metrics.jsonl and
+    train_config.json; other files stay); without it, or --resume, such an --out is refused."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix_caches", tuple(self.mix_caches))
@@ -238,6 +242,7 @@ class TrainConfig:
                 self.lora_alpha is None or self.lora_alpha > 0,
                 f"--lora-alpha must be > 0, got {self.lora_alpha}",
             ),
+            (not (self.resume and self.overwrite), "give --resume or --overwrite, not both"),
             (
                 0 <= self.lora_dropout < 1,
                 f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",

@@ -53,6 +53,8 @@ from .distributed import (
 from .evaluate import evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes, set_lr
+from .preempt import StopOnSignal, ignore_stop_signals, stopped
+from .rundir import claim_out, path_settings, settings_differ
 from .stream import CacheStream
 from .student import DistillModule, apply_lora, check_student, load_student
 
@@ -90,7 +92,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     reporter = reporter or Reporter(enabled=not config.quiet, rank=env.rank)
     start = time.perf_counter()
     run = _setup(config, env, reporter)
-    final_eval = _train_steps(run, config, env, reporter)
+    with StopOnSignal(announce=reporter.enabled) as stop:
+        final_eval = _train_steps(run, config, env, reporter, stop)
 
     model_dir = Path(config.out) / "model"
     state = sharding.full_state_dict(run.model) if sharding.is_sharded(run.wrapped) else None
@@ -110,6 +113,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 
 def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     """Open and check the caches, load the student, resume, and open the stream."""
+    claim_out(config, env.rank)
     reader = CacheReader(config.cache, **config.reader_options())
     check_cache(reader, config)
     mixed = mixed_readers(reader, config)
@@ -158,8 +162,10 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
                 autocast_for(config.precision, env))  # fmt: skip
 
 
-def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter) -> dict:
-    """The loop: steps until ``total_steps``, evaluating and checkpointing on schedule."""
+def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter,
+                 stop: StopOnSignal) -> dict:  # fmt: skip
+    """The loop: steps until ``total_steps``, evaluating and checkpointing on schedule; on
+    SIGTERM / SIGINT, checkpointing after the step and raising ``Interrupted``."""
     progress, total_steps = run.progress, run.total_steps
     batches = iter(_loader(run.stream, config))
     metrics = _MetricsLog(Path(config.out) / "metrics.jsonl", env.rank, resume_step=progress.step)
@@ -188,11 +194,14 @@ def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter) -
             final_eval = _evaluate(run, config, env)
             metrics.write({"step": progress.step, **final_eval})
             bar.write(_eval_line(progress.step, final_eval)) if reporter.enabled else None
-        if (config.save_every and progress.step % config.save_every == 0) or last:
+        signum = stop.requested(env.distributed, env.device)  # every rank stops together
+        if (config.save_every and progress.step % config.save_every == 0) or last or signum:
             save_checkpoint(config.out, run.model, run.optimizer, progress, run.fingerprint,
                             config.keep_checkpoints, sharded=config.fsdp,
                             rank=env.rank)  # fmt: skip
             barrier(env)
+        if signum and not last:
+            raise stopped(signum, progress.step, total_steps, config.out)
     bar.close()
     return final_eval
 
@@ -276,6 +285,7 @@ def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) ->
     settings.pop("cache")
     settings.pop("batch_size")
     settings.pop("grad_accum")
+    settings.update(path_settings(config))  # resolved paths, the student config by content
     return settings
 
 
@@ -285,11 +295,7 @@ def _resume(config, model, optimizer, fingerprint, reporter) -> TrainingProgress
         reporter.log(f"--resume: no checkpoint in {config.out}; starting from scratch")
         return TrainingProgress()
     saved = json.loads((path / "state.json").read_text())["config"]
-    changed = [
-        f"{k} ({saved.get(k)!r} -> {fingerprint.get(k)!r})"
-        for k in sorted(set(saved) | set(fingerprint))
-        if saved.get(k) != fingerprint.get(k)
-    ]
+    changed = settings_differ(saved, fingerprint, config)
     if changed:
         raise LogitcacheError(
             f"cannot resume {path}: settings differ from the run that wrote it: "
@@ -308,6 +314,7 @@ def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps:
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**config.to_dict(), "world_size": env.world_size, "total_steps": total_steps,
                 "device": str(env.device), "fingerprint": fingerprint}  # fmt: skip
+    resolved["overwrite"] = False  # read back as a recipe, it never replaces a run unasked
     (out / "train_config.json").write_text(json.dumps(resolved, indent=1))
 
 
@@ -319,6 +326,7 @@ def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,  # Ctrl-C reaches workers too: the step must finish
     )
 
 

@@ -14,7 +14,7 @@ import click
 
 from logitcache.bench.commands import bench
 from logitcache.cache_commands import CACHE_COMMANDS
-from logitcache.errors import one_line_errors
+from logitcache.errors import one_line_errors, sigterm_raises
 from logitcache.options import QUIET, build, click_options
 from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
@@ -28,7 +28,7 @@ class _Commands(click.Group):
     """The command group: every command's expected errors print one line (``one_line_errors``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        return one_line_errors(super().invoke)(ctx)
+        return one_line_errors(super().invoke, command=lambda: ctx.invoked_subcommand)(ctx)
 
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -98,7 +98,8 @@ def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) ->
         click.echo(recipe_yaml(config, "precompute"), nl=False)
         return
     rank, _ = distributed_worker()
-    result = run_precompute(config, Reporter(enabled=not quiet, rank=rank))
+    with sigterm_raises():  # preempted: the same line and cleanup as Ctrl-C (exit 143)
+        result = run_precompute(config, Reporter(enabled=not quiet, rank=rank))
     if result.manifest is not None and result.manifest.complete and rank == 0:
         describe = summary_line if quiet else summary_text  # --quiet keeps one summary line
         click.echo(describe(result.manifest, config.out), err=True)
@@ -131,12 +132,14 @@ def precompute_config(
 def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
     """Train a student from a cache, with no teacher in memory."""
     from logitcache.train import train as run_train
+    from logitcache.train.preempt import reported_interrupts
 
     config = train_config(params, click.get_current_context(), recipe)
     if dry_run:
         click.echo(recipe_yaml(config, "train"), nl=False)
         return
-    result = run_train(config)
+    with reported_interrupts(config.out):  # SIGTERM / Ctrl-C: a checkpoint, or what is kept
+        result = run_train(config)
     if not config.quiet and result.final_eval:
         ev = result.final_eval
         click.echo(

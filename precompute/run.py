@@ -40,6 +40,7 @@ from .sparse import SparseTargets, sample_generator, sampled_targets, topk_targe
 from .teacher import (
     config_fingerprint,
     load_teacher,
+    load_teacher_config,
     load_tokenizer,
     tokenizer_identity,
     weights_fingerprint,
@@ -53,7 +54,8 @@ class PrecomputeConfig:
     """Everything ``logitcache precompute`` needs; saved (resolved) in the manifest."""
 
     teacher: str
-    """Hub id or local directory of any AutoModelForCausalLM; its tokenizer is used."""
+    """Hub id or local directory of any AutoModelForCausalLM, or a local ``.gguf`` file;
+    its tokenizer is used."""
     out: str
     """Cache directory or URL."""
     corpus: CorpusSpec
@@ -202,12 +204,10 @@ def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -
 
 def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResult:
     """This worker's shards; the complete manifest if it finished last, else None."""
-    from transformers import AutoConfig
-
     tokenizer = load_tokenizer(
         config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
-    model_config = AutoConfig.from_pretrained(
+    model_config = load_teacher_config(
         config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
     spec = _make_spec(config, tokenizer, model_config)

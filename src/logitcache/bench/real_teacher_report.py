@@ -101,7 +101,7 @@ def plot_gap(summary: list[dict[str, Any]], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (the formatter below)
+    import matplotlib.ticker
 
     corpora = sorted({r["corpus"] for r in points})
     fig, axes = plt.subplots(1, len(corpora), figsize=(6.2 * len(corpora), 4.4), dpi=110,

@@ -216,10 +216,10 @@ def bench_quality(out, home, shakespeare, quick, stdlib, only, more_data, as_jso
 @click.option("--quick", is_flag=True, help="Toy sizes (plumbing check).")
 @click.option("--only", multiple=True, help="Only these variants (repeatable).")
 @click.option("--report", "report_only", is_flag=True,
-              help="Run nothing: print the results so far, write real-teacher.png.")  # fmt: skip
+              help="Run nothing: print results so far, write OUT/real-teacher.png.")  # fmt: skip
 @one_line_errors
 def bench_real_teacher(teacher, out, shakespeare, stdlib, quick, only, report_only) -> None:
-    """The cache-mode study on a real teacher (SmolLM2-135M); resumable, for hours of CPU."""
+    """The cache-mode study on a real LLM teacher (GGUF or directory); resumable."""
     from pathlib import Path
 
     from logitcache.bench import real_teacher as rt

@@ -14,7 +14,8 @@ from logitcache.bench.real_teacher_report import plot_gap, summarize, summary_ta
 
 
 def row(variant: str, seed: int, ce: float, kl: float, bpt: float | None = None) -> dict:
-    return {"corpus": "prose", "variant": variant, "seed": seed, "eval_ce": ce, "eval_kl": kl,
+    return {"corpus": "prose", "variant": variant, "seed": seed, "key": f"{variant} seed={seed}",
+            "eval_ce": ce, "eval_kl": kl,
             "bytes_per_token": bpt, "entries_per_position": None if bpt is None else 8.0,
             "teacher_ce": 3.0, "wall_s": 1.0}  # fmt: skip
 
@@ -22,12 +23,14 @@ def row(variant: str, seed: int, ce: float, kl: float, bpt: float | None = None)
 def test_gap_shares_use_the_seed_means_of_both_references():
     rows = [row("CE only", 0, 6.0, 2.0), row("CE only", 1, 6.2, 2.2),
             row("online KD", 0, 5.0, 1.0), row("online KD", 1, 5.2, 1.2),
-            row("sampled N=16", 0, 5.55, 1.3, 25.0)]  # fmt: skip
+            row("sampled N=16", 0, 5.55, 1.3, 25.0),
+            row("sampled N=16", 0, 5.55, 1.3, 25.0)]  # the same row kept twice  # fmt: skip
     by_name = {r["variant"]: r for r in summarize(rows)}
     n16 = by_name["sampled N=16"]
     assert n16["gap_ce"] == pytest.approx((6.1 - 5.55) / (6.1 - 5.1))
     assert n16["gap_kl"] == pytest.approx((2.1 - 1.3) / (2.1 - 1.1))
     assert by_name["CE only"]["ce_spread"] == pytest.approx(0.2)
+    assert (by_name["CE only"]["seeds"], n16["seeds"]) == (2, 1)
     assert (by_name["CE only"]["gap_ce"], by_name["online KD"]["gap_ce"]) == (0.0, 1.0)
     table = summary_table(summarize(rows))
     assert "| prose | sampled N=16 | 1 | 5.550 |" in table

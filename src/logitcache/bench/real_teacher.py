@@ -250,10 +250,12 @@ def _run_variant(out: Path, corpus: str, variant: Variant, config: StudyConfig,
     if not (work / "caches" / variant.cache_key / "study-stats.json").is_file():
         _job(out, {"kind": "cache", "corpus": corpus, "store": variant.store}, config, reporter)
     t0 = time.perf_counter()
-    _job(out, {"kind": "variant", "corpus": corpus, "variant": asdict(variant)}, config,
-         reporter)  # fmt: skip
-    row = json.loads((work / "students" / _slug(variant.key) / "result.json").read_text())
-    row["wall_s"] = time.perf_counter() - t0
+    done = work / "students" / _slug(variant.key) / "result.json"
+    if not done.is_file():  # (a study stopped after a job but before this row kept it)
+        _job(out, {"kind": "variant", "corpus": corpus, "variant": asdict(variant)}, config,
+             reporter)  # fmt: skip
+    row = json.loads(done.read_text())
+    row.setdefault("wall_s", time.perf_counter() - t0)
     results = [*load_results(out), row]
     _write_json(out / "results.json", results)
     reporter.log(f"[{corpus}] {variant.key}: CE {row['eval_ce']:.4f}, KL {row['eval_kl']:.4f}, "
@@ -339,6 +341,7 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
     from logitcache.bench.real_teacher_eval import evaluate_student
     from logitcache.train import TrainConfig, train
 
+    t0 = time.perf_counter()
     cache = cache_dir(work, teacher, budget, variant.store)
     held = work / "caches" / "heldout-top_k64"
     dest = work / "students" / _slug(variant.key)
@@ -363,6 +366,7 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
         "bytes_per_token": stats.get("bytes_per_token") if on_cache else None,
         "entries_per_position": stats.get("entries_per_position") if on_cache else None,
         "steps": result.steps, "train_tokens": result.tokens, "train_wall_s": result.wall_s,
+        "job_wall_s": time.perf_counter() - t0,
         "loop_eval": result.final_eval,
     }  # fmt: skip
     _write_json(dest / "result.json", row)

@@ -20,8 +20,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (corpus, variant): mean and spread (max - min) over seeds, and the share
     of the CE-only -> online-KD gap closed in held-out CE and in KL (None until both
     references have finished)."""
+    latest = {(row["corpus"], row["key"]): row for row in rows}  # a row kept twice counts once
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
+    for row in latest.values():
         groups.setdefault((row["corpus"], row["variant"]), []).append(row)
     out = []
     for (corpus, variant), seeds in groups.items():

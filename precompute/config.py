@@ -28,7 +28,8 @@ class PrecomputeConfig:
     """Everything ``logitcache precompute`` needs; what shapes the bytes is in the manifest."""
 
     teacher: str
-    """Hub id or local directory of any AutoModelForCausalLM; its tokenizer is used."""
+    """Hub id or local directory of any AutoModelForCausalLM, or a local .gguf file (or a
+    directory holding one); its tokenizer is used."""
     out: str
     """Cache directory or URL."""
     corpus: CorpusSpec

@@ -39,7 +39,7 @@ from .ranks import (
     rank_device,
 )
 from .sparse import SparseTargets, sample_generator, sampled_targets, topk_targets
-from .teacher import load_teacher, load_tokenizer
+from .teacher import load_teacher, load_teacher_config, load_tokenizer
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 
@@ -122,12 +122,10 @@ def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -
 
 def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResult:
     """This worker's shards; the complete manifest if it finished last, else None."""
-    from transformers import AutoConfig
-
     tokenizer = load_tokenizer(
         config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
-    model_config = AutoConfig.from_pretrained(
+    model_config = load_teacher_config(
         config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
     spec = make_spec(config, tokenizer, model_config)

@@ -1,7 +1,13 @@
 """Loading a teacher: model and tokenizer (their fingerprints: ``logitcache.identity``).
 
-In: a hub id or local directory, dtype/device choices. Out: the model in eval mode and its
-tokenizer.
+In: a hub id, a local directory, or a local GGUF file (``model.gguf``, or a directory
+holding exactly one ``.gguf`` and no ``config.json``), dtype/device choices. Out: the model
+in eval mode and its tokenizer (their fingerprints: ``logitcache.identity``).
+
+GGUF teachers load through transformers' GGUF support, which de-quantizes every tensor
+to float (a Q4_1 135M model: 98 MB on disk, 540 MB in float32) and builds the tokenizer
+from the file's own vocabulary and merges; it needs the optional ``gguf`` and
+``accelerate`` packages (``pip install 'logitcache[gguf]'``).
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ from logitcache.errors import LogitcacheError
 
 __all__ = [
     "check_model_path",
+    "gguf_file_of",
     "load_teacher",
+    "load_teacher_config",
     "load_tokenizer",
+    "pretrained_source",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -57,7 +66,9 @@ def resolve_dtype(dtype: str | None, config: Any) -> torch.dtype:
 
 def check_model_path(name: str, what: str) -> None:
     """A name that looks like a local path (not a hub id) must exist: say so plainly."""
-    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix in (".json", ".safetensors")
+    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix in (
+        ".json", ".safetensors", ".gguf"
+    )  # fmt: skip
     if looks_local and not Path(name).expanduser().exists():
         raise LogitcacheError(f"{what} path {name!r} does not exist")
 
@@ -71,9 +82,10 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     from transformers import AutoTokenizer
 
     check_model_path(name, "model")
+    source, extra = pretrained_source(name)
     try:
         return AutoTokenizer.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code
+            source, revision=revision, trust_remote_code=trust_remote_code, **extra
         )
     except Exception as err:  # transformers raises OSError, ValueError, HF hub errors
         raise _load_error("tokenizer", name, err) from None
@@ -95,18 +107,14 @@ def load_teacher(
     model places itself and the device returned is that of its input embeddings, where the
     input ids must go.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     check_model_path(name, "teacher")
-    try:
-        config = AutoConfig.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code
-        )
-    except Exception as err:
-        raise _load_error("teacher", name, err) from None
+    source, extra = pretrained_source(name)
+    config = load_teacher_config(name, revision=revision, trust_remote_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype, config)
     dev = resolve_device(device)
     placement = {} if device_map is None else {"device_map": device_map}
@@ -116,8 +124,8 @@ def load_teacher(
         _require_accelerate(device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **placement,
+            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **placement, **extra,
         )  # fmt: skip
     except Exception as err:
         raise _load_error("teacher", name, err) from None
@@ -130,6 +138,19 @@ def load_teacher(
     return model, torch_dtype, dev
 
 
+def load_teacher_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The teacher's transformers config (read from the GGUF metadata for a GGUF file)."""
+    from transformers import AutoConfig
+
+    source, extra = pretrained_source(name)
+    try:
+        return AutoConfig.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code, **extra
+        )
+    except Exception as err:
+        raise _load_error("teacher", name, err) from None
+
+
 def _require_accelerate(device_map: str) -> None:
     """transformers places a ``device_map`` model with accelerate, an optional dependency."""
     try:
@@ -138,3 +159,68 @@ def _require_accelerate(device_map: str) -> None:
         raise LogitcacheError(
             f"--device-map {device_map} needs the accelerate package: pip install accelerate"
         ) from None
+
+
+# -- GGUF teachers ---------------------------------------------------------------------
+_GGUF_PACKAGES = {"gguf": "0.10", "accelerate": "1.0"}  # what transformers' GGUF loader needs
+
+
+def gguf_file_of(name: str) -> Path | None:
+    """The ``.gguf`` file a teacher name points at, or None if it is not a GGUF teacher.
+
+    A ``.gguf`` path, or a directory without ``config.json`` that holds exactly one
+    ``.gguf`` file. A directory with ``config.json`` is a transformers model directory
+    (any ``.gguf`` beside it is ignored); one holding several ``.gguf`` files is refused.
+    """
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LogitcacheError(f"GGUF file {name!r} does not exist")
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise LogitcacheError(
+            f"{name} holds {len(found)} GGUF files ({names}): pass the one to use as "
+            f"{path / found[0].name}"
+        )
+    return found[0] if found else None
+
+
+def pretrained_source(name: str) -> tuple[str, dict[str, str]]:
+    """(path or hub id, extra keyword arguments) for transformers' ``from_pretrained``.
+
+    For a GGUF teacher: its directory and ``gguf_file=NAME``, after checking that the
+    packages transformers' GGUF loader needs are installed; otherwise ``(name, {})``.
+    """
+    gguf = gguf_file_of(name)
+    if gguf is None:
+        return name, {}
+    _require_gguf_packages(gguf)
+    return str(gguf.parent), {"gguf_file": gguf.name}
+
+
+def _require_gguf_packages(path: Path) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package, least in _GGUF_PACKAGES.items():
+        try:
+            have = version(package)
+        except PackageNotFoundError:
+            have = None
+        if have is None or _version_tuple(have) < _version_tuple(least):
+            found = "is not installed" if have is None else f"is {have}"
+            raise LogitcacheError(
+                f"{path.name} is a GGUF model: loading it needs {package}>={least} ({package} "
+                f"{found}): pip install 'logitcache[gguf]'"
+            )
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)

@@ -28,14 +28,20 @@ def config_fingerprint(config: Any) -> str:
 
 
 def weights_fingerprint(name: str) -> str | None:
-    """sha256 over the weight files of a local model directory; None for hub ids
-    (their revision names the weights)."""
+    """sha256 over the weight files of a local model directory, or of one ``.gguf`` file;
+    None for hub ids (their revision names the weights).
+
+    A ``.gguf`` file and a directory holding only that file get the same fingerprint.
+    """
     path = Path(name).expanduser()
-    if not path.is_dir():
+    if path.is_file() and path.suffix == ".gguf":
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+        )
+    else:
         return None
-    files = sorted(
-        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
-    )
     outer = hashlib.sha256()
     for file in files:
         inner = hashlib.sha256()

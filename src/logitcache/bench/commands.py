@@ -206,6 +206,34 @@ def bench_quality(out, home, shakespeare, quick, stdlib, only, more_data, as_jso
         click.echo(format_rows(rows))
 
 
+@bench.command("real-teacher")
+@click.option("--teacher", required=True, help="A .gguf file or model directory.")
+@click.option("--out", default="logitcache-real-teacher", show_default=True,
+              help="Work directory; rerunning with the same --out resumes the study.")  # fmt: skip
+@click.option("--shakespeare", default=None, help="tinyshakespeare.txt (the first corpus).")
+@click.option("--stdlib/--no-stdlib", default=True, show_default=True)
+@click.option("--quick", is_flag=True, help="Toy sizes (plumbing check).")
+@click.option("--only", multiple=True, help="Only these variants (repeatable).")
+@click.option("--report", "report_only", is_flag=True,
+              help="Run nothing: print results so far, write OUT/real-teacher.png.")  # fmt: skip
+def bench_real_teacher(teacher, out, shakespeare, stdlib, quick, only, report_only) -> None:
+    """The cache-mode study on a real LLM teacher (GGUF or directory); resumable."""
+    from pathlib import Path
+
+    from logitcache.bench import real_teacher as rt
+    from logitcache.bench.real_teacher_report import cache_table, plot_gap, summarize, summary_table
+    from logitcache.progress import Reporter
+
+    budget = rt.QUICK_STUDY if quick else rt.FULL_STUDY
+    config = rt.StudyConfig(teacher=teacher, out=out, shakespeare=shakespeare, stdlib=stdlib,
+                            budget=budget, only=tuple(only))  # fmt: skip
+    rows = rt.load_results(Path(out)) if report_only else rt.run_study(config, Reporter())
+    summary = summarize(rows)
+    click.echo(summary_table(summary) + "\n\n" + cache_table(Path(out)))
+    if plot_gap(summary, Path(out) / "real-teacher.png"):
+        click.echo(f"plot: {Path(out) / 'real-teacher.png'}")
+
+
 @bench.command("remote")
 @click.option("--shards", type=int, default=10_000, show_default=True, help="Shards in the cache.")
 @click.option("--shard-sequences", type=int, default=4, show_default=True)

@@ -1,0 +1,139 @@
+"""Tables and the bytes-vs-gap-closed plot of the real-teacher study, from partial results.
+
+In: the rows of ``results.json`` (one per finished student) and, per corpus, the teacher's
+``reference.json`` and each cache's ``study-stats.json``. Out: summary rows (seeds
+averaged, with their spread), a Markdown table, a cache-bytes table and a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["cache_table", "plot_gap", "summarize", "summary_table"]
+
+_REFS = ("CE only", "online KD")
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (corpus, variant): mean and spread (max - min) over seeds, and the share
+    of the CE-only -> online-KD gap closed in held-out CE and in KL (None until both
+    references have finished)."""
+    latest = {(row["corpus"], row["key"]): row for row in rows}  # a row kept twice counts once
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in latest.values():
+        groups.setdefault((row["corpus"], row["variant"]), []).append(row)
+    out = []
+    for (corpus, variant), seeds in groups.items():
+        ce = [r["eval_ce"] for r in seeds]
+        kl = [r["eval_kl"] for r in seeds]
+        out.append({
+            "corpus": corpus, "variant": variant, "seeds": len(seeds),
+            "eval_ce": sum(ce) / len(ce), "ce_spread": max(ce) - min(ce),
+            "eval_kl": sum(kl) / len(kl), "kl_spread": max(kl) - min(kl),
+            "bytes_per_token": seeds[0]["bytes_per_token"],
+            "entries_per_position": seeds[0]["entries_per_position"],
+            "teacher_ce": seeds[0]["teacher_ce"], "wall_s": max(r.get("wall_s", 0) for r in seeds),
+        })  # fmt: skip
+    for corpus in {r["corpus"] for r in out}:
+        mine = {r["variant"]: r for r in out if r["corpus"] == corpus}
+        ref = [mine.get(name) for name in _REFS]
+        for row in mine.values():
+            for metric, key in (("eval_ce", "gap_ce"), ("eval_kl", "gap_kl")):
+                span = ref[0][metric] - ref[1][metric] if all(ref) else 0.0
+                row[key] = (ref[0][metric] - row[metric]) / span if span > 0 else None
+    return sorted(out, key=lambda r: (r["corpus"], r["bytes_per_token"] or 0, r["variant"]))
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    """Markdown: one line per variant, the teacher's own CE first for each corpus."""
+    lines = ["| corpus | student | seeds | held-out CE | KL to teacher | B/token | ids/pos | "
+             "CE gap closed | KL gap closed |", "|---" * 9 + "|"]  # fmt: skip
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    seen = set()
+    for r in summary:
+        if r["corpus"] not in seen:
+            seen.add(r["corpus"])
+            lines.append(f"| {r['corpus']} | teacher (SmolLM2-135M) | – | {r['teacher_ce']:.3f} "
+                         "| 0 | – | – | – | – |")  # fmt: skip
+        spread = f" ± {r['ce_spread'] / 2:.3f}" if r["seeds"] > 1 else ""
+        kspread = f" ± {r['kl_spread'] / 2:.3f}" if r["seeds"] > 1 else ""
+        bpt = "–" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        epp = "–" if r["entries_per_position"] is None else f"{r['entries_per_position']:.1f}"
+        lines.append(
+            f"| {r['corpus']} | {r['variant']} | {r['seeds']} | {r['eval_ce']:.3f}{spread} | "
+            f"{r['eval_kl']:.3f}{kspread} | {bpt} | {epp} | {pct(r['gap_ce'])} | "
+            f"{pct(r['gap_kl'])} |"
+        )
+    return "\n".join(lines)
+
+
+def cache_table(out: Path) -> str:
+    """Markdown: bytes per token of every cache of the study, by component."""
+    names = ["ids", "counts", "logprobs", "n_entries", "tail_mass", "input_ids", "loss_mask",
+             "doc_starts", "framing"]  # fmt: skip
+    lines = ["| corpus | cache | ids/pos | mass stored | B/token | B/entry | "
+             + " | ".join(names) + " | teacher tok/s |",
+             "|---" * (7 + len(names)) + "|"]  # fmt: skip
+    for stats_file in sorted(out.glob("*/caches/*/study-stats.json")):
+        s = json.loads(stats_file.read_text())
+        mode = f"top-{s['k']}" if s["mode"] == "topk" else f"sampled N={s['samples']}"
+        parts = s["components_per_token"]
+        cells = [f"{parts[n]:.2f}" if n in parts else "–" for n in names]
+        rate = s.get("teacher_tokens_per_s")
+        lines.append(
+            f"| {stats_file.parents[2].name} | {mode} | {s['entries_per_position']:.1f} | "
+            f"{100 * s['mean_covered_mass']:.0f} % | {s['bytes_per_token']:.1f} | "
+            f"{s['bytes_per_entry']:.2f} | "
+            + " | ".join(cells)
+            + f" | {'–' if rate is None else f'{rate:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_gap(summary: list[dict[str, Any]], path: Path) -> bool:
+    """Bytes/token (log) against the share of the CE gap closed, one panel per corpus;
+    False (and no file) when no cache variant has a gap share yet."""
+    points = [r for r in summary if r["bytes_per_token"] is not None and r["gap_ce"] is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    corpora = sorted({r["corpus"] for r in points})
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6.2 * len(corpora), 4.4), dpi=110,
+                             squeeze=False)  # fmt: skip
+    for ax, corpus in zip(axes[0], corpora):
+        mine = [r for r in points if r["corpus"] == corpus]
+        refs = {r["variant"]: r for r in summary if r["corpus"] == corpus}
+        span = refs["CE only"]["eval_ce"] - refs["online KD"]["eval_ce"]
+        for name, level in (("CE only", 0.0), ("online KD", 100.0)):
+            half = 100 * refs[name]["ce_spread"] / 2 / span
+            ax.axhspan(level - half, level + half, color="gray", alpha=0.15)
+            ax.axhline(level, color="gray", linestyle="--", linewidth=1)
+        ax.axhline(95, color="tab:green", linestyle=":", linewidth=1, label="goal: 95 %")
+        ax.axvline(16, color="tab:green", linestyle=":", linewidth=1)
+        for family, marker in (("sampled", "o"), ("top-", "s")):
+            fam = [r for r in mine if r["variant"].startswith(family)]
+            ax.scatter([r["bytes_per_token"] for r in fam], [100 * r["gap_ce"] for r in fam],
+                       marker=marker, label=family.rstrip("-"))  # fmt: skip
+            for r in fam:
+                ax.annotate(r["variant"].replace("sampled ", ""),
+                            (r["bytes_per_token"], 100 * r["gap_ce"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel("cache bytes per token (all-in)")
+        ax.set_ylabel("share of the CE-only -> online-KD gap closed (%)")
+        ax.set_title(f"{corpus}: SmolLM2-135M teacher (gray: seed spread)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

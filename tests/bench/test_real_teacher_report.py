@@ -1,0 +1,61 @@
+"""The real-teacher study's summary: gap shares, seed spreads and the plot, on partial rows.
+
+The study itself needs hours of CPU (docs/benchmarks.md); its plumbing was run at toy sizes
+with ``logitcache bench real-teacher --quick``. Here only the arithmetic that turns its
+result rows into the table and the plot is checked, on hand-made rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from logitcache.bench.real_teacher import first_pass_variants
+from logitcache.bench.real_teacher_report import plot_gap, summarize, summary_table
+
+
+def row(variant: str, seed: int, ce: float, kl: float, bpt: float | None = None) -> dict:
+    return {"corpus": "prose", "variant": variant, "seed": seed, "key": f"{variant} seed={seed}",
+            "eval_ce": ce, "eval_kl": kl,
+            "bytes_per_token": bpt, "entries_per_position": None if bpt is None else 8.0,
+            "teacher_ce": 3.0, "wall_s": 1.0}  # fmt: skip
+
+
+def test_gap_shares_use_the_seed_means_of_both_references():
+    rows = [row("CE only", 0, 6.0, 2.0), row("CE only", 1, 6.2, 2.2),
+            row("online KD", 0, 5.0, 1.0), row("online KD", 1, 5.2, 1.2),
+            row("sampled N=16", 0, 5.55, 1.3, 25.0),
+            row("sampled N=16", 0, 5.55, 1.3, 25.0)]  # the same row kept twice  # fmt: skip
+    by_name = {r["variant"]: r for r in summarize(rows)}
+    n16 = by_name["sampled N=16"]
+    assert n16["gap_ce"] == pytest.approx((6.1 - 5.55) / (6.1 - 5.1))
+    assert n16["gap_kl"] == pytest.approx((2.1 - 1.3) / (2.1 - 1.1))
+    assert by_name["CE only"]["ce_spread"] == pytest.approx(0.2)
+    assert (by_name["CE only"]["seeds"], n16["seeds"]) == (2, 1)
+    assert (by_name["CE only"]["gap_ce"], by_name["online KD"]["gap_ce"]) == (0.0, 1.0)
+    table = summary_table(summarize(rows))
+    assert "| prose | sampled N=16 | 1 | 5.550 |" in table
+    assert "6.100 ± 0.100" in table  # two seeds: the mean, half the range
+
+
+def test_partial_results_give_no_gap_and_no_plot(tmp_path):
+    rows = [row("CE only", 0, 6.0, 2.0), row("sampled N=16", 0, 5.5, 1.3, 25.0)]
+    summary = summarize(rows)
+    assert all(r["gap_ce"] is None for r in summary)
+    assert "| – | – |" in summary_table(summary)
+    assert not plot_gap(summary, tmp_path / "gap.png")
+    assert not (tmp_path / "gap.png").exists()
+
+
+def test_the_plot_is_written_once_a_cache_variant_has_a_gap_share(tmp_path):
+    rows = [row("CE only", 0, 6.0, 2.0), row("online KD", 0, 5.0, 1.0),
+            row("sampled N=16", 0, 5.5, 1.3, 25.0),
+            row("top-128 label", 0, 5.2, 1.1, 280.0)]  # fmt: skip
+    assert plot_gap(summarize(rows), tmp_path / "gap.png")
+    assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_come_references_first_and_every_name_once():
+    names = [v.name for v in first_pass_variants()]
+    assert names[:2] == ["CE only", "online KD"]
+    assert len(set(names)) == len(names)
+    assert len({v.key for v in first_pass_variants()}) == len(names)

@@ -89,3 +89,29 @@ def read_metrics(out: Path) -> list[dict]:
 def metrics():
     """Reads OUT/metrics.jsonl as a list of dicts."""
     return read_metrics
+
+
+@pytest.fixture(scope="session")
+def flags(train_args, topk_cache, teacher_dir, student_config):
+    """``logitcache train`` arguments for ``nproc`` processes with the same global batch
+    (tests/train/elastic.py)."""
+
+    def make(out: Path, nproc: int, steps: int, **extra) -> list[str]:
+        return train_args(
+            topk_cache, out, student_config=student_config, tokenizer=teacher_dir,
+            steps=steps, batch_size=2, grad_accum=2 // nproc, eval_fraction=0.1,
+            schedule="constant", eval_every=4, save_every=4, **extra,
+        )  # fmt: skip
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, cli, flags) -> Path:
+    """One process, no FSDP, grad-accum 2, 16 steps uninterrupted (tests copy, never edit)."""
+    from elastic import STEPS
+
+    out = tmp_path_factory.mktemp("reference")
+    result = cli(flags(out, nproc=1, steps=STEPS))
+    assert result.exit_code == 0, result.output
+    return out

@@ -15,65 +15,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-STEPS, FIRST = 16, 8
-
-
-@pytest.fixture(scope="module")
-def flags(train_args, topk_cache, teacher_dir, student_config):
-    """``logitcache train`` arguments for ``nproc`` processes with the same global batch."""
-
-    def make(out: Path, nproc: int, steps: int, **extra) -> list[str]:
-        return train_args(
-            topk_cache, out, student_config=student_config, tokenizer=teacher_dir,
-            steps=steps, batch_size=2, grad_accum=2 // nproc, eval_fraction=0.1,
-            schedule="constant", eval_every=4, save_every=4, **extra,
-        )  # fmt: skip
-
-    return make
-
-
-def torchrun(args: list[str], timeout: float = 120) -> None:
-    """``torchrun --standalone --nproc-per-node 2 -m logitcache.cli ARGS`` (a free port)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "logitcache.cli", *args]  # fmt: skip
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cli, flags) -> Path:
-    """One process, 16 steps, uninterrupted."""
-    out = tmp_path_factory.mktemp("reference")
-    result = cli(flags(out, nproc=1, steps=STEPS))
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def same_curve(a: Path, b: Path, metrics) -> None:
-    """The same steps, losses, evaluations and token counts; weights equal within float
-    tolerance (DDP sums gradients in another order than accumulation)."""
-    one, two = metrics(a), metrics(b)
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    for x, y in zip(one, two, strict=True):
-        for key in ("loss", "eval_kl", "eval_ce"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-4), (x["step"], key)
-        for key in ("tokens", "epoch", "eval_positions"):
-            assert x.get(key) == y.get(key), (x["step"], key)
-    wa = load_file(a / "model" / "model.safetensors")
-    wb = load_file(b / "model" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.allclose(wa[key], wb[key], rtol=1e-4, atol=1e-5), key
+from elastic import FIRST, STEPS, same_run, torchrun
 
 
 @pytest.mark.slow
@@ -90,7 +36,7 @@ def test_two_processes_resume_with_one(cli, flags, metrics, reference, tmp_path)
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 1
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["epoch"] for r in rows] == [0] * 13 + [1] * 3
-    same_curve(reference, out, metrics)
+    same_run(reference, out, metrics, close=lambda x, y: y == pytest.approx(x, rel=1e-4))
 
 
 @pytest.mark.slow
@@ -100,7 +46,7 @@ def test_one_process_resumes_with_two(cli, flags, metrics, reference, tmp_path):
     assert result.exit_code == 0, result.output
     torchrun([*flags(out, nproc=2, steps=STEPS), "--resume"])
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
-    same_curve(reference, out, metrics)
+    same_run(reference, out, metrics, close=lambda x, y: y == pytest.approx(x, rel=1e-4))
 
 
 @pytest.mark.slow

@@ -20,59 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from elastic import FIRST, STEPS, same_run, torchrun
 
 from logitcache.errors import LogitcacheError
-
-STEPS, FIRST = 16, 8
-
-
-@pytest.fixture(scope="module")
-def flags(train_args, topk_cache, teacher_dir, student_config):
-    def make(out: Path, nproc: int, steps: int, **extra) -> list[str]:
-        return train_args(
-            topk_cache, out, student_config=student_config, tokenizer=teacher_dir,
-            steps=steps, batch_size=2, grad_accum=2 // nproc, eval_fraction=0.1,
-            schedule="constant", eval_every=4, save_every=4, **extra,
-        )  # fmt: skip
-
-    return make
-
-
-def torchrun(args: list[str], timeout: float = 180) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "logitcache.cli", *args]  # fmt: skip
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cli, flags) -> Path:
-    """One process, no FSDP, grad-accum 2, 16 steps uninterrupted."""
-    out = tmp_path_factory.mktemp("reference")
-    result = cli(flags(out, nproc=1, steps=STEPS))
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def same_run(a: Path, b: Path, metrics) -> None:
-    """Losses within 1e-5 at every step, the same evaluations and token counts, and final
-    weights (``save_pretrained``, gathered from the shards) allclose."""
-    one, two = metrics(a), metrics(b)
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    for x, y in zip(one, two, strict=True):
-        for key in ("loss", "eval_kl", "eval_ce"):
-            if key in x:
-                assert abs(y[key] - x[key]) <= 1e-5, (x["step"], key, x[key], y[key])
-        for key in ("tokens", "epoch", "eval_positions"):
-            assert x.get(key) == y.get(key), (x["step"], key)
-    wa = load_file(a / "model" / "model.safetensors")
-    wb = load_file(b / "model" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.allclose(wa[key], wb[key], rtol=1e-4, atol=1e-5), key
 
 
 @pytest.mark.slow
@@ -98,7 +48,7 @@ def test_fsdp_on_two_processes_resumes_on_one(cli, flags, metrics, reference, tm
     result = cli([*flags(out, nproc=1, steps=STEPS), "--fsdp", "--resume"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 1
-    same_run(reference, out, metrics)
+    same_run(reference, out, metrics, close=lambda x, y: abs(x - y) <= 1e-5)
 
 
 @pytest.mark.slow
@@ -109,7 +59,7 @@ def test_fsdp_on_one_process_resumes_on_two(cli, flags, metrics, reference, tmp_
     assert result.exit_code == 0, result.output
     torchrun([*flags(out, nproc=2, steps=STEPS), "--fsdp", "--resume"])
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
-    same_run(reference, out, metrics)
+    same_run(reference, out, metrics, close=lambda x, y: abs(x - y) <= 1e-5)
 
 
 def test_switching_between_ddp_and_fsdp_on_resume_is_refused(cli, flags, reference, tmp_path):

@@ -40,6 +40,8 @@ def hub(tmp_path, monkeypatch):
         writer.attach_tokenizer(Tokenizer())
         writer.finish(10)
     waits: list[float] = []
+    # CI sets HF_HUB_OFFLINE=1 so nothing reaches the real Hub; the stand-in is on 127.0.0.1
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", waits.append)
     monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.001)
     with FakeHubServer(tmp_path / "repo") as server:

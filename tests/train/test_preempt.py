@@ -167,7 +167,7 @@ class _WaitingStream(IterableDataset):
             yield i
 
 
-def test_a_dataloader_worker_outlives_ctrl_c_and_a_foreign_sigterm(tmp_path):
+def test_a_dataloader_worker_outlives_ctrl_c_and_a_foreign_sigterm(tmp_path, monkeypatch):
     """Ctrl-C reaches the trainer's DataLoader worker too, and SLURM sends SIGTERM to every
     process; while the trainer finishes its step the worker must go on decoding (the next
     batch would fail). The trainer's own SIGTERM (DataLoader's or multiprocessing's
@@ -189,7 +189,11 @@ def test_a_dataloader_worker_outlives_ctrl_c_and_a_foreign_sigterm(tmp_path):
     (tmp_path / "go-1").touch()
     assert next(batches) == 1
     assert worker.is_alive()
-    worker.terminate()  # SIGTERM from the parent
+    # The DataLoader's own shutdown, as at exit: it stops watching the worker (its SIGCHLD
+    # handler would call this death a failure), waits, then terminates it (SIGTERM from the
+    # parent); the worker, stuck before go-2, must die of it or exiting would hang.
+    monkeypatch.setattr("torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL", 0.2)
+    batches._shutdown_workers()
     worker.join(10)
     assert worker.exitcode == 128 + signal.SIGTERM
 

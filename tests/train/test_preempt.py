@@ -240,8 +240,11 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(lab, args, ref
     output = proc.communicate(timeout=120)[0]
 
     assert proc.returncode != 0, output[-3000:]
+    # Each rank prints the line, unless torchrun ends it first: the agent stops the other rank
+    # as soon as one exits non-zero (both have saved by then: the save ends in a barrier).
     lines = [ln for ln in output.splitlines() if "interrupted:" in ln]
-    assert len(lines) == 2 and all("interrupted: SIGTERM after step 3 of 8: " in ln for ln in lines)
+    assert 1 <= len(lines) <= 2, output[-3000:]
+    assert all("interrupted: SIGTERM after step 3 of 8: " in ln for ln in lines), lines
     assert latest_checkpoint(str(out)).name == "step-0000003"
 
     resumed = [*args(out, batch_size=2, grad_accum=2), "--resume"]  # the same global batch

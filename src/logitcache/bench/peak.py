@@ -7,12 +7,13 @@ so that a timer around a step measures the step.
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 
 import torch
 
-__all__ = ["PeakRSS", "status_kib", "sync"]
+__all__ = ["PeakRSS", "VariantPeak", "status_kib", "sync"]
 
 
 class PeakRSS:
@@ -30,6 +31,26 @@ class PeakRSS:
     def added(self) -> int:
         peak = status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss()
         return max(0, peak - self.base)
+
+
+class VariantPeak:
+    """The memory a ``bench train`` variant adds from ``start()``, in bytes: the allocator's
+    peak on CUDA, else the resident memory added (``PeakRSS``) when ``measure_rss``."""
+
+    def __init__(self, device: torch.device, measure_rss: bool) -> None:
+        self.device, self.measure_rss, self.rss = device, measure_rss, PeakRSS()
+
+    def start(self) -> None:
+        gc.collect()
+        self.rss.start()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def added(self) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return self.rss.added() if self.measure_rss else None
 
 
 def _reset_hwm() -> bool:

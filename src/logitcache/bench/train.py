@@ -33,7 +33,6 @@ allocator and would hide the next one's.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import statistics
@@ -49,7 +48,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 
-from .peak import PeakRSS, sync
+from .peak import VariantPeak, sync
 from .precompute import SyntheticLlama, synthetic_corpus, synthetic_tokenizer, synthetic_words
 from .variant import VariantResult, build_model, read_student_config
 
@@ -284,12 +283,8 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     ]  # DistillCollator dicts: input_ids [B, L], teacher_ids [B, L, K], ...
 
     # -- setup: everything the variant adds is measured from here ----------------------
-    gc.collect()
-    rss = PeakRSS()
-    rss.start()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = VariantPeak(device, measure_rss)
+    memory.start()
     model = build_model(student_config, job["seed"]).to(device).train()
     teacher = None
     if variant == "online-kd":
@@ -326,10 +321,7 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - cpu0)
 
-    if device.type == "cuda":
-        peak: int | None = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = rss.added() if measure_rss else None
+    peak = memory.added()
     timed, warm = times[job["warmup"] :], job["warmup"]
     tokens = int(batches[0]["attention_mask"].sum())
     step_s = statistics.median(timed)

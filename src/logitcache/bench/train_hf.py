@@ -24,14 +24,13 @@ from typing import Any
 
 import torch
 
-from .peak import PeakRSS, sync
+from .peak import VariantPeak, sync
 
 __all__ = ["run_hf_variant"]
 
 
 def run_hf_variant(job: dict[str, Any], *, measure_rss: bool = False):
     """Train ``warmup + steps`` steps with ``DistillationTrainer``; see the module docstring."""
-    import gc
 
     from transformers import TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
@@ -60,12 +59,8 @@ def run_hf_variant(job: dict[str, Any], *, measure_rss: bool = False):
             times.append(time.perf_counter() - self.t0)
             cpu_times.append(time.process_time() - self.cpu0)
 
-    gc.collect()
-    rss = PeakRSS()
-    rss.start()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = VariantPeak(device, measure_rss)
+    memory.start()
     model = build_model(student, job["seed"]).to(device).train()
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as out:
         args = TrainingArguments(
@@ -81,10 +76,7 @@ def run_hf_variant(job: dict[str, Any], *, measure_rss: bool = False):
             distillation_loss=DistillationLoss("forward-kl", tail="bucket", chunk_size=1024),
         )  # fmt: skip
         trainer.train()
-    if device.type == "cuda":
-        peak: int | None = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = rss.added() if measure_rss else None
+    peak = memory.added()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = job["warmup"]
     step_s = statistics.median(times[warm:])

@@ -12,7 +12,7 @@ from logitcache.storage import CacheReader
 
 from .config import TrainConfig
 from .data import count_split
-from .dataset import CacheDataset
+from .dataset import CacheDataset, tokenizer_mismatch
 
 __all__ = ["check_cache", "eval_dataset", "mixed_readers"]
 
@@ -47,14 +47,14 @@ def check_cache(reader: CacheReader, config: TrainConfig) -> None:
 def mixed_readers(reader: CacheReader, config: TrainConfig) -> list[CacheReader]:
     """The caches mixed in with the main one; each must share its tokenizer."""
     readers = [CacheReader(url, **config.reader_options()) for url in config.mix_caches]
-    mine = reader.spec.tokenizer.get("fingerprint")
     for other in readers:
         check_cache(other, config)
-        theirs = other.spec.tokenizer.get("fingerprint")
-        if theirs != mine:
+        mismatch = tokenizer_mismatch([reader, other])
+        if mismatch is not None:
+            _, mine, theirs = mismatch
             raise LogitcacheError(
                 f"--cache {other.loc.url} was made with another tokenizer than --cache "
-                f"{config.cache} (fingerprint {str(theirs)[:16]} vs {str(mine)[:16]}); "
+                f"{config.cache} (fingerprint {theirs[:16]} vs {mine[:16]}); "
                 "mixed caches must share one tokenizer"
             )
     return readers

@@ -36,7 +36,14 @@ from logitcache.storage import CacheReader, CacheSpec, SequenceRecord
 from .collator import IGNORE_INDEX
 from .data import heldout_mask
 
-__all__ = ["EXAMPLE_KEYS", "SPLITS", "TARGETS", "CacheDataset", "example_of"]
+__all__ = [
+    "EXAMPLE_KEYS",
+    "SPLITS",
+    "TARGETS",
+    "CacheDataset",
+    "example_of",
+    "tokenizer_mismatch",
+]
 
 EXAMPLE_KEYS = (
     "input_ids",
@@ -116,16 +123,14 @@ class CacheDataset(Dataset):
         return self.readers()[0].spec
 
     def _check_tokenizers(self) -> None:
-        readers = self.readers()
-        mine = readers[0].spec.tokenizer.get("fingerprint")
-        for r in readers[1:]:
-            theirs = r.spec.tokenizer.get("fingerprint")
-            if theirs != mine:
-                raise ValueError(
-                    f"cache {r.loc.url} was made with another tokenizer than {self.urls[0]} "
-                    f"(fingerprint {str(theirs)[:16]} vs {str(mine)[:16]}); mixed caches "
-                    "must share one tokenizer"
-                )
+        mismatch = tokenizer_mismatch(self.readers())
+        if mismatch is not None:
+            r, mine, theirs = mismatch
+            raise ValueError(
+                f"cache {r.loc.url} was made with another tokenizer than {self.urls[0]} "
+                f"(fingerprint {theirs[:16]} vs {mine[:16]}); mixed caches "
+                "must share one tokenizer"
+            )
 
     def _split_of(self, indices: np.ndarray) -> np.ndarray:
         if self.split == "all":
@@ -181,6 +186,17 @@ class CacheDataset(Dataset):
         from .stream import CacheStream
 
         return CacheStream(self, batch_size=batch_size, **options)
+
+
+def tokenizer_mismatch(readers: Sequence[CacheReader]) -> tuple[CacheReader, str, str] | None:
+    """The first cache made with another tokenizer than ``readers[0]``'s, as (that reader,
+    the first's fingerprint, its fingerprint); None when all share one."""
+    mine = readers[0].spec.tokenizer.get("fingerprint")
+    for r in readers[1:]:
+        theirs = r.spec.tokenizer.get("fingerprint")
+        if theirs != mine:
+            return r, str(mine), str(theirs)
+    return None
 
 
 def _first(parts: list[np.ndarray], n: int) -> list[np.ndarray]:

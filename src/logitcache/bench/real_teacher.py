@@ -115,6 +115,7 @@ def first_pass_variants() -> list[Variant]:
         Variant("online KD", _TOKENS, {"online_teacher": True}),
         Variant("sampled N=16", n(16), counts),
         Variant("sampled N=8", n(8), counts),
+        Variant("sampled N=12", n(12), counts),
         Variant("sampled N=64", n(64), counts),
         Variant("top-128 label", top(128), {"tail": "label"}),
         Variant("top-128 bucket", top(128), {"tail": "bucket"}),

@@ -23,6 +23,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "logitcache precompute --teacher" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cache_tokens"] == summary["budget"]["slice_tokens"]
+    trains = [c for c in summary["commands"] if c.startswith("logitcache train")]
+    assert len(trains) == 2 and not any("--tokenizer" in c for c in trains)  # the cache's own
     for name in ("ce-only", "distilled"):
         model_dir = out / f"student-{name}" / "model"
         AutoModelForCausalLM.from_pretrained(model_dir)

@@ -227,13 +227,14 @@ def precompute_config(
 
 
 def train_config(
-    cache: Path, out: Path, config: Path, teacher: Path, held_cache: Path, budget: DemoBudget,
+    cache: Path, out: Path, config: Path, held_cache: Path, budget: DemoBudget,
     extra: dict[str, Any], seed: int = 0, steps: int | None = None, quiet: bool = True,
 ) -> TrainConfig:  # fmt: skip
-    """The training run of a demo or study student; ``extra``: its own settings."""
+    """The training run of a demo or study student; ``extra``: its own settings. The
+    student's tokenizer is the one stored in the cache."""
     steps = steps or budget.student_steps
     return TrainConfig(
-        cache=str(cache), out=str(out), student_config=str(config), tokenizer=str(teacher),
+        cache=str(cache), out=str(out), student_config=str(config),
         eval_cache=str(held_cache), eval_fraction=0.0, steps=steps,
         batch_size=budget.student_batch, lr=budget.student_lr, warmup_steps=steps // 10,
         eval_every=budget.eval_every, seed=seed, num_workers=0, device="cpu", quiet=quiet,
@@ -296,7 +297,7 @@ def run_demo(
     results = {}
     for name, loss in (("ce-only", {"loss": "ce"}), ("distilled", {})):
         t0 = time.perf_counter()
-        config = train_config(cache, out / f"student-{name}", student_config, teacher_dir,
+        config = train_config(cache, out / f"student-{name}", student_config,
                               held_cache, budget, loss, seed,
                               quiet=not reporter.enabled)  # fmt: skip
         commands.append(command_line(config))

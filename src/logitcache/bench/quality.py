@@ -118,7 +118,7 @@ class _Study:
 
         t0 = time.perf_counter()
         dest = self.work / "students" / f"{regime}-{name.replace(' ', '_').replace('=', '')}"
-        config = train_config(cache, dest, self.config, self.teacher, self.held, self.budget,
+        config = train_config(cache, dest, self.config, self.held, self.budget,
                               settings)  # fmt: skip
         done = dest / "model" / "config.json"
         if not done.is_file():  # a finished student of an interrupted study is kept

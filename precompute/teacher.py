@@ -12,6 +12,8 @@ from the file's own vocabulary and merges; it needs the optional ``gguf`` and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +125,11 @@ def load_teacher(
     if device_map is not None:
         _require_accelerate(device_map)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **placement, **extra,
-        )  # fmt: skip
+        with _gguf_bar_follows_hf_logging(bool(extra)):
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, dtype=torch_dtype,
+                trust_remote_code=trust_remote_code, **placement, **extra,
+            )  # fmt: skip
     except Exception as err:
         raise _load_error("teacher", name, err) from None
     if device_map is None:
@@ -200,6 +203,24 @@ def pretrained_source(name: str) -> tuple[str, dict[str, str]]:
         return name, {}
     _require_gguf_packages(gguf)
     return str(gguf.parent), {"gguf_file": gguf.name}
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_hf_logging(gguf: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws its de-quantize bar with plain tqdm, ignoring
+    ``disable_progress_bar()``; for the load, give it the tqdm that honours it."""
+    if not gguf:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as loader
+    from transformers.utils import logging as hf_logging
+
+    plain = loader.tqdm
+    loader.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        loader.tqdm = plain
 
 
 def _require_gguf_packages(path: Path) -> None:

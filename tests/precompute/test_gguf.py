@@ -21,7 +21,12 @@ import pytest
 from logitcache.errors import LogitcacheError
 from logitcache.identity import weights_fingerprint
 from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
-from logitcache.precompute.teacher import gguf_file_of, load_tokenizer, pretrained_source
+from logitcache.precompute.teacher import (
+    gguf_file_of,
+    load_teacher,
+    load_tokenizer,
+    pretrained_source,
+)
 from logitcache.storage import CacheReader, Location, read_manifest
 
 pytest.importorskip("gguf")
@@ -190,3 +195,14 @@ def test_a_missing_gguf_package_is_one_actionable_line(monkeypatch, gguf_teacher
 def test_a_missing_gguf_file_is_named(tmp_path):
     with pytest.raises(LogitcacheError, match="does not exist"):
         load_tokenizer(str(tmp_path / "absent.gguf"))
+
+
+def test_loading_a_gguf_teacher_draws_no_dequantize_bar(capfd, gguf_teacher):
+    """transformers' GGUF loader uses plain tqdm; the teacher load silences it as it does
+    every other transformers bar (a --quiet precompute prints one summary line)."""
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    plain = loader.tqdm
+    load_teacher(str(gguf_teacher), device="cpu")
+    assert "de-quantizing" not in capfd.readouterr().err
+    assert loader.tqdm is plain  # put back after the load

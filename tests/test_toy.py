@@ -129,9 +129,12 @@ def test_lr_multiplier_warms_up_then_decays():
     assert values[-1] == pytest.approx(0.1, abs=0.01)
 
 
-def test_pretrain_lowers_loss_and_saves_loadable_model(tokenizer, tmp_path, one_thread):
+def test_pretrain_lowers_loss_and_saves_loadable_model(tokenizer, tmp_path, one_thread, capfd):
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process (other tests may have disabled it)
 
     docs = [(str(i), PARAGRAPH) for i in range(8)]
     tokens = toy.tokenize_corpus(docs, tokenizer)
@@ -153,6 +156,7 @@ def test_pretrain_lowers_loss_and_saves_loadable_model(tokenizer, tmp_path, one_
         progress=False,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]  # no temp dir left
+    assert "Writing model shards" not in capfd.readouterr().err  # no bar beside the demo's
     model = AutoModelForCausalLM.from_pretrained(out)
     after = toy.heldout_cross_entropy(model, tokens, 32, 8)
     assert after < before - 1.0

@@ -380,6 +380,9 @@ def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
     """Save model, tokenizer and ``toy_pretrain.json`` to a sibling, then rename to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar beside the demo's own
     try:
         model.eval()
         model.save_pretrained(tmp)

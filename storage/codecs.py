@@ -12,8 +12,9 @@ Registered ids (prefix ``logitcache.``):
   delta-coded modulo 2**16 in stored order (consecutive sorted log-probs give small
   non-negative gaps), byte planes. |error| <= step / 2 per value; -inf round-trips exactly.
 - ``logitcache.float``: lossless float32 or float16 (a cast), as byte planes.
-Only these and numcodecs' ``zstd`` and ``packbits`` are accepted from a manifest: a
-manifest can never name ``pickle`` or any other codec that executes code.
+Only these and numcodecs' ``zstd``, ``packbits`` and ``shuffle`` (format v2: byte planes) are
+accepted from a manifest: a manifest can never name ``pickle`` or any other codec that
+executes code. Format v2's chains are ``storage.batch.v2_codecs``.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ for _codec in (IdsCodec, LogprobCodec, FloatCodec):
     numcodecs.register_codec(_codec)
 
 ALLOWED_CODEC_IDS = frozenset(
-    {IdsCodec.codec_id, LogprobCodec.codec_id, FloatCodec.codec_id, "zstd", "packbits"}
+    {IdsCodec.codec_id, LogprobCodec.codec_id, FloatCodec.codec_id, "zstd", "packbits", "shuffle"}
 )
 
 
@@ -296,7 +297,14 @@ class FieldCodec:
             raise CacheError(f"cannot decode field ({type(err).__name__}: {err})") from None
         if isinstance(data, np.ndarray) and data.dtype == self.dtype:
             return data.reshape(-1)
-        return np.frombuffer(bytes(data), dtype=self.dtype)
+        if isinstance(data, np.ndarray) and data.dtype == np.uint8:  # shuffle's output: no copy
+            if data.size % self.dtype.itemsize:
+                raise CacheError(f"decoded field has {data.size} bytes, not whole {self.dtype}s")
+            return data.reshape(-1).view(self.dtype)
+        try:
+            return np.frombuffer(bytes(data), dtype=self.dtype)
+        except ValueError as err:  # a length that is not a whole number of values
+            raise CacheError(f"cannot decode field ({err})") from None
 
 
 # dtype each field decodes to; the record layer relies on these.
@@ -313,12 +321,23 @@ FIELD_DTYPES = {
 
 
 def default_codecs(
-    vocab_size: int, *, logprobs: str = "lossy", step: float = 1 / 32, zstd_level: int = _ZSTD_LEVEL
+    vocab_size: int,
+    *,
+    logprobs: str = "lossy",
+    step: float = 1 / 32,
+    zstd_level: int = _ZSTD_LEVEL,
+    format_version: int = 2,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The codec chains for every field, as manifest-ready configs.
+    """The codec chains for every field of ``format_version``, as manifest-ready configs.
 
     ``logprobs``: ``lossy`` (LogprobCodec at ``step``), ``float16`` or ``float32``.
     """
+    if format_version == 2:
+        from .batch import v2_codecs
+
+        return v2_codecs(vocab_size, logprobs=logprobs, step=step, zstd_level=zstd_level)
+    if format_version != 1:
+        raise CacheError(f"format version {format_version} cannot be written; use 1 or 2")
     # A 4-byte checksum per frame (~32 B per sequence) makes a damaged blob fail to decode
     # even when a reader skips the shard hash (--no-verify).
     zstd = {"id": "zstd", "level": zstd_level, "checksum": True}

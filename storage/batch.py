@@ -8,13 +8,15 @@ What v2 changes against v1 (``record.py``), measured on SmolLM2-135M caches in
 docs/benchmarks.md ("Format v2"):
 - one zstd frame per field per batch of sequences (v1: per sequence), and one container row
   per batch: per-sequence framing and zstd headers were ~3.5 B/token at seq_len 256;
-- ids are stored as ranks: the shard's ``TABLE_SIZE`` most frequent stored ids get ranks
-  0.., every other id keeps its order after them (a 2 kB table per shard; ~2 B/token less
-  at N=16 than raw BPE ids, whose order is only roughly by frequency);
+- ids (stored and input) are stored as ranks: the shard's ``TABLE_SIZE`` most frequent
+  stored ids get ranks 0.., every other id keeps its order after them (a 2 kB table per
+  shard; ~2 B/token less at N=16 than raw BPE ids, whose order is only roughly by
+  frequency);
 - sampled mode: within a position the entries are sorted by rank and the ranks stored as
   gaps (the first as is), counts and log-probs permuted with them (sampled targets are a
-  set; the loss does not depend on the order); topk keeps v1's order by log-prob, which its
-  delta-coded log-probs need (sorting by id saves as many bytes on ids as it costs there);
+  set; the loss does not depend on the order), and the last count of each position is not
+  stored (N minus the others); topk keeps v1's order by log-prob, which its delta-coded
+  log-probs need (sorting by id saves as many bytes on ids as it costs there);
 - sampled mode without log-probs stores no tail mass (the counts target does not read it),
   and ``doc_starts`` / ``loss_mask`` are bit masks over the batch's tokens.
 """
@@ -57,9 +59,12 @@ def _id_dtype(vocab_size: int) -> str:
 
 
 def v2_codecs(
-    vocab_size: int, *, logprobs: str = "lossy", step: float = 1 / 32, zstd_level: int = 3
+    vocab_size: int, *, logprobs: str = "lossy", step: float = 1 / 32, zstd_level: int = 15
 ) -> dict[str, list[dict[str, Any]]]:
-    """The v2 codec chains of every field, manifest-ready (numcodecs' shuffle and zstd)."""
+    """The v2 codec chains of every field, manifest-ready (numcodecs' shuffle and zstd).
+
+    zstd level 15, not 3: 1 B/token less at N=16 (counts -0.5, ids -0.4) for the same decode
+    speed; it encodes ~120k tokens/s per writer thread (docs/benchmarks.md, "Format v2")."""
     zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
     shuffle = {"id": "shuffle", "elementsize": np.dtype(_id_dtype(vocab_size)).itemsize}
     if logprobs == "lossy":
@@ -154,6 +159,7 @@ class BatchCodec:
         id_to_rank = np.empty_like(rank_to_id)
         id_to_rank[rank_to_id] = np.arange(rank_to_id.size, dtype=rank_to_id.dtype)
         arrays = _concat(records)
+        arrays["input_ids"] = id_to_rank[arrays["input_ids"]]  # frequent tokens: small codes
         ranks = id_to_rank[arrays["ids"]].astype(np.int64)  # [E]
         if self.spec.mode == "sampled":
             n = arrays["n_entries"]
@@ -165,10 +171,15 @@ class BatchCodec:
                     arrays[name] = arrays[name][perm]
             gaps = np.diff(ranks, prepend=0)
             starts = np.cumsum(n) - n  # first entry of each position
-            gaps[starts[n > 0]] = ranks[starts[n > 0]]
+            gaps[starts] = ranks[starts]
             ranks = gaps
+            keep = np.ones(ranks.size, dtype=bool)
+            keep[starts + n - 1] = False  # the last count of a position is N - the others
+            arrays["counts"] = arrays["counts"][keep]
         arrays["ids"] = ranks
-        return {f: self.codecs[f].encode(arrays[f]) for f in self.fields}
+        # an empty field (counts when every position holds one id) is an empty blob: zstd
+        # frames of nothing do not decode in numcodecs 0.16
+        return {f: self.codecs[f].encode(arrays[f]) if arrays[f].size else b"" for f in self.fields}
 
     def decode(
         self, first_index: int, blobs: dict[str, Any], rank_to_id: np.ndarray, where: str
@@ -179,7 +190,9 @@ class BatchCodec:
             if name not in blobs:
                 raise CacheError(f"{where}: field {name!r} missing")
             try:
-                a[name] = self.codecs[name].decode(blobs[name])
+                codec = self.codecs[name]
+                blob = blobs[name]
+                a[name] = codec.decode(blob) if len(blob) else np.zeros(0, codec.dtype)
             except CacheError as err:
                 raise CacheError(f"{where}: field {name!r}: {err}") from None
         spec = self.spec
@@ -197,13 +210,12 @@ class BatchCodec:
         n_ent = int(n.sum())
         self._check_sizes(a, n_tok, n_pos, n_ent, where)
         if a["input_ids"].size and int(a["input_ids"].max()) >= spec.vocab_size:
-            raise CacheError(f"{where}: input_ids holds an id >= vocab_size {spec.vocab_size}")
+            raise CacheError(f"{where}: input_ids holds a rank >= vocab_size {spec.vocab_size}")
+        a["input_ids"] = rank_to_id[a["input_ids"]]  # [T] uint32
         ranks = a["ids"]
         if spec.mode == "sampled":
             ranks = _ungap(ranks, n)
-            sums = np.add.reduceat(a["counts"], np.cumsum(n) - n, dtype=np.int64) if n_ent else []
-            if n_ent and (np.asarray(sums) != spec.samples).any():
-                raise CacheError(f"{where}: counts do not add up to samples={spec.samples}")
+            a["counts"] = _last_counts(a["counts"], n, spec.samples, where)
         if ranks.size and int(ranks.max()) >= spec.vocab_size:
             raise CacheError(f"{where}: ids hold a rank >= vocab_size {spec.vocab_size}")
         a["ids"] = rank_to_id[ranks]  # [E] uint32
@@ -212,7 +224,7 @@ class BatchCodec:
 
     def _check_sizes(self, a: dict, n_tok: int, n_pos: int, n_ent: int, where: str) -> None:
         expect = {"input_ids": n_tok, "loss_mask": n_tok, "doc_starts": n_tok, "ids": n_ent,
-                  "counts": n_ent, "logprobs": n_ent, "tail_mass": n_pos}  # fmt: skip
+                  "counts": n_ent - n_pos, "logprobs": n_ent, "tail_mass": n_pos}  # fmt: skip
         for name, size in expect.items():
             if name in a and a[name].size != size:
                 raise CacheError(f"{where}: {name} has {a[name].size} values, expected {size}")
@@ -246,6 +258,20 @@ def _ungap(gaps: np.ndarray, n: np.ndarray) -> np.ndarray:
     return total - np.repeat(before, n)
 
 
+def _last_counts(stored: np.ndarray, n: np.ndarray, samples: int, where: str) -> np.ndarray:
+    """[E] uint8 counts from all but the last of each position's (the last: N - the rest)."""
+    last = np.cumsum(n) - 1  # [P]
+    keep = np.ones(int(last[-1]) + 1, dtype=bool)
+    keep[last] = False
+    counts = np.zeros(keep.size, dtype=np.uint8)
+    counts[keep] = stored
+    derived = samples - np.add.reduceat(counts, last - n + 1, dtype=np.int64)  # [P]
+    if derived.min() < 0:
+        raise CacheError(f"{where}: counts do not add up to samples={samples}")
+    counts[last] = derived
+    return counts
+
+
 def _split(
     first_index: int, lengths: np.ndarray, a: dict[str, np.ndarray], spec: CacheSpec
 ) -> list[SequenceRecord]:
@@ -257,7 +283,7 @@ def _split(
         t0, t1, p0, p1, e0, e1 = tok[i], tok[i + 1], pos[i], pos[i + 1], ent[i], ent[i + 1]
         record = SequenceRecord(
             index=first_index + i,
-            input_ids=a["input_ids"][t0:t1].astype(np.uint32),
+            input_ids=a["input_ids"][t0:t1],
             loss_mask=a["loss_mask"][t0:t1],
             doc_starts=np.flatnonzero(a["doc_starts"][t0:t1]).astype(np.uint32),
             ids=a["ids"][e0:e1],

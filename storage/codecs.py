@@ -325,7 +325,7 @@ def default_codecs(
     *,
     logprobs: str = "lossy",
     step: float = 1 / 32,
-    zstd_level: int = _ZSTD_LEVEL,
+    zstd_level: int | None = None,
     format_version: int = 2,
 ) -> dict[str, list[dict[str, Any]]]:
     """The codec chains for every field of ``format_version``, as manifest-ready configs.
@@ -335,9 +335,11 @@ def default_codecs(
     if format_version == 2:
         from .batch import v2_codecs
 
-        return v2_codecs(vocab_size, logprobs=logprobs, step=step, zstd_level=zstd_level)
+        level = {} if zstd_level is None else {"zstd_level": zstd_level}
+        return v2_codecs(vocab_size, logprobs=logprobs, step=step, **level)
     if format_version != 1:
         raise CacheError(f"format version {format_version} cannot be written; use 1 or 2")
+    zstd_level = _ZSTD_LEVEL if zstd_level is None else zstd_level
     # A 4-byte checksum per frame (~32 B per sequence) makes a damaged blob fail to decode
     # even when a reader skips the shard hash (--no-verify).
     zstd = {"id": "zstd", "level": zstd_level, "checksum": True}

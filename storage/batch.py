@@ -211,14 +211,14 @@ class BatchCodec:
         self._check_sizes(a, n_tok, n_pos, n_ent, where)
         if a["input_ids"].size and int(a["input_ids"].max()) >= spec.vocab_size:
             raise CacheError(f"{where}: input_ids holds a rank >= vocab_size {spec.vocab_size}")
-        a["input_ids"] = rank_to_id[a["input_ids"]]  # [T] uint32
+        a["input_ids"] = np.take(rank_to_id, a["input_ids"])  # [T] uint32
         ranks = a["ids"]
         if spec.mode == "sampled":
             ranks = _ungap(ranks, n)
             a["counts"] = _last_counts(a["counts"], n, spec.samples, where)
         if ranks.size and int(ranks.max()) >= spec.vocab_size:
             raise CacheError(f"{where}: ids hold a rank >= vocab_size {spec.vocab_size}")
-        a["ids"] = rank_to_id[ranks]  # [E] uint32
+        a["ids"] = np.take(rank_to_id, ranks)  # [E] uint32 (take: 2x faster than [ranks])
         a["n_entries"] = n
         return _split(first_index, lengths, a, spec)
 

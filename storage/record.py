@@ -86,6 +86,8 @@ class RecordCodec:
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
         self.fields = record_fields(spec)
+        if "ids_table" in spec.codecs:  # format 2's chains would misread format 1 rows
+            raise CacheError("cache spec has format 2 codecs but no 'batch_sequences'")
         missing = [f for f in self.fields if f not in spec.codecs]
         if missing:
             raise CacheError(f"cache spec has no codec for fields {missing}")

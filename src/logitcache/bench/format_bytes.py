@@ -79,8 +79,9 @@ def truncate_topk(record: Any, k: int) -> Any:
 
 
 def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None,
-             batch_sequences: int | None = None) -> Path:  # fmt: skip
-    """Write the records of ``src`` (cut to top-``k`` if given) as a ``format_version`` cache."""
+             batch_sequences: int | None = None) -> float:  # fmt: skip
+    """Write the records of ``src`` (cut to top-``k`` if given) as a ``format_version`` cache
+    at ``dest``; returns the CPU seconds spent encoding and writing shards (one thread)."""
     from logitcache.storage import CacheReader, CacheWriter, default_codecs
     from logitcache.storage.batch import default_batch_sequences
 
@@ -97,15 +98,18 @@ def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None
                                k=k if k is not None else spec.k)  # fmt: skip
     if dest.exists():
         shutil.rmtree(dest)
+    write_s = 0.0
     with CacheWriter(str(dest), spec, encode_threads=1) as writer:
         for pos, info in enumerate(reader.shards):
             records = list(reader.iter_shard(pos))
             if k is not None:
                 records = [truncate_topk(r, k) for r in records]
+            start = time.process_time()
             writer.write_shard(info.index, records)
+            write_s += time.process_time() - start
         if reader.manifest.complete:
             writer.finish(reader.manifest.n_sequences_total)
-    return dest
+    return write_s
 
 
 def decode_rate(cache: Path, repeats: int = 7) -> float:
@@ -133,8 +137,10 @@ def measure(src: Path, out: Path, *, k: int | None = None, batch_sequences: int 
         name = f"{src.name}{f'-k{k}' if k else ''}-v{version}"
         if version == 2 and batch_sequences:
             name += f"-b{batch_sequences}"
-        copy = reencode(src, out / name, version, k=k, batch_sequences=batch_sequences)
+        copy = out / name
+        write_s = reencode(src, copy, version, k=k, batch_sequences=batch_sequences)
         row = components(copy)
+        row["write_tokens_per_s"] = row["tokens"] / write_s
         if speed:
             row["decode_positions_per_s"] = decode_rate(copy)
         result[f"v{version}"] = row

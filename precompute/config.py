@@ -54,8 +54,8 @@ class PrecomputeConfig:
     shard_sequences: int = 256
     """Sequences per shard (the unit of resume, verification and parallel work)."""
     format_version: int = 2
-    """Cache format to write: 2 (smaller, faster to decode; logitcache >= 0.3 reads it) or 1
-    (readable by older logitcache too). Readers read both."""
+    """Cache format to write: 2 (smaller, faster to decode) or 1 (also readable by logitcache
+    releases from before format 2). Readers read both."""
     dtype: str | None = option(None, choices=("bfloat16", "float16", "float32"), none="auto")
     """Teacher dtype: bfloat16, float16, float32; None (auto) = the model's own."""
     device: str = "auto"

@@ -82,7 +82,7 @@ def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> Ca
             f"--seq-len {config.corpus.seq_len} exceeds the teacher's maximum positions ({max_pos})"
         )
     codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step,
-                            format_version=config.format_version)  # fmt: skip
+                            format_version=config.format_version, mode=config.mode)  # fmt: skip
     seq_len, per_shard = config.corpus.seq_len, config.shard_sequences
     return CacheSpec(
         mode=config.mode,

@@ -59,12 +59,21 @@ def _id_dtype(vocab_size: int) -> str:
 
 
 def v2_codecs(
-    vocab_size: int, *, logprobs: str = "lossy", step: float = 1 / 32, zstd_level: int = 15
+    vocab_size: int,
+    *,
+    mode: str = "sampled",
+    logprobs: str = "lossy",
+    step: float = 1 / 32,
+    zstd_level: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """The v2 codec chains of every field, manifest-ready (numcodecs' shuffle and zstd).
 
-    zstd level 15, not 3: 1 B/token less at N=16 (counts -0.5, ids -0.4) for the same decode
-    speed; it encodes ~120k tokens/s per writer thread (docs/benchmarks.md, "Format v2")."""
+    zstd level (default) 15 for ``sampled``: 0.9 B/token (5 %) less than level 3 at N=16,
+    mostly counts, at ~70-200k tokens/s per writer thread; 9 for ``topk``, where 15 saves
+    only 1 % more and encodes at ~15k tokens/s at k=128 (docs/benchmarks.md, "Format v2").
+    Decoding speed does not depend on the level."""
+    if zstd_level is None:
+        zstd_level = 15 if mode == "sampled" else 9
     zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
     shuffle = {"id": "shuffle", "elementsize": np.dtype(_id_dtype(vocab_size)).itemsize}
     if logprobs == "lossy":

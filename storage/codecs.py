@@ -334,16 +334,18 @@ def default_codecs(
     step: float = 1 / 32,
     zstd_level: int | None = None,
     format_version: int = 2,
+    mode: str = "sampled",
 ) -> dict[str, list[dict[str, Any]]]:
     """The codec chains for every field of ``format_version``, as manifest-ready configs.
 
-    ``logprobs``: ``lossy`` (LogprobCodec at ``step``), ``float16`` or ``float32``.
+    ``logprobs``: ``lossy`` (LogprobCodec at ``step``), ``float16`` or ``float32``;
+    ``mode`` (``topk`` or ``sampled``) picks format 2's zstd level.
     """
     if format_version == 2:
         from .batch import v2_codecs
 
         level = {} if zstd_level is None else {"zstd_level": zstd_level}
-        return v2_codecs(vocab_size, logprobs=logprobs, step=step, **level)
+        return v2_codecs(vocab_size, mode=mode, logprobs=logprobs, step=step, **level)
     if format_version != 1:
         raise CacheError(f"format version {format_version} cannot be written; use 1 or 2")
     zstd_level = _ZSTD_LEVEL if zstd_level is None else zstd_level

@@ -42,7 +42,7 @@ def make_spec(
         pack=True,
         container=container,
         codecs=default_codecs(
-            vocab_size, logprobs=logprobs, step=step, format_version=format_version
+            vocab_size, logprobs=logprobs, step=step, format_version=format_version, mode=mode
         ),
         shard_sequences=shard_sequences,
         k=k if mode == "topk" else None,

@@ -90,7 +90,7 @@ def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None
     settings = spec.settings
     codecs = default_codecs(spec.vocab_size, logprobs=settings.get("logprob_codec", "lossy"),
                             step=settings.get("logprob_step", 1 / 32),
-                            format_version=format_version)  # fmt: skip
+                            format_version=format_version, mode=spec.mode)  # fmt: skip
     batch = None
     if format_version == 2:
         batch = batch_sequences or default_batch_sequences(spec.seq_len, spec.shard_sequences)

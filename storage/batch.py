@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .codecs import FieldCodec, FloatCodec, LogprobCodec
+from .codecs import FieldCodec, id_dtype_for
 from .errors import CacheError
 from .format import CacheSpec
 from .record import SequenceRecord
@@ -39,7 +39,6 @@ __all__ = [
     "BatchCodec",
     "batch_fields",
     "default_batch_sequences",
-    "v2_codecs",
 ]
 
 BATCH_TOKENS = 4096
@@ -52,48 +51,6 @@ TABLE_SIZE = 1024
 def default_batch_sequences(seq_len: int, shard_sequences: int) -> int:
     """The ``batch_sequences`` a writer puts in a format 2 spec (readers read the spec's)."""
     return max(1, min(shard_sequences, BATCH_TOKENS // seq_len))
-
-
-def _id_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def v2_codecs(
-    vocab_size: int,
-    *,
-    mode: str = "sampled",
-    logprobs: str = "lossy",
-    step: float = 1 / 32,
-    zstd_level: int | None = None,
-) -> dict[str, list[dict[str, Any]]]:
-    """The v2 codec chains of every field, manifest-ready (numcodecs' shuffle and zstd).
-
-    zstd level (default) 15 for ``sampled``: 0.9 B/token (5 %) less than level 3 at N=16,
-    mostly counts, at ~70-200k tokens/s per writer thread; 9 for ``topk``, where 15 saves
-    only 1 % more and encodes at ~15k tokens/s at k=128 (docs/benchmarks.md, "Format v2").
-    Decoding speed does not depend on the level."""
-    if zstd_level is None:
-        zstd_level = 15 if mode == "sampled" else 9
-    zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
-    shuffle = {"id": "shuffle", "elementsize": np.dtype(_id_dtype(vocab_size)).itemsize}
-    if logprobs == "lossy":
-        lp = {"id": LogprobCodec.codec_id, "step": step}
-    elif logprobs in ("float16", "float32"):
-        lp = {"id": FloatCodec.codec_id, "dtype": logprobs}
-    else:
-        raise CacheError(f"unknown logprob codec {logprobs!r}; use lossy, float16 or float32")
-    return {
-        "lengths": [zstd],
-        "input_ids": [shuffle, zstd],
-        "loss_mask": [{"id": "packbits"}, zstd],
-        "doc_starts": [{"id": "packbits"}, zstd],
-        "ids": [shuffle, zstd],
-        "counts": [zstd],
-        "n_entries": [zstd],
-        "logprobs": [lp, zstd],
-        "tail_mass": [{"id": FloatCodec.codec_id, "dtype": "float16"}, zstd],
-        "ids_table": [shuffle, zstd],
-    }
 
 
 def batch_fields(spec: CacheSpec) -> tuple[str, ...]:
@@ -124,7 +81,7 @@ class BatchCodec:
         entries = self.batch * (spec.seq_len - 1) * per_position
         values = {"lengths": self.batch, "ids_table": min(TABLE_SIZE, spec.vocab_size),
                   "ids": entries, "counts": entries, "logprobs": entries}  # fmt: skip
-        id_dtype = _id_dtype(spec.vocab_size)
+        id_dtype = id_dtype_for(spec.vocab_size)
         dtypes = {"lengths": "uint32", "input_ids": id_dtype, "loss_mask": "bool",
                   "doc_starts": "bool", "ids": id_dtype, "counts": "uint8", "n_entries": "uint8",
                   "logprobs": "float32", "tail_mass": "float32", "ids_table": id_dtype}  # fmt: skip

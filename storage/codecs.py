@@ -14,7 +14,7 @@ Registered ids (prefix ``logitcache.``):
 - ``logitcache.float``: lossless float32 or float16 (a cast), as byte planes.
 Only these and numcodecs' ``zstd``, ``packbits`` and ``shuffle`` (format v2: byte planes) are
 accepted from a manifest: a manifest can never name ``pickle`` or any other codec that
-executes code. Format v2's chains are ``storage.batch.v2_codecs``.
+executes code. Format 2's chains are ``v2_codecs`` (layout: ``storage/batch.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ __all__ = [
     "LogprobCodec",
     "bits_for_vocab",
     "default_codecs",
+    "id_dtype_for",
+    "v2_codecs",
     "zstd_declared_size",
 ]
 
@@ -342,8 +344,6 @@ def default_codecs(
     ``mode`` (``topk`` or ``sampled``) picks format 2's zstd level.
     """
     if format_version == 2:
-        from .batch import v2_codecs
-
         level = {} if zstd_level is None else {"zstd_level": zstd_level}
         return v2_codecs(vocab_size, mode=mode, logprobs=logprobs, step=step, **level)
     if format_version != 1:
@@ -368,4 +368,47 @@ def default_codecs(
         "counts": [zstd],
         "n_entries": [zstd],
         "tail_mass": [{"id": FloatCodec.codec_id, "dtype": "float16"}, zstd],
+    }
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    """Format 2's stored dtype of ids and ranks below ``vocab_size``."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def v2_codecs(
+    vocab_size: int,
+    *,
+    mode: str = "sampled",
+    logprobs: str = "lossy",
+    step: float = 1 / 32,
+    zstd_level: int | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """The v2 codec chains of every field, manifest-ready (numcodecs' shuffle and zstd).
+
+    zstd level (default) 15 for ``sampled``: 0.9 B/token (5 %) less than level 3 at N=16,
+    mostly counts, at ~70-200k tokens/s per writer thread; 9 for ``topk``, where 15 saves
+    only 1 % more and encodes at ~15k tokens/s at k=128 (docs/benchmarks.md, "Format v2").
+    Decoding speed does not depend on the level."""
+    if zstd_level is None:
+        zstd_level = 15 if mode == "sampled" else 9
+    zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
+    shuffle = {"id": "shuffle", "elementsize": np.dtype(id_dtype_for(vocab_size)).itemsize}
+    if logprobs == "lossy":
+        lp = {"id": LogprobCodec.codec_id, "step": step}
+    elif logprobs in ("float16", "float32"):
+        lp = {"id": FloatCodec.codec_id, "dtype": logprobs}
+    else:
+        raise CacheError(f"unknown logprob codec {logprobs!r}; use lossy, float16 or float32")
+    return {
+        "lengths": [zstd],
+        "input_ids": [shuffle, zstd],
+        "loss_mask": [{"id": "packbits"}, zstd],
+        "doc_starts": [{"id": "packbits"}, zstd],
+        "ids": [shuffle, zstd],
+        "counts": [zstd],
+        "n_entries": [zstd],
+        "logprobs": [lp, zstd],
+        "tail_mass": [{"id": FloatCodec.codec_id, "dtype": "float16"}, zstd],
+        "ids_table": [shuffle, zstd],
     }

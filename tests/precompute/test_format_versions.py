@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from logitcache.describe import summary_text
 from logitcache.precompute import CorpusSpec, PrecomputeConfig, PrecomputeResult, run_precompute
 from logitcache.precompute.config import read_recipe
 from logitcache.storage import CacheReader
@@ -68,9 +69,11 @@ def test_format_1_on_request_and_its_recipe_says_so(tmp_path, tiny_teacher_dir, 
     raw = json.loads((out / "manifest.json").read_text())
     assert raw["format_version"] == 1 and raw["format_minor"] == 1  # with its tokenizer
     assert read_recipe(str(out))["format_version"] == 1
+    assert "format 1.1, id" in summary_text(CacheReader(out).manifest, str(out))  # inspect
     out2 = tmp_path / "v2"
     precompute(tiny_teacher_dir, text_corpus, out2, top_k=4)
     raw = json.loads((out2 / "manifest.json").read_text())
     assert raw["format_version"] == 2 and "format_minor" not in raw
     assert raw["spec"]["batch_sequences"] == 4  # the test's shard size: 4096 // 64 = 64 > 4
     assert read_recipe(str(out2))["format_version"] == 2
+    assert "format 2, id" in summary_text(CacheReader(out2).manifest, str(out2))

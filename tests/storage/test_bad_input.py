@@ -479,7 +479,7 @@ def test_bad_spec(changes, match):
 
 
 def test_spec_missing_a_field_codec(tmp_path):
-    codecs = default_codecs(1000)
+    codecs = default_codecs(1000, format_version=1)
     del codecs["tail_mass"]
     spec = CacheSpec(**spec_kwargs(codecs=codecs))
     with pytest.raises(CacheError, match=r"no codec for fields \['tail_mass'\]"):

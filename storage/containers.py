@@ -49,7 +49,8 @@ class ShardHandle(Protocol):
 
 
 class ArrowContainer:
-    """One IPC file per shard; one record batch (one row) per sequence.
+    """One IPC file per shard; one record batch of one row per container row (a sequence in
+    format 1, a batch of sequences in format 2).
 
     The blobs are already zstd-compressed by the field codecs, so Arrow's own buffer
     compression is off (it would spend time for no gain).

@@ -71,7 +71,7 @@ def big_shards(www):
 @pytest.fixture
 def big_batches(www):
     """Two format 2 shards of 4 batches of 3 sequences, each shard ~4 x the 64 KiB tail."""
-    spec = make_spec(seq_len=300, k=64, shard_sequences=12, batch_sequences=3, vocab_size=50000)
+    spec = make_spec(seq_len=300, k=64, shard_sequences=12, batch_sequences=3, vocab_size=5000)
     records = write_cache(www.root / "big2", spec, 24)
     return Served(www, f"{www.url}/big2", spec, records)
 

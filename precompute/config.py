@@ -53,6 +53,9 @@ class PrecomputeConfig:
     """Quantization step of the lossy codec, in nats (error <= step/2 per log-prob)."""
     shard_sequences: int = 256
     """Sequences per shard (the unit of resume, verification and parallel work)."""
+    format_version: int = 2
+    """Cache format to write: 2 (smaller, faster to decode) or 1 (also readable by logitcache
+    releases from before format 2). Readers read both."""
     dtype: str | None = option(None, choices=("bfloat16", "float16", "float32"), none="auto")
     """Teacher dtype: bfloat16, float16, float32; None (auto) = the model's own."""
     device: str = "auto"
@@ -91,6 +94,8 @@ class PrecomputeConfig:
             raise LogitcacheError(
                 f"--worker-index {self.worker_index} must be in 0..{self.num_workers - 1}"
             )
+        if self.format_version not in (1, 2):
+            raise LogitcacheError(f"--format-version must be 1 or 2, got {self.format_version}")
         if not 0 < self.logprob_step <= 1:
             raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
         if self.device_map is not None and self.device != "auto":
@@ -150,6 +155,7 @@ def settings_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         "logprob_codec": content.get("logprob_codec", "lossy"),
         "logprob_step": content.get("logprob_step", 1 / 32),
         "shard_sequences": spec["shard_sequences"],
+        "format_version": 1 if spec.get("batch_sequences") is None else 2,
     }
 
 

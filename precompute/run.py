@@ -28,6 +28,7 @@ from logitcache.errors import LogitcacheError
 from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
+from logitcache.storage.batch import default_batch_sequences
 
 from .config import PrecomputeConfig
 from .corpus import corpus_identity
@@ -80,7 +81,9 @@ def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> Ca
         raise LogitcacheError(
             f"--seq-len {config.corpus.seq_len} exceeds the teacher's maximum positions ({max_pos})"
         )
-    codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step)
+    codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step,
+                            format_version=config.format_version, mode=config.mode)  # fmt: skip
+    seq_len, per_shard = config.corpus.seq_len, config.shard_sequences
     return CacheSpec(
         mode=config.mode,
         vocab_size=vocab,
@@ -102,6 +105,9 @@ def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> Ca
         tokenizer=tokenizer_identity(tokenizer, config.teacher),
         corpus=corpus_identity(config.corpus),
         settings=config.content_settings(),
+        batch_sequences=default_batch_sequences(seq_len, per_shard)
+        if config.format_version == 2
+        else None,
     )
 
 
@@ -137,7 +143,7 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
             reporter.log(f"{config.out} is already complete: nothing to do")
             result.manifest, result.already_complete = writer.manifest, True
             return result
-        writer.attach_tokenizer(tokenizer)  # the cache carries its tokenizer (format 1.1)
+        writer.attach_tokenizer(tokenizer)  # the cache carries its tokenizer (format >= 1.1)
         done = sum(1 for s in writer.manifest.shards if writer.owns(s.index))
         if done:
             reporter.log(f"resuming: {done} shards of this worker are already complete")

@@ -27,11 +27,12 @@ import numpy as np
 
 from logitcache import __version__
 
+from .batch import BatchCodec
 from .containers import get_container
 from .errors import CacheError
-from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo, diff_specs
+from .format import CacheSpec, Manifest, ShardInfo, diff_specs
 from .location import Location
-from .record import RecordCodec, SequenceRecord
+from .record import RecordCodec, SequenceRecord, check_record
 
 __all__ = ["MANIFEST", "CacheWriter", "merge_parts", "read_manifest", "shard_stats"]
 
@@ -62,7 +63,8 @@ def shard_stats(records: Sequence[SequenceRecord]) -> dict[str, float | int]:
     n_tokens = sum(r.n_tokens for r in records)
     covered = entropy = 0.0
     for r in records:
-        covered += float(np.sum(1.0 - r.tail_mass, dtype=np.float64))
+        if r.tail_mass is not None:  # (a format 2 sampled record read back stores none)
+            covered += float(np.sum(1.0 - r.tail_mass, dtype=np.float64))
         p = r.target_probs().astype(np.float64)
         entropy += float(-np.sum(p * np.log(np.where(p > 0, p, 1.0))))
     return {
@@ -99,7 +101,7 @@ class CacheWriter:
         self.shard_sequences = spec.shard_sequences
         self.worker, self.num_workers = worker, num_workers
         self.container = get_container(spec.container)
-        self.codec = RecordCodec(spec)
+        self.codec = RecordCodec(spec) if spec.format_version == 1 else BatchCodec(spec)
         self._pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode")
         self._lock_fd: int | None = None
         self._tokenizer: Any = None
@@ -138,6 +140,11 @@ class CacheWriter:
         found = main + [read_manifest(self.loc, f"{PARTS}/{n}") for n in _part_names(self.loc)]
         merged = Manifest(spec=self.spec, created_by=f"logitcache {__version__}")
         for old in found:
+            if old.format_version != self.spec.format_version:
+                raise CacheError(
+                    f"{self.loc.url} already holds a format {old.format_version} cache; resume it "
+                    f"with --format-version {old.format_version}, or use another --out"
+                )
             if old.spec.to_dict() != self.spec.to_dict():  # JSON form: tuples == lists
                 changes = "; ".join(diff_specs(old.spec, self.spec)[:8])
                 raise CacheError(
@@ -196,10 +203,10 @@ class CacheWriter:
             raise CacheError(f"shard {shard} must hold sequences {first}.. in order")
         if len(records) > self.shard_sequences:
             raise CacheError(f"shard {shard} has {len(records)} > {self.shard_sequences} sequences")
-        rows = list(self._pool.map(self.codec.encode, records))
+        rows, row_indices, shard_blobs = self._encode(records)
         rel = shard_name(shard, self.container.suffix)
         metadata = {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.spec.format_version,
             "cache_id": self.spec.cache_id,
             "spec": self.spec.to_dict(),
             "shard_index": shard,
@@ -207,7 +214,7 @@ class CacheWriter:
             "n_sequences": len(records),
         }
         size, digest = self.container.write(
-            self.loc, rel, metadata, indices, rows, self.codec.fields
+            self.loc, rel, metadata, row_indices, rows, self.codec.fields, shard_blobs
         )
         info = ShardInfo(
             index=shard, path=rel, first_sequence=first, bytes=size, sha256=digest,
@@ -216,6 +223,21 @@ class CacheWriter:
         self.manifest = self.manifest.with_shard(info)
         self._publish_manifest()
         return info
+
+    def _encode(
+        self, records: Sequence[SequenceRecord]
+    ) -> tuple[list[dict[str, bytes]], list[int], dict[str, bytes]]:
+        """(container rows, the first sequence index of each, shard-level blobs)."""
+        if isinstance(self.codec, RecordCodec):  # format 1: a row per sequence
+            return list(self._pool.map(self.codec.encode, records)), [r.index for r in records], {}
+        for r in records:
+            check_record(self.spec, r, self.codec.record_fields, encoding=True)
+        table = self.codec.make_table(records)
+        rank_to_id = self.codec.expand_table(table)
+        b = self.codec.batch
+        batches = [records[i : i + b] for i in range(0, len(records), b)]
+        rows = list(self._pool.map(lambda rs: self.codec.encode(rs, rank_to_id), batches))
+        return rows, [rs[0].index for rs in batches], {"ids_table": self.codec.encode_table(table)}
 
     def finish(self, n_sequences_total: int) -> Manifest | None:
         """Record that this worker is done; returns the complete manifest if all are."""

@@ -2,8 +2,9 @@
 
 In: rows of per-field blobs (from ``RecordCodec``) plus the shard's identity metadata.
 Out: one published shard object, its byte size and sha256; and readers that return one
-row by position with a single ranged read (Arrow: one record batch per sequence; Zarr:
-one inner chunk per sequence inside a sharded array).
+row by position with a single ranged read (Arrow: one record batch per row; Zarr: one inner
+chunk per row inside a sharded array). A row is one sequence (format 1) or one batch of
+sequences (format 2); a shard may also carry a few shard-level blobs (format 2's id table).
 
 A shard is opened either from a local file (memory-mapped) or, for random access to a
 remote shard that has no local copy, over ranged reads: an Arrow shard costs one GET of
@@ -13,6 +14,7 @@ sequence (the footer gives each record batch's offset and length).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -41,11 +43,14 @@ class ShardHandle(Protocol):
     metadata: dict[str, Any]
     n_rows: int
 
+    shard_blobs: dict[str, bytes]
+
     def read(self, row: int) -> tuple[int, dict[str, Any]]: ...
 
 
 class ArrowContainer:
-    """One IPC file per shard; one record batch (one row) per sequence.
+    """One IPC file per shard; one record batch of one row per container row (a sequence in
+    format 1, a batch of sequences in format 2).
 
     The blobs are already zstd-compressed by the field codecs, so Arrow's own buffer
     compression is off (it would spend time for no gain).
@@ -62,10 +67,12 @@ class ArrowContainer:
         indices: Sequence[int],
         rows: Sequence[dict[str, bytes]],
         fields: Sequence[str],
+        shard_blobs: dict[str, bytes] | None = None,
     ) -> tuple[int, str]:
+        extra = {f"{_META_KEY}.{k}": v for k, v in (shard_blobs or {}).items()}
         schema = pa.schema(
             [pa.field("index", pa.int64())] + [pa.field(f, pa.binary()) for f in fields],
-            metadata={_META_KEY: json.dumps(metadata)},
+            metadata={_META_KEY: json.dumps(metadata), **extra},
         )
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, schema) as writer:
@@ -96,8 +103,13 @@ class _ArrowShard:
             else:
                 source = pa.PythonFile(loc.open(rel), mode="r")
             self._reader = pa.ipc.open_file(source)
-            raw = (self._reader.schema.metadata or {}).get(_META_KEY.encode())
+            meta = self._reader.schema.metadata or {}
+            raw = meta.get(_META_KEY.encode())
             self.metadata = json.loads(raw) if raw else {}
+            prefix = f"{_META_KEY}.".encode()
+            self.shard_blobs = {
+                k[len(prefix) :].decode(): v for k, v in meta.items() if k.startswith(prefix)
+            }
         except CacheError:
             raise
         except FileNotFoundError:
@@ -173,6 +185,7 @@ class ZarrContainer:
         indices: Sequence[int],
         rows: Sequence[dict[str, bytes]],
         fields: Sequence[str],
+        shard_blobs: dict[str, bytes] | None = None,
     ) -> tuple[int, str]:
         import zarr
 
@@ -181,6 +194,8 @@ class ZarrContainer:
             warnings.simplefilter("ignore")  # vlen-bytes has no frozen v3 spec yet
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             group.attrs[_META_KEY] = metadata
+            for key, blob in (shard_blobs or {}).items():  # small: format 2's id table (~2 kB)
+                group.attrs[f"{_META_KEY}.{key}"] = base64.b64encode(blob).decode()
             index = group.create_array("index", shape=(n,), dtype="int64", chunks=(n,))
             index[:] = np.asarray(indices, dtype=np.int64)
             for f in fields:
@@ -218,7 +233,14 @@ class _ZarrShard:
                         where, storage_options=loc.fs_options, read_only=True
                     )
                     self._group = zarr.open_group(store, mode="r")
-                self.metadata = dict(self._group.attrs.get(_META_KEY, {}))
+                attrs = dict(self._group.attrs)
+                self.metadata = dict(attrs.get(_META_KEY, {}))
+                prefix = f"{_META_KEY}."
+                self.shard_blobs = {
+                    k[len(prefix) :]: base64.b64decode(v, validate=True)
+                    for k, v in attrs.items()
+                    if k.startswith(prefix)
+                }
                 self._index = self._group["index"][:]
                 self._fields = [k for k in self._group.array_keys() if k != "index"]
                 self._arrays = {f: self._group[f] for f in self._fields}

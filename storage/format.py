@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import posixpath
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ._values import check_int as _int
+from ._values import check_relative_path
 from .errors import CacheError
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MODES",
+    "READ_VERSIONS",
     "TOKENIZER_DIR",
     "CacheSpec",
     "Manifest",
@@ -33,11 +35,12 @@ __all__ = [
 ]
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 1
-"""The major version: a reader refuses any other (docs/format.md, "Versions")."""
+FORMAT_VERSION = 2
+"""The major version written by default; readers read ``READ_VERSIONS`` (docs/format.md)."""
+READ_VERSIONS = (1, 2)
 FORMAT_MINOR = 1
-"""Minor versions add optional manifest keys that a reader of an older minor ignores:
-1 = ``tokenizer_files``. Written only when a manifest uses them."""
+"""Version 1's minor versions add optional manifest keys that a 1.x reader ignores:
+1 = ``tokenizer_files``. Written only when a manifest uses them (2.0 has them)."""
 MODES = ("topk", "sampled")
 TOKENIZER_DIR = "tokenizer"
 """Where a cache keeps its tokenizer's files (``save_pretrained`` output), since format 1.1."""
@@ -55,36 +58,6 @@ _MAX_TOKENIZER_FILE_BYTES = 1 << 30  # a 256k-vocabulary tokenizer.json is ~30 M
 def canonical_json(obj: Any) -> str:
     """Stable JSON for hashing: sorted keys, no whitespace."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def check_relative_path(path: str) -> str:
-    """Return ``path`` if it names a file inside the cache, else raise CacheError.
-
-    A manifest is data from someone else's machine: absolute paths, URLs, ``..``
-    components and backslashes are refused so a cache can never point outside itself.
-    """
-    if not isinstance(path, str) or not path:
-        raise CacheError(f"manifest names an invalid shard path {path!r}")
-    bad = (
-        path.startswith(("/", "~"))
-        or "\\" in path
-        or "://" in path
-        or ":" in path.split("/")[0]
-        or any(part in ("..", "") for part in path.split("/"))
-        or posixpath.normpath(path) != path
-    )
-    if bad:
-        raise CacheError(f"manifest names a path outside the cache: {path!r}; refusing to read it")
-    return path
-
-
-def _int(obj: Mapping, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
-    value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CacheError(f"{where}: '{key}' must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        raise CacheError(f"{where}: '{key}' = {value} is outside [{lo}, {hi}]")
-    return value
 
 
 @dataclass(frozen=True)
@@ -123,6 +96,9 @@ class CacheSpec:
     """Dataset name/config/split/revision or file hashes, text field."""
     settings: Mapping[str, Any] = field(default_factory=dict)
     """The precompute settings that shape the content (seed, max_tokens, shard size, ...)."""
+    batch_sequences: int | None = None
+    """Format 2: sequences per batch (one container row, one blob per field); None: format 1
+    (one row per sequence), and the key is absent from the spec's JSON."""
 
     def __post_init__(self) -> None:
         where = "cache spec"
@@ -152,6 +128,13 @@ class CacheSpec:
             _int(d, "k", where, 1, self.vocab_size)
         else:
             _int(d, "samples", where, 1, 255)
+        if self.batch_sequences is not None:
+            _int(d, "batch_sequences", where, 1, self.shard_sequences)
+
+    @property
+    def format_version(self) -> int:
+        """The major version of the shards this spec describes (2 has batches)."""
+        return 1 if self.batch_sequences is None else 2
 
     @property
     def entries_fixed(self) -> int | None:
@@ -159,7 +142,10 @@ class CacheSpec:
         return self.k if self.mode == "topk" else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        if d["batch_sequences"] is None:  # format 1's spec (and so its cache_id) as 1.x wrote it
+            del d["batch_sequences"]
+        return d
 
     @classmethod
     def from_dict(cls, obj: Any) -> CacheSpec:
@@ -291,10 +277,18 @@ class Manifest:
     n_sequences_total: int | None = None
     """Known when the teacher pass has read the whole corpus."""
     created_by: str = ""
-    format_version: int = FORMAT_VERSION
     tokenizer_files: tuple[StoredFile, ...] = ()
     """The tokenizer's files stored in the cache (optional: caches written before 0.2 lack
     them); their fingerprint is ``spec.tokenizer["fingerprint"]``."""
+
+    @property
+    def format_version(self) -> int:
+        return self.spec.format_version
+
+    @property
+    def version_label(self) -> str:
+        """The version as written: "2", "1.1" (a stored tokenizer) or "1.0"."""
+        return "2" if self.format_version == 2 else f"1.{int(bool(self.tokenizer_files))}"
 
     @property
     def n_sequences(self) -> int:
@@ -348,7 +342,7 @@ class Manifest:
 
     def to_json(self) -> str:
         obj: dict[str, Any] = {"format": FORMAT_NAME, "format_version": self.format_version}
-        if self.tokenizer_files:  # format 1.1; without them a manifest is written as 1.0 was
+        if self.tokenizer_files and self.format_version == 1:  # 1.1; else written as 1.0 was
             obj["format_minor"] = FORMAT_MINOR
         obj |= {
             "cache_id": self.spec.cache_id,
@@ -375,16 +369,20 @@ class Manifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise CacheError(f"{where} is not a logitcache manifest (no 'format': '{FORMAT_NAME}')")
         version = obj.get("format_version")
-        if version != FORMAT_VERSION:
-            if isinstance(version, int) and version > FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READ_VERSIONS:
+            if isinstance(version, int) and version > max(READ_VERSIONS):
                 raise CacheError(
                     f"{where} has format version {version}, newer than this logitcache reads "
-                    f"(version {FORMAT_VERSION}); upgrade logitcache"
+                    f"(versions {list(READ_VERSIONS)}); upgrade logitcache"
                 )
             raise CacheError(
-                f"{where} has unknown format version {version!r}; expected {FORMAT_VERSION}"
+                f"{where} has unknown format version {version!r}; expected one of "
+                f"{list(READ_VERSIONS)}"
             )
         spec = CacheSpec.from_dict(obj.get("spec"))
+        if spec.format_version != version:
+            raise CacheError(f"{where}: format version {version} but a format "
+                             f"{spec.format_version} spec; edited manifest?")  # fmt: skip
         if obj.get("cache_id") not in (None, spec.cache_id):
             raise CacheError(f"{where}: cache_id does not match its spec (edited manifest?)")
         raw_shards = obj.get("shards", [])

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from .batch import BatchCodec
 from .cache import read_manifest, shard_stats
 from .containers import get_container, shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
-from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo
+from .format import CacheSpec, Manifest, ShardInfo
 from .location import Location
 from .record import RecordCodec, SequenceRecord
 from .shardcache import Prefetcher, ShardCache
@@ -37,6 +38,7 @@ DEFAULT_PREFETCH = 8
 """Shards a remote reader fetches ahead of the one it reads (2 blocks of --block-shards 4)."""
 _MAX_OPEN_SHARDS = 64  # open handles kept per reader; a 10,000-shard cache is never all open
 _VERIFY_CACHE_BYTES = 4 * 10**9  # verify's scratch copies: the prefetch window, then deleted
+_DECODED_BATCHES = 16  # format 2: decoded batches kept per reader (16 x 16 sequences at 256)
 
 
 class CacheReader:
@@ -50,7 +52,10 @@ class CacheReader:
     scheduled is a ranged read of that one sequence: it cannot check the shard's sha256,
     but checks the shard's identity metadata, the row's index and every blob's zstd
     checksum. ``prefetch`` is the number of shards fetched ahead of the reader. A local
-    cache is read in place (``local_cache``, ``prefetch`` do nothing).
+    cache is read in place (``local_cache``, ``prefetch`` do nothing). Format 2 stores
+    sequences in batches: reading one decodes (and a ranged read fetches) its batch, and the
+    last few decoded batches are kept, so neighbours cost nothing more (a record read twice
+    may be the same object: copy its arrays before changing them).
     """
 
     def __init__(
@@ -67,7 +72,8 @@ class CacheReader:
         self.manifest = read_manifest(self.loc)
         self.spec = self.manifest.spec
         self.verify = verify
-        self.codec = RecordCodec(self.spec)
+        v1 = self.spec.format_version == 1
+        self.codec = RecordCodec(self.spec) if v1 else BatchCodec(self.spec)
         self.container = get_container(self.spec.container)
         self._shards = self.manifest.shards
         self._starts = np.array([s.first_sequence for s in self._shards], dtype=np.int64)
@@ -83,6 +89,8 @@ class CacheReader:
         self._pid = os.getpid()
         self._handles: OrderedDict[int, Any] = OrderedDict()  # whole shards, local files
         self._ranged: OrderedDict[int, Any] = OrderedDict()  # remote shards read by ranges
+        self._tables: OrderedDict[int, np.ndarray] = OrderedDict()  # format 2: rank -> id
+        self._decoded: OrderedDict[tuple[int, int], list[SequenceRecord]] = OrderedDict()
         self._prefetcher: Prefetcher | None = None
 
     def _check_fork(self) -> None:
@@ -209,12 +217,46 @@ class CacheReader:
 
     def _read_row(self, pos: int, row: int, handle: Any) -> SequenceRecord:
         info = self._shards[pos]
+        if isinstance(self.codec, BatchCodec):
+            batch, at = divmod(row, self.codec.batch)
+            return self._read_batch(pos, batch, handle)[at]
         stored_index, blobs = handle.read(row)
         where = f"shard {info.path} row {row}"
         if stored_index != info.first_sequence + row:
             raise ShardCorruptError(f"{where}: holds sequence {stored_index}, expected "
                                     f"{info.first_sequence + row}")  # fmt: skip
         return self.codec.decode(stored_index, blobs, where)
+
+    def _read_batch(self, pos: int, batch: int, handle: Any) -> list[SequenceRecord]:
+        """Format 2: the records of one batch of a shard (decoded once while kept)."""
+        records = self._decoded.get((pos, batch))
+        if records is not None:
+            self._decoded.move_to_end((pos, batch))
+            return records
+        info, size = self._shards[pos], self.codec.batch
+        first = info.first_sequence + batch * size
+        where = f"shard {info.path} batch {batch}"
+        stored_index, blobs = handle.read(batch)
+        if stored_index != first:
+            raise ShardCorruptError(f"{where}: starts at sequence {stored_index}, expected {first}")
+        try:
+            table = self._tables.get(pos)
+            if table is None:
+                blob = handle.shard_blobs.get("ids_table")
+                if blob is None:
+                    raise ShardCorruptError(f"shard {info.path} has no id table")
+                table = self.codec.decode_table(blob, f"shard {info.path}")
+                _remember(self._tables, pos, table)
+            records = self.codec.decode(first, blobs, table, where)
+        except ShardCorruptError:
+            raise
+        except CacheError as err:  # the bytes of a listed shard: damaged
+            raise ShardCorruptError(str(err)) from None
+        expected = min(size, info.n_sequences - batch * size)
+        if len(records) != expected:
+            raise ShardCorruptError(f"{where}: holds {len(records)} sequences, expected {expected}")
+        _remember(self._decoded, (pos, batch), records, _DECODED_BATCHES)
+        return records
 
     def iter_shard(self, pos: int) -> Iterator[SequenceRecord]:
         handle = self.open_shard(pos)
@@ -238,9 +280,9 @@ class CacheReader:
         self.close()
 
 
-def _remember(handles: OrderedDict[int, Any], pos: int, handle: Any) -> None:
-    handles[pos] = handle
-    if len(handles) > _MAX_OPEN_SHARDS:
+def _remember(handles: OrderedDict, key: Any, value: Any, most: int = _MAX_OPEN_SHARDS) -> None:
+    handles[key] = value
+    if len(handles) > most:
         handles.popitem(last=False)
 
 
@@ -256,18 +298,24 @@ def check_shard_digest(loc: Location, info: ShardInfo) -> None:
 def check_shard_metadata(handle: Any, info: ShardInfo, spec: CacheSpec) -> None:
     meta = handle.metadata
     where = f"shard {info.path}"
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") != spec.format_version:
         raise ShardCorruptError(
-            f"{where} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+            f"{where} has format version {meta.get('format_version')!r}, expected "
+            f"{spec.format_version}"
         )
     if meta.get("cache_id") != spec.cache_id or meta.get("spec") != spec.to_dict():
         raise ShardCorruptError(f"{where} belongs to another cache (its identity differs)")
     expected = (info.index, info.first_sequence, info.n_sequences)
     found = (meta.get("shard_index"), meta.get("first_sequence"), meta.get("n_sequences"))
-    if found != expected or handle.n_rows != info.n_sequences:
+    rows = (
+        info.n_sequences
+        if spec.batch_sequences is None
+        else -(-info.n_sequences // spec.batch_sequences)
+    )
+    if found != expected or handle.n_rows != rows:
         raise ShardCorruptError(
             f"{where} disagrees with the manifest: (index, first, count) {found} with "
-            f"{handle.n_rows} rows, manifest says {expected}"
+            f"{handle.n_rows} rows, manifest says {expected} ({rows} rows)"
         )
 
 

@@ -14,7 +14,7 @@ from .codecs import FIELD_DTYPES, FieldCodec
 from .errors import CacheError
 from .format import CacheSpec
 
-__all__ = ["RecordCodec", "SequenceRecord", "record_fields"]
+__all__ = ["RecordCodec", "SequenceRecord", "check_record", "record_fields"]
 
 
 @dataclass
@@ -30,9 +30,9 @@ class SequenceRecord:
     input_ids: np.ndarray  # [T] uint32
     loss_mask: np.ndarray  # [T] bool, True where token t is a training target
     doc_starts: np.ndarray  # [D] uint32, positions where a document begins
-    ids: np.ndarray  # [E] uint32, support ids, sorted by teacher probability within a position
+    ids: np.ndarray  # [E] uint32, support ids (order within a position: docs/format.md)
     n_entries: np.ndarray  # [T-1] int32 entries per position
-    tail_mass: np.ndarray  # [T-1] float32 teacher mass not covered by the stored ids
+    tail_mass: np.ndarray | None  # [T-1] float32 mass not covered (None: format 2, sampled)
     logprobs: np.ndarray | None = None  # [E] float32 log-softmax at T=1 (topk; sampled optional)
     counts: np.ndarray | None = None  # [E] uint8 draws of each id (sampled mode)
 
@@ -86,6 +86,8 @@ class RecordCodec:
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
         self.fields = record_fields(spec)
+        if "ids_table" in spec.codecs:  # format 2's chains would misread format 1 rows
+            raise CacheError("cache spec has format 2 codecs but no 'batch_sequences'")
         missing = [f for f in self.fields if f not in spec.codecs]
         if missing:
             raise CacheError(f"cache spec has no codec for fields {missing}")
@@ -95,12 +97,7 @@ class RecordCodec:
         }
 
     def encode(self, record: SequenceRecord) -> dict[str, bytes]:
-        where = f"sequence {record.index}"
-        self._check(record, where)
-        lp = record.logprobs if "logprobs" in self.fields else None
-        if lp is not None and (np.isnan(lp).any() or (lp > 0).any()):
-            # the float codecs would store these silently; the lossy codec refuses them too
-            raise CacheError(f"{where}: log-probabilities must be <= 0 and not NaN")
+        check_record(self.spec, record, self.fields, encoding=True)
         out = {}
         for name in self.fields:
             out[name] = self.codecs[name].encode(getattr(record, name))
@@ -121,41 +118,54 @@ class RecordCodec:
         else:
             arrays["n_entries"] = arrays["n_entries"].astype(np.int32)
         record = SequenceRecord(index=index, **arrays)
-        self._check(record, where)
+        check_record(self.spec, record, self.fields, where=where)
         return record
 
-    def _check(self, r: SequenceRecord, where: str) -> None:
-        spec = self.spec
-        t = r.n_tokens
-        if not 2 <= t <= spec.seq_len:
-            raise CacheError(f"{where}: length {t} outside [2, seq_len={spec.seq_len}]")
-        if r.loss_mask.shape != (t,) or r.tail_mass.shape != (t - 1,):
-            raise CacheError(f"{where}: loss_mask/tail_mass shapes disagree with {t} tokens")
-        if r.n_entries.shape != (t - 1,):
-            found = r.n_entries.shape[0]
-            raise CacheError(f"{where}: n_entries has {found} positions, not {t - 1}")
-        if spec.mode == "topk" and (r.n_entries != spec.k).any():
-            # topk shards do not store n_entries: the reader assumes k at every position
-            raise CacheError(f"{where}: topk records need k={spec.k} entries at every position")
-        absent = [name for name in self.fields if getattr(r, name, None) is None]
-        if absent:
-            raise CacheError(f"{where}: fields {absent} are required by this cache but missing")
-        n = int(r.n_entries.sum())
-        if r.ids.shape != (n,):
-            raise CacheError(f"{where}: {r.ids.shape[0]} ids stored for {n} entries")
-        for name in ("logprobs", "counts"):
-            value = getattr(r, name)
-            if value is not None and value.shape != (n,):
-                raise CacheError(f"{where}: {name} has {value.shape[0]} values for {n} entries")
-        for name, values in (("ids", r.ids), ("input_ids", r.input_ids)):
-            if values.size and int(values.max()) >= spec.vocab_size:
-                raise CacheError(
-                    f"{where}: {name} contains id {int(values.max())} >= vocab_size "
-                    f"{spec.vocab_size}"
-                )
-        if spec.mode == "sampled":
-            if r.counts is None or (r.n_entries < 1).any():
-                raise CacheError(f"{where}: sampled records need counts, >= 1 entry per position")
-            sums = np.add.reduceat(r.counts.astype(np.int64), r.offsets[:-1]) if n else []
-            if n and (np.asarray(sums) != spec.samples).any():
-                raise CacheError(f"{where}: counts do not add up to samples={spec.samples}")
+
+def check_record(
+    spec: CacheSpec,
+    r: SequenceRecord,
+    fields: tuple[str, ...],
+    where: str | None = None,
+    encoding: bool = False,
+) -> None:
+    """Raise CacheError unless ``r`` is a valid record of ``spec`` with ``fields`` present
+    (``encoding``: also refuse log-probs a float codec would store silently)."""
+    where = where or f"sequence {r.index}"
+    t = r.n_tokens
+    if not 2 <= t <= spec.seq_len:
+        raise CacheError(f"{where}: length {t} outside [2, seq_len={spec.seq_len}]")
+    tail_ok = r.tail_mass is None or r.tail_mass.shape == (t - 1,)
+    if r.loss_mask.shape != (t,) or not tail_ok:
+        raise CacheError(f"{where}: loss_mask/tail_mass shapes disagree with {t} tokens")
+    if r.n_entries.shape != (t - 1,):
+        found = r.n_entries.shape[0]
+        raise CacheError(f"{where}: n_entries has {found} positions, not {t - 1}")
+    if spec.mode == "topk" and (r.n_entries != spec.k).any():
+        # topk shards do not store n_entries: the reader assumes k at every position
+        raise CacheError(f"{where}: topk records need k={spec.k} entries at every position")
+    absent = [name for name in fields if getattr(r, name, None) is None]
+    if absent:
+        raise CacheError(f"{where}: fields {absent} are required by this cache but missing")
+    n = int(r.n_entries.sum())
+    if r.ids.shape != (n,):
+        raise CacheError(f"{where}: {r.ids.shape[0]} ids stored for {n} entries")
+    for name in ("logprobs", "counts"):
+        value = getattr(r, name)
+        if value is not None and value.shape != (n,):
+            raise CacheError(f"{where}: {name} has {value.shape[0]} values for {n} entries")
+    for name, values in (("ids", r.ids), ("input_ids", r.input_ids)):
+        if values.size and int(values.max()) >= spec.vocab_size:
+            raise CacheError(
+                f"{where}: {name} contains id {int(values.max())} >= vocab_size {spec.vocab_size}"
+            )
+    if spec.mode == "sampled":
+        if r.counts is None or (r.n_entries < 1).any():
+            raise CacheError(f"{where}: sampled records need counts, >= 1 entry per position")
+        sums = np.add.reduceat(r.counts.astype(np.int64), r.offsets[:-1]) if n else []
+        if n and (np.asarray(sums) != spec.samples).any():
+            raise CacheError(f"{where}: counts do not add up to samples={spec.samples}")
+    lp = r.logprobs if encoding and "logprobs" in fields else None
+    if lp is not None and (np.isnan(lp).any() or (lp > 0).any()):
+        # the float codecs would store these silently; the lossy codec refuses them too
+        raise CacheError(f"{where}: log-probabilities must be <= 0 and not NaN")

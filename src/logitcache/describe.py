@@ -12,12 +12,11 @@ __all__ = ["cache_state", "cache_summary", "summary_line", "summary_text"]
 
 
 def cache_summary(manifest: Any) -> dict[str, Any]:
-    from logitcache.storage import FORMAT_VERSION
-
     spec = manifest.spec
     stats = manifest.stats()
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": manifest.format_version,
+        "format": manifest.version_label,
         "cache_id": spec.cache_id,
         "complete": manifest.complete,
         "mode": spec.mode,
@@ -63,7 +62,7 @@ def summary_text(manifest: Any, url: str) -> str:
     return "\n".join(
         [
             f"cache       {url}  ({cache_state(manifest)}, "
-            f"format v{s['format_version']}, id {s['cache_id']})",
+            f"format {s['format']}, id {s['cache_id']})",
             f"content     {s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens in "
             f"{s['n_shards']} {s['container']} shard{'s' * (s['n_shards'] != 1)}; "
             f"seq_len {s['seq_len']}, "

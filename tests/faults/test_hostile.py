@@ -152,13 +152,13 @@ def shards_as_object(cache: Path, marker: Path) -> str:
 
 
 def newer_manifest(cache: Path, marker: Path) -> str:
-    edit_manifest(cache, lambda m: m.update(format_version=2))
+    edit_manifest(cache, lambda m: m.update(format_version=3))
     return "upgrade logitcache"
 
 
 def newer_shard(cache: Path, marker: Path) -> str:
-    rewrite_shard(cache, metadata={"format_version": 2})
-    return "shard shards/shard-000001.arrow has format version 2, expected 1"
+    rewrite_shard(cache, metadata={"format_version": 3})
+    return "shard shards/shard-000001.arrow has format version 3, expected 2"
 
 
 def pickled_shard(cache: Path, marker: Path) -> str:

@@ -62,10 +62,18 @@ def test_opening_reads_the_manifest_and_nothing_else(served):
 
 @pytest.fixture
 def big_shards(www):
-    """Two shards of ~250 KB, much larger than the 64 KiB tail a ranged open fetches."""
-    spec = make_spec(seq_len=300, k=64, shard_sequences=12)
+    """Two format 1 shards of ~250 KB, much larger than the 64 KiB tail a ranged open fetches."""
+    spec = make_spec(seq_len=300, k=64, shard_sequences=12, format_version=1)
     records = write_cache(www.root / "big", spec, 24)
     return Served(www, f"{www.url}/big", spec, records)
+
+
+@pytest.fixture
+def big_batches(www):
+    """Two format 2 shards of 4 batches of 3 sequences, each shard ~4 x the 64 KiB tail."""
+    spec = make_spec(seq_len=300, k=64, shard_sequences=12, batch_sequences=3, vocab_size=5000)
+    records = write_cache(www.root / "big2", spec, 24)
+    return Served(www, f"{www.url}/big2", spec, records)
 
 
 def ranges(server) -> list[tuple[int, int]]:
@@ -116,6 +124,40 @@ def test_ranged_read_still_catches_a_damaged_record(big_shards, remote_env):
     assert_records_match(spec, reader.read(13), records[13])  # its neighbours are fine
     with pytest.raises(CacheError, match=r"row 2: field 'ids'.*checksum"):  # zstd's own
         reader.read(14)
+
+
+def test_random_access_to_format_2_is_one_ranged_read_per_batch(big_batches, remote_env):
+    server, url, spec, records = (big_batches.server, big_batches.url, big_batches.spec,
+                                  big_batches.records)  # fmt: skip
+    reader = CacheReader(url)
+    size = reader.shards[1].bytes
+    assert size > 3 * 65536
+    server.clear()
+    assert_records_match(spec, reader.read(13), records[13])  # batch 0 of shard 1: 12..14
+    (tail, row), *_ = [ranges(server)]
+    assert tail == (size - 65536, size) and row[1] <= size - 65536
+    server.clear()
+    for i in (12, 14):  # the same batch: decoded once, no more reads
+        assert_records_match(spec, reader.read(i), records[i])
+    assert ranges(server) == []
+    assert_records_match(spec, reader.read(16), records[16])  # batch 1: one more read
+    (other,) = ranges(server)
+    assert other[1] <= row[0] or other[0] >= row[1]
+    assert 65536 + (row[1] - row[0]) + (other[1] - other[0]) < size
+    assert shard_gets(server, ranged=False) == [] and local_copies(remote_env) == []
+
+
+def test_format_2_ranged_read_catches_a_damaged_batch(big_batches, remote_env):
+    server, url, spec, records = (big_batches.server, big_batches.url, big_batches.spec,
+                                  big_batches.records)  # fmt: skip
+    path = server.root / "big2" / "shards" / "shard-000001.arrow"
+    with pa.ipc.open_file(pa.memory_map(str(path))) as f:
+        blob = f.get_batch(1).column("ids")[0].as_py()  # sequences 15..17, zstd-compressed
+    flip_byte(path, path.read_bytes().index(blob) + len(blob) // 2)
+    reader = CacheReader(url)
+    assert_records_match(spec, reader.read(13), records[13])  # another batch is fine
+    with pytest.raises(ShardCorruptError, match=r"batch 1: field 'ids'.*checksum"):
+        reader.read(16)
 
 
 # -- whole shards: the local shard cache -------------------------------------------------------

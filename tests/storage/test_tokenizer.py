@@ -61,7 +61,7 @@ def cache(made, tmp_path, monkeypatch) -> Path:
 
 
 def strip_tokenizer(cache: Path) -> None:
-    """Make ``cache`` what logitcache 0.1 wrote: no tokenizer files, format 1.0."""
+    """Make ``cache`` store no tokenizer files, as logitcache 0.1 wrote caches."""
     manifest = read_manifest(Location(cache))
     (cache / "manifest.json").write_text(replace(manifest, tokenizer_files=()).to_json())
     shutil.rmtree(cache / "tokenizer")
@@ -69,7 +69,7 @@ def strip_tokenizer(cache: Path) -> None:
 
 def test_precompute_stores_the_tokenizer(cache, tiny_tokenizer):
     raw = json.loads((cache / "manifest.json").read_text())
-    assert raw["format_version"] == 1 and raw["format_minor"] == 1
+    assert raw["format_version"] == 2 and "format_minor" not in raw  # 2.0 has tokenizer_files
     names = sorted(f["path"] for f in raw["tokenizer_files"])
     assert "tokenizer/tokenizer.json" in names and "tokenizer/tokenizer_config.json" in names
     for entry in raw["tokenizer_files"]:

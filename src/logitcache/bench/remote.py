@@ -23,7 +23,6 @@ from logitcache.progress import Reporter
 from logitcache.storage import CacheSpec, Location, Manifest, ShardInfo, default_codecs
 from logitcache.storage.cache import MANIFEST, shard_name, shard_stats
 from logitcache.storage.containers import get_container
-from logitcache.storage.format import FORMAT_VERSION
 from logitcache.storage.record import RecordCodec
 
 __all__ = ["RemoteRow", "build_cache", "format_remote", "run_remote_bench"]
@@ -53,7 +52,7 @@ def build_cache(
     """
     spec = CacheSpec(
         mode="topk", vocab_size=vocab, seq_len=seq_len, pack=True, container="arrow",
-        codecs=default_codecs(vocab), shard_sequences=shard_sequences, k=k,
+        codecs=default_codecs(vocab, format_version=1), shard_sequences=shard_sequences, k=k,
         teacher={"name_or_path": "synthetic"}, corpus={"name": "bench-remote"},
     )  # fmt: skip
     loc, codec, container = Location(root), RecordCodec(spec), get_container("arrow")
@@ -65,7 +64,7 @@ def build_cache(
         first = j * shard_sequences
         indices = list(range(first, first + shard_sequences))
         records = [replace(templates[i % len(templates)], index=i) for i in indices]
-        metadata = {"format_version": FORMAT_VERSION, "cache_id": spec.cache_id,
+        metadata = {"format_version": spec.format_version, "cache_id": spec.cache_id,
                     "spec": spec.to_dict(), "shard_index": j, "first_sequence": first,
                     "n_sequences": shard_sequences}  # fmt: skip
         rel = shard_name(j, container.suffix)

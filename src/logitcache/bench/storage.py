@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from logitcache.storage import CacheReader, CacheSpec, CacheWriter, SequenceRecord, default_codecs
+from logitcache.storage.batch import default_batch_sequences
 
 __all__ = ["StorageRow", "kl_exact_vs_decoded", "run_storage_bench", "synthetic_records"]
 
@@ -84,7 +85,8 @@ def kl_exact_vs_decoded(exact: SequenceRecord, decoded: SequenceRecord) -> float
 def _spec(container: str, logprobs: str, vocab: int, k: int, seq_len: int, shard: int):
     return CacheSpec(
         mode="topk", vocab_size=vocab, seq_len=seq_len, pack=True, container=container,
-        codecs=default_codecs(vocab, logprobs=logprobs), shard_sequences=shard, k=k,
+        codecs=default_codecs(vocab, logprobs=logprobs, mode="topk"), shard_sequences=shard, k=k,
+        batch_sequences=default_batch_sequences(seq_len, shard),  # format 2
     )  # fmt: skip
 
 

@@ -38,7 +38,11 @@ DEFAULT_PREFETCH = 8
 """Shards a remote reader fetches ahead of the one it reads (2 blocks of --block-shards 4)."""
 _MAX_OPEN_SHARDS = 64  # open handles kept per reader; a 10,000-shard cache is never all open
 _VERIFY_CACHE_BYTES = 4 * 10**9  # verify's scratch copies: the prefetch window, then deleted
-_DECODED_BATCHES = 16  # format 2: decoded batches kept per reader (16 x 16 sequences at 256)
+_DECODED_BYTES = 128 * 2**20
+"""Format 2: decoded batches kept per reader, by their arrays' bytes. A training window
+(--block-shards 4 x 256 sequences) reads its sequences in random order, so each batch is
+decoded once only if the window's batches fit: they do for sampled caches at seq_len 256
+(~0.25 MB per 16-sequence batch at N=16); a top-128 window fits about half."""
 
 
 class CacheReader:
@@ -91,6 +95,7 @@ class CacheReader:
         self._ranged: OrderedDict[int, Any] = OrderedDict()  # remote shards read by ranges
         self._tables: OrderedDict[int, np.ndarray] = OrderedDict()  # format 2: rank -> id
         self._decoded: OrderedDict[tuple[int, int], list[SequenceRecord]] = OrderedDict()
+        self._decoded_bytes = 0
         self._prefetcher: Prefetcher | None = None
 
     def _check_fork(self) -> None:
@@ -255,8 +260,15 @@ class CacheReader:
         expected = min(size, info.n_sequences - batch * size)
         if len(records) != expected:
             raise ShardCorruptError(f"{where}: holds {len(records)} sequences, expected {expected}")
-        _remember(self._decoded, (pos, batch), records, _DECODED_BATCHES)
+        self._keep_decoded((pos, batch), records)
         return records
+
+    def _keep_decoded(self, key: tuple[int, int], records: list[SequenceRecord]) -> None:
+        """Keep a decoded batch; forget the least recently read past ``_DECODED_BYTES``."""
+        self._decoded[key] = records
+        self._decoded_bytes += _nbytes(records)
+        while self._decoded_bytes > _DECODED_BYTES and len(self._decoded) > 1:
+            self._decoded_bytes -= _nbytes(self._decoded.popitem(last=False)[1])
 
     def iter_shard(self, pos: int) -> Iterator[SequenceRecord]:
         handle = self.open_shard(pos)
@@ -278,6 +290,10 @@ class CacheReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _nbytes(records: list[SequenceRecord]) -> int:
+    return sum(a.nbytes for r in records for a in vars(r).values() if isinstance(a, np.ndarray))
 
 
 def _remember(handles: OrderedDict, key: Any, value: Any, most: int = _MAX_OPEN_SHARDS) -> None:

@@ -167,3 +167,28 @@ def test_resuming_a_format_1_cache_as_format_2_is_refused(tmp_path):
         writer.write_shard(0, shard_records(v1, 0, 5))
     with pytest.raises(CacheError, match="holds a format 1 cache; resume it with --format-v"):
         CacheWriter(tmp_path, make_spec())
+
+
+def test_random_reads_decode_each_batch_once_within_the_byte_budget(tmp_path, monkeypatch):
+    """A training window reads its sequences in random order: each batch is decoded once
+    while the decoded batches fit ``_DECODED_BYTES``; past it the oldest are forgotten."""
+    from logitcache.storage import reader as reader_module
+
+    spec = make_spec(shard_sequences=16, batch_sequences=2)
+    write_cache(tmp_path, spec, 48)  # 24 batches in 3 shards (more than a count of 16 kept)
+    decodes = []
+    real = BatchCodec.decode
+    monkeypatch.setattr(BatchCodec, "decode", lambda self, first, *a: decodes.append(first)
+                        or real(self, first, *a))  # fmt: skip
+    order = [int(i) for i in np.random.default_rng(0).permutation(48)] * 2
+    reader = CacheReader(tmp_path)
+    for i in order:
+        reader.read(i)
+    assert sorted(decodes) == list(range(0, 48, 2))  # every batch once
+    one_batch = reader_module._nbytes(reader._decoded[(0, 0)])
+    monkeypatch.setattr(reader_module, "_DECODED_BYTES", one_batch * 3)
+    decodes.clear()
+    reader = CacheReader(tmp_path)
+    for i in order:
+        reader.read(i)
+    assert len(decodes) > 24 and len(reader._decoded) <= 3

@@ -79,9 +79,11 @@ def truncate_topk(record: Any, k: int) -> Any:
 
 
 def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None,
-             batch_sequences: int | None = None) -> float:  # fmt: skip
-    """Write the records of ``src`` (cut to top-``k`` if given) as a ``format_version`` cache
-    at ``dest``; returns the CPU seconds spent encoding and writing shards (one thread)."""
+             batch_sequences: int | None = None,
+             shard_sequences: int | None = None) -> float:  # fmt: skip
+    """Write the records of ``src`` (cut to top-``k`` if given; in shards of
+    ``shard_sequences`` if given) as a ``format_version`` cache at ``dest``; returns the CPU
+    seconds spent encoding and writing shards (one thread)."""
     from logitcache.storage import CacheReader, CacheWriter, default_codecs
     from logitcache.storage.batch import default_batch_sequences
 
@@ -91,21 +93,21 @@ def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None
     codecs = default_codecs(spec.vocab_size, logprobs=settings.get("logprob_codec", "lossy"),
                             step=settings.get("logprob_step", 1 / 32),
                             format_version=format_version, mode=spec.mode)  # fmt: skip
+    per_shard = shard_sequences or spec.shard_sequences
     batch = None
     if format_version == 2:
-        batch = batch_sequences or default_batch_sequences(spec.seq_len, spec.shard_sequences)
+        batch = batch_sequences or default_batch_sequences(spec.seq_len, per_shard)
     spec = dataclasses.replace(spec, codecs=codecs, batch_sequences=batch,
+                               shard_sequences=per_shard,
                                k=k if k is not None else spec.k)  # fmt: skip
     if dest.exists():
         shutil.rmtree(dest)
     write_s = 0.0
     with CacheWriter(str(dest), spec, encode_threads=1) as writer:
-        for pos, info in enumerate(reader.shards):
-            records = list(reader.iter_shard(pos))
-            if k is not None:
-                records = [truncate_topk(r, k) for r in records]
+        records = [truncate_topk(r, k) if k is not None else r for r in reader]
+        for index, first in enumerate(range(0, len(records), per_shard)):
             start = time.process_time()
-            writer.write_shard(info.index, records)
+            writer.write_shard(index, records[first : first + per_shard])
             write_s += time.process_time() - start
         if reader.manifest.complete:
             writer.finish(reader.manifest.n_sequences_total)
@@ -130,15 +132,18 @@ def decode_rate(cache: Path, repeats: int = 7) -> float:
 
 
 def measure(src: Path, out: Path, *, k: int | None = None, batch_sequences: int | None = None,
-            speed: bool = True) -> dict[str, Any]:  # fmt: skip
+            shard_sequences: int | None = None, speed: bool = True) -> dict[str, Any]:  # fmt: skip
     """Format 1 and 2 copies of ``src`` under ``out``: their components and decode rates."""
     result: dict[str, Any] = {"cache": str(src), "k": k}
     for version in (1, 2):
         name = f"{src.name}{f'-k{k}' if k else ''}-v{version}"
         if version == 2 and batch_sequences:
             name += f"-b{batch_sequences}"
+        if shard_sequences:
+            name += f"-s{shard_sequences}"
         copy = out / name
-        write_s = reencode(src, copy, version, k=k, batch_sequences=batch_sequences)
+        write_s = reencode(src, copy, version, k=k, batch_sequences=batch_sequences,
+                           shard_sequences=shard_sequences)  # fmt: skip
         row = components(copy)
         row["write_tokens_per_s"] = row["tokens"] / write_s
         if speed:
@@ -153,11 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="scratch directory for copies")
     parser.add_argument("--k", type=int, default=None, help="cut top-k caches to this k")
     parser.add_argument("--batch-sequences", type=int, default=None)
+    parser.add_argument("--shard-sequences", type=int, default=None,
+                        help="reshard the copies (default: the source's shard size)")  # fmt: skip
     parser.add_argument("--no-speed", action="store_true", help="bytes only")
     args = parser.parse_args(argv)
     for cache in args.caches:
         row = measure(cache, args.out, k=args.k, batch_sequences=args.batch_sequences,
-                      speed=not args.no_speed)  # fmt: skip
+                      shard_sequences=args.shard_sequences, speed=not args.no_speed)  # fmt: skip
         print(json.dumps(row, indent=1), flush=True)
 
 

@@ -1,4 +1,5 @@
-"""The on-disk cache format: manifest, codecs, containers, writer and reader.
+"""The on-disk cache format: manifest, codecs, containers, writer and reader; and rewriting a
+cache in another format version or shard size (``convert_cache``).
 
 In: teacher distributions as ``SequenceRecord``s. Out: a cache directory or URL holding
 ``manifest.json`` and compressed shards; and back. ``docs/format.md`` is the contract.
@@ -6,6 +7,7 @@ In: teacher distributions as ``SequenceRecord``s. Out: a cache directory or URL 
 
 from .cache import CacheWriter, merge_parts, read_manifest
 from .codecs import default_codecs
+from .convert import ConvertResult, convert_cache
 from .errors import CacheError, NoTokenizerError, RemoteError, ShardCorruptError
 from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo, StoredFile
 from .location import Location
@@ -22,6 +24,7 @@ __all__ = [
     "CacheReader",
     "CacheSpec",
     "CacheWriter",
+    "ConvertResult",
     "Location",
     "Manifest",
     "NoTokenizerError",
@@ -33,6 +36,7 @@ __all__ = [
     "StoredFile",
     "TransferResult",
     "add_tokenizer",
+    "convert_cache",
     "copy_cache",
     "default_codecs",
     "default_local_cache",

@@ -18,7 +18,7 @@ import fcntl
 import itertools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -195,8 +195,16 @@ class CacheWriter:
         are written just before the first manifest that lists them."""
         self._tokenizer = tokenizer
 
-    def write_shard(self, shard: int, records: Sequence[SequenceRecord]) -> ShardInfo:
-        """Encode, publish and list one shard; its records must be its exact sequences."""
+    def write_shard(
+        self,
+        shard: int,
+        records: Sequence[SequenceRecord],
+        stats: Mapping[str, float] | None = None,
+    ) -> ShardInfo:
+        """Encode, publish and list one shard; its records must be its exact sequences.
+
+        ``stats`` replaces the shard's ``covered_mass`` / ``entropy`` computed from the records
+        (a converted cache keeps its source's, computed before quantization)."""
         first = shard * self.shard_sequences
         indices = [r.index for r in records]
         if not records or indices != list(range(first, first + len(records))):
@@ -218,7 +226,7 @@ class CacheWriter:
         )
         info = ShardInfo(
             index=shard, path=rel, first_sequence=first, bytes=size, sha256=digest,
-            **shard_stats(records),
+            **(shard_stats(records) | dict(stats or {})),
         )  # fmt: skip
         self.manifest = self.manifest.with_shard(info)
         self._publish_manifest()

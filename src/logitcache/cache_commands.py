@@ -1,9 +1,10 @@
-"""The commands that work on a cache that exists: inspect, verify, merge, tokenizer, push, pull.
+"""The commands that work on a cache that exists: inspect, verify, merge, tokenizer, push, pull,
+convert.
 
-In: a cache directory or URL (and, for push/pull, where to copy it). Out: what the cache
-holds, whether every shard checks out, or a checked copy. Thin click commands over
-``logitcache.storage``; ``cli.py`` adds them to the ``logitcache`` group (whose handler
-prints expected errors as one line).
+In: a cache directory or URL (and, for push/pull/convert, where to write it). Out: what the
+cache holds, whether every shard checks out, a checked copy, or a converted one. Thin click
+commands over ``logitcache.storage``; ``cli.py`` adds them to the ``logitcache`` group (whose
+handler prints expected errors as one line).
 """
 
 from __future__ import annotations
@@ -160,4 +161,37 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=T
     )
 
 
-CACHE_COMMANDS = (inspect, verify, merge, tokenizer, push, pull)
+# -- convert ----------------------------------------------------------------------------
+@click.command()
+@click.argument("src")
+@click.argument("dest")
+@click.option("--format-version", type=click.IntRange(1, 2), default=2, show_default=True,
+              help="Format of DEST: 2 (smaller, faster to read) or 1 (for readers that predate "
+              "format 2).")  # fmt: skip
+@click.option("--shard-sequences", type=click.IntRange(min=1), default=None,
+              help="Sequences per shard of DEST [default: as in SRC].")  # fmt: skip
+@QUIET
+def convert(src: str, dest: str, format_version: int, shard_sequences: int | None,
+            quiet: bool) -> None:  # fmt: skip
+    """Rewrite the cache SRC at DEST in another format version or shard size: the same
+    records, teacher, tokenizer and corpus, without running the teacher.
+
+    SRC is a finished cache (directory or URL); DEST a new or empty directory or object store
+    URL. Resumable: the same command again keeps the shards DEST already lists.
+    """
+    from logitcache.progress import ByteProgress, Reporter, human_bytes
+    from logitcache.storage import convert_cache
+
+    with ByteProgress(Reporter(enabled=not quiet), desc="convert") as progress:
+        result = convert_cache(src, dest, format_version=format_version,
+                               shard_sequences=shard_sequences, progress=progress)  # fmt: skip
+    before, after = result.bytes_before, result.bytes_after
+    kept = f", {result.skipped} already there" if result.skipped else ""
+    click.echo(
+        f"converted: {human_bytes(before)} -> {human_bytes(after)} ({after / before:.2f}x) in "
+        f"format {result.manifest.version_label}, {len(result.manifest.shards)} shards "
+        f"({result.written} written{kept}) at {dest}"
+    )
+
+
+CACHE_COMMANDS = (inspect, verify, merge, tokenizer, push, pull, convert)

@@ -82,36 +82,18 @@ def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None
              batch_sequences: int | None = None,
              shard_sequences: int | None = None) -> float:  # fmt: skip
     """Write the records of ``src`` (cut to top-``k`` if given; in shards of
-    ``shard_sequences`` if given) as a ``format_version`` cache at ``dest``; returns the CPU
-    seconds spent encoding and writing shards (one thread)."""
-    from logitcache.storage import CacheReader, CacheWriter, default_codecs
-    from logitcache.storage.batch import default_batch_sequences
+    ``shard_sequences`` if given) as a ``format_version`` cache at ``dest`` (replaced) with
+    ``convert_cache``; returns the CPU seconds spent encoding and writing shards (one thread)."""
+    from logitcache.storage import convert_cache
+    from logitcache.storage.convert import RecordEdit
 
-    reader = CacheReader(str(src))
-    spec = reader.spec
-    settings = spec.settings
-    codecs = default_codecs(spec.vocab_size, logprobs=settings.get("logprob_codec", "lossy"),
-                            step=settings.get("logprob_step", 1 / 32),
-                            format_version=format_version, mode=spec.mode)  # fmt: skip
-    per_shard = shard_sequences or spec.shard_sequences
-    batch = None
-    if format_version == 2:
-        batch = batch_sequences or default_batch_sequences(spec.seq_len, per_shard)
-    spec = dataclasses.replace(spec, codecs=codecs, batch_sequences=batch,
-                               shard_sequences=per_shard,
-                               k=k if k is not None else spec.k)  # fmt: skip
+    edit = None if k is None else RecordEdit({"k": k}, lambda r: truncate_topk(r, k))
     if dest.exists():
         shutil.rmtree(dest)
-    write_s = 0.0
-    with CacheWriter(str(dest), spec, encode_threads=1) as writer:
-        records = [truncate_topk(r, k) if k is not None else r for r in reader]
-        for index, first in enumerate(range(0, len(records), per_shard)):
-            start = time.process_time()
-            writer.write_shard(index, records[first : first + per_shard])
-            write_s += time.process_time() - start
-        if reader.manifest.complete:
-            writer.finish(reader.manifest.n_sequences_total)
-    return write_s
+    result = convert_cache(src, dest, format_version=format_version, edit=edit,
+                           batch_sequences=batch_sequences, shard_sequences=shard_sequences,
+                           encode_threads=1)  # fmt: skip
+    return result.write_cpu_s
 
 
 def decode_rate(cache: Path, repeats: int = 7) -> float:

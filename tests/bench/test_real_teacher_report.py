@@ -59,3 +59,35 @@ def test_variants_come_references_first_and_every_name_once():
     assert names[:2] == ["CE only", "online KD"]
     assert len(set(names)) == len(names)
     assert len({v.key for v in first_pass_variants()}) == len(names)
+
+
+def test_format2_bytes_rewrites_each_cache_once_and_feeds_the_table(
+    tmp_path, tiny_teacher_dir, text_corpus, monkeypatch
+):
+    """The study writes format 1 caches; the report measures each in format 2 (kept in its
+    study-stats.json, so a second report converts nothing) and shows both."""
+    import json
+
+    from logitcache.bench import real_teacher_report as report
+    from logitcache.bench.real_teacher import Variant
+    from logitcache.bench.real_teacher_eval import cache_components
+    from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
+
+    store = {"samples": 8}
+    cache = tmp_path / "prose" / "caches" / Variant("", store).cache_key
+    run_precompute(PrecomputeConfig(
+        teacher=str(tiny_teacher_dir), out=str(cache), device="cpu", shard_sequences=2,
+        corpus=CorpusSpec(data=(str(text_corpus),), seq_len=16), format_version=1, **store,
+    ))  # fmt: skip
+    (cache / "study-stats.json").write_text(json.dumps(cache_components(cache)))
+    measured = report.format2_bytes(tmp_path)
+    written = cache_components(cache)["bytes_per_token"]
+    assert 0 < measured[("prose", cache.name)] < written
+    monkeypatch.setattr("logitcache.storage.convert_cache", None)  # kept: no second rewrite
+    assert report.format2_bytes(tmp_path) == measured
+    rows = [{**row("sampled N=8", 0, 5.5, 1.3, written), "store": store}]
+    summary = summarize(rows, measured)
+    assert summary[0]["bytes_format2"] == measured[("prose", cache.name)]
+    assert f"| {measured[('prose', cache.name)]:.1f} | {written:.1f} |" in summary_table(summary)
+    table = report.cache_table(tmp_path)
+    assert "| prose | sampled N=8 | 1 |" in table and "| prose | sampled N=8 | 2 |" in table

@@ -221,14 +221,20 @@ def bench_real_teacher(teacher, out, shakespeare, stdlib, quick, only, report_on
     from pathlib import Path
 
     from logitcache.bench import real_teacher as rt
-    from logitcache.bench.real_teacher_report import cache_table, plot_gap, summarize, summary_table
+    from logitcache.bench.real_teacher_report import (
+        cache_table,
+        format2_bytes,
+        plot_gap,
+        summarize,
+        summary_table,
+    )
     from logitcache.progress import Reporter
 
     budget = rt.QUICK_STUDY if quick else rt.FULL_STUDY
     config = rt.StudyConfig(teacher=teacher, out=out, shakespeare=shakespeare, stdlib=stdlib,
                             budget=budget, only=tuple(only))  # fmt: skip
     rows = rt.load_results(Path(out)) if report_only else rt.run_study(config, Reporter())
-    summary = summarize(rows)
+    summary = summarize(rows, format2_bytes(Path(out)))
     click.echo(summary_table(summary) + "\n\n" + cache_table(Path(out)))
     if plot_gap(summary, Path(out) / "real-teacher.png"):
         click.echo(f"plot: {Path(out) / 'real-teacher.png'}")

@@ -94,40 +94,18 @@ def evaluate_student(model_dir: Path, held_cache: Path, reference: Path) -> dict
 
 
 def cache_components(cache: Path) -> dict[str, Any]:
-    """Bytes per token of a local Arrow cache, by record field and container framing.
-
-    Framing is each shard file's size minus the blobs it holds (Arrow's schema, footer and
-    per-record-batch metadata: one record batch per sequence); the manifest is not counted.
-    """
-    import pyarrow as pa
-
+    """Bytes per token of a local Arrow cache, by record field and container framing
+    (``bench.format_bytes.components``), with the manifest's statistics."""
+    from logitcache.bench.format_bytes import components
     from logitcache.storage import Location, read_manifest
 
     manifest = read_manifest(Location(str(cache)))
-    fields: dict[str, int] = {}
-    framing = 0
-    for shard in manifest.shards:
-        path = cache / shard.path
-        with pa.memory_map(str(path), "r") as source:
-            reader = pa.ipc.open_file(source)
-            blobs = 0
-            for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
-                for name in batch.schema.names:
-                    if name == "index":
-                        continue
-                    size = len(batch.column(name)[0].as_py())
-                    fields[name] = fields.get(name, 0) + size
-                    blobs += size
-        framing += path.stat().st_size - blobs
-    tokens = manifest.n_tokens
     stats = manifest.stats()
-    parts = {name: size / tokens for name, size in sorted(fields.items())}
-    parts["framing"] = framing / tokens
     return {
         "mode": manifest.spec.mode, "k": manifest.spec.k, "samples": manifest.spec.samples,
-        "n_tokens": tokens, "bytes_per_token": stats["bytes_per_token"],
+        "n_tokens": manifest.n_tokens, "bytes_per_token": stats["bytes_per_token"],
         "bytes_per_entry": stats["bytes_per_entry"],
         "entries_per_position": stats["entries_per_position"],
-        "mean_covered_mass": stats["mean_covered_mass"], "components_per_token": parts,
+        "mean_covered_mass": stats["mean_covered_mass"],
+        "components_per_token": components(cache)["per_token"],
     }  # fmt: skip

@@ -3,23 +3,62 @@
 In: the rows of ``results.json`` (one per finished student) and, per corpus, the teacher's
 ``reference.json`` and each cache's ``study-stats.json``. Out: summary rows (seeds
 averaged, with their spread), a Markdown table, a cache-bytes table and a PNG.
+
+The study's caches are written in format 1 with 64-sequence shards; ``format2_bytes``
+rewrites each (``convert_cache``) in format 2 with ``precompute``'s default shard size, which
+is what a cache costs today; the table and the plot use those bytes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cache_table", "plot_gap", "summarize", "summary_table"]
+__all__ = ["cache_table", "format2_bytes", "plot_gap", "summarize", "summary_table"]
 
 _REFS = ("CE only", "online KD")
 
 
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def format2_bytes(out: Path) -> dict[tuple[str, str], float]:
+    """Bytes per token of every finished cache of the study rewritten in format 2 at
+    ``precompute``'s default shard size, by (corpus, cache directory name); measured once
+    (a few seconds a cache) and kept in the cache's ``study-stats.json``."""
+    from dataclasses import fields
+
+    from logitcache.bench.format_bytes import components
+    from logitcache.precompute import PrecomputeConfig
+    from logitcache.storage import convert_cache
+
+    per_shard = next(f.default for f in fields(PrecomputeConfig) if f.name == "shard_sequences")
+    found = {}
+    for stats_file in sorted(out.glob("*/caches/*/study-stats.json")):
+        stats = json.loads(stats_file.read_text())
+        if "format2_bytes_per_token" not in stats:
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / "format2"
+                result = convert_cache(stats_file.parent, copy, format_version=2,
+                                       shard_sequences=per_shard)  # fmt: skip
+                stats["format2_bytes_per_token"] = result.bytes_after / result.manifest.n_tokens
+                stats["format2_components_per_token"] = components(copy)["per_token"]
+            tmp_file = stats_file.with_name(f".{stats_file.name}.tmp")
+            tmp_file.write_text(json.dumps(stats, indent=1))
+            os.replace(tmp_file, stats_file)
+        found[(stats_file.parents[2].name, stats_file.parent.name)] = stats[
+            "format2_bytes_per_token"
+        ]
+    return found
+
+
+def summarize(
+    rows: list[dict[str, Any]], format2: dict[tuple[str, str], float] | None = None
+) -> list[dict[str, Any]]:
     """One row per (corpus, variant): mean and spread (max - min) over seeds, and the share
     of the CE-only -> online-KD gap closed in held-out CE and in KL (None until both
-    references have finished)."""
+    references have finished). ``format2``: ``format2_bytes``'s, for a ``bytes_format2``
+    column (None where a cache was not measured)."""
     latest = {(row["corpus"], row["key"]): row for row in rows}  # a row kept twice counts once
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in latest.values():
@@ -33,6 +72,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "eval_ce": sum(ce) / len(ce), "ce_spread": max(ce) - min(ce),
             "eval_kl": sum(kl) / len(kl), "kl_spread": max(kl) - min(kl),
             "bytes_per_token": seeds[0]["bytes_per_token"],
+            "bytes_format2": _format2_of(seeds[0], format2 or {}),
             "entries_per_position": seeds[0]["entries_per_position"],
             "teacher_ce": seeds[0]["teacher_ce"], "wall_s": max(r.get("wall_s", 0) for r in seeds),
         })  # fmt: skip
@@ -46,58 +86,76 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["corpus"], r["bytes_per_token"] or 0, r["variant"]))
 
 
+def _format2_of(row: dict[str, Any], format2: dict[tuple[str, str], float]) -> float | None:
+    """The format 2 bytes of a cache-backed row's cache (None for CE-only and online KD)."""
+    from logitcache.bench.real_teacher import Variant
+
+    if row["bytes_per_token"] is None:
+        return None
+    return format2.get((row["corpus"], Variant("", row.get("store", {})).cache_key))
+
+
 def summary_table(summary: list[dict[str, Any]]) -> str:
     """Markdown: one line per variant, the teacher's own CE first for each corpus."""
-    lines = ["| corpus | student | seeds | held-out CE | KL to teacher | B/token | ids/pos | "
-             "CE gap closed | KL gap closed |", "|---" * 9 + "|"]  # fmt: skip
+    lines = ["| corpus | student | seeds | held-out CE | KL to teacher | B/token | "
+             "B/token (format 1) | ids/pos | CE gap closed | KL gap closed |",
+             "|---" * 10 + "|"]  # fmt: skip
     pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
     seen = set()
     for r in summary:
         if r["corpus"] not in seen:
             seen.add(r["corpus"])
             lines.append(f"| {r['corpus']} | teacher (SmolLM2-135M) | – | {r['teacher_ce']:.3f} "
-                         "| 0 | – | – | – | – |")  # fmt: skip
+                         "| 0 | – | – | – | – | – |")  # fmt: skip
         spread = f" ± {r['ce_spread'] / 2:.3f}" if r["seeds"] > 1 else ""
         kspread = f" ± {r['kl_spread'] / 2:.3f}" if r["seeds"] > 1 else ""
-        bpt = "–" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        num = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
         epp = "–" if r["entries_per_position"] is None else f"{r['entries_per_position']:.1f}"
         lines.append(
             f"| {r['corpus']} | {r['variant']} | {r['seeds']} | {r['eval_ce']:.3f}{spread} | "
-            f"{r['eval_kl']:.3f}{kspread} | {bpt} | {epp} | {pct(r['gap_ce'])} | "
+            f"{r['eval_kl']:.3f}{kspread} | {num(r.get('bytes_format2'))} | "
+            f"{num(r['bytes_per_token'])} | {epp} | {pct(r['gap_ce'])} | "
             f"{pct(r['gap_kl'])} |"
         )
     return "\n".join(lines)
 
 
 def cache_table(out: Path) -> str:
-    """Markdown: bytes per token of every cache of the study, by component."""
-    names = ["ids", "counts", "logprobs", "n_entries", "tail_mass", "input_ids", "loss_mask",
-             "doc_starts", "framing"]  # fmt: skip
-    lines = ["| corpus | cache | ids/pos | mass stored | B/token | B/entry | "
+    """Markdown: bytes per token of every cache of the study, by component: as written
+    (format 1, 64-sequence shards) and, where ``format2_bytes`` measured it, in format 2."""
+    names = ["ids", "ids_table", "counts", "logprobs", "n_entries", "tail_mass", "input_ids",
+             "lengths", "loss_mask", "doc_starts", "framing"]  # fmt: skip
+    lines = ["| corpus | cache | format | ids/pos | mass stored | B/token | B/entry | "
              + " | ".join(names) + " | teacher tok/s |",
-             "|---" * (7 + len(names)) + "|"]  # fmt: skip
+             "|---" * (8 + len(names)) + "|"]  # fmt: skip
     for stats_file in sorted(out.glob("*/caches/*/study-stats.json")):
         s = json.loads(stats_file.read_text())
         mode = f"top-{s['k']}" if s["mode"] == "topk" else f"sampled N={s['samples']}"
-        parts = s["components_per_token"]
-        cells = [f"{parts[n]:.2f}" if n in parts else "–" for n in names]
+        entries = s["bytes_per_token"] / s["bytes_per_entry"]  # per token
         rate = s.get("teacher_tokens_per_s")
-        lines.append(
-            f"| {stats_file.parents[2].name} | {mode} | {s['entries_per_position']:.1f} | "
-            f"{100 * s['mean_covered_mass']:.0f} % | {s['bytes_per_token']:.1f} | "
-            f"{s['bytes_per_entry']:.2f} | "
-            + " | ".join(cells)
-            + f" | {'–' if rate is None else f'{rate:.0f}'} |"
-        )
+        written = (1, s["components_per_token"], s["bytes_per_token"])
+        measured = (2, s.get("format2_components_per_token"), s.get("format2_bytes_per_token"))
+        for version, parts, total in (written, measured):
+            if parts is None:
+                continue
+            cells = [f"{parts[n]:.2f}" if n in parts else "–" for n in names]
+            lines.append(
+                f"| {stats_file.parents[2].name} | {mode} | {version} | "
+                f"{s['entries_per_position']:.1f} | {100 * s['mean_covered_mass']:.0f} % | "
+                f"{total:.1f} | {total / entries:.2f} | " + " | ".join(cells)
+                + f" | {'–' if rate is None or version == 2 else f'{rate:.0f}'} |"
+            )  # fmt: skip
     return "\n".join(lines)
 
 
 def plot_gap(summary: list[dict[str, Any]], path: Path) -> bool:
-    """Bytes/token (log) against the share of the CE gap closed, one panel per corpus;
-    False (and no file) when no cache variant has a gap share yet."""
+    """Bytes/token (log; format 2's where measured) against the share of the CE gap closed,
+    one panel per corpus; False (and no file) when no cache variant has a gap share yet."""
     points = [r for r in summary if r["bytes_per_token"] is not None and r["gap_ce"] is not None]
     if not points:
         return False
+    size = lambda r: r.get("bytes_format2") or r["bytes_per_token"]  # noqa: E731
+    format2 = all(r.get("bytes_format2") for r in points)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,16 +177,16 @@ def plot_gap(summary: list[dict[str, Any]], path: Path) -> bool:
         ax.axvline(16, color="tab:green", linestyle=":", linewidth=1)
         for family, marker in (("sampled", "o"), ("top-", "s")):
             fam = [r for r in mine if r["variant"].startswith(family)]
-            ax.scatter([r["bytes_per_token"] for r in fam], [100 * r["gap_ce"] for r in fam],
+            ax.scatter([size(r) for r in fam], [100 * r["gap_ce"] for r in fam],
                        marker=marker, label=family.rstrip("-"))  # fmt: skip
             for r in fam:
                 ax.annotate(r["variant"].replace("sampled ", ""),
-                            (r["bytes_per_token"], 100 * r["gap_ce"]), fontsize=7,
+                            (size(r), 100 * r["gap_ce"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.set_xlabel("cache bytes per token (all-in)")
+        ax.set_xlabel(f"cache bytes per token (all-in, format {2 if format2 else 1})")
         ax.set_ylabel("share of the CE-only -> online-KD gap closed (%)")
         ax.set_title(f"{corpus}: SmolLM2-135M teacher (gray: seed spread)")
         ax.grid(alpha=0.3)

@@ -353,12 +353,7 @@ def default_codecs(
     # even when a reader skips the shard hash (--no-verify).
     zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
     ids = {"id": IdsCodec.codec_id, "bits": bits_for_vocab(vocab_size)}
-    if logprobs == "lossy":
-        lp = {"id": LogprobCodec.codec_id, "step": step}
-    elif logprobs in ("float16", "float32"):
-        lp = {"id": FloatCodec.codec_id, "dtype": logprobs}
-    else:
-        raise CacheError(f"unknown logprob codec {logprobs!r}; use lossy, float16 or float32")
+    lp = _logprob_codec(logprobs, step)
     return {
         "input_ids": [ids, zstd],
         "loss_mask": [{"id": "packbits"}, zstd],
@@ -369,6 +364,15 @@ def default_codecs(
         "n_entries": [zstd],
         "tail_mass": [{"id": FloatCodec.codec_id, "dtype": "float16"}, zstd],
     }
+
+
+def _logprob_codec(logprobs: str, step: float) -> dict[str, Any]:
+    """The log-prob codec config of both formats: ``lossy`` at ``step``, float16 or float32."""
+    if logprobs == "lossy":
+        return {"id": LogprobCodec.codec_id, "step": step}
+    if logprobs in ("float16", "float32"):
+        return {"id": FloatCodec.codec_id, "dtype": logprobs}
+    raise CacheError(f"unknown logprob codec {logprobs!r}; use lossy, float16 or float32")
 
 
 def id_dtype_for(vocab_size: int) -> str:
@@ -394,12 +398,7 @@ def v2_codecs(
         zstd_level = 15 if mode == "sampled" else 9
     zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
     shuffle = {"id": "shuffle", "elementsize": np.dtype(id_dtype_for(vocab_size)).itemsize}
-    if logprobs == "lossy":
-        lp = {"id": LogprobCodec.codec_id, "step": step}
-    elif logprobs in ("float16", "float32"):
-        lp = {"id": FloatCodec.codec_id, "dtype": logprobs}
-    else:
-        raise CacheError(f"unknown logprob codec {logprobs!r}; use lossy, float16 or float32")
+    lp = _logprob_codec(logprobs, step)
     return {
         "lengths": [zstd],
         "input_ids": [shuffle, zstd],

@@ -1,8 +1,9 @@
 """Stored entries against target noise for sampled caches and two candidates (a probe).
 
 In: a local cache (for its token sequences) and the teacher that made it. Out: a JSON dict
-(``python -m logitcache.bench.target_noise CACHE TEACHER [N_SEQ]``) of expected stored
-entries per position and expected target noise ``E ||p_hat - p||^2`` per position for
+(``python -m logitcache.bench.target_noise CACHE TEACHER [N_SEQ [STRIDE]]``, sequences 0,
+STRIDE, 2 STRIDE, ...) of expected stored entries per position and expected target noise
+``E ||p_hat - p||^2`` per position for
 
 - plain sampled caches (``--samples N``): the distinct ids of N draws from the teacher's p,
   target counts/N;
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 SAMPLED_MAX = 256  # fixed N and per-position N_p range over 1..256
-TAUS = (0.5, 0.8, 1.0, 1.5, 2.0)
+TAUS = (0.5, 0.8, 0.9, 0.95, 1.0, 1.5, 2.0)
 IS_DRAWS = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 FIXED = (8, 12, 16)
 HEAD = 4096  # ids per position summed exactly for entries; the rest by a 2nd-order series
@@ -161,8 +162,9 @@ def _sampled_curve(v: torch.Tensor, entries: torch.Tensor) -> dict[str, list[flo
 
 
 def _importance(stats: _Stats, curve: dict[str, list[float]]) -> dict[str, Any]:
-    """Per tau: the (entries, noise) curve over IS_DRAWS, and the noise ratio against sampled
-    at sampled N=8/12/16's entries (weights free) and bytes (weights WEIGHT_BYTES each)."""
+    """Per tau: the (entries, noise) curve over IS_DRAWS; the noise ratio against sampled at
+    sampled N=8/12/16's entries (weights free) and bytes (weights WEIGHT_BYTES each); and the
+    bytes per weight at which IS would tie sampled (negative: it loses even with free weights)."""
     out: dict[str, Any] = {}
     for tau in TAUS:
         noise = torch.cat(stats.is_noise[tau]).mean()
@@ -177,41 +179,52 @@ def _importance(stats: _Stats, curve: dict[str, list[float]]) -> dict[str, Any]:
             e_s, noise_s = curve["entries"][n - 1], curve["noise"][n - 1]
             free = _loglog(entries, noises, e_s)
             paid = _loglog(entries, noises, e_s * PER_ENTRY / (PER_ENTRY + WEIGHT_BYTES))
+            tie = _loglog(noises[::-1], entries[::-1], noise_s)  # IS entries at that noise
             row[f"vs N={n}"] = {
                 "equal_entries_ratio": None if free is None else free / noise_s,
                 "equal_bytes_ratio": None if paid is None else paid / noise_s,
+                "break_even_weight_bytes": None if tie is None else PER_ENTRY * (e_s / tie - 1),
             }
         out[f"tau={tau}"] = row
     return out
 
 
 def _budget(v: torch.Tensor, entries: torch.Tensor, curve: dict[str, list[float]]) -> dict:
-    """Per-position N_p against fixed N: curves of both allocations and their noise ratio at
-    fixed N=8/12/16's entries, draws and bytes (N_p costs PER_POSITION_N_BYTES)."""
+    """Per-position N_p against fixed N: curves of both allocations, their noise ratio at
+    fixed N=8/12/16's entries, bytes (N_p costs PER_POSITION_N_BYTES) and (sqrt) draws, and
+    the draws of the allocation nearest to fixed N's entries."""
     n_max = entries.shape[1]
-    sqrt_alloc = [allocate_by_uncertainty(v, s, n_max) for s in torch.logspace(0, 2.5, 80).tolist()]
-    sqrt_pts = [_at(v, entries, n_p) for n_p in sqrt_alloc]
-    sqrt_draws = [float(n_p.double().mean()) for n_p in sqrt_alloc]
-    lag_pts = [_at(v, entries, allocate_by_entries(v, entries, lam))
-               for lam in torch.logspace(-6, 0, 120).tolist()]  # fmt: skip
+    allocations = {
+        "sqrt": [allocate_by_uncertainty(v, s, n_max) for s in torch.logspace(0, 2.5, 80).tolist()],
+        "optimal": [
+            allocate_by_entries(v, entries, lam) for lam in torch.logspace(-6, 0, 120).tolist()
+        ],
+    }
     out: dict[str, Any] = {}
-    for name, pts in (("sqrt", sqrt_pts), ("optimal", lag_pts)):
-        pts = sorted(set(pts))
-        xs, ys = [e for e, _ in pts], [z for _, z in pts]
-        out[name] = {"entries": xs, "noise": ys}
+    for name, allocs in allocations.items():
+        pts = sorted(
+            {(*_at(v, entries, n_p), float(n_p.double().mean())): n_p for n_p in allocs}.items()
+        )
+        xs, ys, ds = ([pt[i] for pt, _ in pts] for i in range(3))
+        out[name] = {"entries": xs, "noise": ys, "mean_draws": ds}
         for n in FIXED:
             e_s, noise_s = curve["entries"][n - 1], curve["noise"][n - 1]
             at_e = _loglog(xs, ys, e_s)
             at_b = _loglog(xs, ys, e_s - PER_POSITION_N_BYTES / PER_ENTRY)
+            draws = sorted(zip(ds, ys))
+            at_d = _loglog([d for d, _ in draws], [z for _, z in draws], float(n))
+            near = min(pts, key=lambda pt: abs(pt[0][0] - e_s))[1].double()
             out[name][f"vs N={n}"] = {
                 "equal_entries_ratio": None if at_e is None else at_e / noise_s,
                 "equal_bytes_ratio": None if at_b is None else at_b / noise_s,
+                "equal_draws_ratio": None if at_d is None else at_d / noise_s,
+                "nearest": {
+                    "mean_draws": float(near.mean()),
+                    "share_N1": float((near == 1).double().mean()),
+                    "p90_N": float(near.quantile(0.9)),
+                    "max_N": float(near.max()),
+                },
             }
-    draw_pts = sorted(zip(sqrt_draws, (z for _, z in sqrt_pts)))
-    for n in FIXED:
-        at_d = _loglog([d for d, _ in draw_pts], [z for _, z in draw_pts], float(n))
-        noise_s = curve["noise"][n - 1]
-        out["sqrt"][f"vs N={n}"]["equal_draws_ratio"] = None if at_d is None else at_d / noise_s
     return out
 
 
@@ -222,21 +235,24 @@ def _teacher_probs(model, device, input_ids) -> torch.Tensor:
         return torch.softmax(model(input_ids=ids).logits[0, :-1].double(), -1).cpu()
 
 
-def probe(cache: str, teacher: str, n_sequences: int = 8) -> dict[str, Any]:
-    """Means over the positions of the first ``n_sequences`` sequences of ``cache``."""
+def probe(cache: str, teacher: str, n_sequences: int = 8, stride: int = 1) -> dict[str, Any]:
+    """Means over the positions of ``n_sequences`` sequences of ``cache``: sequences 0,
+    stride, 2 stride, ..."""
     from logitcache.precompute.teacher import load_teacher
     from logitcache.storage import CacheReader
 
     model, _, device = load_teacher(teacher, device="cpu")
     stats = _Stats()
     for i, record in enumerate(CacheReader(cache)):
-        if i == n_sequences:
+        if i == n_sequences * stride:
             break
-        stats.add(_teacher_probs(model, device, record.input_ids))
+        if i % stride == 0:
+            stats.add(_teacher_probs(model, device, record.input_ids))
     v, entries = torch.cat(stats.v), torch.cat(stats.entries)  # [P], [P, SAMPLED_MAX]
     curve = _sampled_curve(v, entries)
     return {
         "cache": cache,
+        "sequences": f"{n_sequences} (every {stride})",
         "positions": int(v.shape[0]),
         "entries_max_relative_error_bound": stats.bound,
         "bytes_model": {
@@ -256,4 +272,4 @@ def probe(cache: str, teacher: str, n_sequences: int = 8) -> dict[str, Any]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    print(json.dumps(probe(args[0], args[1], *(int(a) for a in args[2:3])), indent=1))
+    print(json.dumps(probe(args[0], args[1], *(int(a) for a in args[2:4])), indent=1))

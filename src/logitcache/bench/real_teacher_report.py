@@ -184,8 +184,10 @@ def plot_gap(summary: list[dict[str, Any]], path: Path) -> bool:
                             (size(r), 100 * r["gap_ce"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
+        ax.set_xlim(5, 400)  # the same scale in every panel
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([5, 10, 16, 25, 50, 100, 200]))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"cache bytes per token (all-in, format {2 if format2 else 1})")
         ax.set_ylabel("share of the CE-only -> online-KD gap closed (%)")
         ax.set_title(f"{corpus}: SmolLM2-135M teacher (gray: seed spread)")

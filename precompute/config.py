@@ -16,6 +16,7 @@ from typing import Any
 from logitcache.errors import LogitcacheError
 from logitcache.options import option, to_argv
 from logitcache.recipes import parse_recipe_file
+from logitcache.storage import FORMAT_VERSION, READ_VERSIONS
 
 from .corpus import CorpusSpec
 from .defaults import DEFAULT_SAMPLES
@@ -53,7 +54,7 @@ class PrecomputeConfig:
     """Quantization step of the lossy codec, in nats (error <= step/2 per log-prob)."""
     shard_sequences: int = 256
     """Sequences per shard (the unit of resume, verification and parallel work)."""
-    format_version: int = 2
+    format_version: int = FORMAT_VERSION
     """Cache format to write: 2 (smaller, faster to decode) or 1 (also readable by logitcache
     releases from before format 2). Readers read both."""
     dtype: str | None = option(None, choices=("bfloat16", "float16", "float32"), none="auto")
@@ -94,8 +95,9 @@ class PrecomputeConfig:
             raise LogitcacheError(
                 f"--worker-index {self.worker_index} must be in 0..{self.num_workers - 1}"
             )
-        if self.format_version not in (1, 2):
-            raise LogitcacheError(f"--format-version must be 1 or 2, got {self.format_version}")
+        if self.format_version not in READ_VERSIONS:
+            versions = " or ".join(map(str, READ_VERSIONS))
+            raise LogitcacheError(f"--format-version must be {versions}, got {self.format_version}")
         if not 0 < self.logprob_step <= 1:
             raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
         if self.device_map is not None and self.device != "auto":

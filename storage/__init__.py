@@ -9,7 +9,7 @@ from .cache import CacheWriter, merge_parts, read_manifest
 from .codecs import default_codecs
 from .convert import ConvertResult, convert_cache
 from .errors import CacheError, NoTokenizerError, RemoteError, ShardCorruptError
-from .format import FORMAT_VERSION, CacheSpec, Manifest, ShardInfo, StoredFile
+from .format import FORMAT_VERSION, READ_VERSIONS, CacheSpec, Manifest, ShardInfo, StoredFile
 from .location import Location
 from .reader import CacheReader, verify_cache
 from .record import SequenceRecord
@@ -20,6 +20,7 @@ from .transfer import TransferResult, copy_cache
 __all__ = [
     "DEFAULT_LOCAL_CACHE_BYTES",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "CacheError",
     "CacheReader",
     "CacheSpec",

@@ -28,6 +28,7 @@ import numpy as np
 from numcodecs.abc import Codec
 
 from .errors import CacheError
+from .format import FORMAT_VERSION, READ_VERSIONS
 
 __all__ = [
     "ALLOWED_CODEC_IDS",
@@ -335,7 +336,7 @@ def default_codecs(
     logprobs: str = "lossy",
     step: float = 1 / 32,
     zstd_level: int | None = None,
-    format_version: int = 2,
+    format_version: int = FORMAT_VERSION,
     mode: str = "sampled",
 ) -> dict[str, list[dict[str, Any]]]:
     """The codec chains for every field of ``format_version``, as manifest-ready configs.
@@ -346,8 +347,9 @@ def default_codecs(
     if format_version == 2:
         level = {} if zstd_level is None else {"zstd_level": zstd_level}
         return v2_codecs(vocab_size, mode=mode, logprobs=logprobs, step=step, **level)
-    if format_version != 1:
-        raise CacheError(f"format version {format_version} cannot be written; use 1 or 2")
+    if format_version not in READ_VERSIONS:
+        versions = " or ".join(map(str, READ_VERSIONS))
+        raise CacheError(f"format version {format_version} cannot be written; use {versions}")
     zstd_level = _ZSTD_LEVEL if zstd_level is None else zstd_level
     # A 4-byte checksum per frame (~32 B per sequence) makes a damaged blob fail to decode
     # even when a reader skips the shard hash (--no-verify).

@@ -29,12 +29,20 @@ from .batch import default_batch_sequences
 from .cache import MANIFEST, SHARDS, CacheWriter
 from .codecs import LogprobCodec, default_codecs
 from .errors import CacheError
-from .format import FORMAT_VERSION, TOKENIZER_DIR, CacheSpec, Manifest, StoredFile, diff_specs
+from .format import (
+    FORMAT_VERSION,
+    READ_VERSIONS,
+    TOKENIZER_DIR,
+    CacheSpec,
+    Manifest,
+    StoredFile,
+    diff_specs,
+)
 from .location import Location
 from .reader import CacheReader
 from .record import SequenceRecord
 from .tokenizer_files import read_checked
-from .transfer import Progress
+from .transfer import Progress, no_progress
 
 __all__ = ["ConvertResult", "RecordEdit", "convert_cache", "converted_spec"]
 
@@ -83,8 +91,9 @@ def converted_spec(
     Format 2's ``batch_sequences``: as given, else the source's (a format 2 source whose
     batches fit the new shards), else the writers' default.
     """
-    if format_version not in (1, 2):
-        raise CacheError(f"--format-version must be 1 or 2, got {format_version}")
+    if format_version not in READ_VERSIONS:
+        versions = " or ".join(map(str, READ_VERSIONS))
+        raise CacheError(f"--format-version must be {versions}, got {format_version}")
     per_shard = spec.shard_sequences if shard_sequences is None else shard_sequences
     if per_shard < 1:
         raise CacheError(f"--shard-sequences must be at least 1, got {per_shard}")
@@ -163,11 +172,7 @@ def convert_cache(
                          encode_threads=encode_threads) as writer:  # fmt: skip
             if manifest.tokenizer_files:
                 writer.attach_tokenizer(_StoredTokenizer(source, manifest.tokenizer_files))
-            return _convert(reader, writer, progress or _quiet, edit)
-
-
-def _quiet(done: int, total: int, message: str | None) -> None:
-    pass
+            return _convert(reader, writer, progress or no_progress, edit)
 
 
 def _convert(

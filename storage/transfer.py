@@ -35,7 +35,14 @@ from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import Manifest, ShardInfo, diff_specs
 from .location import Location
 
-__all__ = ["Progress", "TransferResult", "copy_cache", "parse_shard_list", "select_shards"]
+__all__ = [
+    "Progress",
+    "TransferResult",
+    "copy_cache",
+    "no_progress",
+    "parse_shard_list",
+    "select_shards",
+]
 
 _MANIFEST_EVERY_S = 5.0  # a killed transfer re-copies at most ~5 s of shards
 
@@ -45,8 +52,8 @@ Progress = Callable[[int, int, "str | None"], None]
 shard refused. It may be called from several threads, never at once."""
 
 
-def _quiet(done: int, total: int, message: str | None) -> None:
-    pass
+def no_progress(done: int, total: int, message: str | None) -> None:
+    """A ``Progress`` that reports nothing."""
 
 
 @dataclass
@@ -127,12 +134,12 @@ def copy_cache(
     the repository (``private`` unless told otherwise) if it does not exist.
     """
     if str(dst).startswith("hf://"):
-        return _push_to_hub(src, str(dst), shards, max_tokens, progress or _quiet, private)
+        return _push_to_hub(src, str(dst), shards, max_tokens, progress or no_progress, private)
     source, target = Location(src, src_options), Location(dst, dst_options)
     target.check_writable()
     manifest = read_manifest(source)
     chosen = select_shards(manifest, shards, max_tokens)
-    copy = _Copy(source, target, manifest, progress or _quiet)
+    copy = _Copy(source, target, manifest, progress or no_progress)
     todo = [info for info in chosen if not copy.already_there(info)]
     copy.result.skipped = len(chosen) - len(todo)
     copy.total = sum(s.bytes for s in todo)

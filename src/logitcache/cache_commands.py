@@ -16,6 +16,7 @@ import click
 
 from logitcache.errors import LogitcacheError
 from logitcache.options import QUIET
+from logitcache.storage import FORMAT_VERSION, READ_VERSIONS
 
 __all__ = ["CACHE_COMMANDS"]
 
@@ -165,7 +166,8 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=T
 @click.command()
 @click.argument("src")
 @click.argument("dest")
-@click.option("--format-version", type=click.IntRange(1, 2), default=2, show_default=True,
+@click.option("--format-version", type=click.IntRange(min(READ_VERSIONS), max(READ_VERSIONS)),
+              default=FORMAT_VERSION, show_default=True,
               help="Format of DEST: 2 (smaller, faster to read) or 1 (for readers that predate "
               "format 2).")  # fmt: skip
 @click.option("--shard-sequences", type=click.IntRange(min=1), default=None,

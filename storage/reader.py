@@ -58,7 +58,8 @@ class CacheReader:
     checksum. ``prefetch`` is the number of shards fetched ahead of the reader. A local
     cache is read in place (``local_cache``, ``prefetch`` do nothing). Format 2 stores
     sequences in batches: reading one decodes (and a ranged read fetches) its batch, and the
-    last few decoded batches are kept, so neighbours cost nothing more (a record read twice
+    most recently read decoded batches are kept (``_DECODED_BYTES``), so neighbours cost
+    nothing more (a record read twice
     may be the same object: copy its arrays before changing them).
     """
 

@@ -43,6 +43,7 @@ __all__ = [
     "load_results",
     "run_study",
     "shakespeare_documents",
+    "write_json",
 ]
 
 
@@ -272,7 +273,7 @@ def _run_variant(out: Path, corpus: str, variant: Variant, config: StudyConfig,
     row = json.loads(done.read_text())
     row.setdefault("wall_s", time.perf_counter() - t0)
     results = [*load_results(out), row]
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     reporter.log(f"[{corpus}] {variant.key}: CE {row['eval_ce']:.4f}, KL {row['eval_kl']:.4f}, "
                  f"{row['wall_s']:.0f} s")  # fmt: skip
 
@@ -280,7 +281,7 @@ def _run_variant(out: Path, corpus: str, variant: Variant, config: StudyConfig,
 def _job(out: Path, job: dict[str, Any], config: StudyConfig, reporter: Reporter) -> None:
     job = {**job, "out": str(out), "teacher": config.teacher, "budget": asdict(config.budget)}
     path = out / "jobs" / f"{job['kind']}-{os.getpid()}.json"
-    _write_json(path, job)
+    write_json(path, job)
     env = {**os.environ, "OMP_NUM_THREADS": str(config.budget.threads)}
     what = job.get("variant", {}).get("name") or job.get("store") or ""
     reporter.log(f"[{job['corpus']}] {time.strftime('%H:%M:%S')} job {job['kind']} {what}")
@@ -295,7 +296,9 @@ def load_results(out: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, written to a temporary name and renamed (a killed study
+    never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -348,7 +351,7 @@ def cache_dir(work: Path, teacher: str, budget: StudyBudget, store: dict[str, An
         stats = cache_components(dest)
         if result.teacher_s:
             stats["teacher_tokens_per_s"] = result.teacher_tokens / result.teacher_s
-        _write_json(stats_file, stats)
+        write_json(stats_file, stats)
     return dest
 
 
@@ -384,7 +387,7 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
         "job_wall_s": time.perf_counter() - t0,
         "loop_eval": result.final_eval,
     }  # fmt: skip
-    _write_json(dest / "result.json", row)
+    write_json(dest / "result.json", row)
     shutil.rmtree(dest / "checkpoints", ignore_errors=True)  # ~100 MB each; the model is kept
 
 

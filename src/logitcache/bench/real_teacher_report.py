@@ -12,7 +12,6 @@ is what a cache costs today; the table and the plot use those bytes.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,12 @@ def format2_bytes(out: Path) -> dict[tuple[str, str], float]:
     """Bytes per token of every finished cache of the study rewritten in format 2 at
     ``precompute``'s default shard size, by (corpus, cache directory name); measured once
     (a few seconds a cache) and kept in the cache's ``study-stats.json``."""
-    from dataclasses import fields
-
     from logitcache.bench.format_bytes import components
+    from logitcache.bench.real_teacher import write_json
     from logitcache.precompute import PrecomputeConfig
     from logitcache.storage import convert_cache
 
-    per_shard = next(f.default for f in fields(PrecomputeConfig) if f.name == "shard_sequences")
+    per_shard = PrecomputeConfig.shard_sequences  # the dataclass field's default
     found = {}
     for stats_file in sorted(out.glob("*/caches/*/study-stats.json")):
         stats = json.loads(stats_file.read_text())
@@ -43,9 +41,7 @@ def format2_bytes(out: Path) -> dict[tuple[str, str], float]:
                                        shard_sequences=per_shard)  # fmt: skip
                 stats["format2_bytes_per_token"] = result.bytes_after / result.manifest.n_tokens
                 stats["format2_components_per_token"] = components(copy)["per_token"]
-            tmp_file = stats_file.with_name(f".{stats_file.name}.tmp")
-            tmp_file.write_text(json.dumps(stats, indent=1))
-            os.replace(tmp_file, stats_file)
+            write_json(stats_file, stats)
         found[(stats_file.parents[2].name, stats_file.parent.name)] = stats[
             "format2_bytes_per_token"
         ]

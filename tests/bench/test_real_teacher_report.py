@@ -91,3 +91,23 @@ def test_format2_bytes_rewrites_each_cache_once_and_feeds_the_table(
     assert f"| {measured[('prose', cache.name)]:.1f} | {written:.1f} |" in summary_table(summary)
     table = report.cache_table(tmp_path)
     assert "| prose | sampled N=8 | 1 |" in table and "| prose | sampled N=8 | 2 |" in table
+
+
+def test_bench_quality_with_a_teacher_runs_the_real_teacher_study(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from logitcache.bench import real_teacher as rt
+    from logitcache.cli import main
+
+    seen = []
+    monkeypatch.setattr(rt, "run_study", lambda config, reporter: seen.append(config) or [])
+    args = ["bench", "quality", "--teacher", "t.gguf", "--out", str(tmp_path), "--quick"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert [(c.teacher, c.out, c.budget) for c in seen] == [
+        ("t.gguf", str(tmp_path), rt.QUICK_STUDY)
+    ]
+
+    refused = CliRunner().invoke(main, [*args, "--json"])
+    assert refused.exit_code != 0 and "--json: not an option of the real-teacher" in refused.output
+    assert len(seen) == 1

@@ -180,9 +180,27 @@ def bench_train(
 @click.option("--more-data/--no-more-data", default=True, show_default=True,
               help="Also the data-size point (4x the slice, best variant).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
-def bench_quality(out, home, shakespeare, quick, stdlib, only, more_data, as_json) -> None:
-    """Which cache to write: students from each cache mode vs CE-only and online KD."""
+@click.option("--teacher", default=None,
+              help="A real teacher (.gguf or directory): the real-teacher study.")  # fmt: skip
+@click.pass_context
+def bench_quality(ctx, out, home, shakespeare, quick, stdlib, only, more_data, as_json,
+                  teacher) -> None:  # fmt: skip
+    """Which cache to write: students from each cache mode vs CE-only and online KD.
+
+    The teachers are toys trained here; with --teacher it is the study on that real teacher
+    (the same as `logitcache bench real-teacher`)."""
     from pathlib import Path
+
+    if teacher is not None:
+        flags = {"home": "--home", "more_data": "--more-data", "as_json": "--json"}
+        default = click.core.ParameterSource.DEFAULT
+        given = [flag for name, flag in flags.items() if ctx.get_parameter_source(name) != default]
+        if given:
+            raise LogitcacheError(f"{', '.join(given)}: not an option of the real-teacher "
+                                  "study (--teacher); see `bench real-teacher --help`")  # fmt: skip
+        ctx.invoke(bench_real_teacher, teacher=teacher, out=out, shakespeare=shakespeare,
+                   stdlib=stdlib, quick=quick, only=only, report_only=False)  # fmt: skip
+        return
 
     from logitcache.bench.quality import format_rows, run_quality
     from logitcache.demo import default_home

@@ -1,7 +1,7 @@
 """Tests for ``logitcache precompute --bytes-per-token B`` (precompute/calibrate.py): N is the
 largest whose cache, written for real on the first sequences, fits B bytes per token.
 
-The fixture corpus is 28 sequences at SEQ_LEN, fewer than CALIBRATION_SEQUENCES: calibration
+The fixture corpus is 28 sequences at SEQ_LEN, fewer than the sample's size: calibration
 writes the whole cache, so its N=chosen measurement must equal the finished cache's size.
 """
 
@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from logitcache.cli import main
 from logitcache.errors import LogitcacheError
-from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
+from logitcache.precompute import CorpusSpec, PrecomputeConfig, iter_sequences, run_precompute
 from logitcache.precompute import calibrate as calibrate_module
 from logitcache.precompute import run as run_module
 from logitcache.progress import Reporter
@@ -95,10 +95,34 @@ def test_the_chosen_n_is_the_largest_that_fits_and_the_cache_records_it(budget_c
     assert manifest.stats()["bytes_per_token"] == size[n]
     line = next(x for x in lines if x.startswith("--bytes-per-token"))
     assert re.fullmatch(
-        rf"--bytes-per-token 24: calibrated on 28 sequences \([\d,]+ positions\): N={n} -> "
+        rf"--bytes-per-token 24: calibrated on 28 of the first 28 sequences \([\d,]+ positions\): "
+        rf"N={n} -> "
         rf"{size[n]:.1f} B/token \(N={n + 1}: {size[n + 1]:.1f}\); --samples {n}",
         line,
     )
+
+
+@pytest.mark.parametrize(
+    "limits, picked",
+    [
+        ({}, list(range(28))),  # the whole corpus: fewer than CALIBRATION_TOKENS // SEQ_LEN
+        ({"CALIBRATION_TOKENS": 8 * SEQ_LEN}, [0, 3, 7, 10, 14, 17, 21, 24]),
+        ({"CALIBRATION_TOKENS": 200}, [0, 9, 18]),  # 3 sequences of SEQ_LEN
+        ({"CALIBRATION_TOKENS": 10}, [0]),  # at least one
+        ({"CALIBRATION_TOKENS": 4 * SEQ_LEN, "CALIBRATION_WINDOW": 10}, [0, 2, 5, 7]),
+    ],
+)
+def test_the_sample_is_spread_evenly_over_the_first_sequences(
+    monkeypatch, tiny_tokenizer, tiny_teacher_dir, text_corpus, limits, picked
+):
+    for name, value in limits.items():
+        monkeypatch.setattr(calibrate_module, name, value)
+    budget = config(tiny_teacher_dir, text_corpus, Path("unused"), bytes_per_token=BUDGET)
+    sample, window = calibrate_module.calibration_sequences(budget, tiny_tokenizer)
+    assert [i for i, _ in sample] == picked
+    assert window == limits.get("CALIBRATION_WINDOW", 28)
+    every = list(iter_sequences(budget.corpus, tiny_tokenizer))  # the pass's own indices
+    assert all((seq.input_ids == every[i].input_ids).all() for i, seq in sample)
 
 
 def test_a_budget_cache_is_a_plain_samples_cache_and_its_recipe_remakes_it(tmp_path, budget_cache):
@@ -187,14 +211,14 @@ def test_an_interrupted_budget_cache_resumes_with_its_n_without_calibrating(
 def test_workers_share_the_n_and_a_disagreement_is_named(
     tmp_path, monkeypatch, sharp_teacher_dir, text_corpus, budget_cache
 ):
-    """Worker 0 calibrates on the first sequences only (CALIBRATION_SEQUENCES patched to 8);
+    """Worker 0 calibrates on a sample of 8 sequences (CALIBRATION_TOKENS patched);
     worker 1, started later, takes N from worker 0's part; a part of another N is refused."""
-    monkeypatch.setattr(calibrate_module, "CALIBRATION_SEQUENCES", 8)
+    monkeypatch.setattr(calibrate_module, "CALIBRATION_TOKENS", 8 * SEQ_LEN)
     out = tmp_path / "c"
     budget = config(sharp_teacher_dir, text_corpus, out, bytes_per_token=BUDGET, num_workers=2)
     first = Lines()
     assert run_precompute(budget, first).manifest is None  # worker 1 has not run yet
-    assert "calibrated on 8 sequences" in first.lines[0]
+    assert "calibrated on 8 of the first 28 sequences" in first.lines[0]
     chosen = read_manifest(Location(str(out)), "parts/worker-00000-of-00002.json").spec.samples
     second = Lines()
     result = run_precompute(replace(budget, worker_index=1), second)

@@ -61,19 +61,25 @@ def one_line_error(result: Result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def budget_cache(tmp_path_factory, sharp_teacher_dir, text_corpus):
-    """A cache made with --bytes-per-token BUDGET: (path, the Calibration, its log lines)."""
-    out = tmp_path_factory.mktemp("budget") / "cache"
+def spy_on_calibrate(patch: pytest.MonkeyPatch) -> list[calibrate_module.Calibration]:
+    """The Calibration of every teacher pass from now on, in order."""
     calibrations = []
 
     def spy(*args, **kwargs):
         calibrations.append(calibrate_module.calibrate(*args, **kwargs))
         return calibrations[-1]
 
+    patch.setattr(run_module, "calibrate", spy)
+    return calibrations
+
+
+@pytest.fixture(scope="module")
+def budget_cache(tmp_path_factory, sharp_teacher_dir, text_corpus):
+    """A cache made with --bytes-per-token BUDGET: (path, the Calibration, its log lines)."""
+    out = tmp_path_factory.mktemp("budget") / "cache"
     reporter = Lines()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "calibrate", spy)
+        calibrations = spy_on_calibrate(patch)
         run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=BUDGET),
                        reporter)  # fmt: skip
     (calibration,) = calibrations
@@ -100,6 +106,29 @@ def test_the_chosen_n_is_the_largest_that_fits_and_the_cache_records_it(budget_c
         rf"{size[n]:.1f} B/token \(N={n + 1}: {size[n + 1]:.1f}\); --samples {n}",
         line,
     )
+
+
+@pytest.mark.parametrize(
+    "settings, budget",
+    [
+        ({"format_version": 1, "sampled_logprobs": True}, 60.0),  # N=34 here
+        ({"container": "zarr", "shard_sequences": 32}, 30.0),
+    ],
+)
+def test_calibration_writes_in_the_configured_format_and_container(
+    tmp_path, monkeypatch, sharp_teacher_dir, text_corpus, settings, budget
+):
+    calibrations = spy_on_calibrate(monkeypatch)
+    out = tmp_path / "c"
+    result = run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=budget,
+                                   **settings))  # fmt: skip
+    (calibration,) = calibrations
+    spec, size = result.manifest.spec, dict(calibration.measured)
+    assert 1 < calibration.samples < 255 and spec.samples == calibration.samples
+    assert spec.format_version == settings.get("format_version", 2)
+    assert spec.container == settings.get("container", "arrow")
+    assert spec.sampled_logprobs is settings.get("sampled_logprobs", False)
+    assert result.manifest.stats()["bytes_per_token"] == size[calibration.samples] <= budget
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Tests for ``logitcache precompute --bytes-per-token B`` (precompute/calibrate.py): N is the
-largest whose cache, written for real on the first sequences, fits B bytes per token.
+largest whose cache, written for real on a sample of the corpus, fits B bytes per token.
 
 The fixture corpus is 28 sequences at SEQ_LEN, fewer than the sample's size: calibration
 writes the whole cache, so its N=chosen measurement must equal the finished cache's size.

@@ -2,8 +2,9 @@
 
 In: values from the library, a recipe file or flags (``logitcache precompute``'s options are
 made from these fields and their docstrings; see ``logitcache.options``). Out: a frozen,
-validated config. A cache's manifest records every setting that shapes its bytes; read back
-(``read_recipe``: ``--config CACHE``) they make the same cache again.
+validated config, and the cache spec it writes with a given teacher (``make_spec``). A cache's
+manifest records every setting that shapes its bytes; read back (``read_recipe``: ``--config
+CACHE``) they make the same cache again.
 """
 
 from __future__ import annotations

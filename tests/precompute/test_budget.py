@@ -7,7 +7,10 @@ writes the whole cache, so its N=chosen measurement must equal the finished cach
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -175,6 +178,16 @@ def test_a_budget_below_n1_fails_naming_the_smallest_size(tmp_path, sharp_teache
     assert not out.exists()  # refused before anything was written
 
 
+def test_a_budget_for_an_output_holding_a_topk_cache_is_refused(
+    tmp_path, tiny_teacher_dir, text_corpus
+):
+    out = tmp_path / "c"
+    run_precompute(config(tiny_teacher_dir, text_corpus, out, top_k=4))
+    with pytest.raises(LogitcacheError, match=r"already holds a top-k cache \(k=4\); "
+                       "--bytes-per-token makes a sampled one: use another --out"):  # fmt: skip
+        run_precompute(config(tiny_teacher_dir, text_corpus, out, bytes_per_token=BUDGET))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -258,3 +271,27 @@ def test_workers_share_the_n_and_a_disagreement_is_named(
     with pytest.raises(LogitcacheError, match=rf"different N \({chosen + 1} here, {chosen} in "
                        r"parts/worker-00000-of-00002.json\)"):  # fmt: skip
         calibrate_module.check_workers_agree(plain)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_calibrate_alike_and_write_the_single_process_cache(
+    tmp_path, sharp_teacher_dir, text_corpus, budget_cache
+):
+    """Both ranks start with no cache at --out, so each calibrates (unless the other has
+    published a shard by then); they use the same N, and their cache is the single-process
+    one byte for byte (~10 s: two processes import torch)."""
+    single, calibration, _ = budget_cache
+    out = tmp_path / "ranked"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    args = ["precompute", "--teacher", sharp_teacher_dir, "--data", text_corpus, "--out", out,
+            "--seq-len", SEQ_LEN, "--shard-sequences", SHARD_SEQUENCES, "--bytes-per-token",
+            BUDGET]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "logitcache.cli", *map(str, args)]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(f"; --samples {calibration.samples}\n") == 1  # rank 0 logs
+    manifest = read_manifest(Location(str(out)))
+    assert manifest.complete and manifest.spec == read_manifest(Location(str(single))).spec
+    assert shard_bytes(out) == shard_bytes(single)

@@ -2,8 +2,9 @@
 
 In: values from the library, a recipe file or flags (``logitcache precompute``'s options are
 made from these fields and their docstrings; see ``logitcache.options``). Out: a frozen,
-validated config. A cache's manifest records every setting that shapes its bytes; read back
-(``read_recipe``: ``--config CACHE``) they make the same cache again.
+validated config, and the cache spec it writes with a given teacher (``make_spec``). A cache's
+manifest records every setting that shapes its bytes; read back (``read_recipe``: ``--config
+CACHE``) they make the same cache again.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitcacheError
+from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.options import option, to_argv
 from logitcache.recipes import parse_recipe_file
-from logitcache.storage import FORMAT_VERSION, READ_VERSIONS
+from logitcache.storage import FORMAT_VERSION, READ_VERSIONS, CacheSpec, default_codecs
+from logitcache.storage.batch import default_batch_sequences
 
-from .corpus import CorpusSpec
+from .corpus import CorpusSpec, corpus_identity
 from .defaults import DEFAULT_SAMPLES
 
-__all__ = ["PrecomputeConfig", "read_recipe", "settings_from_spec"]
+__all__ = ["PrecomputeConfig", "make_spec", "read_recipe", "settings_from_spec"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,13 @@ class PrecomputeConfig:
     samples: int | None = option(
         None,
         help=f"Store the distinct ids of N draws per position with counts (sampled mode, 1..255) "
-        f"[default: {DEFAULT_SAMPLES} when --top-k is not given; see docs/benchmarks.md].",
+        f"[default: {DEFAULT_SAMPLES} when neither --top-k nor --bytes-per-token is given; see "
+        "docs/benchmarks.md].",
     )
     """Store the distinct ids of N draws per position, with counts (sampled mode, 1..255)."""
+    bytes_per_token: float | None = None
+    """Sampled mode with the largest N (1..255) whose cache fits this many bytes per token, as
+    measured by writing the first sequences of the corpus (instead of --top-k / --samples)."""
     sampled_logprobs: bool = False
     """Sampled mode: also store the exact log-probs of the drawn ids."""
     seed: int = 0
@@ -79,14 +86,19 @@ class PrecomputeConfig:
     """This worker's index (0..num_workers-1)."""
 
     def __post_init__(self) -> None:
-        if (self.top_k is None) == (self.samples is None):
-            raise LogitcacheError("choose exactly one of --top-k K or --samples N")
+        chosen = [self.top_k, self.samples, self.bytes_per_token]
+        if sum(value is not None for value in chosen) != 1:
+            raise LogitcacheError(
+                "choose exactly one of --top-k K, --samples N or --bytes-per-token B"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise LogitcacheError(f"--top-k must be >= 1, got {self.top_k}")
         if self.samples is not None and not 1 <= self.samples <= 255:
             raise LogitcacheError(f"--samples must be in 1..255, got {self.samples}")
-        if self.sampled_logprobs and self.samples is None:
-            raise LogitcacheError("--sampled-logprobs needs --samples")
+        if self.bytes_per_token is not None and not self.bytes_per_token > 0:
+            raise LogitcacheError(f"--bytes-per-token must be > 0, got {self.bytes_per_token}")
+        if self.sampled_logprobs and self.top_k is not None:
+            raise LogitcacheError("--sampled-logprobs needs --samples or --bytes-per-token")
         if self.shard_sequences < 1:
             raise LogitcacheError(f"--shard-sequences must be >= 1, got {self.shard_sequences}")
         if self.batch_tokens < 1:
@@ -122,6 +134,48 @@ class PrecomputeConfig:
     def to_argv(self) -> list[str]:
         """The ``logitcache precompute`` flags that make this config."""
         return to_argv(self)
+
+
+def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
+    """The cache spec ``config`` writes with this teacher (refused if they do not fit)."""
+    vocab = int(model_config.vocab_size)
+    if config.top_k is not None and config.top_k > vocab:
+        raise LogitcacheError(
+            f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab})"
+        )
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if max_pos is not None and config.corpus.seq_len > max_pos:
+        raise LogitcacheError(
+            f"--seq-len {config.corpus.seq_len} exceeds the teacher's maximum positions ({max_pos})"
+        )
+    codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step,
+                            format_version=config.format_version, mode=config.mode)  # fmt: skip
+    seq_len, per_shard = config.corpus.seq_len, config.shard_sequences
+    return CacheSpec(
+        mode=config.mode,
+        vocab_size=vocab,
+        seq_len=config.corpus.seq_len,
+        pack=config.corpus.pack,
+        container=config.container,
+        codecs=codecs,
+        shard_sequences=config.shard_sequences,
+        k=config.top_k,
+        samples=config.samples,
+        sampled_logprobs=config.sampled_logprobs,
+        teacher={
+            "name_or_path": config.teacher,
+            "revision": config.teacher_revision or getattr(model_config, "_commit_hash", None),
+            "config_sha256": config_fingerprint(model_config),
+            "weights_sha256": weights_fingerprint(config.teacher),
+            "dtype": config.dtype or "auto",
+        },
+        tokenizer=tokenizer_identity(tokenizer, config.teacher),
+        corpus=corpus_identity(config.corpus),
+        settings=config.content_settings(),
+        batch_sequences=default_batch_sequences(seq_len, per_shard)
+        if config.format_version == 2
+        else None,
+    )
 
 
 def settings_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,24 +14,23 @@ same cache.
 from __future__ import annotations
 
 import errno
+import functools
 import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from logitcache.errors import LogitcacheError
-from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.progress import Reporter, human_bytes
-from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord, default_codecs
-from logitcache.storage.batch import default_batch_sequences
+from logitcache.storage import CacheWriter, Manifest, SequenceRecord
 
-from .config import PrecomputeConfig
-from .corpus import corpus_identity
+from .calibrate import calibrate, check_workers_agree, samples_in_cache
+from .config import PrecomputeConfig, make_spec
 from .packing import CorpusStats, iter_sequences
 from .ranks import (
     device_map_memory,
@@ -69,48 +68,6 @@ _END = object()
 _PAD_MULTIPLE = 64  # tokens; see Pipeline._width
 
 
-def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
-    """The cache spec ``config`` writes with this teacher (refused if they do not fit)."""
-    vocab = int(model_config.vocab_size)
-    if config.top_k is not None and config.top_k > vocab:
-        raise LogitcacheError(
-            f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab})"
-        )
-    max_pos = getattr(model_config, "max_position_embeddings", None)
-    if max_pos is not None and config.corpus.seq_len > max_pos:
-        raise LogitcacheError(
-            f"--seq-len {config.corpus.seq_len} exceeds the teacher's maximum positions ({max_pos})"
-        )
-    codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step,
-                            format_version=config.format_version, mode=config.mode)  # fmt: skip
-    seq_len, per_shard = config.corpus.seq_len, config.shard_sequences
-    return CacheSpec(
-        mode=config.mode,
-        vocab_size=vocab,
-        seq_len=config.corpus.seq_len,
-        pack=config.corpus.pack,
-        container=config.container,
-        codecs=codecs,
-        shard_sequences=config.shard_sequences,
-        k=config.top_k,
-        samples=config.samples,
-        sampled_logprobs=config.sampled_logprobs,
-        teacher={
-            "name_or_path": config.teacher,
-            "revision": config.teacher_revision or getattr(model_config, "_commit_hash", None),
-            "config_sha256": config_fingerprint(model_config),
-            "weights_sha256": weights_fingerprint(config.teacher),
-            "dtype": config.dtype or "auto",
-        },
-        tokenizer=tokenizer_identity(tokenizer, config.teacher),
-        corpus=corpus_identity(config.corpus),
-        settings=config.content_settings(),
-        batch_sequences=default_batch_sequences(seq_len, per_shard)
-        if config.format_version == 2
-        else None,
-    )
-
-
 def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -> PrecomputeResult:
     """Run (or resume) the teacher pass of ``config``; see the module docstring.
 
@@ -134,6 +91,9 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
     model_config = load_teacher_config(
         config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
+    teacher = None  # (model, device) when loaded early, to calibrate --bytes-per-token
+    if config.bytes_per_token is not None:
+        config, teacher = _budget(config, tokenizer, model_config, reporter)
     spec = make_spec(config, tokenizer, model_config)
     result = PrecomputeResult(manifest=None)
     with CacheWriter(
@@ -147,17 +107,48 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
         done = sum(1 for s in writer.manifest.shards if writer.owns(s.index))
         if done:
             reporter.log(f"resuming: {done} shards of this worker are already complete")
-        model, _, device = load_teacher(
-            config.teacher,
-            dtype=config.dtype,
-            device=config.device if config.device_map else rank_device(config.device),
-            revision=config.teacher_revision,
-            trust_remote_code=config.trust_remote_code,
-            device_map=config.device_map,
-            max_memory=device_map_memory(config.device_map),
-        )
+        model, device = teacher or _teacher(config)
         Pipeline(config, spec, tokenizer, model, device, writer, reporter, result).run()
+    if teacher is not None and config.num_workers > 1:
+        check_workers_agree(config)  # workers that calibrated apart chose the same N
     return result
+
+
+def _teacher(config: PrecomputeConfig) -> tuple[Any, torch.device]:
+    """The loaded teacher of ``config`` and the device its inputs go to."""
+    model, _, device = load_teacher(
+        config.teacher,
+        dtype=config.dtype,
+        device=config.device if config.device_map else rank_device(config.device),
+        revision=config.teacher_revision,
+        trust_remote_code=config.trust_remote_code,
+        device_map=config.device_map,
+        max_memory=device_map_memory(config.device_map),
+    )
+    return model, device
+
+
+def _budget(
+    config: PrecomputeConfig, tokenizer: Any, model_config: Any, reporter: Reporter
+) -> tuple[PrecomputeConfig, tuple[Any, torch.device] | None]:
+    """``config`` as the plain ``--samples N`` run its --bytes-per-token chooses, and the
+    teacher if choosing loaded it (None: N is that of the cache already at --out)."""
+    budget, plain = config.bytes_per_token, functools.partial(replace, config, bytes_per_token=None)
+    existing = samples_in_cache(config)
+    if existing is not None:
+        reporter.log(f"--bytes-per-token {budget:g}: {config.out} already holds a cache of "
+                     f"--samples {existing}; N={existing} (no calibration)")  # fmt: skip
+        return plain(samples=existing), None
+    model, device = _teacher(config)
+    spec = make_spec(plain(samples=1), tokenizer, model_config)  # once: it hashes the weights
+
+    def teacher_pass(n: int) -> Pipeline:  # the pass's own forward and extraction, N draws
+        return Pipeline(plain(samples=n), replace(spec, samples=n), tokenizer, model, device,
+                        None, reporter, PrecomputeResult(manifest=None))  # fmt: skip
+
+    calibration = calibrate(config, tokenizer, teacher_pass)
+    reporter.log(calibration.summary())
+    return plain(samples=calibration.samples), (model, device)
 
 
 class Pipeline:
@@ -277,12 +268,20 @@ class Pipeline:
     def _teacher_shard(self, work: _ShardWork, bar: Any) -> list[SequenceRecord]:
         """Run the teacher over one shard's sequences; records come back in index order."""
         records: dict[int, SequenceRecord] = {}
-        for batch in self._batches(work.sequences):
-            for part, logits in self._forward(batch):
-                for (index, seq), sparse in zip(part, self._extract(part, logits)):
-                    records[index] = self._record(index, seq, sparse)
-            bar.update(sum(len(seq.input_ids) for _, seq in batch))
+        for part, logits in self.forward(work.sequences):
+            records.update((r.index, r) for r in self.records(part, logits))
+            bar.update(sum(len(seq.input_ids) for _, seq in part))
         return [records[i] for i, _ in work.sequences]
+
+    def forward(self, sequences: list[tuple[int, Any]]) -> Iterator[tuple[list, torch.Tensor]]:
+        """(sub-batch, its logits [B, W, V]) over (index, PackedSequence) pairs, in batches."""
+        for batch in self._batches(sequences):
+            yield from self._forward(batch)
+
+    def records(self, part: list[tuple[int, Any]], logits: torch.Tensor) -> list[SequenceRecord]:
+        """The records of a sub-batch from its logits [B, W, V] (``forward``'s pairs)."""
+        sparse = self._extract(part, logits)
+        return [self._record(index, seq, s) for (index, seq), s in zip(part, sparse)]
 
     def _width(self, length: int) -> int:
         """Padded width of a sequence: a function of its own length, never of its batch's.

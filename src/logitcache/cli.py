@@ -111,13 +111,13 @@ def precompute_config(
     """The ``PrecomputeConfig`` of parsed ``precompute`` options (over a recipe file).
 
     The two settings the command resolves itself: the cache mode (sampled with
-    DEFAULT_SAMPLES draws unless --top-k or --samples says), and the worker split (the
-    flags, else torchrun's ranks, else one worker).
+    DEFAULT_SAMPLES draws unless --top-k, --samples or --bytes-per-token says), and the worker
+    split (the flags, else torchrun's ranks, else one worker).
     """
     from logitcache.precompute.ranks import resolve_worker
 
     flat = resolve(PrecomputeConfig, ctx, params, config=recipe, read=read_recipe)
-    if flat.get("top_k") is None and flat.get("samples") is None:
+    if all(flat.get(key) is None for key in ("top_k", "samples", "bytes_per_token")):
         flat["samples"] = DEFAULT_SAMPLES
     flat["worker_index"], flat["num_workers"] = resolve_worker(
         flat.get("num_workers"), flat.get("worker_index")

@@ -1,0 +1,222 @@
+"""Sampled mode's N from a byte budget: ``logitcache precompute --bytes-per-token B``.
+
+In: a ``PrecomputeConfig`` with ``bytes_per_token``, its tokenizer, and the teacher pass's own
+pipeline for a given N (``run.Pipeline``: its batching, forward and extraction). Out: a
+``Calibration``, the largest N in 1..255 whose cache fits B bytes per token on a sample of the
+corpus's sequences, with every (N, bytes per token) measured on the way.
+
+How: the corpus is read and packed as the pass reads it (the same iterator, so the same
+sequences under the same indices) up to its first ``CALIBRATION_WINDOW`` sequences; about
+``CALIBRATION_TOKENS`` tokens of them, evenly spaced, are the sample. The teacher runs once
+over the sample and its logits stay in memory. For each candidate N the records are built as
+the pass builds them (the same ``sampled_targets``, and the same per-sequence generator and
+seed: the very draws the pass will store for those sequences) and written with the real
+``CacheWriter`` into a temporary local directory, in the config's format version and
+container: framing, the id table and compression are measured, not estimated. Bytes per token
+is the written shards' bytes over their tokens, as ``logitcache inspect`` reports it.
+
+Why spaced, not the first sequences: a corpus of files in order is not alike from end to end.
+On the real-teacher study's caches (SmolLM2-135M, 160 sequences of 256, docs/benchmarks.md)
+the first 32 sequences of the Python corpus wrote 17-29 % fewer bytes per token than the whole
+cache (N=8..64), every fifth sequence 2-10 % more. The sample errs high: its shard holds fewer
+sequences than a full one, so the id table and framing weigh more per token.
+
+A cache made this way is an ordinary ``--samples N`` cache: its spec and recipe record N, not
+the budget. Where the output already holds a cache (a resume, a complete cache, or other
+workers' parts), N is read from it and nothing is calibrated (``samples_in_cache``).
+
+Workers (``num_workers > 1``) that start together each calibrate on the same sequences, so on
+identical hardware they choose the same N. On hardware that computes the teacher differently
+they might not: ``CacheWriter`` refuses to add shards of another N to a cache, and
+``check_workers_agree`` names the disagreement after the pass; rerun every worker with
+``--samples N`` then.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+
+from logitcache.errors import LogitcacheError
+from logitcache.storage import CacheSpec, CacheWriter, Location, SequenceRecord, read_manifest
+
+from .config import PrecomputeConfig
+from .packing import iter_sequences
+
+__all__ = [
+    "CALIBRATION_TOKENS",
+    "CALIBRATION_WINDOW",
+    "Calibration",
+    "calibrate",
+    "calibration_sequences",
+    "check_workers_agree",
+    "samples_in_cache",
+]
+
+CALIBRATION_TOKENS = 8192
+"""The sample's size: this many tokens of sequences (32 at --seq-len 256, 4 at 2048; fewer if
+the corpus has fewer). Their logits are kept in memory: 8,192 x 49,152 float32 = 1.6 GB at
+SmolLM2's vocabulary, 2.5 GB in bfloat16 at Qwen's 151,936. Per shard a cache pays a fixed
+cost (framing, the format 2 id table) that a smaller sample would weigh more heavily."""
+CALIBRATION_WINDOW = 1024
+"""The sample is spread over the corpus's first this many sequences (4 shards of 256): they
+are read and packed, not run through the teacher (2M tokens at --seq-len 2048)."""
+_MAX_SAMPLES = 255  # the format's limit on N (counts are uint8)
+
+
+class TeacherPass(Protocol):
+    """What calibration uses of the teacher pass's pipeline (``run.Pipeline``)."""
+
+    spec: CacheSpec
+
+    def forward(self, sequences: list[tuple[int, Any]]) -> Iterator[tuple[list, torch.Tensor]]:
+        """(sub-batch, its logits [B, W, V]) over (index, PackedSequence) pairs."""
+        ...
+
+    def records(self, part: list[tuple[int, Any]], logits: torch.Tensor) -> list[SequenceRecord]:
+        """The records the pass writes for a sub-batch, from its logits [B, W, V]."""
+        ...
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The N chosen for a byte budget, and what was measured to choose it."""
+
+    samples: int
+    """The chosen N: the largest measured N whose cache fits the budget."""
+    budget: float
+    """The budget, in bytes per token."""
+    measured: tuple[tuple[int, float], ...]
+    """(N, bytes per token) of every N written, in the order they were tried."""
+    n_sequences: int
+    """Sequences calibrated on..."""
+    window: int
+    """...evenly spaced over the corpus's first this many."""
+    n_positions: int
+    """Positions (next-token targets) calibrated on."""
+
+    def summary(self) -> str:
+        """One line for the log, e.g. ``--bytes-per-token 16: calibrated on 32 of the first
+        1,024 sequences (8,160 positions): N=28 -> 15.8 B/token (N=29: 16.2); --samples 28``."""
+        size = dict(self.measured)
+        above = size.get(self.samples + 1)
+        more = f" (N={self.samples + 1}: {above:.1f})" if above is not None else ""
+        return (
+            f"--bytes-per-token {self.budget:g}: calibrated on {self.n_sequences} of the first "
+            f"{self.window:,} sequences ({self.n_positions:,} positions): N={self.samples} -> "
+            f"{size[self.samples]:.1f} "
+            f"B/token{more}; --samples {self.samples}"
+        )
+
+
+def calibrate(
+    config: PrecomputeConfig, tokenizer: Any, teacher_pass: Callable[[int], TeacherPass]
+) -> Calibration:
+    """The largest N whose cache fits ``config.bytes_per_token``; see the module docstring.
+
+    ``teacher_pass(n)``: the pass's pipeline writing N draws per position (its spec with
+    ``samples=n``). Raises LogitcacheError if even N=1 does not fit.
+    """
+    budget = config.bytes_per_token
+    assert budget is not None, "calibrate needs a config with bytes_per_token"
+    sequences, window = calibration_sequences(config, tokenizer)
+    forwarded = list(teacher_pass(1).forward(sequences))  # the logits every N draws from
+    measured: dict[int, float] = {}
+    # Bisection over 1..255 for the largest N that fits: lo fits (0: none yet), hi does not
+    # (256: beyond the format). Bytes grow with N in practice (more draws, more distinct ids,
+    # larger counts), so eight writes find it; the answer is the largest measured N that fit.
+    lo, hi = 0, _MAX_SAMPLES + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        measured[mid] = measure(teacher_pass(mid), forwarded)
+        lo, hi = (mid, hi) if measured[mid] <= budget else (lo, mid)
+    fits = [n for n, size in measured.items() if size <= budget]
+    n_positions = sum(len(seq.input_ids) - 1 for _, seq in sequences)
+    if not fits:
+        smallest = min(measured.values())
+        raise LogitcacheError(
+            f"--bytes-per-token {budget:g} is below the smallest sampled cache: N=1 takes "
+            f"{smallest:.2f} bytes per token (measured on {len(sequences)} sequences of the "
+            "corpus); raise the budget"
+        )
+    return Calibration(
+        samples=max(fits),
+        budget=budget,
+        measured=tuple(measured.items()),
+        n_sequences=len(sequences),
+        window=window,
+        n_positions=n_positions,
+    )
+
+
+def calibration_sequences(
+    config: PrecomputeConfig, tokenizer: Any
+) -> tuple[list[tuple[int, Any]], int]:
+    """(index, PackedSequence) of the sample, CALIBRATION_TOKENS // --seq-len sequences evenly
+    spaced over the first CALIBRATION_WINDOW (the whole corpus if smaller), indexed as the pass
+    indexes them; and how many sequences it was spread over."""
+    window = list(itertools.islice(iter_sequences(config.corpus, tokenizer), CALIBRATION_WINDOW))
+    count = min(max(1, CALIBRATION_TOKENS // config.corpus.seq_len), len(window))
+    picked = (j * len(window) // count for j in range(count))
+    return [(i, window[i]) for i in picked], len(window)
+
+
+def measure(teacher_pass: TeacherPass, forwarded: list[tuple[list, torch.Tensor]]) -> float:
+    """Bytes per token of the records ``teacher_pass`` makes of the forwarded sequences,
+    written for real into a temporary directory: renumbered from 0 (a shard holds
+    consecutive sequences), in shards of the pass's size."""
+    records = sorted(
+        (record for part, logits in forwarded for record in teacher_pass.records(part, logits)),
+        key=lambda record: record.index,
+    )
+    records = [replace(record, index=i) for i, record in enumerate(records)]
+    per_shard = teacher_pass.spec.shard_sequences
+    with (
+        tempfile.TemporaryDirectory(prefix="logitcache-calibrate-") as tmp,
+        CacheWriter(tmp, teacher_pass.spec) as writer,
+    ):
+        for first in range(0, len(records), per_shard):
+            writer.write_shard(first // per_shard, records[first : first + per_shard])
+        size = writer.manifest.stats()["bytes_per_token"]
+    assert size is not None, "calibration wrote no tokens"
+    return size
+
+
+def samples_in_cache(config: PrecomputeConfig) -> int | None:
+    """The N of the sampled cache already at ``config.out`` (its manifest, else a worker's
+    part), or None where there is none yet."""
+    loc = Location(config.out)
+    specs = [read_manifest(loc).spec] if loc.exists("manifest.json") else []
+    specs += [read_manifest(loc, f"parts/{name}").spec for name in _part_files(loc)]
+    if not specs:
+        return None
+    if specs[0].mode != "sampled":
+        raise LogitcacheError(
+            f"{config.out} already holds a top-k cache (k={specs[0].k}); --bytes-per-token "
+            "makes a sampled one: use another --out"
+        )
+    return specs[0].samples
+
+
+def check_workers_agree(config: PrecomputeConfig) -> None:
+    """Refuse, naming both, when another worker's part records another N than this one's."""
+    loc = Location(config.out)
+    for name in _part_files(loc):
+        other = read_manifest(loc, f"parts/{name}").spec.samples
+        if other != config.samples:
+            raise LogitcacheError(
+                f"workers calibrated --bytes-per-token to different N ({config.samples} here, "
+                f"{other} in parts/{name}): their hardware computes the teacher differently; "
+                f"delete {config.out} and run every worker with the same --samples N"
+            )
+
+
+def _part_files(loc: Location) -> list[str]:
+    """The workers' part manifests (``parts/worker-I-of-N.json``), without temporaries."""
+    names = loc.listdir("parts")  # empty where there is no such folder
+    return [n for n in names if n.startswith("worker-") and n.endswith(".json")]

@@ -1,0 +1,297 @@
+"""Tests for ``logitcache precompute --bytes-per-token B`` (precompute/calibrate.py): N is the
+largest whose cache, written for real on a sample of the corpus, fits B bytes per token.
+
+The fixture corpus is 28 sequences at SEQ_LEN, fewer than the sample's size: calibration
+writes the whole cache, so its N=chosen measurement must equal the finished cache's size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from logitcache.cli import main
+from logitcache.errors import LogitcacheError
+from logitcache.precompute import CorpusSpec, PrecomputeConfig, iter_sequences, run_precompute
+from logitcache.precompute import calibrate as calibrate_module
+from logitcache.precompute import run as run_module
+from logitcache.progress import Reporter
+from logitcache.storage import CacheWriter, Location, read_manifest
+
+SEQ_LEN = 64
+SHARD_SEQUENCES = 8  # 28 sequences: shards of 8, 8, 8, 4
+BUDGET = 24.0  # B/token: N=17 here (23.8; N=16 23.5, N=18 24.0, N=128 39.3), inside 1..255
+
+
+class Lines(Reporter):
+    """A reporter that keeps its log lines (and draws no bars)."""
+
+    def __init__(self) -> None:
+        super().__init__(enabled=False)
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def config(teacher: Path, data: Path, out: Path, **settings) -> PrecomputeConfig:
+    settings.setdefault("shard_sequences", SHARD_SEQUENCES)
+    corpus = CorpusSpec(data=(str(data),), seq_len=SEQ_LEN)
+    return PrecomputeConfig(teacher=str(teacher), out=str(out), corpus=corpus, device="cpu",
+                            **settings)  # fmt: skip
+
+
+def shard_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((cache / "shards").iterdir())}
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def spy_on_calibrate(patch: pytest.MonkeyPatch) -> list[calibrate_module.Calibration]:
+    """The Calibration of every teacher pass from now on, in order."""
+    calibrations = []
+
+    def spy(*args, **kwargs):
+        calibrations.append(calibrate_module.calibrate(*args, **kwargs))
+        return calibrations[-1]
+
+    patch.setattr(run_module, "calibrate", spy)
+    return calibrations
+
+
+@pytest.fixture(scope="module")
+def budget_cache(tmp_path_factory, sharp_teacher_dir, text_corpus):
+    """A cache made with --bytes-per-token BUDGET: (path, the Calibration, its log lines)."""
+    out = tmp_path_factory.mktemp("budget") / "cache"
+    reporter = Lines()
+    with pytest.MonkeyPatch.context() as patch:
+        calibrations = spy_on_calibrate(patch)
+        run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=BUDGET),
+                       reporter)  # fmt: skip
+    (calibration,) = calibrations
+    return out, calibration, reporter.lines
+
+
+def test_the_chosen_n_is_the_largest_that_fits_and_the_cache_records_it(budget_cache):
+    out, calibration, lines = budget_cache
+    n, size = calibration.samples, dict(calibration.measured)
+    assert 1 < n < 255  # the budget is inside the range: both neighbours were measured
+    assert size[n] <= BUDGET < size[n + 1]
+    assert all(b > BUDGET for m, b in size.items() if m > n)
+    assert all(b <= BUDGET for m, b in size.items() if m < n)  # (monotone on this data)
+    assert len(size) == 8  # bisection over 1..255
+    manifest = read_manifest(Location(str(out)))
+    assert manifest.complete and (manifest.spec.mode, manifest.spec.samples) == ("sampled", n)
+    # The corpus is all calibration sequences: the calibration wrote this very cache.
+    assert calibration.n_sequences == manifest.n_sequences_total == 28
+    assert manifest.stats()["bytes_per_token"] == size[n]
+    line = next(x for x in lines if x.startswith("--bytes-per-token"))
+    assert re.fullmatch(
+        rf"--bytes-per-token 24: calibrated on 28 of the first 28 sequences \([\d,]+ positions\): "
+        rf"N={n} -> "
+        rf"{size[n]:.1f} B/token \(N={n + 1}: {size[n + 1]:.1f}\); --samples {n}",
+        line,
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, budget",
+    [
+        ({"format_version": 1, "sampled_logprobs": True}, 60.0),  # N=34 here
+        ({"container": "zarr", "shard_sequences": 32}, 30.0),
+    ],
+)
+def test_calibration_writes_in_the_configured_format_and_container(
+    tmp_path, monkeypatch, sharp_teacher_dir, text_corpus, settings, budget
+):
+    calibrations = spy_on_calibrate(monkeypatch)
+    out = tmp_path / "c"
+    result = run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=budget,
+                                   **settings))  # fmt: skip
+    (calibration,) = calibrations
+    spec, size = result.manifest.spec, dict(calibration.measured)
+    assert 1 < calibration.samples < 255 and spec.samples == calibration.samples
+    assert spec.format_version == settings.get("format_version", 2)
+    assert spec.container == settings.get("container", "arrow")
+    assert spec.sampled_logprobs is settings.get("sampled_logprobs", False)
+    assert result.manifest.stats()["bytes_per_token"] == size[calibration.samples] <= budget
+
+
+@pytest.mark.parametrize(
+    "limits, picked",
+    [
+        ({}, list(range(28))),  # the whole corpus: fewer than CALIBRATION_TOKENS // SEQ_LEN
+        ({"CALIBRATION_TOKENS": 8 * SEQ_LEN}, [0, 3, 7, 10, 14, 17, 21, 24]),
+        ({"CALIBRATION_TOKENS": 200}, [0, 9, 18]),  # 3 sequences of SEQ_LEN
+        ({"CALIBRATION_TOKENS": 10}, [0]),  # at least one
+        ({"CALIBRATION_TOKENS": 4 * SEQ_LEN, "CALIBRATION_WINDOW": 10}, [0, 2, 5, 7]),
+    ],
+)
+def test_the_sample_is_spread_evenly_over_the_first_sequences(
+    monkeypatch, tiny_tokenizer, tiny_teacher_dir, text_corpus, limits, picked
+):
+    for name, value in limits.items():
+        monkeypatch.setattr(calibrate_module, name, value)
+    budget = config(tiny_teacher_dir, text_corpus, Path("unused"), bytes_per_token=BUDGET)
+    sample, window = calibrate_module.calibration_sequences(budget, tiny_tokenizer)
+    assert [i for i, _ in sample] == picked
+    assert window == limits.get("CALIBRATION_WINDOW", 28)
+    every = list(iter_sequences(budget.corpus, tiny_tokenizer))  # the pass's own indices
+    assert all((seq.input_ids == every[i].input_ids).all() for i, seq in sample)
+
+
+def test_a_budget_cache_is_a_plain_samples_cache_and_its_recipe_remakes_it(tmp_path, budget_cache):
+    out, calibration, _ = budget_cache
+    recipe = yaml.safe_load(invoke("precompute", "--config", out, "--out", "x", "--dry-run").output)
+    assert (recipe["samples"], recipe["bytes_per_token"]) == (calibration.samples, None)
+    again = tmp_path / "again"
+    result = invoke("precompute", "--config", out, "--out", again, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(again) == shard_bytes(out)
+    assert read_manifest(Location(str(again))).spec == read_manifest(Location(str(out))).spec
+
+
+def test_a_budget_below_n1_fails_naming_the_smallest_size(tmp_path, sharp_teacher_dir,
+                                                          text_corpus):  # fmt: skip
+    out = tmp_path / "c"
+    with pytest.raises(LogitcacheError, match=r"N=1 takes (\d+\.\d\d) bytes per token") as err:
+        run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=2.0))
+    assert "--bytes-per-token 2 is below the smallest sampled cache" in str(err.value)
+    assert float(re.search(r"takes (\S+) bytes", str(err.value)).group(1)) > 2.0
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_budget_for_an_output_holding_a_topk_cache_is_refused(
+    tmp_path, tiny_teacher_dir, text_corpus
+):
+    out = tmp_path / "c"
+    run_precompute(config(tiny_teacher_dir, text_corpus, out, top_k=4))
+    with pytest.raises(LogitcacheError, match=r"already holds a top-k cache \(k=4\); "
+                       "--bytes-per-token makes a sampled one: use another --out"):  # fmt: skip
+        run_precompute(config(tiny_teacher_dir, text_corpus, out, bytes_per_token=BUDGET))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--bytes-per-token", "16", "--samples", "8"], "choose exactly one of --top-k K, "
+         "--samples N or --bytes-per-token B"),
+        (["--bytes-per-token", "16", "--top-k", "8"], "choose exactly one of --top-k K"),
+        (["--bytes-per-token", "0"], "--bytes-per-token must be > 0, got 0.0"),
+        (["--bytes-per-token", "nan"], "--bytes-per-token must be > 0, got nan"),
+        (["--bytes-per-token", "8", "--top-k", "4", "--sampled-logprobs"], "choose exactly"),
+        (["--top-k", "4", "--sampled-logprobs"], "--sampled-logprobs needs --samples or "
+         "--bytes-per-token"),
+    ],
+)  # fmt: skip
+def test_flag_conflicts_are_one_line_errors(flags, message):
+    result = invoke("precompute", "--teacher", "t", "--data", "d", "--out", "o", *flags)
+    assert message in one_line_error(result)
+
+
+def test_bytes_per_token_alone_gets_no_default_samples():
+    result = invoke("precompute", "--teacher", "t", "--data", "d", "--out", "o",
+                    "--bytes-per-token", "16", "--sampled-logprobs", "--dry-run")  # fmt: skip
+    recipe = yaml.safe_load(result.output)
+    assert (recipe["samples"], recipe["top_k"], recipe["bytes_per_token"]) == (None, None, 16.0)
+    assert result.output.startswith("# logitcache precompute ")
+    assert "--bytes-per-token 16.0 --sampled-logprobs" in result.output.splitlines()[0]
+
+
+def test_an_interrupted_budget_cache_resumes_with_its_n_without_calibrating(
+    tmp_path, monkeypatch, sharp_teacher_dir, text_corpus, budget_cache
+):
+    reference, calibration, _ = budget_cache
+    out = tmp_path / "c"
+    write_shard = CacheWriter.write_shard
+
+    def interrupted(self, shard, records, stats=None):
+        if shard == 2 and "logitcache-calibrate-" not in self.loc.url:  # the cache's own
+            raise RuntimeError("interrupted")
+        return write_shard(self, shard, records, stats)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", interrupted)
+    budget = config(sharp_teacher_dir, text_corpus, out, bytes_per_token=BUDGET)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_precompute(budget)
+    assert len(read_manifest(Location(str(out))).shards) == 2
+    monkeypatch.undo()
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(run_module, "calibrate", no_calibration)
+    for already_complete in (False, True):
+        reporter = Lines()
+        result = run_precompute(budget, reporter)
+        assert result.already_complete is already_complete
+        n = calibration.samples
+        assert (
+            f"already holds a cache of --samples {n}; N={n} (no calibration)" in reporter.lines[0]
+        )
+    assert result.manifest.spec.samples == calibration.samples
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_workers_share_the_n_and_a_disagreement_is_named(
+    tmp_path, monkeypatch, sharp_teacher_dir, text_corpus, budget_cache
+):
+    """Worker 0 calibrates on a sample of 8 sequences (CALIBRATION_TOKENS patched);
+    worker 1, started later, takes N from worker 0's part; a part of another N is refused."""
+    monkeypatch.setattr(calibrate_module, "CALIBRATION_TOKENS", 8 * SEQ_LEN)
+    out = tmp_path / "c"
+    budget = config(sharp_teacher_dir, text_corpus, out, bytes_per_token=BUDGET, num_workers=2)
+    first = Lines()
+    assert run_precompute(budget, first).manifest is None  # worker 1 has not run yet
+    assert "calibrated on 8 of the first 28 sequences" in first.lines[0]
+    chosen = read_manifest(Location(str(out)), "parts/worker-00000-of-00002.json").spec.samples
+    second = Lines()
+    result = run_precompute(replace(budget, worker_index=1), second)
+    assert f"N={chosen} (no calibration)" in second.lines[0]
+    assert result.manifest.complete and result.manifest.spec.samples == chosen
+
+    plain = config(sharp_teacher_dir, text_corpus, out, samples=chosen + 1, num_workers=2)
+    with pytest.raises(LogitcacheError, match=rf"different N \({chosen + 1} here, {chosen} in "
+                       r"parts/worker-00000-of-00002.json\)"):  # fmt: skip
+        calibrate_module.check_workers_agree(plain)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_calibrate_alike_and_write_the_single_process_cache(
+    tmp_path, sharp_teacher_dir, text_corpus, budget_cache
+):
+    """Both ranks start with no cache at --out, so each calibrates (unless the other has
+    published a shard by then); they use the same N, and their cache is the single-process
+    one byte for byte (~10 s: two processes import torch)."""
+    single, calibration, _ = budget_cache
+    out = tmp_path / "ranked"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    args = ["precompute", "--teacher", sharp_teacher_dir, "--data", text_corpus, "--out", out,
+            "--seq-len", SEQ_LEN, "--shard-sequences", SHARD_SEQUENCES, "--bytes-per-token",
+            BUDGET]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "logitcache.cli", *map(str, args)]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(f"; --samples {calibration.samples}\n") == 1  # rank 0 logs
+    manifest = read_manifest(Location(str(out)))
+    assert manifest.complete and manifest.spec == read_manifest(Location(str(single))).spec
+    assert shard_bytes(out) == shard_bytes(single)

@@ -4,9 +4,18 @@ In: a teacher (any AutoModelForCausalLM) and a corpus (HF dataset or local files
 Out: a cache (see ``logitcache.storage``) of its top-k or sampled next-token distributions.
 """
 
-from .corpus import CorpusError, CorpusSpec
-from .packing import CorpusStats, PackedSequence, iter_sequences
-from .run import PrecomputeConfig, PrecomputeResult, run_precompute
+from typing import Any
+
+_PUBLIC = {  # name -> its module; imported on first use, so the CLI starts without torch
+    "CorpusError": "corpus",
+    "CorpusSpec": "corpus",
+    "CorpusStats": "packing",
+    "PackedSequence": "packing",
+    "PrecomputeConfig": "config",
+    "PrecomputeResult": "run",
+    "iter_sequences": "packing",
+    "run_precompute": "run",
+}
 
 __all__ = [
     "CorpusError",
@@ -18,3 +27,11 @@ __all__ = [
     "iter_sequences",
     "run_precompute",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

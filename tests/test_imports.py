@@ -132,3 +132,29 @@ def test_the_checks_catch_a_cycle_and_a_private_import(tmp_path):
         ("logitcache.y", []),
         ("logitcache.y", []),
     ]
+
+
+def test_the_cli_starts_without_torch():
+    """`logitcache --help` and argument errors must not wait ~1 s for torch (and CUDA)."""
+    import subprocess
+    import sys
+
+    code = "import sys, logitcache.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_lazy_package_names_are_the_objects_not_their_modules():
+    import importlib
+    import inspect
+
+    import logitcache
+    import logitcache.train.loop  # imports every trainer module, as a training run does
+
+    for package in ("logitcache", "logitcache.train", "logitcache.precompute"):
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            if name != "__version__":
+                value = getattr(module, name)
+                assert not inspect.ismodule(value), f"{package}.{name} is a module"
+    assert logitcache.train.evaluate is logitcache.evaluate

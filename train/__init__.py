@@ -9,15 +9,21 @@ stream ``CacheStream``), ``DistillCollator`` (records -> a dict of padded tensor
 ``DistillationLoss`` (an ``nn.Module``); ``logitcache train`` (``train``) is built on them.
 """
 
-from .collator import DistillCollator
-from .config import TrainConfig, lr_multiplier
-from .data import StreamState
-from .dataset import CacheDataset
-from .distill_loss import DistillationLoss
-from .evaluate import evaluate
-from .loop import TrainResult, train
-from .losses import TeacherTargets
-from .stream import CacheStream
+from typing import Any
+
+_PUBLIC = {  # name -> its module; imported on first use, so the CLI starts without torch
+    "CacheDataset": "dataset",
+    "CacheStream": "stream",
+    "DistillCollator": "collator",
+    "DistillationLoss": "distill_loss",
+    "StreamState": "data",
+    "TeacherTargets": "losses",
+    "TrainConfig": "config",
+    "TrainResult": "loop",
+    "evaluate": "evaluation",
+    "lr_multiplier": "config",
+    "train": "loop",
+}
 
 __all__ = [
     "CacheDataset",
@@ -32,3 +38,11 @@ __all__ = [
     "lr_multiplier",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

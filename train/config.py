@@ -9,10 +9,21 @@ from typing import Any
 from logitcache.errors import LogitcacheError
 from logitcache.options import option, to_argv
 
-from .losses import LOSSES, TAIL_POLICIES
-from .optim import OPTIMIZERS
+__all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
+    "RESUME_MAY_CHANGE",
+    "RUN_RECORD_KEYS",
+    "TAIL_POLICIES",
+    "TrainConfig",
+    "lr_multiplier",
+]
 
-__all__ = ["RESUME_MAY_CHANGE", "RUN_RECORD_KEYS", "TrainConfig", "lr_multiplier"]
+# The named choices of the settings below (train.losses and train.optim implement them); kept
+# here, free of torch, so the CLI builds its options without importing it.
+LOSSES = ("forward-kl", "reverse-kl", "jsd", "tvd")
+TAIL_POLICIES = ("renorm", "bucket", "label")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 # Keys train_config.json holds besides the settings (written by the training loop): skipped
 # when the file is read back with --config.

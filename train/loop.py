@@ -50,7 +50,7 @@ from .distributed import (
     setup_distributed,
     wrap_ddp,
 )
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .preempt import StopOnSignal, ignore_stop_signals, stopped

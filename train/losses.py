@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .config import LOSSES, TAIL_POLICIES
+
 __all__ = [
     "LOSSES",
     "TAIL_POLICIES",
@@ -44,9 +46,6 @@ __all__ = [
     "full_vocab_kd",
     "teacher_kl",
 ]
-
-LOSSES = ("forward-kl", "reverse-kl", "jsd", "tvd")
-TAIL_POLICIES = ("renorm", "bucket", "label")
 
 # Teacher probabilities are floored here inside log p for reverse KL: a category the teacher
 # gives 0 (a sampled-out rest bucket, a zero-prob entry) costs the student 27.6 nats per unit

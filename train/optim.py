@@ -18,6 +18,8 @@ from torch import nn
 
 from logitcache.errors import LogitcacheError
 
+from .config import OPTIMIZERS
+
 __all__ = [
     "OPTIMIZERS",
     "STATE_BYTES_PER_PARAM",
@@ -25,8 +27,6 @@ __all__ = [
     "optimizer_state_classes",
     "set_lr",
 ]
-
-OPTIMIZERS = ("adamw", "adamw8bit")
 
 # Optimizer state per parameter, nominal: two float32 moments, or two 8-bit moments plus a
 # float32 scale per 256-value block (2 x (1 + 4/256) B). train.memory uses these.

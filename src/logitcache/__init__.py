@@ -19,7 +19,7 @@ _PUBLIC = {
     "DistillationLoss": "logitcache.train.distill_loss",
     "StreamState": "logitcache.train.data",
     "TrainConfig": "logitcache.train.config",
-    "evaluate": "logitcache.train.evaluate",
+    "evaluate": "logitcache.train.evaluation",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -102,14 +102,14 @@ class Calibration:
 
     def summary(self) -> str:
         """One line for the log, e.g. ``--bytes-per-token 16: calibrated on 32 of the first
-        1,024 sequences (8,160 positions): N=28 -> 15.8 B/token (N=29: 16.2); --samples 28``."""
+        1,024 sequences (8,160 positions): N=28 -> 15.83 B/token (N=29: 16.21); --samples 28``."""
         size = dict(self.measured)
         above = size.get(self.samples + 1)
-        more = f" (N={self.samples + 1}: {above:.1f})" if above is not None else ""
+        more = f" (N={self.samples + 1}: {above:.2f})" if above is not None else ""
         return (
             f"--bytes-per-token {self.budget:g}: calibrated on {self.n_sequences} of the first "
             f"{self.window:,} sequences ({self.n_positions:,} positions): N={self.samples} -> "
-            f"{size[self.samples]:.1f} "
+            f"{size[self.samples]:.2f} "
             f"B/token{more}; --samples {self.samples}"
         )
 

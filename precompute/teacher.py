@@ -56,7 +56,9 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str | None, config: Any) -> torch.dtype:
     """``None``/``auto`` means the model's own dtype (float32 if it names none)."""
     if dtype in (None, "auto"):
-        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        # transformers < 5 names it torch_dtype; 5 keeps that as a property that logs a
+        # deprecation warning on every teacher with no dtype (GGUF ones): read the field only
+        own = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
         if isinstance(own, str):
             own = _DTYPES.get(own)
         return own if isinstance(own, torch.dtype) else torch.float32

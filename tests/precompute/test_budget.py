@@ -106,7 +106,7 @@ def test_the_chosen_n_is_the_largest_that_fits_and_the_cache_records_it(budget_c
     assert re.fullmatch(
         rf"--bytes-per-token 24: calibrated on 28 of the first 28 sequences \([\d,]+ positions\): "
         rf"N={n} -> "
-        rf"{size[n]:.1f} B/token \(N={n + 1}: {size[n + 1]:.1f}\); --samples {n}",
+        rf"{size[n]:.2f} B/token \(N={n + 1}: {size[n + 1]:.2f}\); --samples {n}",
         line,
     )
 

@@ -206,3 +206,25 @@ def test_loading_a_gguf_teacher_draws_no_dequantize_bar(capfd, gguf_teacher):
     load_teacher(str(gguf_teacher), device="cpu")
     assert "de-quantizing" not in capfd.readouterr().err
     assert loader.tqdm is plain  # put back after the load
+
+
+def test_a_teacher_without_a_dtype_reads_no_deprecated_torch_dtype():
+    """GGUF configs name no dtype; transformers 5's ``torch_dtype`` property would log a
+    deprecation warning at every teacher pass (the field of transformers < 5 is still read)."""
+    import torch
+
+    from logitcache.precompute.teacher import resolve_dtype
+
+    class Config:
+        dtype = None
+
+        @property
+        def torch_dtype(self):
+            raise AssertionError("read the deprecated property")
+
+    class OldConfig:
+        def __init__(self):
+            self.torch_dtype = "bfloat16"
+
+    assert resolve_dtype(None, Config()) == torch.float32
+    assert resolve_dtype("auto", OldConfig()) == torch.bfloat16

@@ -4,17 +4,17 @@ In: a teacher (any AutoModelForCausalLM) and a corpus (HF dataset or local files
 Out: a cache (see ``logitcache.storage``) of its top-k or sampled next-token distributions.
 """
 
-from typing import Any
+from logitcache.lazy import lazy_exports
 
 _PUBLIC = {  # name -> its module; imported on first use, so the CLI starts without torch
-    "CorpusError": "corpus",
-    "CorpusSpec": "corpus",
-    "CorpusStats": "packing",
-    "PackedSequence": "packing",
-    "PrecomputeConfig": "config",
-    "PrecomputeResult": "run",
-    "iter_sequences": "packing",
-    "run_precompute": "run",
+    "CorpusError": ".corpus",
+    "CorpusSpec": ".corpus",
+    "CorpusStats": ".packing",
+    "PackedSequence": ".packing",
+    "PrecomputeConfig": ".config",
+    "PrecomputeResult": ".run",
+    "iter_sequences": ".packing",
+    "run_precompute": ".run",
 }
 
 __all__ = [
@@ -28,10 +28,4 @@ __all__ = [
     "run_precompute",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _PUBLIC)

@@ -9,20 +9,20 @@ stream ``CacheStream``), ``DistillCollator`` (records -> a dict of padded tensor
 ``DistillationLoss`` (an ``nn.Module``); ``logitcache train`` (``train``) is built on them.
 """
 
-from typing import Any
+from logitcache.lazy import lazy_exports
 
 _PUBLIC = {  # name -> its module; imported on first use, so the CLI starts without torch
-    "CacheDataset": "dataset",
-    "CacheStream": "stream",
-    "DistillCollator": "collator",
-    "DistillationLoss": "distill_loss",
-    "StreamState": "data",
-    "TeacherTargets": "losses",
-    "TrainConfig": "config",
-    "TrainResult": "loop",
-    "evaluate": "evaluation",
-    "lr_multiplier": "config",
-    "train": "loop",
+    "CacheDataset": ".dataset",
+    "CacheStream": ".stream",
+    "DistillCollator": ".collator",
+    "DistillationLoss": ".distill_loss",
+    "StreamState": ".data",
+    "TeacherTargets": ".losses",
+    "TrainConfig": ".config",
+    "TrainResult": ".loop",
+    "evaluate": ".evaluation",
+    "lr_multiplier": ".config",
+    "train": ".loop",
 }
 
 __all__ = [
@@ -39,10 +39,4 @@ __all__ = [
     "train",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _PUBLIC)

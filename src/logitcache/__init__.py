@@ -8,7 +8,7 @@ The names below are the public API for bringing a cache to your own trainer
 (``docs/api.md``); they are imported on first use, so ``import logitcache`` stays cheap.
 """
 
-from typing import Any
+from logitcache.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -24,10 +24,4 @@ _PUBLIC = {
 
 __all__ = ["__version__", *_PUBLIC]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        import importlib
-
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'logitcache' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _PUBLIC)

@@ -126,7 +126,8 @@ def first_pass_variants() -> list[Variant]:
         Variant("top-128 bucket", top(128), {"tail": "bucket"}),
         Variant("sampled N=32", n(32), counts),
         # between 16 and 32: on code N=32 is 17.0 B/token, N=24 14.3 (the <= 16 goal); N=26
-        # is what `precompute --bytes-per-token 16` chose there
+        # on code and N=15 on prose are what `precompute --bytes-per-token 16` chose
+        Variant("sampled N=15", n(15), counts),
         Variant("sampled N=24", n(24), counts),
         Variant("sampled N=26", n(26), counts),
         Variant("sampled N=28", n(28), counts),

@@ -111,3 +111,17 @@ def test_bench_quality_with_a_teacher_runs_the_real_teacher_study(tmp_path, monk
     refused = CliRunner().invoke(main, [*args, "--json"])
     assert refused.exit_code != 0 and "--json: not an option of the real-teacher" in refused.output
     assert len(seen) == 1
+
+
+def test_the_study_writes_its_caches_in_format_1(tmp_path, monkeypatch):
+    """The report's "format 1" column is the cache as written; format 2 is measured apart."""
+    from types import SimpleNamespace
+
+    import logitcache.precompute
+    from logitcache.bench import real_teacher as rt
+
+    seen = []
+    fake = lambda config: seen.append(config) or SimpleNamespace(teacher_s=0)  # noqa: E731
+    monkeypatch.setattr(logitcache.precompute, "run_precompute", fake)
+    rt.cache_dir(tmp_path, "t.gguf", rt.QUICK_STUDY, {"top_k": 64}, held_out=True)
+    assert [c.format_version for c in seen] == [1]

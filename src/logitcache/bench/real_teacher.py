@@ -348,9 +348,11 @@ def cache_dir(work: Path, teacher: str, budget: StudyBudget, store: dict[str, An
     tokens = budget.heldout_tokens if held_out else budget.slice_tokens
     extra = {"logprob_codec": "float32"} if held_out else {}
     corpus = CorpusSpec(data=(str(data),), max_tokens=tokens, seq_len=budget.seq_len)
+    # format 1, as the study's first caches were (a resumed study must match them): the
+    # report measures format 2 by converting each (real_teacher_report.format2_bytes)
     result = run_precompute(PrecomputeConfig(
         teacher=teacher, out=str(dest), corpus=corpus, shard_sequences=64, device="cpu",
-        batch_tokens=4 * budget.seq_len, **store, **extra,
+        batch_tokens=4 * budget.seq_len, format_version=1, **store, **extra,
     ))  # fmt: skip
     stats_file = dest / "study-stats.json"
     if not held_out and not stats_file.is_file():

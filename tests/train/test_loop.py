@@ -243,3 +243,22 @@ def test_resume_without_a_checkpoint_starts_afresh(cli, metrics, reference, tmp_
     result = cli([*flags(out), "--resume"])
     assert result.exit_code == 0, result.output
     same_run(ref, out, metrics)
+
+
+def test_online_teacher_resumes_exactly(monkeypatch, cli, metrics, reference, teacher_dir,
+                                        tmp_path):  # fmt: skip
+    """Online KD (the teacher in memory) resumes like a cache-backed run: killed at step 6,
+    --resume ends with the weights and metrics of an uninterrupted run."""
+    _, flags = reference
+    online = lambda out: [*flags(out), "--online-teacher", str(teacher_dir)]  # noqa: E731
+    ref = tmp_path / "ref"
+    result = cli(online(ref))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run"
+    crash_after(monkeypatch, 6)
+    with pytest.raises(Crash):
+        train(in_process(online(out)))
+    monkeypatch.undo()
+    result = cli([*online(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    same_run(ref, out, metrics)

@@ -44,6 +44,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.storage import CacheSpec, CacheWriter, Location, SequenceRecord, read_manifest
+from logitcache.storage.cache import PARTS, part_names, stored_manifests
 
 from .config import PrecomputeConfig
 from .packing import iter_sequences
@@ -190,9 +191,8 @@ def measure(teacher_pass: TeacherPass, forwarded: list[tuple[list, torch.Tensor]
 def samples_in_cache(config: PrecomputeConfig) -> int | None:
     """The N of the sampled cache already at ``config.out`` (its manifest, else a worker's
     part), or None where there is none yet."""
-    loc = Location(config.out)
-    specs = [read_manifest(loc).spec] if loc.exists("manifest.json") else []
-    specs += [read_manifest(loc, f"parts/{name}").spec for name in _part_files(loc)]
+    main, parts = stored_manifests(Location(config.out))
+    specs = [m.spec for m in ([main] if main else []) + parts]
     if not specs:
         return None
     if specs[0].mode != "sampled":
@@ -206,17 +206,11 @@ def samples_in_cache(config: PrecomputeConfig) -> int | None:
 def check_workers_agree(config: PrecomputeConfig) -> None:
     """Refuse, naming both, when another worker's part records another N than this one's."""
     loc = Location(config.out)
-    for name in _part_files(loc):
-        other = read_manifest(loc, f"parts/{name}").spec.samples
+    for name in part_names(loc):
+        other = read_manifest(loc, f"{PARTS}/{name}").spec.samples
         if other != config.samples:
             raise LogitcacheError(
                 f"workers calibrated --bytes-per-token to different N ({config.samples} here, "
-                f"{other} in parts/{name}): their hardware computes the teacher differently; "
+                f"{other} in {PARTS}/{name}): their hardware computes the teacher differently; "
                 f"delete {config.out} and run every worker with the same --samples N"
             )
-
-
-def _part_files(loc: Location) -> list[str]:
-    """The workers' part manifests (``parts/worker-I-of-N.json``), without temporaries."""
-    names = loc.listdir("parts")  # empty where there is no such folder
-    return [n for n in names if n.startswith("worker-") and n.endswith(".json")]

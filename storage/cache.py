@@ -34,7 +34,16 @@ from .format import CacheSpec, Manifest, ShardInfo, diff_specs
 from .location import Location
 from .record import RecordCodec, SequenceRecord, check_record
 
-__all__ = ["MANIFEST", "CacheWriter", "merge_parts", "read_manifest", "shard_stats"]
+__all__ = [
+    "MANIFEST",
+    "PARTS",
+    "CacheWriter",
+    "merge_parts",
+    "part_names",
+    "read_manifest",
+    "shard_stats",
+    "stored_manifests",
+]
 
 MANIFEST = "manifest.json"
 PARTS = "parts"
@@ -136,10 +145,9 @@ class CacheWriter:
         self._lock_fd = fd
 
     def _existing_manifest(self) -> Manifest:
-        main = [read_manifest(self.loc)] if self.loc.exists(MANIFEST) else []
-        found = main + [read_manifest(self.loc, f"{PARTS}/{n}") for n in _part_names(self.loc)]
+        main, parts = stored_manifests(self.loc)
         merged = Manifest(spec=self.spec, created_by=f"logitcache {__version__}")
-        for old in found:
+        for old in ([main] if main else []) + parts:
             if old.format_version != self.spec.format_version:
                 raise CacheError(
                     f"{self.loc.url} already holds a format {old.format_version} cache; resume it "
@@ -157,7 +165,7 @@ class CacheWriter:
                 merged = replace(merged, tokenizer_files=old.tokenizer_files)
             # Only manifest.json speaks for the whole cache: a part marked complete says that
             # one worker is done, not that the others are.
-            if old.complete and old in main:
+            if old.complete and old is main:
                 merged = replace(merged, complete=True, n_sequences_total=old.n_sequences_total)
         return merged
 
@@ -310,8 +318,16 @@ class CacheWriter:
             os.rmdir(self.loc.root)
 
 
-def _part_names(loc: Location) -> list[str]:
+def part_names(loc: Location) -> list[str]:
+    """The workers' part manifests under ``parts/`` (``worker-I-of-N.json``), no temporaries."""
     return [n for n in loc.listdir(PARTS) if _PART_RE.match(n)]
+
+
+def stored_manifests(loc: Location) -> tuple[Manifest | None, list[Manifest]]:
+    """What a cache location already holds: its ``manifest.json`` (None if none yet) and every
+    worker's part manifest."""
+    main = read_manifest(loc) if loc.exists(MANIFEST) else None
+    return main, [read_manifest(loc, f"{PARTS}/{n}") for n in part_names(loc)]
 
 
 def _missing_shards(
@@ -342,7 +358,7 @@ def merge_parts(url: str | os.PathLike, storage_options: dict[str, Any] | None =
     Raises CacheError naming what is missing if some worker has not finished.
     """
     loc = Location(url, storage_options)
-    names = _part_names(loc)
+    names = part_names(loc)
     if not names:
         if loc.exists(MANIFEST):
             return read_manifest(loc)

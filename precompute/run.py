@@ -27,7 +27,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter, human_bytes
-from logitcache.storage import CacheWriter, Manifest, SequenceRecord
+from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord
 
 from .calibrate import calibrate, check_workers_agree, samples_in_cache
 from .config import PrecomputeConfig, make_spec
@@ -93,8 +93,9 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
     )
     teacher = None  # (model, device) when loaded early, to calibrate --bytes-per-token
     if config.bytes_per_token is not None:
-        config, teacher = _budget(config, tokenizer, model_config, reporter)
-    spec = make_spec(config, tokenizer, model_config)
+        config, spec, teacher = _budget(config, tokenizer, model_config, reporter)
+    else:
+        spec = make_spec(config, tokenizer, model_config)  # hashes the teacher's weights
     result = PrecomputeResult(manifest=None)
     with CacheWriter(
         config.out, spec, worker=config.worker_index, num_workers=config.num_workers
@@ -130,17 +131,19 @@ def _teacher(config: PrecomputeConfig) -> tuple[Any, torch.device]:
 
 def _budget(
     config: PrecomputeConfig, tokenizer: Any, model_config: Any, reporter: Reporter
-) -> tuple[PrecomputeConfig, tuple[Any, torch.device] | None]:
-    """``config`` as the plain ``--samples N`` run its --bytes-per-token chooses, and the
-    teacher if choosing loaded it (None: N is that of the cache already at --out)."""
+) -> tuple[PrecomputeConfig, CacheSpec, tuple[Any, torch.device] | None]:
+    """``config`` as the plain ``--samples N`` run its --bytes-per-token chooses, its spec, and
+    the teacher if choosing loaded it (None: N is that of the cache already at --out)."""
     budget, plain = config.bytes_per_token, functools.partial(replace, config, bytes_per_token=None)
     existing = samples_in_cache(config)
     if existing is not None:
         reporter.log(f"--bytes-per-token {budget:g}: {config.out} already holds a cache of "
                      f"--samples {existing}; N={existing} (no calibration)")  # fmt: skip
-        return plain(samples=existing), None
+        resumed = plain(samples=existing)
+        return resumed, make_spec(resumed, tokenizer, model_config), None
     model, device = _teacher(config)
-    spec = make_spec(plain(samples=1), tokenizer, model_config)  # once: it hashes the weights
+    # once, for every N (only ``samples`` differs): it hashes the teacher's weights
+    spec = make_spec(plain(samples=1), tokenizer, model_config)
 
     def teacher_pass(n: int) -> Pipeline:  # the pass's own forward and extraction, N draws
         return Pipeline(plain(samples=n), replace(spec, samples=n), tokenizer, model, device,
@@ -148,7 +151,8 @@ def _budget(
 
     calibration = calibrate(config, tokenizer, teacher_pass)
     reporter.log(calibration.summary())
-    return plain(samples=calibration.samples), (model, device)
+    n = calibration.samples
+    return plain(samples=n), replace(spec, samples=n), (model, device)
 
 
 class Pipeline:

@@ -18,8 +18,9 @@ from logitcache.errors import LogitcacheError
 from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.options import option, to_argv
 from logitcache.recipes import parse_recipe_file
-from logitcache.storage import FORMAT_VERSION, READ_VERSIONS, CacheSpec, default_codecs
+from logitcache.storage import FORMAT_VERSION, CacheSpec, default_codecs
 from logitcache.storage.batch import default_batch_sequences
+from logitcache.storage.format import check_format_version
 
 from .corpus import CorpusSpec, corpus_identity
 from .defaults import DEFAULT_SAMPLES
@@ -108,9 +109,7 @@ class PrecomputeConfig:
             raise LogitcacheError(
                 f"--worker-index {self.worker_index} must be in 0..{self.num_workers - 1}"
             )
-        if self.format_version not in READ_VERSIONS:
-            versions = " or ".join(map(str, READ_VERSIONS))
-            raise LogitcacheError(f"--format-version must be {versions}, got {self.format_version}")
+        check_format_version(self.format_version)
         if not 0 < self.logprob_step <= 1:
             raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
         if self.device_map is not None and self.device != "auto":

@@ -28,7 +28,7 @@ import numpy as np
 from numcodecs.abc import Codec
 
 from .errors import CacheError
-from .format import FORMAT_VERSION, READ_VERSIONS
+from .format import FORMAT_VERSION, check_format_version
 
 __all__ = [
     "ALLOWED_CODEC_IDS",
@@ -347,9 +347,7 @@ def default_codecs(
     if format_version == 2:
         level = {} if zstd_level is None else {"zstd_level": zstd_level}
         return v2_codecs(vocab_size, mode=mode, logprobs=logprobs, step=step, **level)
-    if format_version not in READ_VERSIONS:
-        versions = " or ".join(map(str, READ_VERSIONS))
-        raise CacheError(f"format version {format_version} cannot be written; use {versions}")
+    check_format_version(format_version)
     zstd_level = _ZSTD_LEVEL if zstd_level is None else zstd_level
     # A 4-byte checksum per frame (~32 B per sequence) makes a damaged blob fail to decode
     # even when a reader skips the shard hash (--no-verify).

@@ -31,11 +31,11 @@ from .codecs import LogprobCodec, default_codecs
 from .errors import CacheError
 from .format import (
     FORMAT_VERSION,
-    READ_VERSIONS,
     TOKENIZER_DIR,
     CacheSpec,
     Manifest,
     StoredFile,
+    check_format_version,
     diff_specs,
 )
 from .location import Location
@@ -91,9 +91,7 @@ def converted_spec(
     Format 2's ``batch_sequences``: as given, else the source's (a format 2 source whose
     batches fit the new shards), else the writers' default.
     """
-    if format_version not in READ_VERSIONS:
-        versions = " or ".join(map(str, READ_VERSIONS))
-        raise CacheError(f"--format-version must be {versions}, got {format_version}")
+    check_format_version(format_version)
     per_shard = spec.shard_sequences if shard_sequences is None else shard_sequences
     if per_shard < 1:
         raise CacheError(f"--shard-sequences must be at least 1, got {per_shard}")

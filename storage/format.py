@@ -30,6 +30,7 @@ __all__ = [
     "ShardInfo",
     "StoredFile",
     "canonical_json",
+    "check_format_version",
     "check_relative_path",
     "diff_specs",
 ]
@@ -53,6 +54,13 @@ _MAX_VOCAB = 1 << 24
 _MAX_SEQ_LEN = 1 << 22
 _MAX_TOKENIZER_FILES = 64
 _MAX_TOKENIZER_FILE_BYTES = 1 << 30  # a 256k-vocabulary tokenizer.json is ~30 MB
+
+
+def check_format_version(version: int) -> None:
+    """Refuse a format version no writer writes (the ones readers read: ``READ_VERSIONS``)."""
+    if version not in READ_VERSIONS:
+        versions = " or ".join(map(str, READ_VERSIONS))
+        raise CacheError(f"--format-version must be {versions}, got {version}")
 
 
 def canonical_json(obj: Any) -> str:

@@ -12,15 +12,23 @@ over the sample and its logits stay in memory. For each candidate N the records 
 the pass builds them (the same ``sampled_targets``, and the same per-sequence generator and
 seed: the very draws the pass will store for those sequences) and written with the real
 ``CacheWriter`` into a temporary local directory, in the config's format version and
-container: framing, the id table and compression are measured, not estimated. Bytes per token
-is the written shards' bytes over their tokens, as ``logitcache inspect`` reports it.
+container: framing, the id table and compression are measured, not estimated.
 
 Why spaced, not the first sequences: a corpus of files in order is not alike from end to end.
 On the real-teacher study's caches (SmolLM2-135M, 160 sequences of 256, docs/benchmarks.md)
 the first 32 sequences of the Python corpus wrote 17-29 % fewer bytes per token than the whole
-cache (N=8..64), every fifth sequence 2-10 % more. The sample errs high: its shard holds fewer
-sequences than a full one, so the id table and framing weigh more per token.
+cache (N=8..64), every fifth sequence 2-10 % more.
 
+Why each N is written twice: a shard's bytes per token fall with its size (per shard, the
+format 2 id table is learnt from fewer ids and zstd starts each field afresh). The 32-sequence
+sample written as one shard measured 5 % (prose) and 4 % (code) more bytes per token than the
+real caches of 256-sequence shards, enough to cost prose one draw. Across shard sizes bytes per
+token is close to linear in shards per sequence (x): on those caches a + b*x from shards of 16
+and 32 predicted shards of 256 within 0.6 % (docs/benchmarks.md, "Choosing N from a byte
+budget"). So each N is written as the sample in the pass's shards (one, for a sample under a
+shard) and in shards of half that, and bytes per token is read off that line at the cache's
+own x: its sequences over its shards where the whole corpus is inside the window, full shards
+otherwise.
 A cache made this way is an ordinary ``--samples N`` cache: its spec and recipe record N, not
 the budget. Where the output already holds a cache (a resume, a complete cache, or other
 workers' parts), N is read from it and nothing is calibrated (``samples_in_cache``).
@@ -56,6 +64,7 @@ __all__ = [
     "calibrate",
     "calibration_sequences",
     "check_workers_agree",
+    "predict_bytes",
     "samples_in_cache",
 ]
 
@@ -93,23 +102,27 @@ class Calibration:
     budget: float
     """The budget, in bytes per token."""
     measured: tuple[tuple[int, float], ...]
-    """(N, bytes per token) of every N written, in the order they were tried."""
+    """(N, predicted bytes per token of the cache) of every N written, in the order tried."""
     n_sequences: int
     """Sequences calibrated on..."""
     window: int
     """...evenly spaced over the corpus's first this many."""
     n_positions: int
     """Positions (next-token targets) calibrated on."""
+    shard_sequences: int
+    """The cache's shards, that bytes per token is predicted for (``predict_bytes``)."""
 
     def summary(self) -> str:
         """One line for the log, e.g. ``--bytes-per-token 16: calibrated on 32 of the first
-        1,024 sequences (8,160 positions): N=28 -> 15.83 B/token (N=29: 16.21); --samples 28``."""
+        1,024 sequences (8,160 positions) for shards of 256: N=28 -> 15.83 B/token (N=29:
+        16.21); --samples 28``."""
         size = dict(self.measured)
         above = size.get(self.samples + 1)
         more = f" (N={self.samples + 1}: {above:.2f})" if above is not None else ""
         return (
             f"--bytes-per-token {self.budget:g}: calibrated on {self.n_sequences} of the first "
-            f"{self.window:,} sequences ({self.n_positions:,} positions): N={self.samples} -> "
+            f"{self.window:,} sequences ({self.n_positions:,} positions) for shards of "
+            f"{self.shard_sequences}: N={self.samples} -> "
             f"{size[self.samples]:.2f} "
             f"B/token{more}; --samples {self.samples}"
         )
@@ -126,6 +139,9 @@ def calibrate(
     budget = config.bytes_per_token
     assert budget is not None, "calibrate needs a config with bytes_per_token"
     sequences, window = calibration_sequences(config, tokenizer)
+    per_shard = config.shard_sequences
+    # The cache's shards per sequence: the whole corpus is known when it ends inside the window.
+    cache_x = -(-window // per_shard) / window if window < CALIBRATION_WINDOW else 1 / per_shard
     forwarded = list(teacher_pass(1).forward(sequences))  # the logits every N draws from
     measured: dict[int, float] = {}
     # Bisection over 1..255 for the largest N that fits: lo fits (0: none yet), hi does not
@@ -134,7 +150,7 @@ def calibrate(
     lo, hi = 0, _MAX_SAMPLES + 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        measured[mid] = measure(teacher_pass(mid), forwarded)
+        measured[mid] = predict_bytes(teacher_pass(mid), forwarded, cache_x)
         lo, hi = (mid, hi) if measured[mid] <= budget else (lo, mid)
     fits = [n for n, size in measured.items() if size <= budget]
     n_positions = sum(len(seq.input_ids) - 1 for _, seq in sequences)
@@ -142,7 +158,7 @@ def calibrate(
         smallest = min(measured.values())
         raise LogitcacheError(
             f"--bytes-per-token {budget:g} is below the smallest sampled cache: N=1 takes "
-            f"{smallest:.2f} bytes per token (measured on {len(sequences)} sequences of the "
+            f"{smallest:.2f} bytes per token (calibrated on {len(sequences)} sequences of the "
             "corpus); raise the budget"
         )
     return Calibration(
@@ -152,6 +168,7 @@ def calibrate(
         n_sequences=len(sequences),
         window=window,
         n_positions=n_positions,
+        shard_sequences=per_shard,
     )
 
 
@@ -167,25 +184,43 @@ def calibration_sequences(
     return [(i, window[i]) for i in picked], len(window)
 
 
-def measure(teacher_pass: TeacherPass, forwarded: list[tuple[list, torch.Tensor]]) -> float:
-    """Bytes per token of the records ``teacher_pass`` makes of the forwarded sequences,
-    written for real into a temporary directory: renumbered from 0 (a shard holds
-    consecutive sequences), in shards of the pass's size."""
+def predict_bytes(
+    teacher_pass: TeacherPass, forwarded: list[tuple[list, torch.Tensor]], cache_x: float
+) -> float:
+    """Bytes per token of a cache with ``cache_x`` shards per sequence, from the records
+    ``teacher_pass`` makes of the forwarded sequences written in two shard sizes: the pass's
+    (capped at the sample) and half that; the line through both, read at ``cache_x``. Where the
+    two layouts coincide (a one-sequence sample or shard) the one measurement is the answer."""
     records = sorted(
         (record for part, logits in forwarded for record in teacher_pass.records(part, logits)),
         key=lambda record: record.index,
     )
+    spec = teacher_pass.spec
+    full = min(spec.shard_sequences, len(records))
+    x_full, y_full = measure(spec, records, full)
+    if full == 1 or cache_x == x_full:
+        return y_full
+    x_half, y_half = measure(spec, records, -(-full // 2))
+    slope = max(0.0, (y_half - y_full) / (x_half - x_full))  # fewer shards never cost bytes
+    return y_full + slope * (cache_x - x_full)
+
+
+def measure(spec: CacheSpec, records: list[SequenceRecord], per_shard: int) -> tuple[float, float]:
+    """(shards per sequence, bytes per token) of ``records`` written for real into a temporary
+    directory in shards of ``per_shard``, renumbered from 0 (a shard holds consecutive
+    sequences)."""
     records = [replace(record, index=i) for i, record in enumerate(records)]
-    per_shard = teacher_pass.spec.shard_sequences
+    batch = spec.batch_sequences and min(spec.batch_sequences, per_shard)  # None in format 1
+    spec = replace(spec, shard_sequences=per_shard, batch_sequences=batch)
     with (
         tempfile.TemporaryDirectory(prefix="logitcache-calibrate-") as tmp,
-        CacheWriter(tmp, teacher_pass.spec) as writer,
+        CacheWriter(tmp, spec) as writer,
     ):
         for first in range(0, len(records), per_shard):
             writer.write_shard(first // per_shard, records[first : first + per_shard])
         size = writer.manifest.stats()["bytes_per_token"]
     assert size is not None, "calibration wrote no tokens"
-    return size
+    return -(-len(records) // per_shard) / len(records), size
 
 
 def samples_in_cache(config: PrecomputeConfig) -> int | None:

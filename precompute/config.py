@@ -49,8 +49,8 @@ class PrecomputeConfig:
     """Store the distinct ids of N draws per position, with counts (sampled mode, 1..255)."""
     bytes_per_token: float | None = None
     """Sampled mode with the largest N (1..255) whose cache fits this many bytes per token, as
-    measured by writing ~8k tokens of the corpus's first sequences (instead of --top-k /
-    --samples)."""
+    measured by writing ~8k tokens of sequences spread over the corpus's first 1,024 (instead
+    of --top-k / --samples)."""
     sampled_logprobs: bool = False
     """Sampled mode: also store the exact log-probs of the drawn ids."""
     seed: int = 0

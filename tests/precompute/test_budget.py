@@ -24,11 +24,11 @@ from logitcache.precompute import CorpusSpec, PrecomputeConfig, iter_sequences, 
 from logitcache.precompute import calibrate as calibrate_module
 from logitcache.precompute import run as run_module
 from logitcache.progress import Reporter
-from logitcache.storage import CacheWriter, Location, read_manifest
+from logitcache.storage import CacheReader, CacheWriter, Location, read_manifest
 
 SEQ_LEN = 64
 SHARD_SEQUENCES = 8  # 28 sequences: shards of 8, 8, 8, 4
-BUDGET = 24.0  # B/token: N=17 here (23.8; N=16 23.5, N=18 24.0, N=128 39.3), inside 1..255
+BUDGET = 24.0  # B/token: N=15 here (23.76; N=16 24.06), inside 1..255
 
 
 class Lines(Reporter):
@@ -104,11 +104,38 @@ def test_the_chosen_n_is_the_largest_that_fits_and_the_cache_records_it(budget_c
     assert manifest.stats()["bytes_per_token"] == size[n]
     line = next(x for x in lines if x.startswith("--bytes-per-token"))
     assert re.fullmatch(
-        rf"--bytes-per-token 24: calibrated on 28 of the first 28 sequences \([\d,]+ positions\): "
-        rf"N={n} -> "
+        rf"--bytes-per-token 24: calibrated on 28 of the first 28 sequences \([\d,]+ positions\) "
+        rf"for shards of 8: N={n} -> "
         rf"{size[n]:.2f} B/token \(N={n + 1}: {size[n + 1]:.2f}\); --samples {n}",
         line,
     )
+
+
+class Replay:
+    """A teacher pass whose "records" of a sub-batch are the sub-batch itself (stored records
+    replayed through ``predict_bytes``)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def records(self, part, logits):
+        return part
+
+
+def test_bytes_are_predicted_for_the_caches_shards_not_the_samples(budget_cache):
+    """The 28 sequences written in shards of 14 overstate what they take as one shard of 28
+    (a shard's fixed costs, and larger shards compress better); the line through shards of 14
+    and 7, read at the one shard's 1/28 shards per sequence, lands much closer."""
+    out, _, _ = budget_cache
+    with CacheReader(str(out)) as reader:
+        records, spec = list(reader), reader.manifest.spec
+    _, whole = calibrate_module.measure(spec, records, 28)
+    spec = replace(spec, shard_sequences=14, batch_sequences=7)
+    _, halves = calibrate_module.measure(spec, records, 14)
+    predicted = calibrate_module.predict_bytes(Replay(spec), [(records, None)], cache_x=1 / 28)
+    assert whole < halves and abs(predicted - whole) < (halves - whole) / 10
+    # Read at the pass's own layout, the prediction is the measurement, bit for bit.
+    assert calibrate_module.predict_bytes(Replay(spec), [(records, None)], 2 / 28) == halves
 
 
 @pytest.mark.parametrize(

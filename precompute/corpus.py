@@ -114,6 +114,10 @@ class Document:
     input_ids: list[int] | None = None
     source: str = ""
     """Where it came from ("data/x.jsonl row 3"), for error messages."""
+    read: float | None = None
+    """Share of the corpus read up to this document, in (0, 1]: by file bytes (of its lines:
+    a CRLF counts one), by rows in parquet files and Hub datasets; None where unknown (a
+    streamed Hub dataset with no row count). For progress bars; not part of the document."""
 
     def __post_init__(self) -> None:
         n_set = sum(v is not None for v in (self.text, self.messages, self.input_ids))
@@ -251,30 +255,37 @@ def _txt_has_paragraphs(path: str) -> bool:
     return False
 
 
-def _iter_txt(path: str) -> Iterator[Document]:
+def _iter_txt(path: str, read: _Share) -> Iterator[Document]:
     try:
         paragraphs = _txt_has_paragraphs(path)
         with open(path, encoding="utf-8") as f:
             block: list[str] = []
             first = 0  # line number where `block` began
+            done = 0  # bytes of the lines read (a CRLF counts one: text mode reads it as \n)
             for i, raw in enumerate(f, start=1):
+                done += len(raw.encode())
                 line = raw.rstrip("\r\n")
                 if not paragraphs:
                     if not _is_blank(line):
-                        yield Document(text=line, source=f"{path} line {i}")
+                        yield Document(
+                            text=line, source=f"{path} line {i}", read=read.of_bytes(done)
+                        )
                 elif not _is_blank(line):
                     first = first or i
                     block.append(line)
                 elif block:
-                    yield Document(text="\n".join(block), source=f"{path} line {first}")
+                    text = "\n".join(block)
+                    yield Document(
+                        text=text, source=f"{path} line {first}", read=read.of_bytes(done)
+                    )
                     block, first = [], 0
             if block:
-                yield Document(text="\n".join(block), source=f"{path} line {first}")
+                yield Document(text="\n".join(block), source=f"{path} line {first}", read=read(1.0))
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path} is not UTF-8 text: {e}") from e
 
 
-def _row_document(row: Any, spec: CorpusSpec, where: str) -> Document:
+def _row_document(row: Any, spec: CorpusSpec, where: str, read: float | None = None) -> Document:
     """Pick the document out of one row (a dict) by the rules in the module docstring."""
     if not isinstance(row, dict):
         raise CorpusError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -284,7 +295,8 @@ def _row_document(row: Any, spec: CorpusSpec, where: str) -> Document:
                 f"messages field {spec.messages_field!r} not found in {where}; "
                 f"fields: {', '.join(map(str, row))}"
             )
-        return Document(messages=_check_messages(row[spec.messages_field], where), source=where)
+        messages = _check_messages(row[spec.messages_field], where)
+        return Document(messages=messages, source=where, read=read)
     if spec.text_field in row:
         text = row[spec.text_field]
         if not isinstance(text, str):
@@ -292,14 +304,14 @@ def _row_document(row: Any, spec: CorpusSpec, where: str) -> Document:
                 f"text field {spec.text_field!r} in {where} is {type(text).__name__}, "
                 "expected a string"
             )
-        return Document(text=text, source=where)
+        return Document(text=text, source=where, read=read)
     if "input_ids" in row:
         ids = row["input_ids"]
         if not isinstance(ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in ids
         ):
             raise CorpusError(f"input_ids in {where} must be a list of integers")
-        return Document(input_ids=ids, source=where)
+        return Document(input_ids=ids, source=where, read=read)
     raise CorpusError(
         f"text field {spec.text_field!r} not found in {where}; fields: {', '.join(map(str, row))}"
     )
@@ -320,11 +332,12 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
     return messages
 
 
-def _iter_jsonl(path: str, spec: CorpusSpec) -> Iterator[Document]:
-    row = 0
+def _iter_jsonl(path: str, spec: CorpusSpec, read: _Share) -> Iterator[Document]:
+    row = done = 0  # done: bytes of the lines read
     try:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
+                done += len(line.encode())
                 if _is_blank(line):
                     continue
                 try:
@@ -334,13 +347,13 @@ def _iter_jsonl(path: str, spec: CorpusSpec) -> Iterator[Document]:
                         f"bad JSON in {path} line {i + 1}: {e.msg} "
                         "(.json and .jsonl are read as JSON lines: one object per line)"
                     ) from e
-                yield _row_document(obj, spec, f"{path} row {row}")
+                yield _row_document(obj, spec, f"{path} row {row}", read.of_bytes(done))
                 row += 1
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path} is not UTF-8 text: {e}") from e
 
 
-def _iter_parquet(path: str, spec: CorpusSpec) -> Iterator[Document]:
+def _iter_parquet(path: str, spec: CorpusSpec, read: _Share) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
@@ -353,11 +366,11 @@ def _iter_parquet(path: str, spec: CorpusSpec) -> Iterator[Document]:
     )
     if wanted not in names:  # name the missing field and what exists, as for JSON rows
         _row_document(dict.fromkeys(names), spec, f"{path} row 0")
-    row = 0
+    row, rows = 0, max(1, pf.metadata.num_rows)
     for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[wanted]):
         for value in batch.column(0).to_pylist():
-            yield _row_document({wanted: value}, spec, f"{path} row {row}")
             row += 1
+            yield _row_document({wanted: value}, spec, f"{path} row {row - 1}", read(row / rows))
 
 
 def _iter_hub(spec: CorpusSpec) -> Iterator[Document]:
@@ -377,8 +390,20 @@ def _iter_hub(spec: CorpusSpec) -> Iterator[Document]:
             f"cannot load Hugging Face dataset {name!r} (config {spec.data_config!r}, "
             f"split {spec.split!r}); if it is a local path, check it exists: {e}"
         ) from e
+    rows = _hub_rows(ds, spec.split)
     for i, row in enumerate(ds):
-        yield _row_document(row, spec, f"{name}[{spec.split}] row {i}")
+        read = (i + 1) / rows if rows else None
+        yield _row_document(row, spec, f"{name}[{spec.split}] row {i}", read and min(read, 1.0))
+
+
+def _hub_rows(ds: Any, split: str) -> int | None:
+    """A Hub split's row count: its length, or for a streamed split its dataset card's count."""
+    try:
+        return len(ds)
+    except TypeError:  # an IterableDataset (streaming) has no len
+        splits = getattr(getattr(ds, "info", None), "splits", None) or {}
+        info = splits.get(split) if hasattr(splits, "get") else None
+        return getattr(info, "num_examples", None) or None
 
 
 def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
@@ -389,13 +414,35 @@ def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
         if files is None:
             yield from _iter_hub(spec)
             return
-        for path in files:
+        sizes = [os.path.getsize(path) for path in files]
+        total, before = max(1, sum(sizes)), 0
+        for path, size in zip(files, sizes, strict=True):
+            read = _Share(before, size, total)
             suffix = Path(path).suffix.lower()
             if suffix == ".txt":
-                yield from _iter_txt(path)
+                yield from _iter_txt(path, read)
             elif suffix == ".parquet":
-                yield from _iter_parquet(path, spec)
+                yield from _iter_parquet(path, spec, read)
             else:
-                yield from _iter_jsonl(path, spec)
+                yield from _iter_jsonl(path, spec, read)
+            before += size
 
     return generate()
+
+
+@dataclass(frozen=True)
+class _Share:
+    """One file's part of the corpus's bytes: how far into the file the reader is (a share of
+    its bytes or rows) -> ``Document.read``."""
+
+    before: int
+    """Bytes of the files read before this one."""
+    size: int
+    total: int
+    """Bytes of every file of the corpus."""
+
+    def __call__(self, within: float) -> float:
+        return (self.before + min(within, 1.0) * self.size) / self.total
+
+    def of_bytes(self, done: int) -> float:
+        return self(done / max(1, self.size))

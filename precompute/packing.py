@@ -53,6 +53,8 @@ class CorpusStats:
     """Tokens emitted in sequences."""
     sequences: int = 0
     """Sequences emitted."""
+    read: float | None = None
+    """Share of the corpus read so far (``Document.read`` of the last document), if known."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,6 +293,7 @@ def iter_sequences(
     def tokenized() -> Iterator[tuple[list[int], list[bool]]]:
         for doc in documents:
             stats.documents += 1
+            stats.read = doc.read
             out = tokenize_document(doc, tokenizer)
             if out is None:
                 stats.skipped_empty += 1

@@ -165,16 +165,16 @@ class Pipeline:
         self.batch_tokens = config.batch_tokens
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
+        self.expected_tokens: int | None = None  # the bar's total, as the reader estimates it
 
     # -- stage 1: corpus -> per-shard work (reader thread) --------------------------
     def _read(self, out: queue.Queue) -> None:
         try:
             writer, size = self.writer, self.spec.shard_sequences
             current: _ShardWork | None = None
-            total = 0
-            for index, seq in enumerate(
-                iter_sequences(self.config.corpus, self.tokenizer, self.result.corpus)
-            ):
+            total = mine = 0  # sequences read; tokens of those this worker's teacher runs
+            stats = self.result.corpus
+            for index, seq in enumerate(iter_sequences(self.config.corpus, self.tokenizer, stats)):
                 total = index + 1
                 shard = index // size
                 if not writer.owns(shard) or writer.is_done(shard):
@@ -186,8 +186,11 @@ class Pipeline:
                         self._put(out, current)
                     current = _ShardWork(shard, [])
                 current.sequences.append((index, seq))
+                mine += len(seq.input_ids)
+                self.expected_tokens = self._expected_tokens(mine, stats)
                 if self.stop.is_set():
                     return
+            self.expected_tokens = mine
             if current is not None:
                 self._put(out, current)
             self._put(out, ("total", total))
@@ -195,6 +198,16 @@ class Pipeline:
             self.errors.append(err)
         finally:
             self._put(out, _END)
+
+    def _expected_tokens(self, mine: int, stats: CorpusStats) -> int | None:
+        """This worker's tokens by the end: ``mine`` so far, plus its share of the rest of the
+        corpus, extrapolated from how much of it (``Document.read``) gave how many tokens."""
+        if not stats.read:
+            return self.config.corpus.max_tokens
+        rest = stats.tokens * (1 - stats.read) / stats.read
+        if self.config.corpus.max_tokens is not None:
+            rest = min(rest, self.config.corpus.max_tokens - stats.tokens)
+        return mine + round(max(0.0, rest) / self.config.num_workers)
 
     def _put(self, q: queue.Queue, item: Any) -> None:
         while not self.stop.is_set():
@@ -274,7 +287,10 @@ class Pipeline:
         records: dict[int, SequenceRecord] = {}
         for part, logits in self.forward(work.sequences):
             records.update((r.index, r) for r in self.records(part, logits))
-            bar.update(sum(len(seq.input_ids) for _, seq in part))
+            tokens = sum(len(seq.input_ids) for _, seq in part)
+            if self.expected_tokens is not None:  # set before update: the bar draws then
+                bar.total = max(self.expected_tokens, bar.n + tokens)
+            bar.update(tokens)
         return [records[i] for i, _ in work.sequences]
 
     def forward(self, sequences: list[tuple[int, Any]]) -> Iterator[tuple[list, torch.Tensor]]:

@@ -476,3 +476,45 @@ def test_relative_glob_keeps_relative_paths(tmp_path, monkeypatch):
     Path("d/x.txt").write_text("hi\n")
     ident = corpus_identity(CorpusSpec(data=("d/*.txt",)))
     assert [f["path"] for f in ident["files"]] == [os.path.join("d", "x.txt")]
+
+
+def test_documents_say_how_much_of_the_corpus_is_read(tmp_path):
+    """``Document.read``: by bytes over the files (of the lines read, in text and JSON lines
+    files), by rows within a parquet file; it never falls and ends at 1."""
+    big = tmp_path / "a.txt"
+    big.write_text("".join(f"line {i} " + "x" * 60 + "\n" for i in range(2000)))  # ~140 KB
+    rows = write_jsonl(tmp_path / "b.jsonl", [{"text": f"row {i}"} for i in range(50)])
+    table = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [f"p{i}" for i in range(10)]}), table, row_group_size=3)
+    spec = CorpusSpec(data=(str(big), str(rows), str(table)))
+    sizes = [os.path.getsize(p) for p in (big, rows, table)]
+    reads = [d.read for d in iter_documents(spec)]
+    assert len(reads) == 2060 and reads == sorted(reads) and reads[0] > 0 and reads[-1] == 1.0
+    ends = np.cumsum(sizes) / sum(sizes)
+    assert reads[1999] == pytest.approx(ends[0]) and reads[2049] == pytest.approx(ends[1])
+    half = sum(len(f"line {i} " + "x" * 60 + "\n") for i in range(1000))
+    assert reads[999] == pytest.approx(half / sum(sizes))  # to the byte
+    assert reads[2050] == pytest.approx(ends[1] + sizes[2] / sum(sizes) / 10)  # 1 of 10 rows
+
+
+def test_hub_documents_are_read_by_rows_where_the_count_is_known(monkeypatch):
+    import datasets
+
+    class Streamed:  # an IterableDataset: no len; the dataset card may count the split
+        def __init__(self, rows, count):
+            self.rows, splits = rows, datasets.SplitDict()
+            if count:
+                splits.add(datasets.SplitInfo("train", num_examples=count))
+            self.info = datasets.DatasetInfo(splits=splits)
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    rows = [{"text": f"t{i}"} for i in range(4)]
+    for loaded, expected in [
+        (rows, [0.25, 0.5, 0.75, 1.0]),
+        (Streamed(rows, 8), [0.125, 0.25, 0.375, 0.5]),
+        (Streamed(rows, 0), [None] * 4),
+    ]:
+        monkeypatch.setattr(datasets, "load_dataset", lambda *a, loaded=loaded, **k: loaded)
+        assert [d.read for d in iter_documents(CorpusSpec(data=("someone/corpus",)))] == expected

@@ -21,6 +21,7 @@ import torch
 from logitcache.errors import LogitcacheError
 from logitcache.precompute import CorpusSpec, PrecomputeConfig, PrecomputeResult, run_precompute
 from logitcache.precompute import run as run_module
+from logitcache.progress import Reporter
 from logitcache.storage import CacheReader, Location, SequenceRecord, read_manifest, verify_cache
 
 SEQ_LEN = 64
@@ -405,6 +406,59 @@ def test_shards_are_byte_identical_for_any_batch_size(
                    batch_tokens=batch_tokens, **settings)  # fmt: skip
     assert listed_hashes(tmp_path / "bt64") == listed_hashes(tmp_path / "bt4096")
     assert shard_bytes(tmp_path / "bt64") == shard_bytes(tmp_path / "bt4096")
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+class RecordingBar:
+    """The teacher-pass bar: its (tokens done, total) at every update."""
+
+    def __init__(self, total: float | None) -> None:
+        self.total, self.n, self.seen = total, 0, []
+
+    def update(self, tokens: int) -> None:
+        self.n += tokens
+        self.seen.append((self.n, self.total))
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BarReporter(Reporter):
+    def __init__(self) -> None:
+        super().__init__(enabled=False)
+        self.bars: list[RecordingBar] = []
+
+    def bar(self, total=None, desc="", unit="tok", **kw) -> RecordingBar:
+        self.bars.append(RecordingBar(total))
+        return self.bars[-1]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 12_000])
+def test_the_bar_has_a_total_for_local_files_so_an_eta(max_tokens, tmp_path, tiny_teacher_dir):
+    """The bar's total is estimated from how much of the corpus's bytes gave how many tokens
+    (the corpus is tokenized as it streams), set from the first update on; it ends exact.
+    With --max-tokens, the smaller of the two."""
+    data = tmp_path / "corpus.txt"
+    sentence = "a teacher runs once and its students train many times from the cache"
+    lines = (f"Line {i}: {sentence[: 12 + 6 * (i % 9)]}.\n" for i in range(600))
+    data.write_text("".join(lines))
+    corpus = CorpusSpec(data=(str(data),), seq_len=SEQ_LEN, max_tokens=max_tokens)
+    config = PrecomputeConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "cache"),
+                              corpus=corpus, top_k=4, shard_sequences=16, device="cpu")  # fmt: skip
+    reporter = BarReporter()
+    result = run_precompute(config, reporter)
+    (bar,) = reporter.bars
+    tokens = sum(shard.n_tokens for shard in result.manifest.shards)
+    assert tokens > 10_000  # many shards: the first update comes early
+    assert bar.seen[-1] == (tokens, tokens)
+    first_done, first_total = bar.seen[0]
+    assert first_done < tokens / 4 and abs(first_total - tokens) < 0.1 * tokens
 
 
 # ---------------------------------------------------------------------------------------

@@ -192,8 +192,16 @@ def pad_sharded_forwards(model: nn.Module, n_batches: int, rank: int, world_size
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole float32 weights of a (sharded) model, on the CPU of rank 0; every rank must
-    call it (all-gathers). Other ranks get an empty dict."""
+    call it (all-gathers). Other ranks get an empty dict. Tied weights (``lm_head`` =
+    ``embed_tokens``) are one tensor under both names, as in ``model.state_dict()``, so
+    ``save_pretrained`` writes them once, as it does for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied = first.setdefault(id(param), name)
+        if tied != name and name in state and tied in state:
+            state[name] = state[tied]  # gathered twice, as two tensors
+    return state

@@ -117,9 +117,11 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     reader = CacheReader(config.cache, **config.reader_options())
     check_cache(reader, config)
     mixed = mixed_readers(reader, config)
+    sharded = config.fsdp and env.distributed
     model, tokenizer, _ = load_student(
         config.student, config.student_config, config.tokenizer, spec=reader.spec,
         seed=config.seed, trust_remote_code=config.trust_remote_code, cache=reader.loc,
+        meta=sharded and env.rank != 0,  # filled from rank 0's after sharding
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
     if config.lora_r:
@@ -128,7 +130,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     sharding.enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
     try:
         check_student_fits(model, config, env, reader.spec.seq_len, warn=reporter.log)
-        if not (config.fsdp and env.distributed):  # fully_shard moves each rank's shard
+        if not sharded:  # fully_shard moves each rank's shard
             model.to(env.device)
     except (AssertionError, RuntimeError):  # what torch raises for CUDA on a CPU-only machine
         if env.device.type == "cuda" and not torch.cuda.is_available():
@@ -136,8 +138,8 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
         raise
     module = DistillModule(model, DistillationLoss.from_config(config),
                            teacher=_online_teacher(config, env))  # fmt: skip
-    if config.fsdp and env.distributed:
-        sharding.shard_student(module, env.device, env.world_size, config.precision)
+    if sharded:
+        sharding.shard_student(module, env.device, env.world_size, config.precision, env.rank)
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     total_steps = _total_steps([reader, *mixed], config, env.world_size)
     progress = TrainingProgress()

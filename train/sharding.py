@@ -14,6 +14,12 @@ Grouping: one FSDP group per decoder layer (the model's ``_no_split_modules`` cl
 ``DistillModule``, not the causal LM: the loop calls ``DistillModule.forward``, which
 reaches the decoder and head directly, so the LM's own forward never runs.
 
+Rank 0 builds the whole student (loaded, or initialized from the seed, as one process
+would); the other ranks build it on the meta device (``load_student(meta=True)``), so the
+whole float32 student sits in host memory once per job, not once per rank (a 7B student:
+28 GB, not 8 x 28 GB on an 8-GPU node). After ``fully_shard`` those ranks allocate their
+shards only, and every weight, buffer and the RNG state come from rank 0 by broadcast.
+
 Mixed precision on CUDA: parameters all-gathered and computed in bfloat16, gradients
 reduced in float32, the sharded master weights and AdamW state float32. On CPU everything
 stays float32, so CPU runs match DDP's numbers (the tests compare them step by step).
@@ -61,13 +67,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def shard_student(module: nn.Module, device: torch.device, world_size: int,
-                  precision: str = "auto") -> nn.Module:  # fmt: skip
-    """``fully_shard`` each decoder layer of ``module.model``, then ``module`` as the root.
+                  precision: str = "auto", rank: int = 0) -> nn.Module:  # fmt: skip
+    """``fully_shard`` each decoder layer of ``module.model``, then ``module`` as the root,
+    then fill every rank's shards from rank 0's student (``_fill_from_rank0``).
 
-    The student may still be on the CPU: each rank keeps only its shard and moves it to
-    ``device``, so the whole float32 student never sits on one GPU. ``precision`` as
-    ``--precision``: bfloat16 compute on CUDA for ``auto`` and ``bf16``.
+    Rank 0's student may still be on the CPU, the others' on the meta device: each rank
+    keeps only its shard and moves it to ``device``, so the whole float32 student never
+    sits on one GPU. ``precision`` as ``--precision``: bfloat16 compute on CUDA for
+    ``auto`` and ``bf16``. Every rank must call it (collective).
     """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
@@ -88,10 +97,43 @@ def shard_student(module: nn.Module, device: torch.device, world_size: int,
             f"--fsdp: cannot find the decoder layers of {type(module.model).__name__} (its "
             "_no_split_modules names none of its modules); train it with DDP instead"
         )
+    # Rank 0's whole weights, held by reference (no copy) until they are broadcast.
+    full = get_model_state_dict(module) if rank == 0 else {}
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(module, **kwargs)
+    _fill_from_rank0(module, full, device)
     return module
+
+
+def _fill_from_rank0(module: nn.Module, full: dict[str, torch.Tensor],
+                     device: torch.device) -> None:  # fmt: skip
+    """Every rank's shards, buffers and RNG state set to rank 0's (``full``: its whole
+    state dict; empty elsewhere). A rank built on the meta device first gets storage for
+    its shards and buffers (``to_empty``), uninitialized until the broadcasts fill it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        module.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full, options=options)  # one tensor at a time
+    full.clear()
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are in no state dict
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+    # Dropout masks and the DataLoader's worker seeds draw from it: as one process's.
+    rng = torch.get_rng_state().to(device)  # [5056] uint8
+    dist.broadcast(rng, src=0)
+    torch.set_rng_state(rng.cpu())
+    left = [f"{name}.{key}" for name, m in module.named_modules()
+            for key, value in vars(m).items()
+            if isinstance(value, torch.Tensor) and value.is_meta]  # fmt: skip
+    if left:
+        raise LogitcacheError(
+            f"--fsdp: {type(module.model).__name__} keeps tensors outside its parameters and "
+            f"buffers ({', '.join(left[:3])}), which rank 0 cannot broadcast; train it with DDP"
+        )
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -150,8 +192,16 @@ def pad_sharded_forwards(model: nn.Module, n_batches: int, rank: int, world_size
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole float32 weights of a (sharded) model, on the CPU of rank 0; every rank must
-    call it (all-gathers). Other ranks get an empty dict."""
+    call it (all-gathers). Other ranks get an empty dict. Tied weights (``lm_head`` =
+    ``embed_tokens``) are one tensor under both names, as in ``model.state_dict()``, so
+    ``save_pretrained`` writes them once, as it does for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied = first.setdefault(id(param), name)
+        if tied != name and name in state and tied in state:
+            state[name] = state[tied]  # gathered twice, as two tensors
+    return state

@@ -34,12 +34,15 @@ def load_student(
     seed: int,
     trust_remote_code: bool = False,
     cache: Any = None,
+    meta: bool = False,
 ):
     """Returns (model, tokenizer, tokenizer name) for a pretrained or from-scratch student.
 
     A from-scratch student uses ``tokenizer_name``, else the tokenizer stored in ``cache`` (a
     path, URL or storage ``Location``; its files' hashes are checked here, its fingerprint
-    by ``check_student``)."""
+    by ``check_student``). ``meta``: the same architecture and float32 dtype on the meta
+    device, no weights read or initialized (FSDP's ranks but 0, filled from rank 0 after
+    sharding: ``sharding.shard_student``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -49,9 +52,13 @@ def load_student(
     if student is not None:
         check_model_path(student, "student")
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                student, trust_remote_code=trust_remote_code, dtype=torch.float32
-            )
+            if meta:
+                config = AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code)
+                model = _on_meta(config, trust_remote_code)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    student, trust_remote_code=trust_remote_code, dtype=torch.float32
+                )
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise LogitcacheError(f"cannot load student {student!r}: {first}") from None
@@ -66,12 +73,24 @@ def load_student(
         except Exception as err:
             raise LogitcacheError(f"invalid student config {student_config}: {err}") from None
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if meta:
+            model = _on_meta(config, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         name = tokenizer_name or _cache_tokenizer(cache, spec)
     if tokenizer_name is not None:
         check_model_path(tokenizer_name, "--tokenizer")
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     return model, tokenizer, name
+
+
+def _on_meta(config: Any, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
 
 
 def _cache_tokenizer(cache: Any, spec: CacheSpec) -> str:

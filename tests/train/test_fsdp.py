@@ -62,6 +62,67 @@ def test_fsdp_on_one_process_resumes_on_two(cli, flags, metrics, reference, tmp_
     same_run(reference, out, metrics, close=lambda x, y: abs(x - y) <= 1e-5)
 
 
+SPY = """
+import json, os, sys
+import logitcache.train.loop as loop
+from logitcache.cli import main
+
+load_student = loop.load_student
+
+def spy(*args, **kwargs):  # what each rank's student is built as, before sharding
+    model, tokenizer, name = load_student(*args, **kwargs)
+    params = list(model.parameters())
+    held = sum(p.numel() * p.element_size() for p in params if not p.is_meta)
+    record = {"devices": sorted({p.device.type for p in params}), "bytes": held}
+    with open(os.path.join(sys.argv[1], "rank-" + os.environ["RANK"] + ".json"), "w") as fh:
+        json.dump(record, fh)
+    return model, tokenizer, name
+
+loop.load_student = spy
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", ["tied", "pretrained"])
+def test_fsdp_builds_the_student_whole_on_rank_0_only(cli, train_args, topk_cache, metrics,
+                                                       student_config, teacher_dir, tmp_path,
+                                                       student):  # fmt: skip
+    """Rank 1 builds its student on the meta device (no weights in memory) and gets its
+    shards, buffers (rotary inv_freq) and RNG state from rank 0: the run equals one
+    process without FSDP, tied weights saved once. A from-scratch student with tied
+    embeddings and gradient checkpointing, and a pretrained one (from_pretrained)."""
+    if student == "tied":
+        config = {**json.loads(student_config.read_text()), "tie_word_embeddings": True}
+        (tmp_path / "tied.json").write_text(json.dumps(config))
+        extra = {"student_config": tmp_path / "tied.json", "gradient_checkpointing": True,
+                 "tokenizer": teacher_dir}  # fmt: skip
+    else:
+        extra = {"student": teacher_dir}
+
+    def flags(out, nproc, steps, **extra):  # as the fixture's, but any student
+        return train_args(topk_cache, out, steps=steps, batch_size=2, grad_accum=2 // nproc,
+                          eval_fraction=0.1, schedule="constant", eval_every=2, save_every=2,
+                          **extra)  # fmt: skip
+
+    one, two, spy = tmp_path / "one", tmp_path / "two", tmp_path / "spy"
+    result = cli(flags(one, nproc=1, steps=4, **extra))
+    assert result.exit_code == 0, result.output
+    spy.mkdir()
+    (tmp_path / "spy.py").write_text(SPY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(tmp_path / "spy.py"), str(spy), *flags(two, nproc=2, steps=4, **extra), "--fsdp"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((spy / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["devices"] == ["cpu"] and ranks[0]["bytes"] > 50_000, ranks
+    assert ranks[1] == {"devices": ["meta"], "bytes": 0}, ranks
+    same_run(one, two, metrics, close=lambda x, y: abs(x - y) <= 1e-5)
+
+
 def test_switching_between_ddp_and_fsdp_on_resume_is_refused(cli, flags, reference, tmp_path):
     import shutil
 

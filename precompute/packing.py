@@ -56,6 +56,14 @@ class CorpusStats:
     read: float | None = None
     """Share of the corpus read so far (``Document.read`` of the last document), if known."""
 
+    def tokens_to_come(self, max_tokens: int | None = None) -> int | None:
+        """Tokens still to come from the corpus, extrapolated from the share read so far and
+        the tokens it gave, capped by ``max_tokens``; None where neither is known."""
+        total = round(self.tokens / self.read) if self.read else None
+        if max_tokens is not None:
+            total = max_tokens if total is None else min(total, max_tokens)
+        return None if total is None else max(0, total - self.tokens)
+
 
 # ---------------------------------------------------------------------------------------
 # Tokenization

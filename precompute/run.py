@@ -187,7 +187,10 @@ class Pipeline:
                     current = _ShardWork(shard, [])
                 current.sequences.append((index, seq))
                 mine += len(seq.input_ids)
-                self.expected_tokens = self._expected_tokens(mine, stats)
+                rest = stats.tokens_to_come(self.config.corpus.max_tokens)  # this worker's share:
+                self.expected_tokens = (
+                    None if rest is None else mine + rest // self.config.num_workers
+                )
                 if self.stop.is_set():
                     return
             self.expected_tokens = mine
@@ -198,16 +201,6 @@ class Pipeline:
             self.errors.append(err)
         finally:
             self._put(out, _END)
-
-    def _expected_tokens(self, mine: int, stats: CorpusStats) -> int | None:
-        """This worker's tokens by the end: ``mine`` so far, plus its share of the rest of the
-        corpus, extrapolated from how much of it (``Document.read``) gave how many tokens."""
-        if not stats.read:
-            return self.config.corpus.max_tokens
-        rest = stats.tokens * (1 - stats.read) / stats.read
-        if self.config.corpus.max_tokens is not None:
-            rest = min(rest, self.config.corpus.max_tokens - stats.tokens)
-        return mine + round(max(0.0, rest) / self.config.num_workers)
 
     def _put(self, q: queue.Queue, item: Any) -> None:
         while not self.stop.is_set():

@@ -518,3 +518,11 @@ def test_hub_documents_are_read_by_rows_where_the_count_is_known(monkeypatch):
     ]:
         monkeypatch.setattr(datasets, "load_dataset", lambda *a, loaded=loaded, **k: loaded)
         assert [d.read for d in iter_documents(CorpusSpec(data=("someone/corpus",)))] == expected
+
+
+def test_tokens_to_come_extrapolate_the_share_read_and_respect_max_tokens():
+    assert CorpusStats(tokens=300, read=0.25).tokens_to_come() == 900
+    assert CorpusStats(tokens=300, read=0.25).tokens_to_come(max_tokens=1000) == 700
+    assert CorpusStats(tokens=300).tokens_to_come(max_tokens=1000) == 700  # share unknown
+    assert CorpusStats(tokens=300).tokens_to_come() is None
+    assert CorpusStats(tokens=300, read=1.0).tokens_to_come() == 0

@@ -8,6 +8,7 @@ summed loss of a micro-batch so that DDP sees one forward per micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,8 @@ def load_student(
 
     A from-scratch student uses ``tokenizer_name``, else the tokenizer stored in ``cache`` (a
     path, URL or storage ``Location``; its files' hashes are checked here, its fingerprint
-    by ``check_student``). ``meta``: the same architecture and float32 dtype on the meta
-    device, no weights read or initialized (FSDP's ranks but 0, filled from rank 0 after
+    by ``check_student``). ``meta``: the same architecture and dtype on the meta device, no
+    weights read or initialized (FSDP's ranks but 0, filled from rank 0 after
     sharding: ``sharding.shard_student``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -52,9 +53,9 @@ def load_student(
     if student is not None:
         check_model_path(student, "student")
         try:
-            if meta:
+            if meta:  # the architecture from_pretrained builds, in the float32 it is loaded in
                 config = AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code)
-                model = _on_meta(config, trust_remote_code)
+                model = _from_config(config, trust_remote_code, meta, dtype=torch.float32)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     student, trust_remote_code=trust_remote_code, dtype=torch.float32
@@ -73,10 +74,7 @@ def load_student(
         except Exception as err:
             raise LogitcacheError(f"invalid student config {student_config}: {err}") from None
         torch.manual_seed(seed)
-        if meta:
-            model = _on_meta(config, trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = _from_config(config, trust_remote_code, meta)
         name = tokenizer_name or _cache_tokenizer(cache, spec)
     if tokenizer_name is not None:
         check_model_path(tokenizer_name, "--tokenizer")
@@ -84,12 +82,14 @@ def load_student(
     return model, tokenizer, name
 
 
-def _on_meta(config: Any, trust_remote_code: bool) -> nn.Module:
+def _from_config(config: Any, trust_remote_code: bool, meta: bool, **kwargs: Any) -> nn.Module:
+    """``from_config`` as rank 0 calls it (same dtype: the config's unless given), on the
+    meta device where ``meta``."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta") if meta else contextlib.nullcontext():
         return AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust_remote_code, dtype=torch.float32
+            config, trust_remote_code=trust_remote_code, **kwargs
         )
 
 

@@ -123,6 +123,26 @@ def test_fsdp_builds_the_student_whole_on_rank_0_only(cli, train_args, topk_cach
     same_run(one, two, metrics, close=lambda x, y: abs(x - y) <= 1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_meta_student_has_rank_0s_architecture_and_dtype(
+    student_config, teacher_dir, topk_cache, tmp_path, dtype
+):
+    """The ranks that build on meta build what rank 0 builds: the same parameter names,
+    shapes and dtypes (a config's own dtype included), from a config or a pretrained model."""
+    from logitcache.storage import CacheReader
+    from logitcache.train.student import load_student
+
+    config = {**json.loads(student_config.read_text()), "dtype": dtype}
+    (tmp_path / "student.json").write_text(json.dumps(config))
+    spec = CacheReader(str(topk_cache)).spec
+    for given in ({"student_config": str(tmp_path / "student.json")},
+                  {"student": str(teacher_dir)}):  # fmt: skip
+        args = (given.get("student"), given.get("student_config"), str(teacher_dir))
+        built = [load_student(*args, spec=spec, seed=0, meta=meta)[0] for meta in (False, True)]
+        whole, meta = ({n: (p.shape, p.dtype) for n, p in m.named_parameters()} for m in built)
+        assert whole == meta and all(p.is_meta for p in built[1].parameters())
+
+
 def test_switching_between_ddp_and_fsdp_on_resume_is_refused(cli, flags, reference, tmp_path):
     import shutil
 

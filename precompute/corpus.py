@@ -392,8 +392,8 @@ def _iter_hub(spec: CorpusSpec) -> Iterator[Document]:
         ) from e
     rows = _hub_rows(ds, spec.split)
     for i, row in enumerate(ds):
-        read = (i + 1) / rows if rows else None
-        yield _row_document(row, spec, f"{name}[{spec.split}] row {i}", read and min(read, 1.0))
+        read = min((i + 1) / rows, 1.0) if rows else None
+        yield _row_document(row, spec, f"{name}[{spec.split}] row {i}", read)
 
 
 def _hub_rows(ds: Any, split: str) -> int | None:

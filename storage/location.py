@@ -33,6 +33,9 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
+from logitcache.errors import LogitcacheError
+from logitcache.untrusted import read_local
+
 from .errors import CacheError, RemoteError
 from .remote import (
     HTTP,
@@ -196,18 +199,41 @@ class Location:
     def size(self, rel: str) -> int:
         return int(self._call(rel, self.fs.size, self.path(rel)))
 
-    def read_bytes(self, rel: str) -> bytes:
-        try:
-            return self._call(rel, self.fs.cat_file, self.path(rel))
-        except FileNotFoundError:
-            raise CacheError(f"{self.url_of(rel)} does not exist") from None
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
+        """The object's bytes; with ``limit``, refused (one line) past ``limit`` bytes."""
+        data = self.read_if_exists(rel, limit)
+        if data is None:
+            raise CacheError(f"{self.url_of(rel)} does not exist")
+        return data
 
-    def read_if_exists(self, rel: str) -> bytes | None:
-        """The object's bytes, or None if there is none (one GET, no existence check)."""
+    def read_if_exists(self, rel: str, limit: int | None = None) -> bytes | None:
+        """The object's bytes, or None if there is none (one GET, no existence check).
+
+        With ``limit`` (what a cache may hold there), a local file must be a regular file
+        and is read by ``read_local``; a remote object is fetched with a ranged GET of at
+        most ``limit + 1`` bytes. Either way more than ``limit`` bytes is a one-line error,
+        decided before the bytes are held in memory.
+        """
+        if limit is not None and self.local:
+            path = self.path(rel)
+            if not os.path.lexists(path):
+                return None
+            try:
+                return read_local(path, limit, what="cache file")
+            except LogitcacheError as err:
+                raise CacheError(str(err)) from None
         try:
-            return self._call(rel, self.fs.cat_file, self.path(rel))
+            if limit is None:
+                return self._call(rel, self.fs.cat_file, self.path(rel))
+            data = self._call(rel, self.fs.cat_file, self.path(rel), start=0, end=limit + 1)
         except FileNotFoundError:
             return None
+        if len(data) > limit:
+            raise CacheError(
+                f"{self.url_of(rel)} holds more than the {limit:,} bytes a cache may hold "
+                "there; refusing to read it"
+            )
+        return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object: one ranged GET on a remote store."""

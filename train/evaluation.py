@@ -1,8 +1,18 @@
-"""Held-out evaluation of a student against a cache: cross-entropy and KL to the teacher.
+"""Held-out evaluation of a student against a cache: cross-entropy, and closeness to the teacher.
 
 In: a causal LM and a ``CacheDataset`` (usually ``split="eval"``). Out: per-position means
-``eval_ce`` (cross-entropy on the true next tokens, nats) and ``eval_kl`` (KL(teacher ||
-student) on the stored support plus the rest bucket), and ``eval_positions``.
+over the trained positions (nats), each present only when the cache gives it:
+
+- ``eval_ce``: cross-entropy on the true next tokens (every cache);
+- ``eval_kl``: KL(teacher || student), from caches that store the teacher's log-probs. Top-k:
+  exact over the k ids plus one rest bucket (a lower bound on the full-vocabulary KL); sampled
+  with ``--sampled-logprobs``: an unbiased estimate of the full-vocabulary KL. Both are 0
+  for the teacher itself, up to the log-prob codec's rounding;
+- ``eval_ce_draws``: from sampled caches that store counts only (the default): the
+  cross-entropy of the student on the teacher's N draws, an unbiased estimate of H(teacher)
+  + KL(teacher || student). It falls as the student nears the teacher but not to 0: counts
+  do not give the teacher's entropy, so no KL is reported for such a cache;
+- ``eval_positions``: trained positions evaluated.
 """
 
 from __future__ import annotations
@@ -12,15 +22,26 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from .collator import DistillCollator
 from .dataset import CacheDataset
 from .distill_loss import DistillationLoss, final_hidden, is_chunkable
-from .losses import cross_entropy_sum, teacher_kl
+from .losses import (
+    TeacherTargets,
+    cross_entropy_sum,
+    draws_ce_rows,
+    sampled_kl_rows,
+    teacher_kl_rows,
+)
 from .sharding import pad_sharded_forwards
 
-__all__ = ["evaluate"]
+__all__ = ["eval_summary", "evaluate"]
+
+# What one cache's targets measure (see the module docstring).
+_TOPK, _SAMPLED, _DRAWS = 0, 1, 2
+# Sums of a batch, all-reduced as one float64 vector: CE, KL, KL rows, CE-draws, its rows, rows.
+_SUMS = 6
 
 
 @torch.no_grad()
@@ -35,7 +56,7 @@ def evaluate(
     world_size: int = 1,
     autocast=None,
 ) -> dict[str, float]:
-    """Mean held-out cross-entropy and KL(teacher || student) per trained position.
+    """Held-out ``eval_ce``, ``eval_kl`` or ``eval_ce_draws``, ``eval_positions`` (see above).
 
     Under DDP rank r evaluates micro-batches r, r + world, ... and the sums are all-reduced,
     so every rank returns what one process evaluating all of them would (up to the order of
@@ -43,36 +64,72 @@ def evaluate(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
+    kinds, samples = _measures(dataset)
     collate = DistillCollator()
     was_training = model.training
     model.eval()
-    ce = kl = 0.0
-    n = 0
+    sums = torch.zeros(_SUMS, dtype=torch.float64)
     starts = range(0, len(dataset), batch_size)
     for i, start in enumerate(starts):
         if i % world_size != rank:
             continue
         items = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) for k, v in collate(items).items()}
-        c, k, rows = _sums(model, batch, chunk_size, autocast)
-        ce, kl, n = ce + c, kl + k, n + rows
+        sums += _sums(model, batch, chunk_size, autocast, kinds.to(device), samples.to(device))
     pad_sharded_forwards(model, len(starts), rank, world_size, device)
     model.train(was_training)
     if world_size > 1:
-        sums = torch.tensor([ce, kl, float(n)], dtype=torch.float64, device=device)
+        sums = sums.to(device)
         dist.all_reduce(sums)
-        ce, kl, n = sums[0].item(), sums[1].item(), int(sums[2].item())
+        sums = sums.cpu()
+    ce, kl, n_kl, ce_draws, n_draws, n = sums.tolist()
     if n == 0:
         return {}
-    return {"eval_ce": ce / n, "eval_kl": kl / n, "eval_positions": n}
+    out = {"eval_ce": ce / n}
+    if n_kl:
+        out["eval_kl"] = kl / n_kl
+    if n_draws:
+        out["eval_ce_draws"] = ce_draws / n_draws
+    return {**out, "eval_positions": int(n)}
+
+
+def eval_summary(ev: Mapping[str, float]) -> str:
+    """One line for people: 'held-out CE 3.1234 nats/token, KL to teacher 0.1234'."""
+    parts = [f"held-out CE {ev['eval_ce']:.4f} nats/token"]
+    if "eval_kl" in ev:
+        parts.append(f"KL to teacher {ev['eval_kl']:.4f}")
+    if "eval_ce_draws" in ev:
+        parts.append(f"CE to teacher's draws {ev['eval_ce_draws']:.4f} (teacher entropy + KL)")
+    return ", ".join(parts)
+
+
+def _measures(dataset: CacheDataset) -> tuple[Tensor, Tensor]:
+    """Per cache of ``dataset``: what its targets measure [C] int64, draws per position [C]."""
+    kinds, samples = [], []
+    for reader in dataset.readers():
+        spec = reader.spec
+        exact = dataset.target != "counts"  # records hold exp(stored log-probs), not counts / N
+        if spec.mode == "topk":
+            kinds.append(_TOPK)
+        else:
+            kinds.append(_SAMPLED if exact and spec.sampled_logprobs else _DRAWS)
+        samples.append(spec.samples or 0)
+    return torch.tensor(kinds), torch.tensor(samples, dtype=torch.float32)
 
 
 def _sums(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], chunk_size: int, autocast
-) -> tuple[float, float, int]:
-    """(summed CE, summed KL, trained positions) of one batch, ``chunk_size`` rows at a time."""
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    chunk_size: int,
+    autocast,
+    kinds: Tensor,
+    samples: Tensor,
+) -> Tensor:
+    """[_SUMS] float64 sums of one batch, ``chunk_size`` rows at a time."""
     mask = DistillationLoss.trained(batch)  # [B, L-1]
     targets = DistillationLoss.targets(batch, mask)
+    source = batch["source"][:, None].expand_as(mask)[mask]  # [N] cache of each row
+    kind, n_samples = kinds[source], samples[source]  # [N], [N]
     with autocast:
         if is_chunkable(model):
             hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
@@ -81,11 +138,26 @@ def _sums(
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits  # fmt: skip
             rows, head = logits[:, :-1][mask], None  # [N, V]
-        ce = kl = 0.0
+        sums = torch.zeros(_SUMS, dtype=torch.float64)
         for s in range(0, rows.shape[0], chunk_size):
-            part = rows[s : s + chunk_size]
-            logits = (head(part) if head is not None else part).float()  # [n, V]
-            t = targets[s : s + chunk_size]
-            ce += cross_entropy_sum(logits, t.labels).item()
-            kl += teacher_kl(logits, t).item()
-    return ce, kl, rows.shape[0]
+            chunk = slice(s, s + chunk_size)
+            logits = (head(rows[chunk]) if head is not None else rows[chunk]).float()  # [n, V]
+            t, k, ns = targets[chunk], kind[chunk], n_samples[chunk]
+            sums[0] += cross_entropy_sum(logits, t.labels).item()
+            for measure, at in ((_TOPK, 1), (_SAMPLED, 1), (_DRAWS, 3)):
+                sel = k == measure
+                if sel.any():
+                    value = _measure_rows(measure, logits[sel], t[sel], ns[sel])
+                    sums[at] += value.sum().item()
+                    sums[at + 1] += int(sel.sum())
+        sums[5] = rows.shape[0]
+    return sums
+
+
+def _measure_rows(kind: int, logits: Tensor, t: TeacherTargets, samples: Tensor) -> Tensor:
+    """[n] per-row value of one measure: KL (top-k or sampled) or cross-entropy to the draws."""
+    if kind == _TOPK:
+        return teacher_kl_rows(logits, t)
+    if kind == _SAMPLED:
+        return sampled_kl_rows(logits, t, samples)
+    return draws_ce_rows(logits, t)

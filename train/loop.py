@@ -50,7 +50,7 @@ from .distributed import (
     setup_distributed,
     wrap_ddp,
 )
-from .evaluation import evaluate
+from .evaluation import eval_summary, evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .preempt import StopOnSignal, ignore_stop_signals, stopped
@@ -349,8 +349,7 @@ def _next_batch(batches):
 def _eval_line(step: int, ev: dict[str, float]) -> str:
     if not ev:
         return f"step {step}: no held-out positions"
-    ce, kl = ev["eval_ce"], ev["eval_kl"]
-    return f"step {step}: held-out CE {ce:.4f} nats/token, KL to teacher {kl:.4f}"
+    return f"step {step}: {eval_summary(ev)}"
 
 
 def _save_final(model, tokenizer, model_dir: Path, state: dict | None = None) -> None:

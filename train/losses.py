@@ -43,8 +43,11 @@ __all__ = [
     "chunked_loss",
     "cross_entropy_sum",
     "distill_loss",
+    "draws_ce_rows",
     "full_vocab_kd",
+    "sampled_kl_rows",
     "teacher_kl",
+    "teacher_kl_rows",
 ]
 
 # Teacher probabilities are floored here inside log p for reverse KL: a category the teacher
@@ -98,8 +101,8 @@ class TeacherTargets:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def __getitem__(self, sl: slice) -> TeacherTargets:
-        """Rows ``sl`` of every field (used for chunking)."""
+    def __getitem__(self, sl: slice | Tensor) -> TeacherTargets:
+        """Rows ``sl`` (a slice, or [N] bool) of every field (used for chunking)."""
         return TeacherTargets(
             self.ids[sl], self.probs[sl], self.valid[sl], self.tail[sl], self.labels[sl]
         )
@@ -271,11 +274,66 @@ def full_vocab_kd(
 
 
 def teacher_kl(logits: Tensor, targets: TeacherTargets) -> Tensor:
-    """Evaluation metric KL(teacher || student) on the stored support plus the rest bucket.
+    """KL(teacher || student) on the stored support plus the rest bucket, summed over rows.
 
-    logits [N, V]; summed over rows. Equals ``distill_loss`` with forward-kl, bucket, T=1.
+    logits [N, V]. Equals ``distill_loss`` with forward-kl, bucket, T=1.
     """
     return distill_loss(logits, targets, loss="forward-kl", tail="bucket")
+
+
+# The three held-out measures of ``logitcache.train.evaluation``, one value per row [N], so
+# that a caller (or a test) can take means and standard errors. All read the student at T=1.
+
+
+def teacher_kl_rows(logits: Tensor, targets: TeacherTargets) -> Tensor:
+    """Per row, KL(teacher || student) over the stored ids plus one rest bucket -> [N].
+
+    For a top-k cache (exact log-probs, stored tail mass) this is exact: the KL between the
+    teacher and the student coarsened to k + 1 categories, 0 for the teacher itself and a
+    lower bound on the full-vocabulary KL (the split of the tail mass is not stored). For
+    counts / N targets it is NOT a KL to the teacher: it has a floor of about H(teacher) -
+    H(counts / N) > 0 (0.74 nats for the demo teacher at N=64), so evaluation never uses it
+    there.
+    """
+    logits = logits.to(_compute_dtype(logits))
+    ids, p, valid = _categories(targets, "bucket", 1.0, logits.dtype)
+    logq = _student_logq(torch.log_softmax(logits, dim=-1), ids, valid, bucket=True)
+    return _divergence_rows(p, logq, valid, "forward-kl", 0.5, renorm_student=False)
+
+
+def sampled_kl_rows(logits: Tensor, targets: TeacherTargets, samples: Tensor | int) -> Tensor:
+    """Per row, an unbiased estimate of the full-vocabulary KL(teacher || student) -> [N].
+
+    ``targets``: the distinct ids of ``samples`` draws from the teacher (``valid``) with
+    their exact teacher probabilities p (a sampled cache's stored log-probs; not counts / N).
+    Horvitz-Thompson: id v is among the distinct ids with probability pi_v = 1 - (1 - p_v)^N,
+    so sum over drawn v of p_v log(p_v / q_v) / pi_v has expectation sum over ALL v of
+    p_v log(p_v / q_v). An id drawn almost surely (p_v >> 1/N) counts once, as in the exact
+    sum; a rare one (p_v << 1/N) is weighted ~1 / (N p_v), as in the plain Monte-Carlo mean
+    of log(p / q) over the draws. Exactly 0 when the student is the teacher (q = p).
+    """
+    logits = logits.to(_compute_dtype(logits))
+    logq = torch.log_softmax(logits, dim=-1).gather(1, targets.ids)  # [N, K]
+    p = targets.probs.to(logits.dtype).clamp(0.0, 1.0)  # [N, K]
+    n = torch.as_tensor(samples, dtype=logits.dtype, device=logits.device)
+    n = n[:, None] if n.dim() == 1 else n
+    seen = -torch.expm1(n * torch.log1p(-p))  # [N, K] pi, P(v among the distinct draws)
+    use = targets.valid & (p > 0)
+    term = (torch.xlogy(p, p) - p * logq) / torch.where(use, seen, 1.0)
+    return torch.where(use, term, 0.0).sum(dim=-1)
+
+
+def draws_ce_rows(logits: Tensor, targets: TeacherTargets) -> Tensor:
+    """Per row, the cross-entropy of the student on the teacher's draws -> [N].
+
+    ``targets.probs`` are counts / N over the distinct drawn ids: -sum c_v / N log q_v, an
+    unbiased estimate of the cross-entropy H(teacher, student) = H(teacher) + KL(teacher ||
+    student). Counts alone do not give the teacher's entropy, so no KL follows from them.
+    """
+    logits = logits.to(_compute_dtype(logits))
+    logq = torch.log_softmax(logits, dim=-1).gather(1, targets.ids)  # [N, K]
+    p = targets.probs.to(logits.dtype).masked_fill(~targets.valid, 0.0)
+    return -(p * logq).sum(dim=-1)
 
 
 def chunked_loss(

@@ -132,6 +132,7 @@ def precompute_config(
 def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
     """Train a student from a cache, with no teacher in memory."""
     from logitcache.train import train as run_train
+    from logitcache.train.evaluation import eval_summary
     from logitcache.train.preempt import reported_interrupts
 
     config = train_config(params, click.get_current_context(), recipe)
@@ -144,7 +145,7 @@ def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
         ev = result.final_eval
         click.echo(
             f"done: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.0f} s; "
-            f"held-out CE {ev['eval_ce']:.4f}, KL to teacher {ev['eval_kl']:.4f}; "
+            f"{eval_summary(ev)}; "
             f"model in {result.model_dir}",
             err=True,
         )

@@ -1,5 +1,5 @@
-"""Fixtures of the trainer tests: a sharp tiny teacher, two small caches built once per
-session (top-k and sampled), a from-scratch student config, and a CLI runner.
+"""Fixtures of the trainer tests: a sharp tiny teacher, small caches built once per session
+(top-k, sampled, sampled with log-probs), a from-scratch student config, and a CLI runner.
 
 The caches hold 55 sequences of 32 tokens in 7 shards of 8 (the last one short), so batch
 sizes rarely divide the count and every epoch ends on a partial batch.
@@ -51,6 +51,13 @@ def topk_cache(tmp_path_factory, teacher_dir, text_corpus) -> Path:
 def sampled_cache(tmp_path_factory, teacher_dir, text_corpus) -> Path:
     out = tmp_path_factory.mktemp("c") / "sampled"
     return _precompute(teacher_dir, text_corpus, out, samples=SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def sampled_logprobs_cache(tmp_path_factory, teacher_dir, text_corpus) -> Path:
+    """Sampled, with the drawn ids' log-probs stored (the default lossy codec)."""
+    out = tmp_path_factory.mktemp("c") / "sampled-lp"
+    return _precompute(teacher_dir, text_corpus, out, samples=SAMPLES, sampled_logprobs=True)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def evaluate(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
-    kinds, samples = _measures(dataset)
+    kinds, samples = (x.to(device) for x in _measures(dataset))  # [C] per cache of the list
     collate = DistillCollator()
     was_training = model.training
     model.eval()
@@ -75,7 +75,7 @@ def evaluate(
             continue
         items = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) for k, v in collate(items).items()}
-        sums += _sums(model, batch, chunk_size, autocast, kinds.to(device), samples.to(device))
+        sums += _sums(model, batch, chunk_size, autocast, kinds, samples)
     pad_sharded_forwards(model, len(starts), rank, world_size, device)
     model.train(was_training)
     if world_size > 1:

@@ -152,3 +152,20 @@ def test_each_cache_of_a_list_is_measured_by_what_it_stores(
     counts = CacheDataset(str(sampled_logprobs_cache), split="eval", eval_fraction=0.2,
                           target="counts")  # fmt: skip
     assert "eval_kl" not in evaluate(teacher, counts)
+
+
+def test_train_logs_the_kl_of_a_logprobs_cache_trained_on_counts(
+    cli, train_args, metrics, sampled_logprobs_cache, sampled_cache, teacher_dir, tmp_path
+):
+    """``train --target counts`` still evaluates the stored log-probs: the teacher as its own
+    student logs a KL of ~0; on a counts-only cache it logs eval_ce_draws and no KL."""
+    for cache, target in ((sampled_logprobs_cache, "counts"), (sampled_cache, "auto")):
+        out = tmp_path / cache.name
+        args = train_args(cache, out, student=teacher_dir, steps=1, lr=1e-9, target=target)
+        result = cli(args)
+        assert result.exit_code == 0, result.output
+        (final,) = [r for r in metrics(out) if "eval_ce" in r]
+        if cache == sampled_logprobs_cache:
+            assert abs(final["eval_kl"]) < CODEC_NOISE and "eval_ce_draws" not in final
+        else:
+            assert "eval_kl" not in final and final["eval_ce_draws"] > 0.5

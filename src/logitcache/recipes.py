@@ -11,20 +11,79 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import shlex
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from logitcache.errors import LogitcacheError
-from logitcache.options import Setting, settings, settings_of, to_argv
+from logitcache.options import Setting, quoted, settings, settings_of, to_argv
+from logitcache.untrusted import read_local_text, redact
 
 Reader = Callable[[str], dict[str, Any]]
 
-__all__ = ["load_recipe", "parse_recipe_file", "recipe_options", "recipe_yaml", "resolve"]
+__all__ = [
+    "MAX_DEPTH",
+    "NAME_PREFIX",
+    "RECIPE_LIMIT",
+    "is_recipe_file",
+    "load_recipe",
+    "parse_recipe_file",
+    "recipe_options",
+    "recipe_yaml",
+    "resolve",
+    "shipped",
+    "shipped_text",
+    "suggest_key",
+]
+
+RECIPE_LIMIT = 1 << 20
+"""Bytes a recipe may hold (1 MiB; the shipped ones are ~1.5 kB)."""
+MAX_DEPTH = 8
+"""Nesting a recipe may have (it needs 3: a mapping of lists of scalars)."""
+NAME_PREFIX = "name:"
+"""``--config name:student-small-gpu``: a recipe shipped with the package."""
+
+# What users bring from Hugging Face ``TrainingArguments`` (and a few other trainers), and
+# the key here that does the same; a note where there is no exact equal.
+HF_NAMES: dict[str, tuple[str, str]] = {
+    "learning_rate": ("lr", ""),
+    "num_train_epochs": ("epochs", ""),
+    "num_epochs": ("epochs", ""),
+    "per_device_train_batch_size": ("batch_size", ""),
+    "train_batch_size": ("batch_size", ""),
+    "gradient_accumulation_steps": ("grad_accum", ""),
+    "warmup_ratio": ("warmup_steps", " (a number of steps)"),
+    "max_steps": ("steps", ""),
+    "lr_scheduler_type": ("schedule", " (cosine, wsd or constant)"),
+    "logging_steps": ("eval_every", " (every step's loss is logged to metrics.jsonl anyway)"),
+    "save_steps": ("save_every", ""),
+    "eval_steps": ("eval_every", ""),
+    "output_dir": ("out", ""),
+    "bf16": ("precision", " (precision: bf16)"),
+    "fp16": ("precision", " (bf16 or fp32; there is no fp16 training)"),
+    "tf32": ("precision", ""),
+    "max_grad_norm": ("grad_clip", ""),
+    "save_total_limit": ("keep_checkpoints", ""),
+    "dataloader_num_workers": ("num_workers", ""),
+    "optim": ("optimizer", ""),
+    "resume_from_checkpoint": ("resume", ""),
+    "model_name_or_path": ("student", ""),
+    "max_seq_length": ("seq_len", ""),
+    "max_length": ("seq_len", ""),
+    "dataset_name": ("data", ""),
+    "dataset_config_name": ("data_config", ""),
+    "dataset_text_field": ("text_field", ""),
+    "lora_rank": ("lora_r", ""),
+    "target_modules": ("lora_targets", ""),
+    "use_peft": ("lora_r", " (a rank > 0 turns LoRA on)"),
+    "torch_dtype": ("dtype", ""),
+    "kd_temperature": ("temperature", ""),
+}
 
 
 def load_recipe(
@@ -43,7 +102,7 @@ def load_recipe(
         if key in ignore:
             continue
         if key not in by_key:
-            raise LogitcacheError(f"{path}: unknown key {key!r}{_suggest(key, by_key)}")
+            raise LogitcacheError(f"{path}: unknown key {quoted(key)}{suggest_key(key, by_key)}")
         setting = by_key[key]
         if setting.meta.rest_into and isinstance(value, list):  # as the repeated flag
             if not value:
@@ -54,39 +113,103 @@ def load_recipe(
     return out
 
 
-def parse_recipe_file(path: str) -> dict[str, Any]:
-    """The mapping in a YAML file (JSON when the name ends in .json); one-line errors."""
-    try:
-        text = Path(path).expanduser().read_text()
-    except OSError as err:
-        raise LogitcacheError(f"--config {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise LogitcacheError(f"--config {path}: not a UTF-8 text file") from None
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
+def is_recipe_file(path: str) -> bool:
+    """Whether ``--config path`` names a recipe file (not a cache or a run)."""
+    return path.startswith(NAME_PREFIX) or path.endswith((".yaml", ".yml", ".json"))
 
-            data = yaml.safe_load(text)
-    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError's parents
-        first = str(err).strip().splitlines()[0]
-        raise LogitcacheError(f"--config {path}: cannot parse: {first}") from None
-    except Exception as err:
+
+def parse_recipe_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML file (JSON when the name ends in .json), or in the shipped
+    recipe ``name:NAME``; one-line errors naming the file (see the module docstring)."""
+    shown = f"--config {redact(path)}"
+    if path.startswith(NAME_PREFIX):
+        text = shipped_text(path[len(NAME_PREFIX) :])
+    else:
+        text = read_local_text(os.path.expanduser(path), RECIPE_LIMIT, what="--config")
+    try:
+        data = json.loads(text) if path.endswith(".json") else _load_yaml(text)
+    except _Refused as err:
+        raise LogitcacheError(f"{shown}: {err}") from None
+    except RecursionError:
+        raise LogitcacheError(f"{shown}: nested too deeply to be a recipe") from None
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LogitcacheError(f"--config {path}: cannot parse: {first}") from None
+        raise LogitcacheError(f"{shown}: cannot parse: {first[:120]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise LogitcacheError(f"--config {path}: expected a mapping of settings (key: value)")
+        raise LogitcacheError(f"{shown}: expected a mapping of settings (key: value)")
     return data
 
 
-def _suggest(key: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+class _Refused(Exception):
+    """What the recipe loader refuses to build (aliases, deep nesting)."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without anchors or aliases, and at most MAX_DEPTH levels deep."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1
+                raise _Refused(f"line {line}: anchors and aliases (& and *) are not allowed")
+            if self.depth >= MAX_DEPTH:
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep; a recipe needs 3")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def suggest_key(key: str, valid: Iterable[str]) -> str:
+    """``; did you mean 'lr'?`` for an unknown key: the key a Hugging Face
+    ``TrainingArguments`` name stands for, else the closest spelling."""
+    valid = list(valid)
+    ours, note = HF_NAMES.get(key.lower().replace("-", "_"), (None, ""))
+    if ours in valid:
+        return f"; did you mean {ours!r}{note}?"
+    close = difflib.get_close_matches(key[:100], valid, n=1, cutoff=0.5)
     if close:
         return f"; did you mean {close[0]!r}?"
     return "; keys are the flags of the command's --help, with _ for -"
+
+
+# -- the recipes shipped with the package ----------------------------------------------
+def _shipped_dir() -> Any:
+    return resources.files("logitcache") / "recipe_files"
+
+
+def shipped() -> dict[str, str]:
+    """The shipped recipes: name -> what its first comment line says it is for."""
+    out = {}
+    for entry in sorted(_shipped_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            first = entry.read_text(encoding="utf-8").splitlines()[0]
+            out[entry.name[: -len(".yaml")]] = first.lstrip("# ").strip()
+    return out
+
+
+def shipped_text(name: str) -> str:
+    """The text of the shipped recipe ``name``; an unknown name is a one-line error."""
+    names = shipped()
+    if name.removesuffix(".yaml") not in names:
+        raise LogitcacheError(
+            f"no shipped recipe named {quoted(name)}; `logitcache recipes` lists them: "
+            f"{', '.join(names)}"
+        )
+    return (_shipped_dir() / f"{name.removesuffix('.yaml')}.yaml").read_text(encoding="utf-8")
 
 
 def recipe_options(fn):

@@ -20,15 +20,18 @@ from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
 from logitcache.recipes import recipe_options, recipe_yaml, resolve
 from logitcache.train.config import RUN_RECORD_KEYS, TrainConfig
+from logitcache.untrusted import redact
 
 __all__ = ["main", "precompute_config", "render_reference", "train_config"]
 
 
 class _Commands(click.Group):
-    """The command group: every command's expected errors print one line (``one_line_errors``)."""
+    """The command group: every command's expected errors print one line (``one_line_errors``),
+    with any credentials in it redacted."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        return one_line_errors(super().invoke, command=lambda: ctx.invoked_subcommand)(ctx)
+        name = lambda: ctx.invoked_subcommand  # noqa: E731
+        return one_line_errors(super().invoke, command=name, clean=redact)(ctx)
 
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -102,7 +105,7 @@ def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) ->
         result = run_precompute(config, Reporter(enabled=not quiet, rank=rank))
     if result.manifest is not None and result.manifest.complete and rank == 0:
         describe = summary_line if quiet else summary_text  # --quiet keeps one summary line
-        click.echo(describe(result.manifest, config.out), err=True)
+        click.echo(describe(result.manifest, redact(config.out)), err=True)
 
 
 def precompute_config(

@@ -240,7 +240,7 @@ class _Number(click.ParamType):
 
     def __init__(self, kind: type) -> None:
         self.kind = kind
-        self.name = kind.__name__
+        self.name = "integer" if kind is int else "float"  # the metavar: INTEGER, FLOAT
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> Any:
         return _check_number(self.kind, value, param)

@@ -30,6 +30,8 @@ __all__ = [
     "MAX_DEPTH",
     "NAME_PREFIX",
     "RECIPE_LIMIT",
+    "copy_shipped",
+    "flag_for",
     "is_recipe_file",
     "load_recipe",
     "parse_recipe_file",
@@ -186,6 +188,13 @@ def suggest_key(key: str, valid: Iterable[str]) -> str:
     return "; keys are the flags of the command's --help, with _ for -"
 
 
+def flag_for(flag: str, flags: Iterable[str]) -> str | None:
+    """Our flag for a Hugging Face ``TrainingArguments`` name given as a flag
+    (``--learning-rate`` -> ``--lr``), if ``flags`` has it."""
+    ours, _ = HF_NAMES.get(flag.lstrip("-").replace("-", "_").lower(), (None, ""))
+    return next((f for f in flags if ours and f == "--" + ours.replace("_", "-")), None)
+
+
 # -- the recipes shipped with the package ----------------------------------------------
 def _shipped_dir() -> Any:
     return resources.files("logitcache") / "recipe_files"
@@ -292,3 +301,23 @@ def recipe_yaml(config: Any, command: str) -> str:
     line = " ".join(["logitcache", command, *map(shlex.quote, to_argv(config))])
     body = yaml.safe_dump(settings_of(config), sort_keys=False, default_flow_style=False)
     return f"# {line}\n{body}"
+
+
+def copy_shipped(names: Iterable[str], directory: str | os.PathLike) -> list[str]:
+    """Write the shipped recipes ``names`` as ``directory/NAME.yaml`` (made if missing);
+    returns the paths written. An existing file is a one-line error, never overwritten."""
+    from pathlib import Path
+
+    texts = {name: shipped_text(name) for name in names}
+    target = Path(directory).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in texts.items():
+        path = target / f"{name.removesuffix('.yaml')}.yaml"
+        try:
+            with open(path, "x", encoding="utf-8") as fh:
+                fh.write(text)
+        except FileExistsError:
+            raise LogitcacheError(f"{path} already exists; not overwriting it") from None
+        written.append(str(path))
+    return written

@@ -103,6 +103,7 @@ def load_recipe(
     """
     data = (read or parse_recipe_file)(path)
     by_key = {s.key: s for s in settings(cls)}
+    path = redact(path)  # what messages name
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in ignore:
@@ -272,7 +273,20 @@ def resolve(
     for s in settings(cls):
         if s.required and flat.get(s.key) is None:
             _missing(ctx, s, config)
+        _check_not_redacted(s, flat.get(s.key), config)
     return flat
+
+
+def _check_not_redacted(s: Setting, value: Any, config: str | None) -> None:
+    """A saved run (train_config.json) keeps URLs without their credentials: such a value
+    is an error asking for the URL again, not a request sent with user ``***``."""
+    for text in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(text, str) and "***" in text and redact(text) == text:
+            where = f" (from {redact(config)})" if config else ""
+            raise LogitcacheError(
+                f"{s.flag} {text}{where} was saved with its credentials replaced by ***; "
+                f"give {s.flag} again with the full URL"
+            )
 
 
 def _from_flag(s: Setting, value: Any) -> dict[str, Any]:

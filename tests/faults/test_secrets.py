@@ -102,6 +102,10 @@ def test_no_command_prints_or_saves_a_credential(
     outcomes["bad hf push"] = lab.run(
         ["push", work / "again", f"hf://models/{HF_TOKEN}/x@@"], env=env
     )
+    outcomes["saved run"] = lab.run(
+        ["train", "--config", work / "run" / "train_config.json", "--out", work / "y"], env=env
+    )
+    refused(outcomes["saved run"], "give --cache again with the full URL")
     for name in ("missing", "unreachable", "bad hf", "bad hf push"):
         refused(outcomes[name])
     assert "not a Hub URL" in outcomes["bad hf"].output, outcomes["bad hf"].output

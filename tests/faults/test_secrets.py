@@ -113,3 +113,28 @@ def test_no_command_prints_or_saves_a_credential(
     for name, outcome in outcomes.items():
         assert not leaks(outcome.output), (name, outcome.output[-3000:])
     assert not files_leaking(work)
+
+
+def test_a_location_shows_its_url_redacted_and_connects_with_the_real_one(served):
+    from logitcache.storage import Location, read_manifest
+
+    loc = Location(secret_url(served.url))
+    assert not leaks(repr(loc) + loc.shown + loc.shown_of("manifest.json"))
+    assert PASSWORD in loc.url and QUERY_TOKEN in loc.path("manifest.json")
+    assert loc.path("manifest.json").endswith(f"/cache/manifest.json?token={QUERY_TOKEN}&x=1")
+    assert read_manifest(loc).shards  # fetched with the query after each object's path
+
+
+@pytest.mark.parametrize(
+    "url", [f"hf://{HF_TOKEN}@datasets/x", f"hf://models?token={QUERY_TOKEN}", "hf://"]
+)
+def test_a_malformed_hub_url_is_one_redacted_line(url):
+    from logitcache.storage import Location
+    from logitcache.storage.errors import CacheError
+    from logitcache.storage.hub import HubTarget
+
+    for make in (Location, HubTarget.parse):
+        with pytest.raises(CacheError) as err:
+            make(url)
+        assert "not a Hub URL" in str(err.value) and "\n" not in str(err.value)
+        assert not leaks(str(err.value)), str(err.value)

@@ -35,6 +35,7 @@ __all__ = [
     "flag_for",
     "is_recipe_file",
     "load_recipe",
+    "load_yaml",
     "parse_recipe_file",
     "recipe_options",
     "recipe_yaml",
@@ -134,7 +135,7 @@ def parse_recipe_file(path: str) -> dict[str, Any]:
     else:
         text = read_local_text(os.path.expanduser(path), RECIPE_LIMIT, what="--config")
     try:
-        data = json.loads(text) if path.endswith(".json") else _load_yaml(text)
+        data = json.loads(text) if path.endswith(".json") else load_yaml(text)
     except _Refused as err:
         raise LogitcacheError(f"{shown}: {err}") from None
     except RecursionError:
@@ -149,11 +150,11 @@ def parse_recipe_file(path: str) -> dict[str, Any]:
     return data
 
 
-class _Refused(Exception):
-    """What the recipe loader refuses to build (aliases, deep nesting)."""
+class _Refused(ValueError):
+    """What the recipe loader refuses to build (aliases, deep nesting, too many values)."""
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` of a recipe, checked first (one pass over libyaml's events, which
     stops at the first offence): no anchors or aliases, at most MAX_DEPTH levels deep and
     MAX_NODES values. Only then is anything built (pure-Python PyYAML builds ~20 kB/s on a
@@ -169,13 +170,13 @@ def _load_yaml(text: str) -> Any:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                raise _Refused(f"nested more than {MAX_DEPTH} levels deep; a recipe needs 2")
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep (a settings file needs 2 or 3)")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
         if isinstance(event, yaml.NodeEvent):
             nodes += 1
             if nodes > MAX_NODES:
-                raise _Refused(f"more than {MAX_NODES:,} values; a recipe holds a few dozen")
+                raise _Refused(f"more than {MAX_NODES:,} values; a settings file holds a few dozen")
     return yaml.load(text, Loader=loader)
 
 

@@ -94,3 +94,15 @@ def test_precompute_refuses_them_too(lab, tmp_path):
     outcome = lab.run(["precompute", "--config", recipe], timeout=60)
     refused(outcome, "bomb.yaml", "anchors and aliases")
     assert outcome.rss_growth_mb < MAX_GROWTH_MB, outcome.rss_growth_mb
+
+
+@pytest.mark.parametrize("text", [alias_bomb("hidden_size"), "a: " + "[" * 100_000 + "\n"])
+def test_a_hostile_student_config_is_one_line(text, lab, reference_caches, train_args, tmp_path):
+    """--student-config is YAML from outside too: read and checked the same way."""
+    config = write(tmp_path / "student.yaml", text)
+    args = train_args(reference_caches["topk"], tmp_path / "run", student_config=config)
+    outcome = lab.run(args, timeout=60)
+    line = refused(outcome, "cannot parse student config", "student.yaml")
+    assert len(line) < 300, line
+    assert outcome.rss_growth_mb < MAX_GROWTH_MB, outcome.rss_growth_mb
+    print(f"student config: {outcome.rss_growth_mb:.0f} MB; {line}")

@@ -170,7 +170,7 @@ def load_yaml(text: str) -> Any:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                raise _Refused(f"nested more than {MAX_DEPTH} levels deep (a settings file needs 2 or 3)")
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep (settings need 3)")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
         if isinstance(event, yaml.NodeEvent):

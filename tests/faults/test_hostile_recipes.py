@@ -96,7 +96,9 @@ def test_precompute_refuses_them_too(lab, tmp_path):
     assert outcome.rss_growth_mb < MAX_GROWTH_MB, outcome.rss_growth_mb
 
 
-@pytest.mark.parametrize("text", [alias_bomb("hidden_size"), "a: " + "[" * 100_000 + "\n"])
+@pytest.mark.parametrize(
+    "text", [alias_bomb("hidden_size"), "a: " + "[" * 100_000 + "\n"], ids=["bomb", "deep"]
+)
 def test_a_hostile_student_config_is_one_line(text, lab, reference_caches, train_args, tmp_path):
     """--student-config is YAML from outside too: read and checked the same way."""
     config = write(tmp_path / "student.yaml", text)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from logitcache.errors import LogitcacheError
 from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.options import option, to_argv
-from logitcache.recipes import parse_recipe_file
+from logitcache.recipes import is_recipe_file, parse_recipe_file
 from logitcache.storage import FORMAT_VERSION, CacheSpec, default_codecs
 from logitcache.storage.batch import default_batch_sequences
 from logitcache.storage.format import check_format_version
+from logitcache.untrusted import redact
 
 from .corpus import CorpusSpec, corpus_identity
 from .defaults import DEFAULT_SAMPLES
@@ -101,6 +101,8 @@ class PrecomputeConfig:
             raise LogitcacheError(f"--bytes-per-token must be > 0, got {self.bytes_per_token}")
         if self.sampled_logprobs and self.top_k is not None:
             raise LogitcacheError("--sampled-logprobs needs --samples or --bytes-per-token")
+        if self.seed < 0:
+            raise LogitcacheError(f"--seed must be >= 0, got {self.seed}")
         if self.shard_sequences < 1:
             raise LogitcacheError(f"--shard-sequences must be >= 1, got {self.shard_sequences}")
         if self.batch_tokens < 1:
@@ -222,15 +224,17 @@ def read_recipe(path: str) -> dict[str, Any]:
 
     if path.endswith("manifest.json"):
         path = path[: -len("manifest.json")].rstrip("/") or "."
-    elif Path(path).suffix in (".yaml", ".yml", ".json"):
+    elif is_recipe_file(path):
         return parse_recipe_file(path)
     try:
         manifest = read_manifest(Location(path))
     except LogitcacheError as err:
-        raise LogitcacheError(f"--config {path} (a .yaml/.json recipe or a cache): {err}") from None
+        raise LogitcacheError(
+            f"--config {redact(path)} (a .yaml/.json recipe or a cache): {err}"
+        ) from None
     try:
         return settings_from_spec(manifest.spec.to_dict())
     except (KeyError, TypeError) as err:
         raise LogitcacheError(
-            f"--config {path}: its manifest does not record how it was made (no {err})"
+            f"--config {redact(path)}: its manifest does not record how it was made (no {err})"
         ) from None

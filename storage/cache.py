@@ -59,12 +59,12 @@ def read_manifest(loc: Location, rel: str = MANIFEST) -> Manifest:
     data = loc.read_if_exists(rel)  # one GET: opening a remote cache lists nothing
     if data is None:
         raise CacheError(
-            f"no {rel} at {loc.url_of(rel)}: not a logitcache cache, or its teacher pass has "
+            f"no {rel} at {loc.shown_of(rel)}: not a logitcache cache, or its teacher pass has "
             "not completed a shard yet"
         )
-    manifest = Manifest.from_json(data, where=loc.url_of(rel))
+    manifest = Manifest.from_json(data, where=loc.shown_of(rel))
     if rel == MANIFEST:
-        manifest.check_listing(loc.url_of(rel))
+        manifest.check_listing(loc.shown_of(rel))
     return manifest
 
 
@@ -140,7 +140,7 @@ class CacheWriter:
             os.close(fd)
             raise CacheError(
                 f"another process is writing worker {self.worker} of {self.num_workers} into "
-                f"{self.loc.url} (lock {path}); wait for it or choose another output"
+                f"{self.loc.shown} (lock {path}); wait for it or choose another output"
             ) from None
         self._lock_fd = fd
 
@@ -150,13 +150,13 @@ class CacheWriter:
         for old in ([main] if main else []) + parts:
             if old.format_version != self.spec.format_version:
                 raise CacheError(
-                    f"{self.loc.url} already holds a format {old.format_version} cache; resume it "
-                    f"with --format-version {old.format_version}, or use another --out"
+                    f"{self.loc.shown} already holds a format {old.format_version} cache; "
+                    f"resume it with --format-version {old.format_version}, or use another --out"
                 )
             if old.spec.to_dict() != self.spec.to_dict():  # JSON form: tuples == lists
                 changes = "; ".join(diff_specs(old.spec, self.spec)[:8])
                 raise CacheError(
-                    f"{self.loc.url} already holds a cache made with other settings: {changes}. "
+                    f"{self.loc.shown} already holds a cache made with other settings: {changes}. "
                     "Use another --out, or delete it to start over"
                 )
             for info in old.shards:

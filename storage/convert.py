@@ -144,7 +144,7 @@ def convert_cache(
     """
     source, target = Location(src, src_options), Location(dest, dest_options)
     if _place(source) == _place(target):
-        raise CacheError(f"SRC and DEST are the same place ({source.url}); choose a new DEST")
+        raise CacheError(f"SRC and DEST are the same place ({source.shown}); choose a new DEST")
     target.check_writable()
     # a remote source's shards are read once: fetched ahead into a directory deleted after
     scratch_dir = nullcontext() if source.local else tempfile.TemporaryDirectory()
@@ -157,9 +157,9 @@ def convert_cache(
         manifest = reader.manifest
         if not manifest.complete:
             raise CacheError(
-                f"{source.url} is not a finished cache (its manifest lists {len(manifest.shards)} "
-                "shards and is not complete): finish its teacher pass (rerun the same "
-                "precompute), or convert a complete copy"
+                f"{source.shown} is not a finished cache (its manifest lists "
+                f"{len(manifest.shards)} shards and is not complete): finish its teacher pass "
+                "(rerun the same precompute), or convert a complete copy"
             )
         spec = converted_spec(manifest.spec, format_version, shard_sequences=shard_sequences,
                               batch_sequences=batch_sequences)  # fmt: skip
@@ -184,7 +184,7 @@ def _convert(
     todo = [j for j in range(len(ranges)) if not writer.is_done(j)]
     skipped = len(ranges) - len(todo)
     done = source.bytes - _source_bytes(reader, (i for j in todo for i in ranges[j]))
-    message = f"{skipped} of {len(ranges)} shards already at {writer.loc.url}"
+    message = f"{skipped} of {len(ranges)} shards already at {writer.loc.shown}"
     progress(round(done), source.bytes, message if skipped else None)
     reader.prefetch_sequences([i for j in todo for i in ranges[j]])
     cpu_s = 0.0
@@ -237,15 +237,15 @@ def _check_destination(target: Location, spec: CacheSpec) -> None:
     manifest has this spec) or the debris of one killed before its first manifest."""
     data = target.read_if_exists(MANIFEST)
     if data is not None:
-        old = Manifest.from_json(data, where=target.url_of(MANIFEST))
+        old = Manifest.from_json(data, where=target.shown_of(MANIFEST))
         if old.spec.to_dict() != spec.to_dict():
             changes = "; ".join(diff_specs(old.spec, spec)[:4])
-            raise CacheError(f"{target.url} already holds another cache ({changes}); choose a "
+            raise CacheError(f"{target.shown} already holds another cache ({changes}); choose a "
                              "new or empty DEST")  # fmt: skip
         return
     debris = {".locks", SHARDS, TOKENIZER_DIR}
     if set(target.listdir("")) - debris:
-        raise CacheError(f"{target.url} exists and is not empty; choose a new or empty DEST")
+        raise CacheError(f"{target.shown} exists and is not empty; choose a new or empty DEST")
 
 
 class _StoredTokenizer:

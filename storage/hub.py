@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from logitcache.untrusted import redact
+
 from .cache import MANIFEST, read_manifest
 from .containers import shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
@@ -63,9 +65,11 @@ class HubTarget:
         try:
             uri = parse_hf_uri(url.rstrip("/"))
         except Exception as err:  # HfUriError, ValueError
-            raise CacheError(f"{url}: not a Hub URL ({short(err)})") from None
+            raise CacheError(f"{redact(url)}: not a Hub URL ({redact(short(err))})") from None
         if uri.type != "dataset":
-            raise CacheError(f"{url}: caches go in dataset repositories: hf://datasets/ORG/NAME")
+            raise CacheError(
+                f"{redact(url)}: caches go in dataset repositories: hf://datasets/ORG/NAME"
+            )
         return cls(uri.id, uri.revision, uri.path_in_repo.strip("/"))
 
     def key(self, rel: str) -> str:
@@ -120,7 +124,9 @@ def push_to_hub(
     total = sum(path.stat().st_size for _, path in todo)
     done = 0
     progress(
-        done, total, f"{skipped} of {len(shards)} shards already at {url}" if skipped else None
+        done,
+        total,
+        f"{skipped} of {len(shards)} shards already at {redact(url)}" if skipped else None,
     )
     batches = list(_batches(todo))
     for n, batch in enumerate(batches, 1):
@@ -226,11 +232,12 @@ class _Hub:
 def _hub_error(url: str, what: str, err: BaseException, kind: str, attempts: int) -> RemoteError:
     if kind in ("credentials", "denied", "norepo", "missing"):
         return RemoteError(
-            f"{url}: cannot {what}: the Hub refused ({short(err)}); check the repository name "
-            f"and that the token may write to it ({credentials_hint('hf')})"
+            f"{redact(url)}: cannot {what}: the Hub refused ({redact(short(err))}); check the "
+            f"repository name and that the token may write to it ({credentials_hint('hf')})"
         )
     return RemoteError(
-        f"{url}: cannot {what} after {attempts} attempt{'s' * (attempts > 1)}: {short(err)}; "
+        f"{redact(url)}: cannot {what} after {attempts} attempt{'s' * (attempts > 1)}: "
+        f"{redact(short(err))}; "
         "rerun the same push to resume (committed files are skipped)"
     )
 

@@ -34,7 +34,7 @@ from typing import IO, Any, TypeVar
 import fsspec
 
 from logitcache.errors import LogitcacheError
-from logitcache.untrusted import read_local
+from logitcache.untrusted import read_local, redact
 
 from .errors import CacheError, RemoteError
 from .remote import (
@@ -60,6 +60,10 @@ class Location:
     def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None):
         url = os.fspath(url)
         self.url = url
+        """The URL as given, credentials included: for connecting only, never for a message."""
+        self.shown = redact(url)
+        """The URL with any credentials in it replaced by ``***``: for messages and files."""
+        self._query = ""
         self.storage_options = dict(storage_options or {})
         self._pid = os.getpid()
         self.ranges_ignored = False
@@ -77,7 +81,7 @@ class Location:
             self.local = True
 
     def __repr__(self) -> str:
-        return f"Location({self.url!r})"
+        return f"Location({self.shown!r})"
 
     # -- connection -------------------------------------------------------------------
     @property
@@ -100,12 +104,19 @@ class Location:
         )
 
     def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        if self.protocol == "hf":
+            _check_hub_url(self.url, self.shown)
         try:
             fs, root = fsspec.core.url_to_fs(self.url, **self.fs_options)
         except ImportError as err:
-            raise CacheError(f"cannot open {self.url}: {err}") from None
+            raise CacheError(f"cannot open {self.shown}: {redact(str(err))}") from None
         except (ValueError, TypeError) as err:
-            raise CacheError(f"cannot open {self.url}: {err}") from None
+            raise CacheError(f"cannot open {self.shown}: {redact(str(err))}") from None
+        if self.protocol in HTTP and "?" in root:
+            # http://host/cache?token=...: every object of the cache is asked for with the
+            # same query (a signed or token-protected folder), after its own path
+            root, query = root.split("?", 1)
+            self._query = f"?{query}"
         if self.protocol in ("s3", "s3a"):
             # botocore already retries (config_kwargs retries.max_attempts); s3fs's own loop
             # on top would multiply the attempts and the time to give up on a dead endpoint.
@@ -128,7 +139,7 @@ class Location:
             except Exception as err:  # classified below; anything unknown is re-raised
                 kind = classify(err)
                 if kind == "missing":
-                    raise FileNotFoundError(f"{self.url_of(rel)}: {short(err)}") from None
+                    raise FileNotFoundError(f"{self.shown_of(rel)}: {redact(short(err))}") from None
                 if kind == "transient" and attempt < attempts:
                     time.sleep(backoff_s(err, attempt))
                     continue
@@ -138,18 +149,18 @@ class Location:
         raise AssertionError("unreachable")
 
     def _error(self, err: BaseException, kind: str, rel: str, attempts: int) -> CacheError:
-        where = self.url_of(rel)
+        where = self.shown_of(rel)
         if kind == "norepo":
             return RemoteError(
-                f"{self.url}: no such Hub repository or revision, or it is private or gated "
-                f"and the token in use cannot read it ({short(err)}); check the name, or "
+                f"{self.shown}: no such Hub repository or revision, or it is private or gated "
+                f"and the token in use cannot read it ({redact(short(err))}); check the name, or "
                 f"{credentials_hint(self.protocol)}"
             )
         if kind == "credentials":
             return RemoteError(f"no credentials for {where}: {credentials_hint(self.protocol)}")
         if kind == "denied":
             return RemoteError(
-                f"access to {where} was denied ({short(err)}): the credentials in use lack "
+                f"access to {where} was denied ({redact(short(err))}): the credentials in use lack "
                 "permission for it, or the URL is wrong"
             )
         if self.protocol == "hf":  # huggingface_hub keeps its own timeouts and retries
@@ -161,31 +172,40 @@ class Location:
             )
         return RemoteError(
             f"cannot reach {where} after {attempts} attempt{'s' * (attempts > 1)} ({each}): "
-            f"{short(err)}; check the URL and the network, or raise {knobs}"
+            f"{redact(short(err))}; check the URL and the network, or raise {knobs}"
         )
 
     def check_writable(self) -> None:
         if self.protocol == "hf":
             raise CacheError(
-                f"cannot write to {self.url} file by file (one Hub commit per file): write the "
-                f"cache to a directory, then `logitcache push DIR {self.url}` (batched commits)"
+                f"cannot write to {self.shown} file by file (one Hub commit per file): write the "
+                f"cache to a directory, then `logitcache push DIR {self.shown}` (batched commits)"
             )
         if self.protocol in HTTP:
             raise CacheError(
-                f"cannot write to {self.url}: http(s) is read-only; write to a directory or an "
+                f"cannot write to {self.shown}: http(s) is read-only; write to a directory or an "
                 "object store (s3://, gs://, ...) and serve that over HTTP"
             )
 
     # -- objects ------------------------------------------------------------------------
     def path(self, rel: str) -> str:
+        """What the filesystem is asked for: ``rel`` under the root (and the URL's query)."""
+        return self._bare(rel) + self._query
+
+    def _bare(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def url_of(self, rel: str) -> str:
-        """A full URL (or local path) of ``rel``, for messages and for zarr."""
+        """A full URL (or local path) of ``rel``, credentials included: for zarr and pyarrow
+        to open. Messages name ``shown_of(rel)``."""
         path = self.path(rel)
         if self.local or "://" in path:
             return path
         return f"{self.protocol}://{path}"
+
+    def shown_of(self, rel: str) -> str:
+        """``url_of(rel)`` with credentials replaced by ``***``: what messages name."""
+        return redact(self.url_of(rel))
 
     def exists(self, rel: str = "") -> bool:
         if self.local:
@@ -203,7 +223,7 @@ class Location:
         """The object's bytes; with ``limit``, refused (one line) past ``limit`` bytes."""
         data = self.read_if_exists(rel, limit)
         if data is None:
-            raise CacheError(f"{self.url_of(rel)} does not exist")
+            raise CacheError(f"{self.shown_of(rel)} does not exist")
         return data
 
     def read_if_exists(self, rel: str, limit: int | None = None) -> bytes | None:
@@ -230,7 +250,7 @@ class Location:
             return None
         if len(data) > limit:
             raise CacheError(
-                f"{self.url_of(rel)} holds more than the {limit:,} bytes a cache may hold "
+                f"{self.shown_of(rel)} holds more than the {limit:,} bytes a cache may hold "
                 "there; refusing to read it"
             )
         return data
@@ -240,7 +260,7 @@ class Location:
         try:
             data = self._call(rel, self.fs.cat_file, self.path(rel), start=start, end=end)
         except FileNotFoundError:
-            raise CacheError(f"{self.url_of(rel)} does not exist") from None
+            raise CacheError(f"{self.shown_of(rel)} does not exist") from None
         if len(data) >= end > start and len(data) != end - start:
             # a server without Range support answers 200 with the whole object (fsspec does
             # not cut it); the bytes are right, only wasteful: readers fetch whole shards then
@@ -248,7 +268,7 @@ class Location:
             return data[start:end]
         if len(data) != end - start:
             raise CacheError(
-                f"{self.url_of(rel)}: asked for bytes {start}..{end}, got {len(data)}: the "
+                f"{self.shown_of(rel)}: asked for bytes {start}..{end}, got {len(data)}: the "
                 "object is shorter than its manifest says, or the server ignores Range requests"
             )
         return data
@@ -266,9 +286,9 @@ class Location:
 
     def find(self, rel: str) -> list[str]:
         """Paths, relative to ``rel``, of every file under ``rel`` (sorted)."""
-        base = self.path(rel)
+        base = self._bare(rel)
         try:
-            found = self._call(rel, self.fs.find, base)
+            found = self._call(rel, self.fs.find, self.path(rel))
         except FileNotFoundError:
             return []
         return sorted(f[len(base) :].lstrip("/") for f in found if f.startswith(base))
@@ -291,13 +311,13 @@ class Location:
         try:
             self._call(rel, self.fs.get_file, self.path(rel), os.fspath(local_path))
         except FileNotFoundError:
-            raise CacheError(f"{self.url_of(rel)} does not exist") from None
+            raise CacheError(f"{self.shown_of(rel)} does not exist") from None
 
     def get_tree(self, rel: str, local_dir: str | os.PathLike) -> None:
         """Download every file under ``rel`` (a Zarr shard) into ``local_dir``."""
         names = self.find(rel)
         if not names:
-            raise CacheError(f"{self.url_of(rel)} does not exist (or cannot be listed)")
+            raise CacheError(f"{self.shown_of(rel)} does not exist (or cannot be listed)")
         for name in names:
             target = Path(local_dir) / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +362,7 @@ class Location:
             yield
         except FileNotFoundError as err:  # s3fs: NoSuchBucket
             raise CacheError(
-                f"cannot write {self.url_of(rel)}: {err}; create the bucket first"
+                f"cannot write {self.shown_of(rel)}: {redact(str(err))}; create the bucket first"
             ) from None
 
     @contextmanager
@@ -390,6 +410,19 @@ class Location:
                 self.remove(f"{rel_dir}/{name}" if rel_dir else name)
                 count += 1
         return count
+
+
+def _check_hub_url(url: str, shown: str) -> None:
+    """A malformed ``hf://`` URL is one line (redacted), not huggingface_hub's traceback."""
+    from huggingface_hub.hf_file_system import parse_hf_uri
+
+    try:
+        parse_hf_uri(url.rstrip("/"))
+    except Exception as err:  # HfUriError, ValueError
+        raise CacheError(
+            f"{shown}: not a Hub URL ({redact(short(err))}); expected "
+            "hf://datasets/ORG/NAME[@REVISION][/PATH]"
+        ) from None
 
 
 def _fsync_file(path: Path) -> None:

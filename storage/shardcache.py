@@ -93,7 +93,7 @@ class ShardCache:
                 size, digest = shard_digest(Location(tmp.parent), tmp.name)
                 if (size, digest) != (info.bytes, info.sha256):
                     raise ShardCorruptError(
-                        f"shard {loc.url_of(info.path)} arrived damaged: sha256 {digest[:16]}… "
+                        f"shard {loc.shown_of(info.path)} arrived damaged: sha256 {digest[:16]}… "
                         f"({size} bytes), manifest expects {info.sha256[:16]}… ({info.bytes} "
                         "bytes); the copy was discarded"
                     )

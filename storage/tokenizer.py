@@ -62,7 +62,7 @@ def fetch_tokenizer(
     manifest = read_manifest(loc)
     files = manifest.tokenizer_files
     if not files:
-        raise NoTokenizerError(missing_tokenizer_hint(loc.url, manifest))
+        raise NoTokenizerError(missing_tokenizer_hint(loc.shown, manifest))
     if out is not None:
         target = Path(out).expanduser()
         names = {Path(f.path).name for f in files}
@@ -108,7 +108,7 @@ def add_tokenizer(
     loc = Location(cache)
     if not loc.local:
         raise CacheError(
-            f"add the tokenizer to a local copy of {loc.url} (pull it), then push it again"
+            f"add the tokenizer to a local copy of {loc.shown} (pull it), then push it again"
         )
     manifest = read_manifest(loc)
     expected = manifest.spec.tokenizer.get("fingerprint")

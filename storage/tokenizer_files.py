@@ -74,7 +74,7 @@ def read_checked(loc: Location, entry: StoredFile) -> bytes:
     """The bytes of one listed tokenizer file, refused unless they match the manifest."""
     data = loc.read_if_exists(entry.path)
     if data is None:
-        raise ShardCorruptError(f"tokenizer file {entry.path} is missing from {loc.url}")
+        raise ShardCorruptError(f"tokenizer file {entry.path} is missing from {loc.shown}")
     digest = hashlib.sha256(data).hexdigest()
     if (len(data), digest) != (entry.bytes, entry.sha256):
         raise ShardCorruptError(

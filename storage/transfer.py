@@ -196,7 +196,7 @@ class _Copy:
         if existing is not None and existing.spec.to_dict() != manifest.spec.to_dict():
             changes = "; ".join(diff_specs(existing.spec, manifest.spec)[:5])
             raise CacheError(
-                f"{target.url} holds another cache ({changes}); choose another destination"
+                f"{target.shown} holds another cache ({changes}); choose another destination"
             )
         self.listed = {s.index: s for s in (existing.shards if existing else ())}
         self._had_manifest = existing is not None
@@ -226,7 +226,7 @@ class _Copy:
                 digest = hashlib.sha256(data).hexdigest()
                 if (len(data), digest) != (entry.bytes, entry.sha256):
                     raise ShardCorruptError(
-                        f"tokenizer file {self.source.url_of(entry.path)} is missing or damaged"
+                        f"tokenizer file {self.source.shown_of(entry.path)} is missing or damaged"
                     )
                 self.target.publish_bytes(entry.path, data)
         except ShardCorruptError as err:
@@ -243,7 +243,7 @@ class _Copy:
             return
         try:
             if self.source.local:
-                _check(self.source, info, self.source.url_of(info.path))
+                _check(self.source, info, self.source.shown_of(info.path))
                 self.target.put_local(info.path, self.source.path(info.path))
             else:
                 self._download_then_publish(info)
@@ -273,7 +273,8 @@ class _Copy:
                 self.source.get_tree(info.path, local)
             else:
                 self.source.get_file(info.path, local)
-            _check(Location(scratch), replace(info, path=local.name), self.source.url_of(info.path))
+            shown = self.source.shown_of(info.path)
+            _check(Location(scratch), replace(info, path=local.name), shown)
             if self.target.local:
                 final = Path(self.target.path(info.path))
                 final.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from logitcache.recipes import resolve
 from logitcache.storage import CacheSpec
 from logitcache.train.config import TrainConfig
 
-RECIPES = Path(__file__).parent.parent / "docs" / "recipes"
+RECIPES = Path(__file__).parent.parent / "src" / "logitcache" / "recipe_files"
 COMMANDS = {"precompute": (PrecomputeConfig, precompute_config),
             "train": (TrainConfig, train_config)}  # fmt: skip
 

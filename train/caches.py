@@ -18,7 +18,7 @@ __all__ = ["check_cache", "eval_dataset", "mixed_readers"]
 
 
 def check_cache(reader: CacheReader, config: TrainConfig) -> None:
-    manifest, url = reader.manifest, reader.loc.url
+    manifest, url = reader.manifest, reader.loc.shown
     # A partial pull (`pull --shards/--max-tokens`) of a finished cache knows its total and
     # trains on the shards it holds; a teacher pass still running does not, and is refused.
     if not manifest.complete and manifest.n_sequences_total is None:
@@ -53,7 +53,7 @@ def mixed_readers(reader: CacheReader, config: TrainConfig) -> list[CacheReader]
         if mismatch is not None:
             _, mine, theirs = mismatch
             raise LogitcacheError(
-                f"--cache {other.loc.url} was made with another tokenizer than --cache "
+                f"--cache {other.loc.shown} was made with another tokenizer than --cache "
                 f"{config.cache} (fingerprint {theirs[:16]} vs {mine[:16]}); "
                 "mixed caches must share one tokenizer"
             )

@@ -208,6 +208,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {ef}"),
             (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from logitcache.storage import CacheReader, CacheSpec, SequenceRecord
+from logitcache.untrusted import redact
 
 from .collator import IGNORE_INDEX
 from .data import heldout_mask
@@ -127,7 +128,7 @@ class CacheDataset(Dataset):
         if mismatch is not None:
             r, mine, theirs = mismatch
             raise ValueError(
-                f"cache {r.loc.url} was made with another tokenizer than {self.urls[0]} "
+                f"cache {r.loc.shown} was made with another tokenizer than {redact(self.urls[0])} "
                 f"(fingerprint {theirs[:16]} vs {mine[:16]}); mixed caches "
                 "must share one tokenizer"
             )

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter
 from logitcache.storage import CacheReader
+from logitcache.untrusted import redact_values
 
 from . import sharding
 from .caches import check_cache, eval_dataset, mixed_readers
@@ -288,7 +289,9 @@ def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) ->
     settings.pop("batch_size")
     settings.pop("grad_accum")
     settings.update(path_settings(config))  # resolved paths, the student config by content
-    return settings
+    # saved in checkpoints and train_config.json, so credentials in a URL are left out; a
+    # resumed run computes the same redacted values, so it still compares equal
+    return redact_values(settings)
 
 
 def _resume(config, model, optimizer, fingerprint, reporter) -> TrainingProgress:
@@ -317,7 +320,9 @@ def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps:
     resolved = {**config.to_dict(), "world_size": env.world_size, "total_steps": total_steps,
                 "device": str(env.device), "fingerprint": fingerprint}  # fmt: skip
     resolved["overwrite"] = False  # read back as a recipe, it never replaces a run unasked
-    (out / "train_config.json").write_text(json.dumps(resolved, indent=1))
+    # never a password or token: a URL that carried one is saved as scheme://***@host/...,
+    # so reading the file back with --config needs --cache (or the URL) given again
+    (out / "train_config.json").write_text(json.dumps(redact_values(resolved), indent=1))
 
 
 def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:

@@ -19,7 +19,9 @@ from torch import nn
 from logitcache.errors import LogitcacheError
 from logitcache.identity import tokenizer_fingerprint
 from logitcache.precompute.teacher import check_model_path, load_tokenizer
+from logitcache.recipes import RECIPE_LIMIT, load_yaml
 from logitcache.storage import CacheSpec, NoTokenizerError, fetch_tokenizer
+from logitcache.untrusted import read_local_text
 
 from .distill_loss import DistillationLoss, final_hidden
 
@@ -112,19 +114,19 @@ def _cache_tokenizer(cache: Any, spec: CacheSpec) -> str:
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
+    """A student config file: read bounded, YAML checked as a recipe is (no aliases; see
+    ``logitcache.recipes.load_yaml``), one-line errors quoting at most a line of it."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise LogitcacheError(f"student config {path!r} does not exist")
-    text = file.read_text()
+    text = read_local_text(file, RECIPE_LIMIT, what="student config")
     try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        data = load_yaml(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
+    except RecursionError:
+        raise LogitcacheError(f"cannot parse student config {path}: nested too deeply") from None
     except Exception as err:
-        raise LogitcacheError(f"cannot parse student config {path}: {err}") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise LogitcacheError(f"cannot parse student config {path}: {first}") from None
     if not isinstance(data, dict):
         raise LogitcacheError(f"student config {path} must be a mapping")
     return data

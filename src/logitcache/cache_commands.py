@@ -17,6 +17,7 @@ import click
 from logitcache.errors import LogitcacheError
 from logitcache.options import QUIET
 from logitcache.storage import FORMAT_VERSION, READ_VERSIONS
+from logitcache.untrusted import redact
 
 __all__ = ["CACHE_COMMANDS"]
 
@@ -34,7 +35,7 @@ def inspect(cache: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(cache_summary(manifest), indent=1))
     else:
-        click.echo(summary_text(manifest, cache))
+        click.echo(summary_text(manifest, redact(cache)))
 
 
 @click.command()
@@ -49,7 +50,7 @@ def verify(cache: str) -> None:
 
     manifest, problems = verify_cache(cache)
     for problem in problems:
-        click.echo(f"BAD  {problem}", err=True)
+        click.echo(f"BAD  {redact(problem)}", err=True)
     n = len(manifest.shards)
     if problems:
         click.echo(f"{len(problems)} of {n} shards failed verification", err=True)
@@ -89,15 +90,16 @@ def tokenizer(cache: str, out: str | None, add: str | None) -> None:
     if add is not None:
         tok = load_tokenizer(add)
         manifest = add_tokenizer(cache, tok, tokenizer_fingerprint(tok), name=add)
-        click.echo(f"stored {len(manifest.tokenizer_files)} tokenizer files in {cache}")
+        click.echo(f"stored {len(manifest.tokenizer_files)} tokenizer files in {redact(cache)}")
         return
     path = fetch_tokenizer(cache, out)
     expected = str(read_manifest(Location(cache)).spec.tokenizer.get("fingerprint"))
     found = tokenizer_fingerprint(load_tokenizer(str(path)))
     if found != expected:
         raise LogitcacheError(
-            f"the tokenizer stored in {cache} (fingerprint {found[:16]}) is not the one the "
-            f"cache was made with (fingerprint {expected[:16]}): an edited cache; {path} holds it"
+            f"the tokenizer stored in {redact(cache)} (fingerprint {found[:16]}) is not the one "
+            f"the cache was made with (fingerprint {expected[:16]}): an edited cache; {path} "
+            "holds it"
         )
     click.echo(f"tokenizer written to {path}")
 
@@ -155,10 +157,10 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=T
                             progress=progress, private=private)  # fmt: skip
     manifest = result.manifest
     state = "complete" if manifest is not None and manifest.complete else "partial"
+    held = len(manifest.shards) if manifest else 0
     click.echo(
         f"{verb}: {result.copied} shards ({human_bytes(result.bytes_copied)}) copied, "
-        f"{result.skipped} already there; {dst} now holds {len(manifest.shards) if manifest else 0}"
-        f" shards ({state})"
+        f"{result.skipped} already there; {redact(dst)} now holds {held} shards ({state})"
     )
 
 
@@ -192,7 +194,7 @@ def convert(src: str, dest: str, format_version: int, shard_sequences: int | Non
     click.echo(
         f"converted: {human_bytes(before)} -> {human_bytes(after)} ({after / before:.2f}x) in "
         f"format {result.manifest.version_label}, {len(result.manifest.shards)} shards "
-        f"({result.written} written{kept}) at {dest}"
+        f"({result.written} written{kept}) at {redact(dest)}"
     )
 
 

@@ -18,17 +18,34 @@ from logitcache.errors import one_line_errors, sigterm_raises
 from logitcache.options import QUIET, build, click_options
 from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
-from logitcache.recipes import recipe_options, recipe_yaml, resolve
+from logitcache.recipes import flag_for, recipe_options, recipe_yaml, resolve
 from logitcache.train.config import RUN_RECORD_KEYS, TrainConfig
+from logitcache.untrusted import redact
 
 __all__ = ["main", "precompute_config", "render_reference", "train_config"]
 
 
 class _Commands(click.Group):
-    """The command group: every command's expected errors print one line (``one_line_errors``)."""
+    """The command group: every command's expected errors print one line (``one_line_errors``),
+    with any credentials in it redacted."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        return one_line_errors(super().invoke, command=lambda: ctx.invoked_subcommand)(ctx)
+        name = lambda: ctx.invoked_subcommand  # noqa: E731
+        return one_line_errors(super().invoke, command=name, clean=redact)(ctx)
+
+
+class _SettingsCommand(click.Command):
+    """A command made from a config: an unknown flag that is a Hugging Face
+    ``TrainingArguments`` name (``--learning-rate``) suggests ours (``--lr``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as err:
+            ours = flag_for(err.option_name, [o for p in self.params for o in p.opts])
+            if ours is not None:
+                err.possibilities = [ours]
+            raise
 
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -82,7 +99,7 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
 
 
 # -- precompute -----------------------------------------------------------------------
-@main.command()
+@main.command(cls=_SettingsCommand)
 @click_options(PrecomputeConfig)
 @QUIET
 @recipe_options
@@ -102,7 +119,7 @@ def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) ->
         result = run_precompute(config, Reporter(enabled=not quiet, rank=rank))
     if result.manifest is not None and result.manifest.complete and rank == 0:
         describe = summary_line if quiet else summary_text  # --quiet keeps one summary line
-        click.echo(describe(result.manifest, config.out), err=True)
+        click.echo(describe(result.manifest, redact(config.out)), err=True)
 
 
 def precompute_config(
@@ -126,7 +143,7 @@ def precompute_config(
 
 
 # -- train ----------------------------------------------------------------------------
-@main.command()
+@main.command(cls=_SettingsCommand)
 @click_options(TrainConfig)
 @recipe_options
 def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
@@ -157,6 +174,35 @@ def train_config(
     """The ``TrainConfig`` of parsed ``train`` options (over a recipe file)."""
     return build(TrainConfig, resolve(TrainConfig, ctx, params, config=recipe,
                                       ignore=RUN_RECORD_KEYS))  # fmt: skip
+
+
+# -- recipes --------------------------------------------------------------------------
+@main.command()
+@click.argument("name", required=False)
+@click.option(
+    "--copy",
+    "directory",
+    default=None,
+    metavar="DIR",
+    help="Write NAME.yaml (every recipe without NAME) into DIR, to edit.",
+)
+def recipes(name: str | None, directory: str | None) -> None:
+    """List the recipes shipped with logitcache, print one (NAME), or copy them (--copy).
+
+    Run one as it is with `--config name:NAME` (e.g. `logitcache train --config
+    name:student-small-gpu --cache CACHE`); flags given with it override its keys.
+    """
+    from logitcache.recipes import copy_shipped, shipped, shipped_text
+
+    if directory is not None:
+        for path in copy_shipped([name] if name else list(shipped()), directory):
+            click.echo(f"wrote {path}")
+    elif name is not None:
+        click.echo(shipped_text(name), nl=False)
+    else:
+        for key, about in shipped().items():
+            click.echo(f"{key:20s} {about}")
+        click.echo("\nuse one with --config name:NAME; `logitcache recipes NAME` prints it")
 
 
 def render_reference() -> str:

@@ -75,13 +75,19 @@ def _end_progress_bars() -> None:
 
 
 def one_line_errors(
-    fn: Callable[..., Any], command: Callable[[], str | None] = lambda: None
+    fn: Callable[..., Any],
+    command: Callable[[], str | None] = lambda: None,
+    clean: Callable[[str], str] = str,
 ) -> Callable[..., Any]:
     """Decorate a click command: a LogitcacheError prints ``error: ...`` and exits 1; so
     does an OSError (the file system refused: ``--out`` names a file, the disk is full).
     ``Interrupted`` prints ``interrupted: ...`` and exits 128 + its signal; a bare Ctrl-C
     (or ``Terminated``) prints what ``command()`` (the command's name) keeps, and exits 130
     (143 for SIGTERM).
+
+    Every line is passed through ``clean`` last, whatever built the message: the CLI gives
+    ``logitcache.untrusted.redact`` (which imports this module), so a URL's password or token
+    never reaches the terminal, or a log that keeps it.
 
     Anything else is a bug and keeps its traceback.
     """
@@ -92,16 +98,16 @@ def one_line_errors(
             return fn(*args, **kwargs)
         except LogitcacheError as err:
             _end_progress_bars()
-            print(f"error: {err}", file=sys.stderr)
+            print(clean(f"error: {err}"), file=sys.stderr)
             sys.exit(1)
         except OSError as err:  # the file system refused: a path that is a file, no space...
             _end_progress_bars()
             where = f": {err.filename}" if err.filename else ""
-            print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+            print(clean(f"error: {err.strerror or err}{where}"), file=sys.stderr)
             sys.exit(1)
         except Interrupted as err:
             _end_progress_bars()
-            print(f"interrupted: {err}", file=sys.stderr)
+            print(clean(f"interrupted: {err}"), file=sys.stderr)
             sys.exit(err.exit_code)
         except KeyboardInterrupt as err:
             _end_progress_bars()

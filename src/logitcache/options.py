@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -27,16 +28,50 @@ import click
 from logitcache.errors import LogitcacheError
 
 __all__ = [
+    "INT_LIMIT",
     "QUIET",
     "OptionMeta",
     "Setting",
     "build",
     "click_options",
     "option",
+    "quoted",
     "settings",
     "settings_of",
     "to_argv",
 ]
+
+INT_LIMIT = 2**53
+"""The largest integer setting accepted (in magnitude): exact as a JSON number, and above any
+real step, token or seed count (1e30 steps is a typo, not a plan)."""
+_QUOTE_LIMIT = 80
+"""Characters of an outside value a message quotes (a recipe's value can be a megabyte)."""
+
+
+def quoted(value: Any, limit: int = _QUOTE_LIMIT) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters (a long value ends in …).
+
+    Containers are cut before they are formatted in full: ``repr`` of a list of a million
+    items is never built."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > limit:
+        items = list(value.items() if isinstance(value, dict) else value)[:limit]
+        value = dict(items) if isinstance(value, dict) else items
+    text = repr(value) if not isinstance(value, (list, tuple, dict)) else _short_repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _short_repr(value: Any, depth: int = 0) -> str:
+    """repr of a container, nested ones past depth 3 shown as ``...`` (bounded work)."""
+    if depth > 3:
+        return "..."
+    if isinstance(value, dict):
+        parts = [f"{k!r}: {_short_repr(v, depth + 1)}" for k, v in list(value.items())[:20]]
+        return "{" + ", ".join(parts) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short_repr(v, depth + 1) for v in list(value)[:20]) + "]"
+    text = repr(value)
+    return text if len(text) <= _QUOTE_LIMIT else text[: _QUOTE_LIMIT - 1] + "…"
+
 
 QUIET = click.option("--quiet", is_flag=True, default=False, help="No progress bars.")
 """The ``--quiet`` flag of every command that is not made from a config (demo, push, ...)."""
@@ -110,7 +145,9 @@ class Setting:
             return click.Choice([*extra, *self.choices])
         if self.kind is tuple:
             return click.STRING  # one value of a repeatable flag, or numbers as "3,1"
-        return {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}[self.kind]
+        return {bool: click.BOOL, int: _Number(int), float: _Number(float), str: click.STRING}[
+            self.kind
+        ]
 
     def convert(self, value: Any, where: str) -> Any:
         """``value`` from a flag or a recipe file, as the field's type; one-line errors."""
@@ -130,11 +167,16 @@ class Setting:
             or (self.kind is int and isinstance(value, float) and not value.is_integer())
         )
         if wrong:
-            raise LogitcacheError(f"{where}: {self.key}: expected {expected}, got {value!r}")
+            raise LogitcacheError(f"{where}: {self.key}: expected {expected}, got {quoted(value)}")
+        if self.kind in (int, float) and self.choices is None:
+            try:
+                return _number(self.kind, value)
+            except ValueError as err:
+                raise LogitcacheError(f"{where}: {self.key}: {err}") from None
         try:
             return self.click_type().convert(value, None, None)
         except click.BadParameter as err:
-            raise LogitcacheError(f"{where}: {self.key}: {err.message}") from None
+            raise LogitcacheError(f"{where}: {self.key}: {_cut(err.message)}") from None
 
     def _convert_tuple(self, value: Any, where: str) -> tuple:
         if self.item is str:
@@ -146,15 +188,70 @@ class Setting:
         try:
             if not isinstance(items, (list, tuple)) or any(isinstance(v, bool) for v in items):
                 raise ValueError
-            return tuple(self.item(v) for v in items)
-        except (TypeError, ValueError):
-            text = value if isinstance(value, str) else repr(value)
+            return tuple(_number(self.item, v) for v in items)
+        except (TypeError, ValueError) as err:
+            text = _cut(value) if isinstance(value, str) else quoted(value)
+            why = f" ({err})" if str(err) else ""
             raise LogitcacheError(
-                f"{self.flag} {text}: expected numbers separated by commas"
+                f"{self.flag} {text}: expected numbers separated by commas{why}"
             ) from None
 
 
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _cut(text: Any, limit: int = _QUOTE_LIMIT) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _number(kind: type, value: Any) -> int | float:
+    """``value`` (a number, or its text) as a finite float or an integer within INT_LIMIT;
+    ValueError saying what is wrong, quoting at most 80 characters of it."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected {_EXPECTED[kind]}, got {quoted(value)}")
+    try:
+        number = float(value) if kind is float or isinstance(value, float) else int(value)
+    except (TypeError, ValueError, OverflowError):
+        if kind is int and isinstance(value, str):  # "1e3", "2.0": an integer written as a float
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        else:
+            number = None
+        if number is None:
+            name = "integer" if kind is int else "float"
+            raise ValueError(f"{quoted(value)} is not a valid {name}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {quoted(value)}")
+    if kind is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(f"expected an integer, got {quoted(value)}")
+        if abs(number) > INT_LIMIT:
+            raise ValueError(f"{quoted(value)} is out of range (at most {INT_LIMIT:,} in size)")
+        return int(number)
+    return number
+
+
+class _Number(click.ParamType):
+    """A flag's int or float, checked as a recipe's is (``_number``); a bad one is the
+    CLI's one ``error:`` line naming the flag, like any other bad setting."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.name = "integer" if kind is int else "float"  # the metavar: INTEGER, FLOAT
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> Any:
+        return _check_number(self.kind, value, param)
+
+
+def _check_number(kind: type, value: Any, param: click.Parameter | None) -> int | float:
+    try:
+        return _number(kind, value)
+    except ValueError as err:
+        name = param.opts[0] if param is not None and param.opts else "value"
+        raise LogitcacheError(f"{name}: {err}") from None
 
 
 @functools.cache

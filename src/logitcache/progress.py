@@ -1,7 +1,8 @@
 """The one reporting helper: progress bars and status lines, all on stderr.
 
 Library code reports only through a ``Reporter``; ``Reporter(enabled=False)`` keeps tests
-and library users quiet.
+and library users quiet. Every line and bar title passes through ``redact``: a message that
+names a cache URL never shows its password or token.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sys
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from logitcache.untrusted import redact
 
 __all__ = ["ByteProgress", "Reporter", "human_bytes"]
 
@@ -30,12 +33,12 @@ class Reporter:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            tqdm.write(message, file=sys.stderr)
+            tqdm.write(redact(message), file=sys.stderr)
 
     def bar(self, total: float | None = None, desc: str = "", unit: str = "tok", **kw: Any) -> tqdm:
         return tqdm(
             total=total,
-            desc=desc,
+            desc=redact(desc),
             unit=unit,
             unit_scale=True,
             dynamic_ncols=True,

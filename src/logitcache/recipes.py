@@ -11,20 +11,86 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import shlex
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from logitcache.errors import LogitcacheError
-from logitcache.options import Setting, settings, settings_of, to_argv
+from logitcache.options import Setting, quoted, settings, settings_of, to_argv
+from logitcache.untrusted import read_local_text, redact
 
 Reader = Callable[[str], dict[str, Any]]
 
-__all__ = ["load_recipe", "parse_recipe_file", "recipe_options", "recipe_yaml", "resolve"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_NODES",
+    "NAME_PREFIX",
+    "RECIPE_LIMIT",
+    "copy_shipped",
+    "flag_for",
+    "is_recipe_file",
+    "load_recipe",
+    "load_yaml",
+    "parse_recipe_file",
+    "recipe_options",
+    "recipe_yaml",
+    "resolve",
+    "shipped",
+    "shipped_text",
+    "suggest_key",
+]
+
+RECIPE_LIMIT = 1 << 20
+"""Bytes a recipe may hold (1 MiB; the shipped ones are ~1.5 kB)."""
+MAX_DEPTH = 8
+"""Nesting a recipe may have (it needs 2: a mapping of lists of scalars)."""
+MAX_NODES = 10_000
+"""Values (scalars, lists, mappings) a YAML recipe may hold: a mix of thousands of caches
+fits; building 10,000 takes ~0.3 s."""
+NAME_PREFIX = "name:"
+"""``--config name:student-small-gpu``: a recipe shipped with the package."""
+
+# What users bring from Hugging Face ``TrainingArguments`` (and a few other trainers), and
+# the key here that does the same; a note where there is no exact equal.
+HF_NAMES: dict[str, tuple[str, str]] = {
+    "learning_rate": ("lr", ""),
+    "num_train_epochs": ("epochs", ""),
+    "num_epochs": ("epochs", ""),
+    "per_device_train_batch_size": ("batch_size", ""),
+    "train_batch_size": ("batch_size", ""),
+    "gradient_accumulation_steps": ("grad_accum", ""),
+    "warmup_ratio": ("warmup_steps", " (a number of steps)"),
+    "max_steps": ("steps", ""),
+    "lr_scheduler_type": ("schedule", " (cosine, wsd or constant)"),
+    "logging_steps": ("eval_every", " (every step's loss is logged to metrics.jsonl anyway)"),
+    "save_steps": ("save_every", ""),
+    "eval_steps": ("eval_every", ""),
+    "output_dir": ("out", ""),
+    "bf16": ("precision", " (precision: bf16)"),
+    "fp16": ("precision", " (bf16 or fp32; there is no fp16 training)"),
+    "tf32": ("precision", ""),
+    "max_grad_norm": ("grad_clip", ""),
+    "save_total_limit": ("keep_checkpoints", ""),
+    "dataloader_num_workers": ("num_workers", ""),
+    "optim": ("optimizer", ""),
+    "resume_from_checkpoint": ("resume", ""),
+    "model_name_or_path": ("student", ""),
+    "max_seq_length": ("seq_len", ""),
+    "max_length": ("seq_len", ""),
+    "dataset_name": ("data", ""),
+    "dataset_config_name": ("data_config", ""),
+    "dataset_text_field": ("text_field", ""),
+    "lora_rank": ("lora_r", ""),
+    "target_modules": ("lora_targets", ""),
+    "use_peft": ("lora_r", " (a rank > 0 turns LoRA on)"),
+    "torch_dtype": ("dtype", ""),
+    "kd_temperature": ("temperature", ""),
+}
 
 
 def load_recipe(
@@ -38,12 +104,13 @@ def load_recipe(
     """
     data = (read or parse_recipe_file)(path)
     by_key = {s.key: s for s in settings(cls)}
+    path = redact(path)  # what messages name
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in ignore:
             continue
         if key not in by_key:
-            raise LogitcacheError(f"{path}: unknown key {key!r}{_suggest(key, by_key)}")
+            raise LogitcacheError(f"{path}: unknown key {quoted(key)}{suggest_key(key, by_key)}")
         setting = by_key[key]
         if setting.meta.rest_into and isinstance(value, list):  # as the repeated flag
             if not value:
@@ -54,39 +121,109 @@ def load_recipe(
     return out
 
 
-def parse_recipe_file(path: str) -> dict[str, Any]:
-    """The mapping in a YAML file (JSON when the name ends in .json); one-line errors."""
-    try:
-        text = Path(path).expanduser().read_text()
-    except OSError as err:
-        raise LogitcacheError(f"--config {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise LogitcacheError(f"--config {path}: not a UTF-8 text file") from None
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
+def is_recipe_file(path: str) -> bool:
+    """Whether ``--config path`` names a recipe file (not a cache or a run)."""
+    return path.startswith(NAME_PREFIX) or path.endswith((".yaml", ".yml", ".json"))
 
-            data = yaml.safe_load(text)
-    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError's parents
-        first = str(err).strip().splitlines()[0]
-        raise LogitcacheError(f"--config {path}: cannot parse: {first}") from None
-    except Exception as err:
+
+def parse_recipe_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML file (JSON when the name ends in .json), or in the shipped
+    recipe ``name:NAME``; one-line errors naming the file (see the module docstring)."""
+    shown = f"--config {redact(path)}"
+    if path.startswith(NAME_PREFIX):
+        text = shipped_text(path[len(NAME_PREFIX) :])
+    else:
+        text = read_local_text(os.path.expanduser(path), RECIPE_LIMIT, what="--config")
+    try:
+        data = json.loads(text) if path.endswith(".json") else load_yaml(text)
+    except _Refused as err:
+        raise LogitcacheError(f"{shown}: {err}") from None
+    except RecursionError:
+        raise LogitcacheError(f"{shown}: nested too deeply to be a recipe") from None
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LogitcacheError(f"--config {path}: cannot parse: {first}") from None
+        raise LogitcacheError(f"{shown}: cannot parse: {first[:120]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise LogitcacheError(f"--config {path}: expected a mapping of settings (key: value)")
+        raise LogitcacheError(f"{shown}: expected a mapping of settings (key: value)")
     return data
 
 
-def _suggest(key: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+class _Refused(ValueError):
+    """What the recipe loader refuses to build (aliases, deep nesting, too many values)."""
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of a recipe, checked first (one pass over libyaml's events, which
+    stops at the first offence): no anchors or aliases, at most MAX_DEPTH levels deep and
+    MAX_NODES values. Only then is anything built (pure-Python PyYAML builds ~20 kB/s on a
+    busy machine; libyaml builds a checked 1 MiB in about a second)."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            line = event.start_mark.line + 1
+            raise _Refused(f"line {line}: anchors and aliases (& and *) are not allowed")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep (settings need 3)")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if isinstance(event, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise _Refused(f"more than {MAX_NODES:,} values; a settings file holds a few dozen")
+    return yaml.load(text, Loader=loader)
+
+
+def suggest_key(key: str, valid: Iterable[str]) -> str:
+    """``; did you mean 'lr'?`` for an unknown key: the key a Hugging Face
+    ``TrainingArguments`` name stands for, else the closest spelling."""
+    valid = list(valid)
+    ours, note = HF_NAMES.get(key.lower().replace("-", "_"), (None, ""))
+    if ours in valid:
+        return f"; did you mean {ours!r}{note}?"
+    close = difflib.get_close_matches(key[:100], valid, n=1, cutoff=0.5)
     if close:
         return f"; did you mean {close[0]!r}?"
     return "; keys are the flags of the command's --help, with _ for -"
+
+
+def flag_for(flag: str, flags: Iterable[str]) -> str | None:
+    """Our flag for a Hugging Face ``TrainingArguments`` name given as a flag
+    (``--learning-rate`` -> ``--lr``), if ``flags`` has it."""
+    ours, _ = HF_NAMES.get(flag.lstrip("-").replace("-", "_").lower(), (None, ""))
+    return next((f for f in flags if ours and f == "--" + ours.replace("_", "-")), None)
+
+
+# -- the recipes shipped with the package ----------------------------------------------
+def _shipped_dir() -> Any:
+    return resources.files("logitcache") / "recipe_files"
+
+
+def shipped() -> dict[str, str]:
+    """The shipped recipes: name -> what its first comment line says it is for."""
+    out = {}
+    for entry in sorted(_shipped_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            first = entry.read_text(encoding="utf-8").splitlines()[0]
+            out[entry.name[: -len(".yaml")]] = first.lstrip("# ").strip()
+    return out
+
+
+def shipped_text(name: str) -> str:
+    """The text of the shipped recipe ``name``; an unknown name is a one-line error."""
+    names = shipped()
+    if name.removesuffix(".yaml") not in names:
+        raise LogitcacheError(
+            f"no shipped recipe named {quoted(name)}; `logitcache recipes` lists them: "
+            f"{', '.join(names)}"
+        )
+    return (_shipped_dir() / f"{name.removesuffix('.yaml')}.yaml").read_text(encoding="utf-8")
 
 
 def recipe_options(fn):
@@ -137,7 +274,20 @@ def resolve(
     for s in settings(cls):
         if s.required and flat.get(s.key) is None:
             _missing(ctx, s, config)
+        _check_not_redacted(s, flat.get(s.key), config)
     return flat
+
+
+def _check_not_redacted(s: Setting, value: Any, config: str | None) -> None:
+    """A saved run (train_config.json) keeps URLs without their credentials: such a value
+    is an error asking for the URL again, not a request sent with user ``***``."""
+    for text in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(text, str) and "***" in text and redact(text) == text:
+            where = f" (from {redact(config)})" if config else ""
+            raise LogitcacheError(
+                f"{s.flag} {text}{where} was saved with its credentials replaced by ***; "
+                f"give {s.flag} again with the full URL"
+            )
 
 
 def _from_flag(s: Setting, value: Any) -> dict[str, Any]:
@@ -169,3 +319,23 @@ def recipe_yaml(config: Any, command: str) -> str:
     line = " ".join(["logitcache", command, *map(shlex.quote, to_argv(config))])
     body = yaml.safe_dump(settings_of(config), sort_keys=False, default_flow_style=False)
     return f"# {line}\n{body}"
+
+
+def copy_shipped(names: Iterable[str], directory: str | os.PathLike) -> list[str]:
+    """Write the shipped recipes ``names`` as ``directory/NAME.yaml`` (made if missing);
+    returns the paths written. An existing file is a one-line error, never overwritten."""
+    from pathlib import Path
+
+    texts = {name: shipped_text(name) for name in names}
+    target = Path(directory).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in texts.items():
+        path = target / f"{name.removesuffix('.yaml')}.yaml"
+        try:
+            with open(path, "x", encoding="utf-8") as fh:
+                fh.write(text)
+        except FileExistsError:
+            raise LogitcacheError(f"{path} already exists; not overwriting it") from None
+        written.append(str(path))
+    return written

@@ -16,10 +16,11 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import Any
 
 from .errors import LogitcacheError
 
-__all__ = ["is_within", "read_local", "read_local_text", "redact"]
+__all__ = ["is_within", "read_local", "read_local_text", "redact", "redact_values"]
 
 
 def read_local(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
@@ -102,6 +103,18 @@ def redact(text: str | os.PathLike) -> str:
     text = _USERINFO.sub(r"\g<scheme>***@", text)
     text = _SECRET_QUERY.sub(r"\g<key>***", text)
     return _HF_TOKEN.sub("hf_***", text)
+
+
+def redact_values(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings...) with ``redact`` applied to every string
+    in it, keys included: what a saved settings file or summary holds."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_values(k): redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(v) for v in value)
+    return value
 
 
 def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:

@@ -222,7 +222,7 @@ def test_a_budget_for_an_output_holding_a_topk_cache_is_refused(
          "--samples N or --bytes-per-token B"),
         (["--bytes-per-token", "16", "--top-k", "8"], "choose exactly one of --top-k K"),
         (["--bytes-per-token", "0"], "--bytes-per-token must be > 0, got 0.0"),
-        (["--bytes-per-token", "nan"], "--bytes-per-token must be > 0, got nan"),
+        (["--bytes-per-token", "nan"], "--bytes-per-token: expected a finite number, got 'nan'"),
         (["--bytes-per-token", "8", "--top-k", "4", "--sampled-logprobs"], "choose exactly"),
         (["--top-k", "4", "--sampled-logprobs"], "--sampled-logprobs needs --samples or "
          "--bytes-per-token"),

@@ -51,6 +51,7 @@ __all__ = [
     "is_out_of_space",
     "latest_checkpoint",
     "load_checkpoint",
+    "point_latest_at",
     "read_latest",
     "read_state",
     "save_checkpoint",
@@ -186,13 +187,25 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - max(keep, 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    _remove_staged(root)
+
+
+def _remove_staged(root: Path) -> None:
     # A process killed mid-save leaves its partial checkpoint (as large as a whole one) or
     # pointer under a .tmp- name; only this writer (rank 0) ever stages there.
     for stale in root.glob(".tmp-*"):
-        if stale.is_dir():
+        if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def point_latest_at(out: str, path: Path) -> None:
+    """Rank 0, resuming from ``path``: ``latest`` names it, and what crashed writes staged
+    is removed (the resumed run may have no step left to save, which would do both)."""
+    if read_latest(out) != path.name:
+        Location(out).publish_bytes("checkpoints/latest", path.name.encode())
+    _remove_staged(path.parent)
 
 
 def latest_checkpoint(out: str) -> Path | None:

@@ -139,7 +139,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     progress = TrainingProgress(schedule_steps=total_steps)
     fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
     if config.resume:
-        progress = _resume(config, model, optimizer, fingerprint, total_steps, reporter)
+        progress = _resume(config, model, optimizer, fingerprint, total_steps, reporter, env)
         check_ranks_resume_together(progress.step, env, config.out)
     _write_config(config, env, fingerprint, total_steps)
     data = CacheDataset(
@@ -296,9 +296,11 @@ def _learning_rate(config: TrainConfig, progress: TrainingProgress) -> float:
     )
 
 
-def _resume(config, model, optimizer, fingerprint, total_steps, reporter) -> TrainingProgress:
+def _resume(config, model, optimizer, fingerprint, total_steps, reporter, env) -> TrainingProgress:
     classes = optimizer_state_classes(config.optimizer)
-    progress = resume(config, model, optimizer, fingerprint, total_steps, reporter, classes)
+    progress = resume(
+        config, model, optimizer, fingerprint, total_steps, reporter, classes, env.rank
+    )
     if not progress.schedule_steps:  # written before the schedule's length was kept
         progress.schedule_steps = total_steps
     if total_steps > progress.schedule_steps:
@@ -386,11 +388,11 @@ class _MetricsLog:
         if not self.enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = b""
+        kept = []
         if resume_step and os.path.lexists(path):
-            lines = read_metrics(path).splitlines(keepends=True)
-            kept = b"".join(ln for ln in lines if _step_of(ln) <= resume_step)
-        write_run_file(path, kept.decode("utf-8", errors="replace"))
+            *rows, _torn = read_metrics(path).split(b"\n")  # a crash leaves a row unended
+            kept = [row for n, row in enumerate(rows) if _step_of(row, path, n) <= resume_step]
+        write_run_file(path, "".join(f"{row.decode()}\n" for row in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -407,17 +409,19 @@ class _MetricsLog:
             ) from None
 
 
-def _step_of(line: bytes) -> float:
-    """The step of a metrics row; a row torn by a crash or a full disk, or one that is not a
-    row of ours (not an object with an integer step, longer than any we write), counts as
-    past all."""
-    if len(line) > _MAX_ROW or not line.endswith(b"\n"):
-        return math.inf
+def _step_of(row: bytes, path: Path, n: int) -> int:
+    """The step of a whole row of metrics.jsonl; anything else there is refused, naming the
+    line: a run writes only objects with a step, of at most ``_MAX_ROW`` bytes."""
     try:
-        step = json.loads(line).get("step")
+        step = json.loads(row).get("step") if len(row) <= _MAX_ROW else None
     except (ValueError, AttributeError, RecursionError):
-        return math.inf
-    return step if type(step) is int and step >= 0 else math.inf
+        step = None
+    if type(step) is not int or step < 0:
+        raise LogitcacheError(
+            f"metrics log {path}: line {n + 1} ({len(row):,} bytes) is not a row a run writes "
+            "(an object with a step); move the file aside to resume"
+        )
+    return step
 
 
 _MAX_ROW = 4096  # bytes; a row with every eval metric is ~300

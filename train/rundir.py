@@ -37,6 +37,7 @@ from .checkpoint import (
     TrainingProgress,
     checkpoint_dirs,
     load_checkpoint,
+    point_latest_at,
     read_latest,
     read_state,
 )
@@ -144,6 +145,7 @@ def resume(
     total_steps: int,
     reporter: Reporter,
     state_classes: Sequence[type] = (),
+    rank: int = 0,
 ) -> TrainingProgress:
     """The progress of the newest complete checkpoint in ``OUT/checkpoints``, loaded into
     ``model`` and ``optimizer``. Damaged or missing ones (what ``latest`` names, then each
@@ -169,6 +171,8 @@ def resume(
             continue
         if skipped:
             reporter.warn(f"--resume: skipped {'; '.join(skipped)}; resuming from {path.name}")
+        if rank == 0:
+            point_latest_at(config.out, path)
         reporter.log(f"resumed from {path} (step {progress.step})")
         return progress
     if found:

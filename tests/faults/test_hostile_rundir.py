@@ -9,13 +9,17 @@ checkpoint (``--keep-checkpoints 1``), so there is no earlier one to fall back t
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from crashlab import refused, succeeded
 from test_hostile import Trap
 
@@ -75,6 +79,45 @@ def replace_with(rel: str, how):
     return lambda run, marker: how(run / rel)
 
 
+def storage_bomb(numel: int) -> bytes:
+    """A torch.save zip whose one tensor claims ``numel`` float32 elements of a 16-byte
+    record: a loader that trusted the count would allocate 4 bytes each."""
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            args = (Storage(), 0, (numel,), (1,), False, collections.OrderedDict())
+            return (torch._utils._rebuild_tensor_v2, args)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            is_storage = isinstance(obj, Storage)
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if is_storage else None
+
+    data = io.BytesIO()
+    Pickler(data, protocol=2).dump({"optimizer": {"state": {0: {"exp_avg": Tensor()}}}})
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", data.getvalue())
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", b"\0" * 16)
+        archive.writestr("archive/version", "3\n")
+    return out.getvalue()
+
+
+def link_outside(rel: str):
+    """``rel`` moved out of the run and a link to it left in its place."""
+
+    def damage(run: Path, marker: Path) -> None:
+        outside = run.parent / "elsewhere"
+        shutil.move(run / rel, outside)
+        (run / rel).symlink_to(outside)
+
+    return damage
+
+
 CKPT = f"checkpoints/{STEP}"
 _HEADER = {"w": {"dtype": "F32", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 1 << 62]}}
 HUGE_TENSOR = len(json.dumps(_HEADER)).to_bytes(8, "little") + json.dumps(_HEADER).encode()
@@ -109,6 +152,19 @@ CASES = [
         "whole",
         lambda run, m: (run / CKPT / "optimizer.pt").write_bytes(pickle.dumps({"state": Trap(m)})),
         "refused unread (weights_only)",
+    ),
+    (
+        "optimizer-storage-4gb",
+        "whole",
+        write(f"{CKPT}/optimizer.pt", storage_bomb(1 << 30)),
+        "does not match expected size",
+    ),
+    ("step-dir-link-outside", "whole", link_outside(CKPT), f"{STEP} is a link to outside"),
+    (
+        "checkpoints-link-outside",
+        "whole",
+        link_outside("checkpoints"),
+        "checkpoints is a link to outside",
     ),
     (
         "optimizer-garbage",

@@ -265,11 +265,12 @@ class SavedState:
 _MAX_COUNT = 1 << 62  # sequences, tokens: far beyond any run, far below overflow
 
 
-def read_state(path: Path, total_steps: int | None = None) -> SavedState:
+def read_state(path: Path) -> SavedState:
     """``path/state.json`` read bounded and checked field by field: an object holding
-    ``progress`` (integers in range; ``step`` from 1 to ``total_steps`` and the one the
-    directory is named after), ``config`` (an object) and ``format`` (absent or ``dcp``).
-    Raises ``DamagedCheckpoint`` naming the file and the field."""
+    ``progress`` (integers in range; ``step`` at least 1 and the one the directory is named
+    after), ``config`` (an object) and ``format`` (absent or ``dcp``). Raises
+    ``DamagedCheckpoint`` naming the file and the field. (Whether this run can continue from
+    that step is the caller's to say: ``rundir.resume``.)"""
     file = path / "state.json"
     text = _read_inside(path, "state.json", STATE_LIMIT)
     try:
@@ -283,9 +284,8 @@ def read_state(path: Path, total_steps: int | None = None) -> SavedState:
     if state.get("format", "whole") not in ("whole", "dcp"):
         raise DamagedCheckpoint(f"{file}: 'format' = {_short(state['format'])} is not 'dcp'")
     saved = state["progress"]
-    high = total_steps if total_steps is not None else _MAX_COUNT
     schedule = _field(file, saved, "schedule_steps", 0, _MAX_COUNT, default=0)
-    step = _field(file, saved, "step", 1, max(high, schedule))
+    step = _field(file, saved, "step", 1, _MAX_COUNT)
     named = _STEP_NAME.fullmatch(path.name)
     if named and int(named.group(1)) != step:
         raise DamagedCheckpoint(f"{file}: 'step' = {step} in a directory named {path.name}")
@@ -302,8 +302,9 @@ def read_state(path: Path, total_steps: int | None = None) -> SavedState:
 def _field(file: Path, saved: dict, key: str, low: int, high: int, default: int | None = None):
     value = saved.get(key, default)
     if type(value) is not int or not low <= value <= high:
+        bounds = f">= {low}" if high == _MAX_COUNT else f"from {low} to {high}"
         raise DamagedCheckpoint(
-            f"{file}: 'progress.{key}' = {_short(value)} must be an integer from {low} to {high}"
+            f"{file}: 'progress.{key}' = {_short(value)} must be an integer {bounds}"
         )
     return value
 

@@ -29,7 +29,8 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 # when the file is read back with --config.
 RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 
-# Settings a resumed run may change; any other difference is refused.
+# Settings a resumed run may change; any other difference is refused. (steps and epochs may
+# only grow: the schedule keeps the run's first length, see rundir.resume.)
 RESUME_MAY_CHANGE = frozenset(
     [
         "out",
@@ -139,7 +140,7 @@ class TrainConfig:
     precision: str = option("auto", choices=("auto", "bf16", "fp32"))
     """auto (bfloat16 autocast on CUDA, float32 elsewhere), bf16 or fp32."""
     resume: bool = False
-    """Continue from the latest checkpoint in out."""
+    """Continue from the newest complete checkpoint in out."""
     verify: bool = True
     """Check each shard's sha256 when first opened."""
     local_cache: str | None = None

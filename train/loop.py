@@ -32,13 +32,7 @@ from logitcache.untrusted import redact_values
 
 from . import sharding
 from .caches import check_cache, eval_dataset, mixed_readers
-from .checkpoint import (
-    TrainingProgress,
-    is_out_of_space,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import TrainingProgress, is_out_of_space, latest_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig, lr_multiplier
 from .data import StreamState, count_split
 from .dataset import CacheDataset
@@ -55,7 +49,7 @@ from .evaluation import eval_summary, evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .preempt import StopOnSignal, ignore_stop_signals, stopped
-from .rundir import claim_out, path_settings, settings_differ
+from .rundir import claim_out, path_settings, read_metrics, resume, write_run_file
 from .stream import CacheStream
 from .student import DistillModule, apply_lora, check_student, load_student
 
@@ -143,10 +137,10 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
         sharding.shard_student(module, env.device, env.world_size, config.precision, env.rank)
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     total_steps = _total_steps([reader, *mixed], config, env.world_size)
-    progress = TrainingProgress()
+    progress = TrainingProgress(schedule_steps=total_steps)
     fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
     if config.resume:
-        progress = _resume(config, model, optimizer, fingerprint, reporter)
+        progress = _resume(config, model, optimizer, fingerprint, total_steps, reporter, env)
         check_ranks_resume_together(progress.step, env, config.out)
     _write_config(config, env, fingerprint, total_steps)
     data = CacheDataset(
@@ -177,10 +171,7 @@ def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter,
     while progress.step < total_steps:
         t0 = time.perf_counter()
         micro = [_next_batch(batches) for _ in range(config.grad_accum)]
-        lr = config.lr * lr_multiplier(
-            progress.step, total_steps, warmup=config.warmup_steps, schedule=config.schedule,
-            min_ratio=config.min_lr_ratio, decay_fraction=config.decay_fraction,
-        )  # fmt: skip
+        lr = _learning_rate(config, progress)
         set_lr(run.optimizer, lr)
         loss, tokens = _step(run, micro, config, env)
         position = run.stream.after_steps(StreamState(progress.epoch, progress.consumed))
@@ -294,21 +285,35 @@ def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) ->
     return redact_values(settings)
 
 
-def _resume(config, model, optimizer, fingerprint, reporter) -> TrainingProgress:
-    path = latest_checkpoint(config.out)
-    if path is None:
-        reporter.log(f"--resume: no checkpoint in {config.out}; starting from scratch")
-        return TrainingProgress()
-    saved = json.loads((path / "state.json").read_text())["config"]
-    changed = settings_differ(saved, fingerprint, config)
-    if changed:
-        raise LogitcacheError(
-            f"cannot resume {path}: settings differ from the run that wrote it: "
-            + "; ".join(changed)
-        )
+def _learning_rate(config: TrainConfig, progress: TrainingProgress) -> float:
+    """The schedule's rate at this step; steps past the schedule (a run resumed with a larger
+    --steps) keep its last rate, so extending a run never jumps the learning rate."""
+    last = progress.schedule_steps - 1
+    return config.lr * lr_multiplier(
+        min(progress.step, last),
+        progress.schedule_steps,
+        warmup=config.warmup_steps,
+        schedule=config.schedule,
+        min_ratio=config.min_lr_ratio,
+        decay_fraction=config.decay_fraction,
+    )
+
+
+def _resume(config, model, optimizer, fingerprint, total_steps, reporter, env) -> TrainingProgress:
     classes = optimizer_state_classes(config.optimizer)
-    progress, _ = load_checkpoint(path, model, optimizer, state_classes=classes)
-    reporter.log(f"resumed from {path} (step {progress.step})")
+    progress = resume(
+        config, model, optimizer, fingerprint, total_steps, reporter, classes, env.rank
+    )
+    if not progress.schedule_steps:  # written before the schedule's length was kept
+        progress.schedule_steps = total_steps
+    if total_steps > progress.schedule_steps:
+        end = TrainingProgress(step=total_steps, schedule_steps=progress.schedule_steps)
+        rate = _learning_rate(config, end)
+        reporter.warn(
+            f"--resume: this run trains to step {total_steps}, past the {progress.schedule_steps} "
+            f"steps of the schedule it started with: steps after {progress.schedule_steps} keep "
+            f"its last learning rate ({rate:.3g})"
+        )
     return progress
 
 
@@ -322,7 +327,7 @@ def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps:
     resolved["overwrite"] = False  # read back as a recipe, it never replaces a run unasked
     # never a password or token: a URL that carried one is saved as scheme://***@host/...,
     # so reading the file back with --config needs --cache (or the URL) given again
-    (out / "train_config.json").write_text(json.dumps(redact_values(resolved), indent=1))
+    write_run_file(out / "train_config.json", json.dumps(redact_values(resolved), indent=1))
 
 
 def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:
@@ -388,9 +393,10 @@ class _MetricsLog:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_step and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) <= resume_step]
-        path.write_text("".join(f"{ln}\n" for ln in kept))
+        if resume_step and os.path.lexists(path):
+            *rows, _torn = read_metrics(path).split(b"\n")  # a crash leaves a row unended
+            kept = [row for n, row in enumerate(rows) if _step_of(row, path, n) <= resume_step]
+        write_run_file(path, "".join(f"{row.decode()}\n" for row in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -407,9 +413,19 @@ class _MetricsLog:
             ) from None
 
 
-def _step_of(line: str) -> float:
-    """The step of a metrics row; a row torn by a crash or a full disk counts as past all."""
+def _step_of(row: bytes, path: Path, n: int) -> int:
+    """The step of a whole row of metrics.jsonl; anything else there is refused, naming the
+    line: a run writes only objects with a step, of at most ``_MAX_ROW`` bytes."""
     try:
-        return json.loads(line).get("step", 0)
-    except ValueError:
-        return math.inf
+        step = json.loads(row).get("step") if len(row) <= _MAX_ROW else None
+    except (ValueError, AttributeError, RecursionError):
+        step = None
+    if type(step) is not int or step < 0:
+        raise LogitcacheError(
+            f"metrics log {path}: line {n + 1} ({len(row):,} bytes) is not a row a run writes "
+            "(an object with a step); move the file aside to resume"
+        )
+    return step
+
+
+_MAX_ROW = 4096  # bytes; a row with every eval metric is ~300

@@ -30,10 +30,16 @@ class Reporter:
 
     def __init__(self, enabled: bool = True, rank: int = 0) -> None:
         self.enabled = enabled and rank == 0
+        self.rank = rank
 
     def log(self, message: str) -> None:
         if self.enabled:
             tqdm.write(redact(message), file=sys.stderr)
+
+    def warn(self, message: str) -> None:
+        """A line the user must see (rank 0 only), printed even when quiet."""
+        if self.rank == 0:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def bar(self, total: float | None = None, desc: str = "", unit: str = "tok", **kw: Any) -> tqdm:
         return tqdm(

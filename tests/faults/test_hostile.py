@@ -224,11 +224,12 @@ def test_pickle_in_a_checkpoint_is_refused_on_resume(
 ):
     out = tmp_path / "run"
     cache = reference_caches["topk"]
-    succeeded(lab.run(train_args(cache, out, steps=2, save_every=1)))
+    flags = {"steps": 2, "save_every": 1, "keep_checkpoints": 1}  # none to fall back to
+    succeeded(lab.run(train_args(cache, out, **flags)))
     marker = tmp_path / "executed"
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
     (latest / name).write_bytes(pickle.dumps({"state": Trap(marker)}))
 
-    outcome = lab.run(train_args(cache, out, steps=4, save_every=1, resume=True), timeout=60)
+    outcome = lab.run(train_args(cache, out, **{**flags, "steps": 4}, resume=True), timeout=60)
     refused(outcome, str(latest / name))
     assert not marker.exists(), "the checkpoint was unpickled"

@@ -120,3 +120,50 @@ def test_killed_training_resumes_to_the_same_model(
     ).read_bytes()
     assert losses_and_evals(out) == losses_and_evals(reference_run)
     assert not list(out.rglob(".tmp-*")), "a crashed write was left behind"
+
+
+def delete_step(path) -> str:
+    import shutil
+
+    shutil.rmtree(path)
+    return "named by checkpoints/latest: missing"
+
+
+def truncate_state(path) -> str:
+    (path / "state.json").write_bytes((path / "state.json").read_bytes()[:20])
+    return f"{path / 'state.json'} is not JSON"
+
+
+def garbage_optimizer(path) -> str:
+    (path / "optimizer.pt").write_bytes(b"\0" * 1000)
+    return f"cannot resume from {path / 'optimizer.pt'}: "
+
+
+DAMAGES = (delete_step, truncate_state, garbage_optimizer)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [d if d is delete_step else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGES],
+    ids=lambda d: d.__name__,
+)
+def test_resume_skips_a_damaged_newest_checkpoint(
+    damage, lab, reference_caches, train_args, reference_run, tmp_path
+):
+    """Killed after step 9 (checkpoints 6 and 8), step 8 deleted or damaged: --resume says
+    in one line what it skipped and why, continues from step 6, and ends as the
+    uninterrupted run."""
+    out = tmp_path / "run"
+    cache = reference_caches["topk"]
+    assert lab.run(train_args(cache, out, **FLAGS), Fault("step", at=9)).killed
+    newest = out / "checkpoints" / "step-0000008"
+    reason = damage(newest)
+
+    outcome = succeeded(lab.run(train_args(cache, out, **FLAGS, resume=True)))
+    (line,) = [ln for ln in outcome.output.splitlines() if "--resume: skipped" in ln]
+    assert line.startswith(f"warning: --resume: skipped step-0000008 ({reason}")
+    assert line.endswith("; resuming from step-0000006")
+    assert (out / "model" / "model.safetensors").read_bytes() == (
+        reference_run / "model" / "model.safetensors"
+    ).read_bytes()
+    assert losses_and_evals(out) == losses_and_evals(reference_run)

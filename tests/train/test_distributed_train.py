@@ -28,7 +28,8 @@ def test_two_processes_resume_with_one(cli, flags, metrics, reference, tmp_path)
     torchrun(flags(out, nproc=2, steps=FIRST, num_workers=1))  # a DataLoader worker per rank
     state = json.loads((out / "checkpoints" / "step-0000008" / "state.json").read_text())
     assert state["progress"] == {"step": 8, "epoch": 0, "consumed": 32,
-                                 "tokens": metrics(out)[-2]["tokens"]}  # fmt: skip
+                                 "tokens": metrics(out)[-2]["tokens"],
+                                 "schedule_steps": FIRST}  # fmt: skip
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
 
     result = cli([*flags(out, nproc=1, steps=STEPS), "--resume"])

@@ -66,18 +66,47 @@ def test_resume_and_overwrite_together_are_refused(cli, args, tmp_path):
     assert line == "error: give --resume or --overwrite, not both"
 
 
-def test_resume_beside_a_missing_latest_checkpoint_is_refused(cli, args, tmp_path):
-    """What the sequence above left before the fix: --resume said "no checkpoint ...
-    starting from scratch" (hidden by --quiet) beside two checkpoints."""
+def test_resume_beside_a_missing_latest_checkpoint_takes_the_newest_complete_one(
+    cli, args, tmp_path
+):
+    """What the sequence above left before the fix (a ``latest`` naming a pruned step beside
+    others), and what deleting the newest step leaves: --resume says in one line what it
+    skipped and continues from the newest complete checkpoint, which ``latest`` then names."""
     out = tmp_path / "run"
     assert cli(args(out, steps=6, save_every=3)).exit_code == 0
     (out / "checkpoints" / "latest").write_text("step-0000002")
 
-    line = one_error(cli(args(out, steps=6, save_every=3, resume=True)))
+    result = cli(args(out, steps=6, save_every=3, resume=True))
+    assert result.exit_code == 0, result.output
+    assert [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")] == [
+        "warning: --resume: skipped step-0000002 (named by checkpoints/latest: missing); "
+        "resuming from step-0000006"
+    ]
+    assert latest_checkpoint(str(out)).name == "step-0000006"
+
+
+def test_resume_with_more_steps_keeps_the_last_learning_rate(cli, args, metrics, tmp_path):
+    """Issue #26: a finished run of 4 steps resumed with --steps 8 went on along a cosine of
+    8 steps (the rate jumped up from its end); now steps 5-8 keep step 4's rate, and one
+    line says so. Fewer steps than the schedule's is refused."""
+    out = tmp_path / "run"
+    assert cli(args(out, steps=4, save_every=2)).exit_code == 0
+    result = cli(args(out, steps=8, save_every=2, resume=True))
+    assert result.exit_code == 0, result.output
+    rates = {row["step"]: row["lr"] for row in metrics(out) if "lr" in row}
+    assert sorted(rates) == list(range(1, 9))
+    assert rates[1] > rates[2] > rates[3] > rates[4] > 0  # the cosine of 4 steps, decaying
+    assert all(rates[step] == rates[4] for step in range(5, 9))
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
     assert line == (
-        f"error: --resume: {out}/checkpoints/latest names step-0000002, which is missing, "
-        f"beside step-0000003, step-0000006: write the name of the checkpoint to continue "
-        f"from into {out}/checkpoints/latest"
+        "warning: --resume: this run trains to step 8, past the 4 steps of the schedule it "
+        f"started with: steps after 4 keep its last learning rate ({rates[4]:.3g})"
+    )
+
+    line = one_error(cli(args(out, steps=6, save_every=2, resume=True)))
+    assert line == (
+        f"error: cannot resume {out}/checkpoints/step-0000008/state.json: the run is at step 8 "
+        "of 8 and this run stops at step 6; give --steps 8 or more"
     )
 
 

@@ -30,7 +30,7 @@ from logitcache import __version__
 from .batch import BatchCodec
 from .containers import get_container
 from .errors import CacheError
-from .format import CacheSpec, Manifest, ShardInfo, diff_specs
+from .format import MANIFEST_BYTES, CacheSpec, Manifest, ShardInfo, diff_specs
 from .location import Location
 from .record import RecordCodec, SequenceRecord, check_record
 
@@ -56,7 +56,10 @@ def shard_name(index: int, suffix: str) -> str:
 
 
 def read_manifest(loc: Location, rel: str = MANIFEST) -> Manifest:
-    data = loc.read_if_exists(rel)  # one GET: opening a remote cache lists nothing
+    """``manifest.json`` (or a worker's part, ``rel``), read with one bounded GET (opening a
+    remote cache lists nothing): larger than ``MANIFEST_BYTES``, or not a regular file, it is
+    refused unread."""
+    data = loc.read_if_exists(rel, limit=MANIFEST_BYTES)
     if data is None:
         raise CacheError(
             f"no {rel} at {loc.url_of(rel)}: not a logitcache cache, or its teacher pass has "

@@ -22,6 +22,8 @@ __all__ = [
     "FORMAT_MINOR",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MANIFEST_BYTES",
+    "MAX_SHARDS",
     "MODES",
     "READ_VERSIONS",
     "TOKENIZER_DIR",
@@ -54,6 +56,14 @@ _MAX_VOCAB = 1 << 24
 _MAX_SEQ_LEN = 1 << 22
 _MAX_TOKENIZER_FILES = 64
 _MAX_TOKENIZER_FILE_BYTES = 1 << 30  # a 256k-vocabulary tokenizer.json is ~30 MB
+MAX_SHARDS = 1 << 18
+"""Shards one manifest may list: 67M sequences at the default 256 per shard (137B tokens at
+seq_len 2048); a larger corpus needs a larger --shard-sequences."""
+_SHARD_ENTRY_BYTES = 512  # one shard's entry as to_json writes it: ~400 B at the largest
+MANIFEST_BYTES = MAX_SHARDS * _SHARD_ENTRY_BYTES + (1 << 20)
+"""The most bytes a ``manifest.json`` (or a worker's part) may hold: ``MAX_SHARDS`` entries
+plus 1 MiB for the spec and the tokenizer files' list (a few kB in practice), 129 MiB in
+all; a larger file is refused unread."""
 
 
 def check_format_version(version: int) -> None:
@@ -374,6 +384,8 @@ class Manifest:
             obj = json.loads(text)
         except (ValueError, UnicodeDecodeError) as err:
             raise CacheError(f"{where} is not valid JSON: {err}") from None
+        except RecursionError:  # [[[[...]]]]: json.loads recurses once per level
+            raise CacheError(f"{where} is not a manifest: JSON nested too deeply") from None
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise CacheError(f"{where} is not a logitcache manifest (no 'format': '{FORMAT_NAME}')")
         version = obj.get("format_version")
@@ -396,6 +408,11 @@ class Manifest:
         raw_shards = obj.get("shards", [])
         if not isinstance(raw_shards, list):
             raise CacheError(f"{where}: 'shards' must be a list")
+        if len(raw_shards) > MAX_SHARDS:
+            raise CacheError(
+                f"{where}: lists {len(raw_shards)} shards, more than the {MAX_SHARDS} a "
+                "manifest may hold"
+            )
         shards = tuple(
             ShardInfo.from_dict(s, f"{where} shard #{i}") for i, s in enumerate(raw_shards)
         )

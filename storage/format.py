@@ -23,6 +23,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_BYTES",
+    "MAX_ROW_ENTRIES",
     "MAX_SHARDS",
     "MODES",
     "READ_VERSIONS",
@@ -56,6 +57,10 @@ _MAX_VOCAB = 1 << 24
 _MAX_SEQ_LEN = 1 << 22
 _MAX_TOKENIZER_FILES = 64
 _MAX_TOKENIZER_FILE_BYTES = 1 << 30  # a 256k-vocabulary tokenizer.json is ~30 MB
+MAX_ROW_ENTRIES = 1 << 23
+"""Entries one container row may hold (a sequence in format 1, a batch in format 2): 32 MB
+of 4-byte ids, so decoding a row (its blobs inflate to at most what the spec allows) stays
+well under 256 MB; seq_len 32768 at k=256 fits (8,388,352)."""
 MAX_SHARDS = 1 << 18
 """Shards one manifest may list: 67M sequences at the default 256 per shard (137B tokens at
 seq_len 2048); a larger corpus needs a larger --shard-sequences."""
@@ -148,6 +153,15 @@ class CacheSpec:
             _int(d, "samples", where, 1, 255)
         if self.batch_sequences is not None:
             _int(d, "batch_sequences", where, 1, self.shard_sequences)
+        per_position = self.k if self.mode == "topk" else min(self.samples, self.vocab_size)
+        rows = self.batch_sequences or 1
+        entries = rows * (self.seq_len - 1) * per_position
+        if entries > MAX_ROW_ENTRIES:
+            raise CacheError(
+                f"{where}: {rows} sequence(s) of seq_len {self.seq_len} at "
+                f"{per_position} entries per position is {entries:,} entries in one row, more "
+                f"than the {MAX_ROW_ENTRIES:,} a row may hold; lower seq_len, k or samples"
+            )
 
     @property
     def format_version(self) -> int:

@@ -166,8 +166,9 @@ class ZarrShard:
             raise self._bad(f"{name}: {err}") from None
 
     def _json(self, name: str, limit: int) -> dict[str, Any]:
+        data = self._bytes(name, limit)
         try:
-            obj = json.loads(self._bytes(name, limit))
+            obj = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError) as err:
             reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
             raise self._bad(f"{name} is not valid JSON: {reason}") from None

@@ -413,7 +413,10 @@ class Manifest:
                 f"{where} has unknown format version {version!r}; expected one of "
                 f"{list(READ_VERSIONS)}"
             )
-        spec = CacheSpec.from_dict(obj.get("spec"))
+        try:
+            spec = CacheSpec.from_dict(obj.get("spec"))
+        except CacheError as err:
+            raise CacheError(f"{where}: {err}") from None
         if spec.format_version != version:
             raise CacheError(f"{where}: format version {version} but a format "
                              f"{spec.format_version} spec; edited manifest?")  # fmt: skip

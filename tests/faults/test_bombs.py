@@ -123,9 +123,33 @@ def manifest_half_a_million_shards(cache: Path, tmp: Path) -> str:
     return "lists 500000 shards, more than the 262144 a manifest may hold"
 
 
+def spec_lifts_the_bound(cache: Path, tmp: Path) -> str:
+    """seq_len raised to 2**20 in the manifest and shard 1's metadata (the cache_id redone),
+    so a 256 MB frame of ids would fit "what a record of this spec can hold"."""
+    path = cache / "manifest.json"
+    manifest = json.loads(path.read_text())
+    spec = manifest["spec"] | {"seq_len": 1 << 20}
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    cache_id = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    path.write_text(json.dumps(manifest | {"spec": spec, "cache_id": cache_id}, indent=1))
+    table = pa.ipc.open_file(pa.BufferReader(shard(cache).read_bytes())).read_all()
+    meta = json.loads(table.schema.metadata[b"logitcache"]) | {"spec": spec, "cache_id": cache_id}
+    bomb = numcodecs.Zstd(level=3).encode(np.zeros(250 << 20, dtype=np.uint8))
+
+    def replace(schema, columns):
+        columns[schema.names.index("ids")] = pa.array([bytes(bomb)], pa.binary())
+        return schema, columns
+
+    rewrite_arrow(cache, replace=replace, metadata={b"logitcache": json.dumps(meta)})
+    return (
+        "manifest.json: cache spec: 8 sequence(s) of seq_len 1048576 at 8 entries per "
+        "position is 67,108,800 entries in one row, more than the 8,388,608 a row may hold"
+    )
+
+
 MANIFEST_CASES = [
     manifest_over_its_bound, manifest_fifo, manifest_dev_zero, manifest_nested,
-    manifest_half_a_million_shards,
+    manifest_half_a_million_shards, spec_lifts_the_bound,
 ]  # fmt: skip
 
 

@@ -18,6 +18,7 @@ import fcntl
 import itertools
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -136,7 +137,16 @@ class CacheWriter:
             return
         self.loc.makedirs(".locks")
         path = self.loc.path(f".locks/worker-{self.worker}-of-{self.num_workers}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a link (a dangling one would create a file outside the cache), never
+        # blocking on a FIFO, and only on a regular file
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as err:
+            raise CacheError(f"cannot take the lock {path}: {err.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CacheError(f"the lock {path} is not a regular file; delete it and rerun")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

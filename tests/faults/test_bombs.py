@@ -341,8 +341,9 @@ def test_bomb_is_refused(
     if make in MANIFEST_CASES:
         commands.append(["inspect", cache])
     for args in commands:
-        line = one_line(lab.run(args, timeout=60), needle)
-        print(f"{make.__name__} {args[0]}: {line}")
+        outcome = lab.run(args, timeout=60)
+        line = one_line(outcome, needle)
+        print(f"{make.__name__} {args[0]} [{outcome.rss_growth_mb:.0f} MB]: {line}")
     assert not (tmp_path / "student" / "model").exists()
 
 
@@ -359,3 +360,16 @@ def test_part_manifests_are_bounded(lab, reference_caches, tmp_path):
             make(part)
         needle = "is not a regular file" if make else "nested too deeply"
         one_line(lab.run(["merge", cache], timeout=60), needle)
+
+
+@pytest.mark.parametrize("kind", ["dangling-link", "fifo"])
+def test_lock_file_is_never_followed(kind, lab, precompute_args, tmp_path):
+    """``.locks/`` is in the cache too: a link there must not make ``precompute`` create a
+    file outside the cache, nor a FIFO stand in for the lock."""
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / ".locks").mkdir(parents=True)
+    lock = out / ".locks" / "worker-0-of-1.lock"
+    lock.symlink_to(outside) if kind == "dangling-link" else os.mkfifo(lock)
+    needle = "cannot take the lock" if kind == "dangling-link" else "is not a regular file"
+    one_line(lab.run(precompute_args(out, "topk"), timeout=60), needle)
+    assert not outside.exists() and not (out / "manifest.json").exists()

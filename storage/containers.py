@@ -122,7 +122,7 @@ class _ArrowShard:
             raise
         except FileNotFoundError:
             raise CacheError(f"shard {rel} is missing ({where})") from None
-        except (pa.ArrowInvalid, OSError, ValueError) as err:
+        except (pa.ArrowException, OSError, ValueError) as err:  # a damaged schema: assorted types
             raise ShardCorruptError(f"shard {rel} is not a readable Arrow file: {err}") from None
         self.n_rows = self._reader.num_record_batches
         if self.n_rows != len(self._blocks):

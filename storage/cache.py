@@ -61,6 +61,8 @@ def read_manifest(loc: Location, rel: str = MANIFEST) -> Manifest:
     remote cache lists nothing): larger than ``MANIFEST_BYTES``, or not a regular file, it is
     refused unread."""
     data = loc.read_if_exists(rel, limit=MANIFEST_BYTES)
+    if data is None and loc.local and os.path.isfile(loc.root):
+        raise CacheError(f"cannot read {loc.url_of(rel)}: Not a directory ({loc.root} is a file)")
     if data is None:
         raise CacheError(
             f"no {rel} at {loc.url_of(rel)}: not a logitcache cache, or its teacher pass has "

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from ._values import check_json_depth
 from .errors import CacheError, ShardCorruptError
 from .format import ShardInfo
 from .ipc import check_batch_header, read_footer
@@ -143,6 +144,8 @@ class _ArrowShard:
 
     def read(self, row: int) -> tuple[int, dict[str, Any]]:
         where = f"shard {self._rel} row {row}"
+        if not 0 <= row < len(self._blocks):
+            raise ShardCorruptError(f"shard {self._rel} has no row {row}")
         block = self._blocks[row]
         if self._ranged is not None:  # one GET for the header we check and the batch pyarrow reads
             self._ranged.preload(block.offset, block.offset + block.header_bytes + block.body_bytes)
@@ -183,6 +186,10 @@ def _json_object(raw: bytes | str, where: str) -> dict[str, Any]:
         raise ShardCorruptError(f"{where}: its metadata is not valid JSON: {reason}") from None
     if not isinstance(obj, dict):
         raise ShardCorruptError(f"{where}: its metadata is not a JSON object")
+    try:
+        check_json_depth(obj, f"{where}: its metadata")
+    except CacheError as err:
+        raise ShardCorruptError(str(err)) from None
     return obj
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ._values import check_int as _int
-from ._values import check_relative_path
+from ._values import check_json_depth, check_relative_path
 from .errors import CacheError
 
 __all__ = [
@@ -400,6 +400,7 @@ class Manifest:
             raise CacheError(f"{where} is not valid JSON: {err}") from None
         except RecursionError:  # [[[[...]]]]: json.loads recurses once per level
             raise CacheError(f"{where} is not a manifest: JSON nested too deeply") from None
+        check_json_depth(obj, where)
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise CacheError(f"{where} is not a logitcache manifest (no 'format': '{FORMAT_NAME}')")
         version = obj.get("format_version")

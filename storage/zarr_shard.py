@@ -35,6 +35,7 @@ from typing import Any
 import numcodecs
 import numpy as np
 
+from ._values import check_json_depth
 from .codecs import zstd_declared_size
 from .errors import CacheError, ShardCorruptError
 from .location import Location
@@ -174,6 +175,10 @@ class ZarrShard:
             raise self._bad(f"{name} is not valid JSON: {reason}") from None
         if not isinstance(obj, dict):
             raise self._bad(f"{name} is not a JSON object")
+        try:
+            check_json_depth(obj, name)
+        except CacheError as err:
+            raise self._bad(str(err)) from None
         return obj
 
     # -- rows ---------------------------------------------------------------------------

@@ -114,6 +114,16 @@ def manifest_nested(cache: Path, tmp: Path) -> str:
     return "manifest.json is not a manifest: JSON nested too deeply"
 
 
+def manifest_spec_nested(cache: Path, tmp: Path) -> str:
+    """900 levels inside the spec: json.loads reads them, the spec's hash (json.dumps) and
+    comparisons recurse past Python's limit."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["spec"]["teacher"] = json.loads('{"a":' * 900 + "1" + "}" * 900)
+    manifest.pop("cache_id")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return "manifest.json: JSON nested over 32 levels deep; refusing it"
+
+
 def manifest_half_a_million_shards(cache: Path, tmp: Path) -> str:
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["shards"] = "SHARDS"
@@ -148,9 +158,14 @@ def spec_lifts_the_bound(cache: Path, tmp: Path) -> str:
 
 
 MANIFEST_CASES = [
-    manifest_over_its_bound, manifest_fifo, manifest_dev_zero, manifest_nested,
-    manifest_half_a_million_shards, spec_lifts_the_bound,
-]  # fmt: skip
+    manifest_over_its_bound,
+    manifest_fifo,
+    manifest_dev_zero,
+    manifest_nested,
+    manifest_spec_nested,
+    manifest_half_a_million_shards,
+    spec_lifts_the_bound,
+]
 
 
 # -- Arrow shards --------------------------------------------------------------------------
@@ -175,6 +190,12 @@ def arrow_metadata_nested(cache: Path, tmp: Path) -> str:
     return "shard shards/shard-000001.arrow: its metadata is not valid JSON: nested too deeply"
 
 
+def arrow_metadata_nested_spec(cache: Path, tmp: Path) -> str:
+    meta = {"spec": json.loads('{"a":' * 900 + "1" + "}" * 900)}
+    rewrite_arrow(cache, metadata={b"logitcache": json.dumps(meta)})
+    return "its metadata: JSON nested over 32 levels deep"
+
+
 def arrow_other_columns(cache: Path, tmp: Path) -> str:
     def replace(schema, columns):
         i = schema.names.index("ids")
@@ -196,7 +217,13 @@ def arrow_directory(cache: Path, tmp: Path) -> str:
     return "shard shards/shard-000001.arrow is a directory of over 64 files"
 
 
-ARROW_CASES = [arrow_ipc_compressed, arrow_metadata_nested, arrow_other_columns, arrow_directory]
+ARROW_CASES = [
+    arrow_ipc_compressed,
+    arrow_metadata_nested,
+    arrow_metadata_nested_spec,
+    arrow_other_columns,
+    arrow_directory,
+]
 
 
 # -- Zarr shards ---------------------------------------------------------------------------
@@ -304,10 +331,18 @@ def zarr_many_files(cache: Path, tmp: Path) -> str:
 
 
 ZARR_CASES = [
-    zarr_index_shape, zarr_index_chunk_bomb, zarr_index_frame_lies,
-    zarr_field_chunk_bomb, zarr_vlen_count, zarr_codec,
-    zarr_chunk_fifo, zarr_json_dev_zero, zarr_json_nested, zarr_other_chunk_key, zarr_many_files,
-]  # fmt: skip
+    zarr_index_shape,
+    zarr_index_chunk_bomb,
+    zarr_index_frame_lies,
+    zarr_field_chunk_bomb,
+    zarr_vlen_count,
+    zarr_codec,
+    zarr_chunk_fifo,
+    zarr_json_dev_zero,
+    zarr_json_nested,
+    zarr_other_chunk_key,
+    zarr_many_files,
+]
 FAST = {manifest_nested, arrow_ipc_compressed, zarr_index_shape, zarr_vlen_count}
 
 

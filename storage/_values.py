@@ -8,7 +8,11 @@ from collections.abc import Mapping
 
 from .errors import CacheError
 
-__all__ = ["check_int", "check_relative_path"]
+__all__ = ["MAX_JSON_DEPTH", "check_int", "check_json_depth", "check_relative_path"]
+
+MAX_JSON_DEPTH = 32
+"""Nesting a manifest or shard metadata may have (ours: 6); deeper JSON is refused, as code
+that walks it (``==``, ``json.dumps`` of the spec for its hash) recurses once per level."""
 
 
 def check_relative_path(path: str) -> str:
@@ -39,3 +43,15 @@ def check_int(obj: Mapping, key: str, where: str, lo: int = 0, hi: int | None = 
     if value < lo or (hi is not None and value > hi):
         raise CacheError(f"{where}: '{key}' = {value} is outside [{lo}, {hi}]")
     return value
+
+
+def check_json_depth(obj: object, where: str, most: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON (as ``json.loads`` returns it) nested more than ``most`` levels deep."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, (dict, list)):
+            if depth > most:
+                raise CacheError(f"{where}: JSON nested over {most} levels deep; refusing it")
+            stack.extend((child, depth + 1) for child in children)

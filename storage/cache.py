@@ -18,6 +18,7 @@ import fcntl
 import itertools
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -30,7 +31,7 @@ from logitcache import __version__
 from .batch import BatchCodec
 from .containers import get_container
 from .errors import CacheError
-from .format import CacheSpec, Manifest, ShardInfo, diff_specs
+from .format import MANIFEST_BYTES, CacheSpec, Manifest, ShardInfo, diff_specs
 from .location import Location
 from .record import RecordCodec, SequenceRecord, check_record
 
@@ -56,7 +57,12 @@ def shard_name(index: int, suffix: str) -> str:
 
 
 def read_manifest(loc: Location, rel: str = MANIFEST) -> Manifest:
-    data = loc.read_if_exists(rel)  # one GET: opening a remote cache lists nothing
+    """``manifest.json`` (or a worker's part, ``rel``), read with one bounded GET (opening a
+    remote cache lists nothing): larger than ``MANIFEST_BYTES``, or not a regular file, it is
+    refused unread."""
+    data = loc.read_if_exists(rel, limit=MANIFEST_BYTES)
+    if data is None and loc.local and os.path.isfile(loc.root):
+        raise CacheError(f"cannot read {loc.url_of(rel)}: Not a directory ({loc.root} is a file)")
     if data is None:
         raise CacheError(
             f"no {rel} at {loc.shown_of(rel)}: not a logitcache cache, or its teacher pass has "
@@ -133,7 +139,16 @@ class CacheWriter:
             return
         self.loc.makedirs(".locks")
         path = self.loc.path(f".locks/worker-{self.worker}-of-{self.num_workers}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a link (a dangling one would create a file outside the cache), never
+        # blocking on a FIFO, and only on a regular file
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as err:
+            raise CacheError(f"cannot take the lock {path}: {err.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CacheError(f"the lock {path} is not a regular file; delete it and rerun")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -293,7 +293,12 @@ class FieldCodec:
         data: Any = blob
         if self.max_bytes is not None and self.configs and self.configs[-1]["id"] == "zstd":
             declared = zstd_declared_size(blob)
-            if declared is None or not 0 < declared <= self.max_bytes:
+            if declared is None:  # numcodecs would grow its output until the frame ends
+                raise CacheError(
+                    "not a zstd frame that declares its size (every frame a cache writes "
+                    "does); refusing to inflate it"
+                )
+            if not 0 < declared <= self.max_bytes:
                 raise CacheError(
                     f"zstd frame declares {declared} bytes, outside the 1..{self.max_bytes} a "
                     "record of this cache can hold; refusing to inflate it"

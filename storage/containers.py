@@ -28,13 +28,16 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from ._values import check_json_depth
 from .errors import CacheError, ShardCorruptError
 from .format import ShardInfo
+from .ipc import check_batch_header, read_footer
 from .location import Location
+from .zarr_shard import META_KEY, ZarrShard, list_files
 
 __all__ = ["CONTAINERS", "ShardHandle", "get_container", "shard_digest"]
 
-_META_KEY = "logitcache"
+_MAX_SHARD_FILES = 64  # a zarr shard holds ~20 files; an Arrow shard is one
 _HASH_BLOCK = 1 << 22
 _TAIL_BYTES = 1 << 16  # an Arrow footer is ~100 B + 24 B per sequence + the schema (~3 KB)
 
@@ -69,10 +72,10 @@ class ArrowContainer:
         fields: Sequence[str],
         shard_blobs: dict[str, bytes] | None = None,
     ) -> tuple[int, str]:
-        extra = {f"{_META_KEY}.{k}": v for k, v in (shard_blobs or {}).items()}
+        extra = {f"{META_KEY}.{k}": v for k, v in (shard_blobs or {}).items()}
         schema = pa.schema(
             [pa.field("index", pa.int64())] + [pa.field(f, pa.binary()) for f in fields],
-            metadata={_META_KEY: json.dumps(metadata), **extra},
+            metadata={META_KEY: json.dumps(metadata), **extra},
         )
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, schema) as writer:
@@ -95,18 +98,24 @@ class ArrowContainer:
 class _ArrowShard:
     def __init__(self, loc: Location, rel: str, ranged_size: int | None = None) -> None:
         where = loc.url_of(rel)
+        self._ranged: _RangedFile | None = None
         try:
             if ranged_size is not None:
-                source: Any = pa.PythonFile(_RangedFile(loc, rel, ranged_size), mode="r")
+                self._ranged = _RangedFile(loc, rel, ranged_size)
+                source: Any = pa.PythonFile(self._ranged, mode="r")
             elif loc.local:
                 source = pa.memory_map(where, "r")
             else:
                 source = pa.PythonFile(loc.open(rel), mode="r")
+            self._source = source
+            # the footer and each batch header are checked by hand before pyarrow reads them
+            self._blocks = read_footer(self._read_at, source.size(), f"shard {rel}")
             self._reader = pa.ipc.open_file(source)
+            _check_schema(self._reader.schema, rel)
             meta = self._reader.schema.metadata or {}
-            raw = meta.get(_META_KEY.encode())
-            self.metadata = json.loads(raw) if raw else {}
-            prefix = f"{_META_KEY}.".encode()
+            raw = meta.get(META_KEY.encode())
+            self.metadata = _json_object(raw, f"shard {rel}") if raw else {}
+            prefix = f"{META_KEY}.".encode()
             self.shard_blobs = {
                 k[len(prefix) :].decode(): v for k, v in meta.items() if k.startswith(prefix)
             }
@@ -114,21 +123,74 @@ class _ArrowShard:
             raise
         except FileNotFoundError:
             raise CacheError(f"shard {rel} is missing ({where})") from None
-        except (pa.ArrowInvalid, OSError, ValueError) as err:
+        except (pa.ArrowException, OSError, ValueError) as err:  # a damaged schema: assorted types
             raise ShardCorruptError(f"shard {rel} is not a readable Arrow file: {err}") from None
         self.n_rows = self._reader.num_record_batches
+        if self.n_rows != len(self._blocks):
+            raise ShardCorruptError(
+                f"shard {rel} is not a readable Arrow file: its footer lists "
+                f"{len(self._blocks)} batches, pyarrow {self.n_rows}"
+            )
         self._fields = [f for f in self._reader.schema.names if f != "index"]
         self._rel = rel
 
+    def _read_at(self, offset: int, n: int) -> bytes:
+        data = self._source.read_at(n, offset)
+        if len(data) != n:
+            raise ShardCorruptError(
+                f"shard {self._rel}: bytes {offset}..{offset + n} are past its end"
+            )
+        return data
+
     def read(self, row: int) -> tuple[int, dict[str, Any]]:
+        where = f"shard {self._rel} row {row}"
+        if not 0 <= row < len(self._blocks):
+            raise ShardCorruptError(f"shard {self._rel} has no row {row}")
+        block = self._blocks[row]
+        if self._ranged is not None:  # one GET for the header we check and the batch pyarrow reads
+            self._ranged.preload(block.offset, block.offset + block.header_bytes + block.body_bytes)
+        check_batch_header(self._read_at, block, 1 + len(self._fields), where)
         try:
             batch = self._reader.get_batch(row)
+            batch.validate(full=True)  # binary offsets inside their data: pyarrow trusts them
             index = batch.column(0)[0].as_py()
             return index, {f: batch.column(f)[0].as_buffer() for f in self._fields}
         except CacheError:  # the network, from a ranged read: not the shard's fault
             raise
         except Exception as err:  # a damaged file raises assorted pyarrow errors
-            raise ShardCorruptError(f"shard {self._rel} row {row} is unreadable: {err}") from None
+            raise ShardCorruptError(f"{where} is unreadable: {err}") from None
+
+
+def _check_schema(schema: pa.Schema, rel: str) -> None:
+    """int64 ``index``, then binary columns of distinct names: what every shard holds."""
+    names, types = schema.names, schema.types
+    fine = (
+        names[:1] == ["index"]
+        and types[0] == pa.int64()
+        and all(t == pa.binary() for t in types[1:])
+        and len(set(names)) == len(names)
+    )
+    if not fine:
+        columns = dict(zip(names, map(str, types)))
+        raise ShardCorruptError(
+            f"shard {rel} has columns {columns}, not an int64 index and binary fields"
+        )
+
+
+def _json_object(raw: bytes | str, where: str) -> dict[str, Any]:
+    """A JSON object from a shard's metadata; anything else is one line naming the shard."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ShardCorruptError(f"{where}: its metadata is not valid JSON: {reason}") from None
+    if not isinstance(obj, dict):
+        raise ShardCorruptError(f"{where}: its metadata is not a JSON object")
+    try:
+        check_json_depth(obj, f"{where}: its metadata")
+    except CacheError as err:
+        raise ShardCorruptError(str(err)) from None
+    return obj
 
 
 class _RangedFile(io.RawIOBase):
@@ -141,6 +203,13 @@ class _RangedFile(io.RawIOBase):
         self._loc, self._rel, self._size, self._pos = loc, rel, size, 0
         self._tail_start = max(0, size - _TAIL_BYTES)
         self._tail = loc.read_range(rel, self._tail_start, size)
+        self._window, self._window_start = b"", 0
+
+    def preload(self, start: int, end: int) -> None:
+        """Fetch bytes [start, end) in one GET; reads inside them are served from memory."""
+        end = min(end, self._size)
+        if start < self._tail_start:
+            self._window, self._window_start = self._loc.read_range(self._rel, start, end), start
 
     def readable(self) -> bool:
         return True
@@ -161,6 +230,10 @@ class _RangedFile(io.RawIOBase):
         start, cut = self._pos, self._tail_start
         if start >= end:
             return b""
+        w0 = self._window_start
+        if w0 <= start and end <= w0 + len(self._window):
+            self._pos = end
+            return self._window[start - w0 : end - w0]
         head = self._loc.read_range(self._rel, start, min(end, cut)) if start < cut else b""
         tail = self._tail[max(start, cut) - cut : end - cut] if end > cut else b""
         self._pos = end
@@ -193,9 +266,9 @@ class ZarrContainer:
         with loc.staged(rel) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # vlen-bytes has no frozen v3 spec yet
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
-            group.attrs[_META_KEY] = metadata
+            group.attrs[META_KEY] = metadata
             for key, blob in (shard_blobs or {}).items():  # small: format 2's id table (~2 kB)
-                group.attrs[f"{_META_KEY}.{key}"] = base64.b64encode(blob).decode()
+                group.attrs[f"{META_KEY}.{key}"] = base64.b64encode(blob).decode()
             index = group.create_array("index", shape=(n,), dtype="int64", chunks=(n,))
             index[:] = np.asarray(indices, dtype=np.int64)
             for f in fields:
@@ -208,55 +281,12 @@ class ZarrContainer:
             digest = shard_digest(Location(Path(tmp).parent), Path(tmp).name)
         return digest
 
-    def open(self, loc: Location, rel: str) -> _ZarrShard:
-        return _ZarrShard(loc, rel)
+    def open(self, loc: Location, rel: str) -> ZarrShard:
+        return ZarrShard(loc, rel)
 
-    def open_ranged(self, loc: Location, info: ShardInfo) -> _ZarrShard:
-        """Random access to a remote shard through zarr's own ranged reads."""
-        return _ZarrShard(loc, info.path)
-
-
-class _ZarrShard:
-    def __init__(self, loc: Location, rel: str) -> None:
-        import zarr
-
-        where = loc.url_of(rel)
-        if not loc.exists(rel if loc.local else f"{rel}/zarr.json"):
-            raise CacheError(f"shard {rel} is missing ({where})")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if loc.local:
-                    self._group = zarr.open_group(where, mode="r")
-                else:
-                    store = zarr.storage.FsspecStore.from_url(
-                        where, storage_options=loc.fs_options, read_only=True
-                    )
-                    self._group = zarr.open_group(store, mode="r")
-                attrs = dict(self._group.attrs)
-                self.metadata = dict(attrs.get(_META_KEY, {}))
-                prefix = f"{_META_KEY}."
-                self.shard_blobs = {
-                    k[len(prefix) :]: base64.b64decode(v, validate=True)
-                    for k, v in attrs.items()
-                    if k.startswith(prefix)
-                }
-                self._index = self._group["index"][:]
-                self._fields = [k for k in self._group.array_keys() if k != "index"]
-                self._arrays = {f: self._group[f] for f in self._fields}
-        except Exception as err:  # zarr raises many types for a damaged group
-            raise ShardCorruptError(f"shard {rel} is not a readable Zarr group: {err}") from None
-        self.n_rows = int(self._index.shape[0])
-        self._rel = rel
-
-    def read(self, row: int) -> tuple[int, dict[str, Any]]:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                blobs = {f: a[row : row + 1][0] for f, a in self._arrays.items()}
-            return int(self._index[row]), blobs
-        except Exception as err:  # zarr raises many types for a damaged chunk
-            raise ShardCorruptError(f"shard {self._rel} row {row} is unreadable: {err}") from None
+    def open_ranged(self, loc: Location, info: ShardInfo) -> ZarrShard:
+        """Random access to a remote shard: ranged reads of its chunks' index and rows."""
+        return ZarrShard(loc, info.path)
 
 
 CONTAINERS = {"arrow": ArrowContainer(), "zarr": ZarrContainer()}
@@ -278,10 +308,14 @@ def shard_digest(loc: Location, rel: str) -> tuple[int, str]:
         raise CacheError(f"shard {rel} is missing ({path})")
     if not loc.fs.isdir(path):
         return _file_digest(loc, path)
+    names = list_files(loc, rel, _MAX_SHARD_FILES)
+    if len(names) > _MAX_SHARD_FILES:
+        raise ShardCorruptError(
+            f"shard {rel} is a directory of over {_MAX_SHARD_FILES} files; a shard has far fewer"
+        )
     total, outer = 0, hashlib.sha256()
-    for file in sorted(loc.fs.find(path)):
-        name = file[len(path) :].lstrip("/")
-        size, digest = _file_digest(loc, file)
+    for name in names:
+        size, digest = _file_digest(loc, f"{path}/{name}")
         total += size
         outer.update(f"{name}\0{digest}\n".encode())
     return total, outer.hexdigest()

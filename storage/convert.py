@@ -31,6 +31,7 @@ from .codecs import LogprobCodec, default_codecs
 from .errors import CacheError
 from .format import (
     FORMAT_VERSION,
+    MANIFEST_BYTES,
     TOKENIZER_DIR,
     CacheSpec,
     Manifest,
@@ -235,7 +236,7 @@ def _place(loc: Location) -> tuple[str, str]:
 def _check_destination(target: Location, spec: CacheSpec) -> None:
     """Refuse a destination holding anything but an earlier run of this conversion (its
     manifest has this spec) or the debris of one killed before its first manifest."""
-    data = target.read_if_exists(MANIFEST)
+    data = target.read_if_exists(MANIFEST, limit=MANIFEST_BYTES)
     if data is not None:
         old = Manifest.from_json(data, where=target.shown_of(MANIFEST))
         if old.spec.to_dict() != spec.to_dict():

@@ -15,13 +15,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ._values import check_int as _int
-from ._values import check_relative_path
+from ._values import check_json_depth, check_relative_path
 from .errors import CacheError
 
 __all__ = [
     "FORMAT_MINOR",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MANIFEST_BYTES",
+    "MAX_ROW_ENTRIES",
+    "MAX_SHARDS",
     "MODES",
     "READ_VERSIONS",
     "TOKENIZER_DIR",
@@ -54,6 +57,18 @@ _MAX_VOCAB = 1 << 24
 _MAX_SEQ_LEN = 1 << 22
 _MAX_TOKENIZER_FILES = 64
 _MAX_TOKENIZER_FILE_BYTES = 1 << 30  # a 256k-vocabulary tokenizer.json is ~30 MB
+MAX_ROW_ENTRIES = 1 << 23
+"""Entries one container row may hold (a sequence in format 1, a batch in format 2): 32 MB
+of 4-byte ids, so decoding a row (its blobs inflate to at most what the spec allows) stays
+well under 256 MB; seq_len 32768 at k=256 fits (8,388,352)."""
+MAX_SHARDS = 1 << 18
+"""Shards one manifest may list: 67M sequences at the default 256 per shard (137B tokens at
+seq_len 2048); a larger corpus needs a larger --shard-sequences."""
+_SHARD_ENTRY_BYTES = 512  # one shard's entry as to_json writes it: ~400 B at the largest
+MANIFEST_BYTES = MAX_SHARDS * _SHARD_ENTRY_BYTES + (1 << 20)
+"""The most bytes a ``manifest.json`` (or a worker's part) may hold: ``MAX_SHARDS`` entries
+plus 1 MiB for the spec and the tokenizer files' list (a few kB in practice), 129 MiB in
+all; a larger file is refused unread."""
 
 
 def check_format_version(version: int) -> None:
@@ -138,6 +153,15 @@ class CacheSpec:
             _int(d, "samples", where, 1, 255)
         if self.batch_sequences is not None:
             _int(d, "batch_sequences", where, 1, self.shard_sequences)
+        per_position = self.k if self.mode == "topk" else min(self.samples, self.vocab_size)
+        rows = self.batch_sequences or 1
+        entries = rows * (self.seq_len - 1) * per_position
+        if entries > MAX_ROW_ENTRIES:
+            raise CacheError(
+                f"{where}: {rows} sequence(s) of seq_len {self.seq_len} at "
+                f"{per_position} entries per position is {entries:,} entries in one row, more "
+                f"than the {MAX_ROW_ENTRIES:,} a row may hold; lower seq_len, k or samples"
+            )
 
     @property
     def format_version(self) -> int:
@@ -374,6 +398,9 @@ class Manifest:
             obj = json.loads(text)
         except (ValueError, UnicodeDecodeError) as err:
             raise CacheError(f"{where} is not valid JSON: {err}") from None
+        except RecursionError:  # [[[[...]]]]: json.loads recurses once per level
+            raise CacheError(f"{where} is not a manifest: JSON nested too deeply") from None
+        check_json_depth(obj, where)
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise CacheError(f"{where} is not a logitcache manifest (no 'format': '{FORMAT_NAME}')")
         version = obj.get("format_version")
@@ -387,7 +414,10 @@ class Manifest:
                 f"{where} has unknown format version {version!r}; expected one of "
                 f"{list(READ_VERSIONS)}"
             )
-        spec = CacheSpec.from_dict(obj.get("spec"))
+        try:
+            spec = CacheSpec.from_dict(obj.get("spec"))
+        except CacheError as err:
+            raise CacheError(f"{where}: {err}") from None
         if spec.format_version != version:
             raise CacheError(f"{where}: format version {version} but a format "
                              f"{spec.format_version} spec; edited manifest?")  # fmt: skip
@@ -396,6 +426,11 @@ class Manifest:
         raw_shards = obj.get("shards", [])
         if not isinstance(raw_shards, list):
             raise CacheError(f"{where}: 'shards' must be a list")
+        if len(raw_shards) > MAX_SHARDS:
+            raise CacheError(
+                f"{where}: lists {len(raw_shards)} shards, more than the {MAX_SHARDS} a "
+                "manifest may hold"
+            )
         shards = tuple(
             ShardInfo.from_dict(s, f"{where} shard #{i}") for i, s in enumerate(raw_shards)
         )

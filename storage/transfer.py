@@ -32,7 +32,7 @@ from typing import Any
 from .cache import MANIFEST, SHARDS, read_manifest
 from .containers import shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
-from .format import Manifest, ShardInfo, diff_specs
+from .format import MANIFEST_BYTES, Manifest, ShardInfo, diff_specs
 from .location import Location
 
 __all__ = [
@@ -192,7 +192,8 @@ class _Copy:
         self._lock = threading.Lock()
         self._last_publish = time.monotonic()
         self._dirty = False
-        existing = read_manifest(target) if target.read_if_exists(MANIFEST) is not None else None
+        present = target.read_if_exists(MANIFEST, limit=MANIFEST_BYTES) is not None
+        existing = read_manifest(target) if present else None
         if existing is not None and existing.spec.to_dict() != manifest.spec.to_dict():
             changes = "; ".join(diff_specs(existing.spec, manifest.spec)[:5])
             raise CacheError(

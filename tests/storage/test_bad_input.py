@@ -272,6 +272,22 @@ def test_damage_without_verify_is_a_cache_error_or_unnoticed(cache):
     target.write_bytes(original)
 
 
+def test_damaged_arrow_footer_without_verify_is_a_cache_error(cache):
+    """With the hash check off, each byte of an Arrow shard's footer flipped either reads or
+    raises CacheError (a flipped integer bit width raised ArrowNotImplementedError)."""
+    target = shard_path(cache, 1)
+    original = target.read_bytes()
+    for at in range(len(original) - 80, len(original)):
+        damaged = bytearray(original)
+        damaged[at] ^= 0xFF
+        target.write_bytes(bytes(damaged))
+        try:
+            read_everything(cache, verify=False)
+        except CacheError as err:
+            assert "shard-000001" in str(err) or "sequence" in str(err)
+    target.write_bytes(original)
+
+
 @both_containers
 def test_bit_flip_names_the_shard_and_both_hashes(cache):
     path = shard_path(cache, 2)

@@ -25,6 +25,7 @@ from logitcache.storage import (
     copy_cache,
     verify_cache,
 )
+from logitcache.storage.format import MANIFEST_BYTES
 from logitcache.storage.location import Location
 from logitcache.storage.shardcache import Prefetcher
 
@@ -56,7 +57,8 @@ def flip_byte(path: Path, offset: int) -> None:
 def test_opening_reads_the_manifest_and_nothing_else(served):
     server, url, spec = served.server, served.url, served.spec
     reader = CacheReader(url)
-    assert server.requests == [("GET", "/c/manifest.json", None)]
+    (request,) = server.requests  # one GET, of at most MANIFEST_BYTES + 1 bytes
+    assert request == ("GET", "/c/manifest.json", f"bytes=0-{MANIFEST_BYTES}")
     assert len(reader) == 10 and reader.spec == spec
 
 

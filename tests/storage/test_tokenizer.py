@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.cli import main
-from logitcache.identity import tokenizer_fingerprint
+from logitcache.identity import tokenizer_fingerprint, tokenizer_fingerprint_v1
 from logitcache.storage import (
     CacheError,
     Manifest,
@@ -23,6 +23,7 @@ from logitcache.storage import (
     verify_cache,
 )
 from logitcache.storage.location import Location
+from logitcache.storage.tokenizer_files import check_tokenizer_files
 
 
 def invoke(*args):
@@ -69,7 +70,7 @@ def strip_tokenizer(cache: Path) -> None:
 
 def test_precompute_stores_the_tokenizer(cache, tiny_tokenizer):
     raw = json.loads((cache / "manifest.json").read_text())
-    assert raw["format_version"] == 2 and "format_minor" not in raw  # 2.0 has tokenizer_files
+    assert (raw["format_version"], raw["format_minor"]) == (2, 1)  # 2.1: fingerprint_full
     names = sorted(f["path"] for f in raw["tokenizer_files"])
     assert "tokenizer/tokenizer.json" in names and "tokenizer/tokenizer_config.json" in names
     for entry in raw["tokenizer_files"]:
@@ -78,8 +79,9 @@ def test_precompute_stores_the_tokenizer(cache, tiny_tokenizer):
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(fetch_tokenizer(cache))
-    assert tokenizer_fingerprint(loaded) == raw["spec"]["tokenizer"]["fingerprint"]
+    assert tokenizer_fingerprint(loaded) == raw["spec"]["tokenizer"]["fingerprint_full"]
     assert tokenizer_fingerprint(loaded) == tokenizer_fingerprint(tiny_tokenizer)
+    assert tokenizer_fingerprint_v1(loaded) == raw["spec"]["tokenizer"]["fingerprint"]
 
 
 def test_a_pulled_cache_trains_without_the_teacher(cache, student_config, tmp_path):
@@ -110,7 +112,7 @@ def test_an_old_cache_reads_and_says_how_to_add_its_tokenizer(
 ):
     strip_tokenizer(cache)
     raw = json.loads((cache / "manifest.json").read_text())
-    assert "format_minor" not in raw and "tokenizer_files" not in raw  # as 0.1 wrote it
+    assert "tokenizer_files" not in raw  # as 0.1 wrote it
     assert verify_cache(cache)[1] == []
     shown = invoke("inspect", cache).stdout
     assert "not stored" in shown and f"logitcache tokenizer {cache} --add" in shown
@@ -133,7 +135,7 @@ def test_add_refuses_another_tokenizer(cache, tiny_tokenizer, text_corpus, tmp_p
     other = tiny_tokenizer.train_new_from_iterator([text_corpus.read_text()], vocab_size=280)
     other.save_pretrained(tmp_path / "other")
     err = one_line_error(invoke("tokenizer", cache, "--add", tmp_path / "other"))
-    assert "is not the one this cache was made with" in err
+    assert "is not the one the cache was made with" in err
     assert not (cache / "tokenizer").exists()
     assert "tokenizer_files" not in (cache / "manifest.json").read_text()
 
@@ -205,7 +207,7 @@ def test_a_resumed_writer_keeps_the_stored_tokenizer(tmp_path):
         writer.write_shard(1, records[3:])
         writer.finish(6)
     assert (path / "tokenizer" / "tokenizer.json").read_text() == "first"
-    assert verify_cache(path)[1] == []
+    assert check_tokenizer_files(Location(path), read_manifest(Location(path))) == []
 
 
 def test_parallel_workers_that_save_different_bytes_merge_into_a_verified_cache(tmp_path):
@@ -225,7 +227,7 @@ def test_parallel_workers_that_save_different_bytes_merge_into_a_verified_cache(
         writer.close()
     assert merged is not None and merged.complete
     assert (path / "tokenizer" / "tokenizer.json").read_text() == "worker 0"
-    assert verify_cache(path)[1] == []
+    assert check_tokenizer_files(Location(path), read_manifest(Location(path))) == []
 
 
 def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
@@ -239,11 +241,12 @@ def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
     shutil.rmtree(cache / "tokenizer")
     files = write_tokenizer_files(Location(cache), other)
     (cache / "manifest.json").write_text(replace(manifest, tokenizer_files=files).to_json())
-    assert verify_cache(cache)[1] == []  # the hashes agree; the fingerprint does not
+    # the hashes agree; the fingerprint does not: verify, tokenizer and train all refuse
+    assert "is not the one the cache was made with" in " ".join(verify_cache(cache)[1])
     err = one_line_error(invoke("tokenizer", cache, tmp_path / "tok"))
-    assert "is not the one the cache was made with" in err
+    assert "is not the one the cache was made with" in err and not (tmp_path / "tok").exists()
     run = invoke(
         "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
         "--steps", "1", "--num-workers", "0", "--quiet",
     )  # fmt: skip
-    assert "is not the cache's" in one_line_error(run)
+    assert "is not the one the cache was made with" in one_line_error(run)

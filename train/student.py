@@ -183,8 +183,14 @@ def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab
             f"--extended-vocab: the student has {rows} vocabulary rows, fewer than the cache's "
             f"{spec.vocab_size}"
         )
-    if rows < len(tokenizer):
-        raise LogitcacheError(f"the student has {rows} vocabulary rows for {len(tokenizer)} tokens")
+    inputs = model.get_input_embeddings().weight.shape[0]
+    if min(rows, inputs) < len(tokenizer):
+        raise LogitcacheError(
+            f"the student has {min(rows, inputs)} vocabulary rows, fewer than the "
+            f"{len(tokenizer)} tokens of the cache's tokenizer (vocabulary {spec.vocab_size}): "
+            "give it at least as many (vocab_size in --student-config), or use a student made "
+            "for this tokenizer"
+        )
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max_pos < spec.seq_len:
         raise LogitcacheError(

@@ -23,7 +23,7 @@ MAX_GROWTH_MB = 256
 
 
 @pytest.fixture
-def lab(lab, tmp_path):
+def own_lab(lab, tmp_path):
     """The session's lab, each run with this test's own $LOGITCACHE_HOME: a tokenizer copy
     verified by an earlier test is reused without reading the cache's files again."""
 
@@ -97,7 +97,7 @@ def plant_code(cache: Path, marker: Path, *, list_py: bool) -> None:
 @pytest.mark.parametrize("list_py", [True, False], ids=["py-listed", "py-unlisted"])
 @pytest.mark.parametrize("trust", ["no", "flag", "recipe"])
 def test_a_tokenizer_that_names_code_is_refused_and_never_run(
-    lab, copy_cache, train_args, tmp_path, list_py, trust
+    own_lab, copy_cache, train_args, tmp_path, list_py, trust
 ):
     cache, marker = copy_cache("topk"), tmp_path / "executed"
     plant_code(cache, marker, list_py=list_py)
@@ -108,8 +108,8 @@ def test_a_tokenizer_that_names_code_is_refused_and_never_run(
         recipe.write_text("trust_remote_code: true\n")
         extra = {"config": recipe}
     out = tmp_path / "student"
-    check_both(lab, cache, train_args, out, needle, **extra)
-    exported = lab.run(["tokenizer", cache, tmp_path / "tok"], timeout=60)
+    check_both(own_lab, cache, train_args, out, needle, **extra)
+    exported = own_lab.run(["tokenizer", cache, tmp_path / "tok"], timeout=60)
     refused(exported, needle)
     assert not marker.exists(), "code stored in the cache was executed"
 
@@ -150,31 +150,31 @@ def swap_vocab(data):
 
 @pytest.mark.parametrize("edit", [lowercase, replace_decoder, split_digits, add_bos, swap_vocab])
 def test_a_forged_tokenizer_is_refused_by_verify_and_train(
-    lab, copy_cache, train_args, tmp_path, edit
+    own_lab, copy_cache, train_args, tmp_path, edit
 ):
     cache = copy_cache("topk")
     edit_tokenizer_json(cache, edit)
-    check_both(lab, cache, train_args, tmp_path / "s", "is not the one the cache was made with")
+    check_both(own_lab, cache, train_args, tmp_path / "s", "is not the one the cache was made with")
 
 
 def test_a_forged_chat_template_is_refused_by_verify_and_train(
-    lab, copy_cache, train_args, tmp_path
+    own_lab, copy_cache, train_args, tmp_path
 ):
     cache = copy_cache("topk")
     template = cache / "tokenizer" / "chat_template.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")
     vouch(cache)
-    check_both(lab, cache, train_args, tmp_path / "s", "is not the one the cache was made with")
+    check_both(own_lab, cache, train_args, tmp_path / "s", "is not the one the cache was made with")
 
 
 def test_the_untouched_cache_verifies_and_trains_with_its_stored_tokenizer(
-    lab, copy_cache, train_args, tmp_path
+    own_lab, copy_cache, train_args, tmp_path
 ):
     """The other side of the tests above: the same commands accept the cache as written."""
     cache = copy_cache("topk")
-    succeeded(lab.run(["verify", cache], timeout=60))
+    succeeded(own_lab.run(["verify", cache], timeout=60))
     out = tmp_path / "s"
-    succeeded(lab.run(train_args(cache, out, tokenizer=None, steps=1), timeout=120))
+    succeeded(own_lab.run(train_args(cache, out, tokenizer=None, steps=1), timeout=120))
     assert sorted(
         p.name for p in (out / "model").iterdir() if "token" in p.name or p.suffix == ".py"
     ) == ["tokenizer.json", "tokenizer_config.json"]
@@ -201,12 +201,12 @@ def sparse(path: Path) -> str:
 
 @pytest.mark.parametrize("make", [fifo, dev_zero, sparse])
 def test_a_stored_file_that_never_ends_is_refused_in_bounded_memory(
-    lab, copy_cache, train_args, tmp_path, make
+    own_lab, copy_cache, train_args, tmp_path, make
 ):
     cache = copy_cache("topk")
     needle = make(cache / "tokenizer" / "tokenizer.json")
-    check_both(lab, cache, train_args, tmp_path / "s", "tokenizer/tokenizer.json", needle)
-    refused(lab.run(["tokenizer", cache, tmp_path / "tok"], timeout=60), needle)
+    check_both(own_lab, cache, train_args, tmp_path / "s", "tokenizer/tokenizer.json", needle)
+    refused(own_lab.run(["tokenizer", cache, tmp_path / "tok"], timeout=60), needle)
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,7 @@ def test_a_stored_file_that_never_ends_is_refused_in_bounded_memory(
     ],
 )
 def test_a_listed_path_that_is_no_tokenizer_file_is_refused(
-    lab, copy_cache, train_args, tmp_path, path
+    own_lab, copy_cache, train_args, tmp_path, path
 ):
     cache = copy_cache("topk")
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -230,6 +230,6 @@ def test_a_listed_path_that_is_no_tokenizer_file_is_refused(
         ["inspect", cache],
         train_args(cache, tmp_path / "s", tokenizer=None),
     ):
-        outcome = lab.run(args, timeout=60)
+        outcome = own_lab.run(args, timeout=60)
         refused(outcome, "tokenizer file #0")
         assert outcome.rss_growth_mb < MAX_GROWTH_MB

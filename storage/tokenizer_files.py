@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheError, ShardCorruptError, TokenizerError
+from .errors import CacheError, RemoteError, ShardCorruptError, TokenizerError
 from .format import (
     MAX_TOKENIZER_FILE_BYTES,
     TOKENIZER_DIR,
@@ -109,7 +109,12 @@ def check_tokenizer_files(loc: Location, manifest: Manifest) -> list[str]:
 def read_checked(loc: Location, entry: StoredFile) -> bytes:
     """The bytes of one listed tokenizer file, refused unless they match the manifest (read
     no further than its listed size) and are data (``refuse_code``)."""
-    data = loc.read_if_exists(entry.path, limit=entry.bytes)
+    try:
+        data = loc.read_if_exists(entry.path, limit=entry.bytes)
+    except RemoteError:
+        raise
+    except CacheError as err:  # not a regular file, or more bytes than listed
+        raise ShardCorruptError(f"tokenizer file {entry.path} fails its check: {err}") from None
     if data is None:
         raise ShardCorruptError(f"tokenizer file {entry.path} is missing from {loc.url}")
     digest = hashlib.sha256(data).hexdigest()

@@ -83,7 +83,13 @@ def load_student(
         torch.manual_seed(seed)
         model = _from_config(config, trust_remote_code, meta)
     if tokenizer_name is not None:
-        tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
+        except LogitcacheError as err:
+            raise LogitcacheError(
+                f"{str(err).rstrip(': ')}; give --tokenizer, or put the cache's beside the model "
+                "with `logitcache tokenizer CACHE DIR`"
+            ) from None
         return model, tokenizer, tokenizer_name
     tokenizer, name = _cache_tokenizer(cache, spec, student)
     if student is not None and log is not None:

@@ -485,3 +485,14 @@ def test_the_loss_names_the_sizes_when_ids_are_beyond_the_students_rows(tiny_tea
     }
     with pytest.raises(ValueError, match="token id 250 but the student has 200 vocabulary rows"):
         DistillationLoss()(batch, model=model)
+
+
+def test_a_student_whose_tokenizer_files_do_not_load_is_told_what_to_do(
+    cache, student_config, tmp_path
+):
+    student = save_student(tmp_path / "student", student_config)
+    (student / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    args = ["--student", student, "--out", tmp_path / "run", "--steps", "1", "--quiet"]
+    err = one_line_error(invoke("train", "--cache", cache, "--num-workers", "0", *args))
+    assert "cannot load tokenizer" in err and "give --tokenizer" in err
+    assert "`logitcache tokenizer CACHE DIR`" in err

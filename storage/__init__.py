@@ -8,7 +8,7 @@ In: teacher distributions as ``SequenceRecord``s. Out: a cache directory or URL 
 from .cache import CacheWriter, merge_parts, read_manifest
 from .codecs import default_codecs
 from .convert import ConvertResult, convert_cache
-from .errors import CacheError, NoTokenizerError, RemoteError, ShardCorruptError
+from .errors import CacheError, NoTokenizerError, RemoteError, ShardCorruptError, TokenizerError
 from .format import FORMAT_VERSION, READ_VERSIONS, CacheSpec, Manifest, ShardInfo, StoredFile
 from .location import Location
 from .reader import CacheReader, verify_cache
@@ -35,6 +35,7 @@ __all__ = [
     "ShardCorruptError",
     "ShardInfo",
     "StoredFile",
+    "TokenizerError",
     "TransferResult",
     "add_tokenizer",
     "convert_cache",

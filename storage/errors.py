@@ -2,7 +2,13 @@
 
 from logitcache.errors import LogitcacheError
 
-__all__ = ["CacheError", "NoTokenizerError", "RemoteError", "ShardCorruptError"]
+__all__ = [
+    "CacheError",
+    "NoTokenizerError",
+    "RemoteError",
+    "ShardCorruptError",
+    "TokenizerError",
+]
 
 
 class CacheError(LogitcacheError, ValueError):
@@ -19,3 +25,8 @@ class RemoteError(CacheError):
 
 class NoTokenizerError(CacheError):
     """The cache stores no tokenizer (written before format 1.1); the message says what to do."""
+
+
+class TokenizerError(CacheError):
+    """A tokenizer is not the cache's (its fingerprint differs), or a stored one is not plain
+    data (it names code to run) or does not load: the one error of the tokenizer check."""

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from logitcache.identity import FULL_FINGERPRINT
+
 from ._values import check_int as _int
 from ._values import check_json_depth, check_relative_path
 from .errors import CacheError
@@ -25,9 +27,11 @@ __all__ = [
     "MANIFEST_BYTES",
     "MAX_ROW_ENTRIES",
     "MAX_SHARDS",
+    "MAX_TOKENIZER_FILE_BYTES",
     "MODES",
     "READ_VERSIONS",
     "TOKENIZER_DIR",
+    "TOKENIZER_FILE_NAMES",
     "CacheSpec",
     "Manifest",
     "ShardInfo",
@@ -42,12 +46,34 @@ FORMAT_NAME = "logitcache"
 FORMAT_VERSION = 2
 """The major version written by default; readers read ``READ_VERSIONS`` (docs/format.md)."""
 READ_VERSIONS = (1, 2)
-FORMAT_MINOR = 1
-"""Version 1's minor versions add optional manifest keys that a 1.x reader ignores:
-1 = ``tokenizer_files``. Written only when a manifest uses them (2.0 has them)."""
+FORMAT_MINOR = {1: 2, 2: 1}
+"""The newest minor version of each major. A minor adds optional manifest keys that a reader
+of the same major ignores: 1.1 ``tokenizer_files`` (2.0 has them); 1.2 and 2.1
+``spec.tokenizer.fingerprint_full``. ``format_minor`` is written only when a manifest uses
+one (``Manifest.format_minor``)."""
 MODES = ("topk", "sampled")
 TOKENIZER_DIR = "tokenizer"
 """Where a cache keeps its tokenizer's files (``save_pretrained`` output), since format 1.1."""
+TOKENIZER_FILE_NAMES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+    }
+)
+"""The only files a cache's tokenizer may have: data that ``save_pretrained`` writes and the
+loaders read (``tokenizers`` JSON, sentencepiece models, vocabularies), never code."""
+MAX_TOKENIZER_FILE_BYTES = 1 << 27
+"""128 MiB: a 256k-vocabulary tokenizer.json is ~33 MB; each file is read whole, checked."""
 
 # Declared sizes above these are refused before anything is allocated: a manifest is
 # read by people's machines, and a hostile one must not ask for terabytes.
@@ -56,7 +82,6 @@ _MAX_SHARD_BYTES = 1 << 40
 _MAX_VOCAB = 1 << 24
 _MAX_SEQ_LEN = 1 << 22
 _MAX_TOKENIZER_FILES = 64
-_MAX_TOKENIZER_FILE_BYTES = 1 << 30  # a 256k-vocabulary tokenizer.json is ~30 MB
 MAX_ROW_ENTRIES = 1 << 23
 """Entries one container row may hold (a sequence in format 1, a batch in format 2): 32 MB
 of 4-byte ids, so decoding a row (its blobs inflate to at most what the spec allows) stays
@@ -114,7 +139,8 @@ class CacheSpec:
     teacher: Mapping[str, Any] = field(default_factory=dict)
     """name_or_path, revision, weights_sha256, config_sha256, dtype."""
     tokenizer: Mapping[str, Any] = field(default_factory=dict)
-    """fingerprint (sha256 of vocab, merges, special tokens), name_or_path, eos_token_id."""
+    """fingerprint (rule 1: vocab, merges, special tokens), fingerprint_full (rule 2: all that
+    changes ids or text; 1.2 / 2.1), name_or_path, vocab_size, eos_token_id."""
     corpus: Mapping[str, Any] = field(default_factory=dict)
     """Dataset name/config/split/revision or file hashes, text field."""
     settings: Mapping[str, Any] = field(default_factory=dict)
@@ -288,10 +314,18 @@ class StoredFile:
     def from_dict(cls, obj: Any, where: str) -> StoredFile:
         if not isinstance(obj, Mapping) or set(obj) != {"path", "bytes", "sha256"}:
             raise CacheError(f"{where} must be an object with exactly path, bytes, sha256")
-        path = check_relative_path(obj["path"])
+        path = obj["path"]
+        if not isinstance(path, str) or "\0" in path:
+            raise CacheError(f"{where}: path {path!r} is not a file name; refusing it")
+        path = check_relative_path(path)
         if not path.startswith(f"{TOKENIZER_DIR}/") or path.count("/") != 1:
             raise CacheError(f"{where}: {path!r} is not a file directly under {TOKENIZER_DIR}/")
-        _int(obj, "bytes", where, 0, _MAX_TOKENIZER_FILE_BYTES)
+        if path.split("/")[1] not in TOKENIZER_FILE_NAMES:
+            raise CacheError(
+                f"{where}: {path!r} is not a tokenizer data file (allowed: "
+                f"{', '.join(sorted(TOKENIZER_FILE_NAMES))}); refusing it"
+            )
+        _int(obj, "bytes", where, 0, MAX_TOKENIZER_FILE_BYTES)
         digest = obj["sha256"]
         if not (isinstance(digest, str) and len(digest) == 64):
             raise CacheError(f"{where}: 'sha256' must be a 64-character hex digest")
@@ -318,9 +352,20 @@ class Manifest:
         return self.spec.format_version
 
     @property
+    def format_minor(self) -> int:
+        """The minor version this manifest needs (``FORMAT_MINOR``): the newest whose keys it
+        uses, 0 if none."""
+        full = FULL_FINGERPRINT in self.spec.tokenizer
+        if self.format_version == 2:
+            return int(full)
+        return 2 if full else int(bool(self.tokenizer_files))
+
+    @property
     def version_label(self) -> str:
-        """The version as written: "2", "1.1" (a stored tokenizer) or "1.0"."""
-        return "2" if self.format_version == 2 else f"1.{int(bool(self.tokenizer_files))}"
+        """The version as written: "2.1", "2", "1.2", "1.1" (a stored tokenizer) or "1.0"."""
+        if self.format_version == 2 and not self.format_minor:
+            return "2"
+        return f"{self.format_version}.{self.format_minor}"
 
     @property
     def n_sequences(self) -> int:
@@ -374,8 +419,8 @@ class Manifest:
 
     def to_json(self) -> str:
         obj: dict[str, Any] = {"format": FORMAT_NAME, "format_version": self.format_version}
-        if self.tokenizer_files and self.format_version == 1:  # 1.1; else written as 1.0 was
-            obj["format_minor"] = FORMAT_MINOR
+        if self.format_minor:  # else written as 1.0 (or 2.0) was
+            obj["format_minor"] = self.format_minor
         obj |= {
             "cache_id": self.spec.cache_id,
             "created_by": self.created_by,

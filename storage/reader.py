@@ -24,7 +24,7 @@ from .format import CacheSpec, Manifest, ShardInfo
 from .location import Location
 from .record import RecordCodec, SequenceRecord
 from .shardcache import Prefetcher, ShardCache
-from .tokenizer_files import check_tokenizer_files
+from .tokenizer import tokenizer_problems
 
 __all__ = [
     "DEFAULT_PREFETCH",
@@ -339,8 +339,8 @@ def check_shard_metadata(handle: Any, info: ShardInfo, spec: CacheSpec) -> None:
 def verify_cache(
     url: str | os.PathLike, storage_options: dict[str, Any] | None = None
 ) -> tuple[Manifest, list[str]]:
-    """Check every shard's hash, metadata and every record, and the tokenizer files' hashes;
-    returns (manifest, problems).
+    """Check every shard's hash, metadata and every record, and the stored tokenizer (its
+    files' hashes, then the tokenizer check of ``train``); returns (manifest, problems).
 
     A remote cache is checked as it is in the store: every shard is fetched (a few ahead of
     the one being decoded) into a temporary directory, hashed on arrival, decoded and
@@ -366,7 +366,7 @@ def verify_cache(
                     raise
                 except CacheError as err:
                     problems.append(str(err))
-            problems += check_tokenizer_files(reader.loc, reader.manifest)
+            problems += tokenizer_problems(reader.loc, reader.manifest)
         finally:
             reader.close()
     return reader.manifest, problems

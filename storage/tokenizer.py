@@ -1,11 +1,14 @@
-"""A cache's own tokenizer: its files under ``tokenizer/``, listed in the manifest with hashes.
+"""A cache's own tokenizer: its files under ``tokenizer/``, listed in the manifest with hashes,
+and the one check that a tokenizer is the cache's.
 
 In: a tokenizer (anything with ``save_pretrained(directory)``, e.g. a transformers tokenizer)
 at precompute time, or a cache (path, URL or ``Location``) to read one from. Out: the files
-published in the cache and their ``StoredFile`` entries; or a local directory holding exactly
-the listed files, each checked against its size and sha256, ready for
-``AutoTokenizer.from_pretrained``. Whoever loads it compares the loaded tokenizer's
-fingerprint with ``spec.tokenizer["fingerprint"]`` (``train`` does, in ``check_student``).
+published in the cache and their ``StoredFile`` entries; a local directory holding exactly
+the listed files, each checked against its size and sha256 (``fetch_tokenizer``); or the
+stored tokenizer loaded as data (remote code off, whatever a flag says) and checked against
+the cache's tokenizer record (``stored_tokenizer``). ``check_tokenizer`` is the check, for
+a stored tokenizer and a student's alike: ``verify``, ``train`` and ``logitcache tokenizer``
+all refuse with its ``TokenizerError``.
 
 Caches written before format 1.1 have no tokenizer files; ``add_tokenizer`` stores one in
 them, refusing a tokenizer whose fingerprint is not the cache's.
@@ -21,17 +24,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from logitcache.errors import LogitcacheError
+from logitcache.identity import tokenizer_difference
+from logitcache.untrusted import read_local
+
 from .cache import MANIFEST, read_manifest
-from .errors import CacheError, NoTokenizerError
+from .errors import CacheError, NoTokenizerError, TokenizerError
 from .format import Manifest, StoredFile
 from .location import Location
 from .shardcache import default_local_cache
-from .tokenizer_files import read_checked, write_tokenizer_files
+from .tokenizer_files import check_tokenizer_files, read_checked, refuse_code, write_tokenizer_files
 
 __all__ = [
     "add_tokenizer",
+    "check_tokenizer",
     "fetch_tokenizer",
+    "load_stored_tokenizer",
     "missing_tokenizer_hint",
+    "stored_tokenizer",
+    "tokenizer_problems",
 ]
 
 
@@ -53,7 +64,8 @@ def fetch_tokenizer(
 ) -> Path:
     """A local directory holding exactly the cache's tokenizer files, each verified.
 
-    ``out`` (created, must not hold other files) or, by default, a directory named by the
+    ``out`` (created if needed; may hold a model, not another tokenizer's files of the same
+    names) or, by default, a directory named by the
     files' hashes under ``$LOGITCACHE_HOME/tokenizers``, reused once verified. Never the
     cache's own ``tokenizer/``: a file placed there that the manifest does not list (a
     ``tokenizer_config.json`` naming remote code, say) is never seen by the loader.
@@ -65,14 +77,16 @@ def fetch_tokenizer(
         raise NoTokenizerError(missing_tokenizer_hint(loc.shown, manifest))
     if out is not None:
         target = Path(out).expanduser()
-        names = {Path(f.path).name for f in files}
-        present = list(target.iterdir()) if target.is_dir() else []
-        extra = sorted(p.name for p in present if p.name not in names)
-        if extra:
-            raise CacheError(f"{target} already holds other files ({extra[:3]}); choose a new OUT")
+        checked = [(target / Path(f.path).name, read_checked(loc, f)) for f in files]
+        clash = sorted(p.name for p, data in checked if _differs(p, data))
+        if clash:
+            raise CacheError(
+                f"{target} already holds other {', '.join(clash)}; choose another OUT, or "
+                "remove them to put the cache's tokenizer beside the model"
+            )
         target.mkdir(parents=True, exist_ok=True)
-        for entry in files:
-            _write(target / Path(entry.path).name, read_checked(loc, entry))
+        for path, data in checked:
+            _write(path, data)
         return target
     listing = "".join(f"{f.path}\0{f.sha256}\n" for f in files).encode()
     target = default_local_cache().parent / "tokenizers" / hashlib.sha256(listing).hexdigest()[:32]
@@ -96,14 +110,12 @@ def fetch_tokenizer(
     return target
 
 
-def add_tokenizer(
-    cache: str | os.PathLike, tokenizer: Any, fingerprint: str, *, name: str | None = None
-) -> Manifest:
+def add_tokenizer(cache: str | os.PathLike, tokenizer: Any, *, name: str | None = None) -> Manifest:
     """Store ``tokenizer`` in a cache that lacks one (or replace it by an identical one).
 
-    ``fingerprint`` is the tokenizer's (``logitcache.identity.tokenizer_fingerprint``); it must
-    equal the one the cache was made with. The manifest is rewritten after the files, so a
-    crash leaves the cache as it was. Only local caches: add it before ``push``.
+    It must be the one the cache was made with (``check_tokenizer``). The manifest is
+    rewritten after the files, so a crash leaves the cache as it was. Only local caches: add
+    it before ``push``.
     """
     loc = Location(cache)
     if not loc.local:
@@ -111,17 +123,72 @@ def add_tokenizer(
             f"add the tokenizer to a local copy of {loc.shown} (pull it), then push it again"
         )
     manifest = read_manifest(loc)
-    expected = manifest.spec.tokenizer.get("fingerprint")
-    if fingerprint != expected:
-        made_with = manifest.spec.tokenizer.get("name_or_path")
-        raise CacheError(
-            f"the tokenizer {name or ''} (fingerprint {fingerprint[:16]}) is not the one this "
-            f"cache was made with (fingerprint {str(expected)[:16]}, {made_with!r}); refusing it"
-        )
+    check_tokenizer(tokenizer, manifest.spec.tokenizer, f"the tokenizer {name or ''}".rstrip())
     files = write_tokenizer_files(loc, tokenizer)
     updated = replace(manifest, tokenizer_files=files)
     loc.publish_bytes(MANIFEST, updated.to_json().encode())
     return updated
+
+
+def check_tokenizer(tokenizer: Any, record: Any, what: str) -> None:
+    """Refuse ``tokenizer`` (one line, ``TokenizerError``) unless it is the one a cache's
+    tokenizer ``record`` (``spec.tokenizer``) names: same ids for every text, same text for
+    every ids (``logitcache.identity.tokenizer_difference``)."""
+    difference = tokenizer_difference(tokenizer, record)
+    if difference is not None:
+        raise TokenizerError(
+            f"{what} is not the one the cache was made with ({record.get('name_or_path')!r}): "
+            f"{difference}; token ids or text would not mean the same thing"
+        )
+
+
+def load_stored_tokenizer(directory: str | os.PathLike) -> Any:
+    """The tokenizer in a directory of a cache's files (``fetch_tokenizer``), loaded as data:
+    no remote code, whatever the flags say, nothing fetched, ``auto_map`` refused."""
+    from transformers import AutoTokenizer
+
+    config = Path(directory) / "tokenizer_config.json"
+    if config.exists():
+        try:
+            data = read_local(config, 1 << 27, "tokenizer config")
+        except LogitcacheError as err:
+            raise TokenizerError(str(err)) from None
+        refuse_code("tokenizer/tokenizer_config.json", data, f"the tokenizer in {directory}")
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(directory), trust_remote_code=False, local_files_only=True
+        )
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise TokenizerError(f"the cache's tokenizer does not load: {first}") from None
+
+
+def stored_tokenizer(
+    cache: str | os.PathLike | Location, *, storage_options: dict[str, Any] | None = None
+) -> tuple[Any, Path]:
+    """The cache's stored tokenizer, loaded as data and checked against its record: (the
+    tokenizer, the verified local directory it came from). ``NoTokenizerError`` if it stores
+    none; ``TokenizerError`` if it is not the cache's; ``ShardCorruptError`` for a bad file."""
+    loc = cache if isinstance(cache, Location) else Location(cache, storage_options)
+    directory = fetch_tokenizer(loc)
+    tokenizer = load_stored_tokenizer(directory)
+    record = read_manifest(loc).spec.tokenizer
+    check_tokenizer(tokenizer, record, f"the tokenizer stored in {loc.url}")
+    return tokenizer, directory
+
+
+def tokenizer_problems(loc: Location, manifest: Manifest) -> list[str]:
+    """``verify``'s part: one line per bad tokenizer file, else the tokenizer check's."""
+    if not manifest.tokenizer_files:
+        return []
+    problems = check_tokenizer_files(loc, manifest)
+    if problems:
+        return problems
+    try:
+        stored_tokenizer(loc)
+    except CacheError as err:
+        return [str(err)]
+    return []
 
 
 def _holds(directory: Path, files: tuple[StoredFile, ...]) -> bool:
@@ -130,10 +197,24 @@ def _holds(directory: Path, files: tuple[StoredFile, ...]) -> bool:
         return False
     if sorted(p.name for p in directory.iterdir()) != sorted(Path(f.path).name for f in files):
         return False
-    return all(
-        hashlib.sha256((directory / Path(f.path).name).read_bytes()).hexdigest() == f.sha256
-        for f in files
-    )
+    try:
+        return all(
+            hashlib.sha256(read_local(directory / Path(f.path).name, f.bytes)).hexdigest()
+            == f.sha256
+            for f in files
+        )
+    except LogitcacheError:  # not a regular file, or larger than listed: fetched again
+        return False
+
+
+def _differs(path: Path, data: bytes) -> bool:
+    """Whether ``path`` exists with other content than ``data`` (read no further than it)."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        return read_local(path, len(data), "file") != data
+    except LogitcacheError:
+        return True
 
 
 def _write(path: Path, data: bytes) -> None:

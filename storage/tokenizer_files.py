@@ -3,23 +3,36 @@
 In: a tokenizer (anything with ``save_pretrained(directory)``) and a cache ``Location``.
 Out: the files published in the cache and their ``StoredFile`` manifest entries; or each
 listed file's bytes, checked against its size and sha256. The writer (``cache.py``) and
-``verify`` use these; fetching and adding a tokenizer is ``tokenizer.py``.
+``verify`` use these; fetching, loading and checking a tokenizer is ``tokenizer.py``.
+
+A stored tokenizer is data, never code: only the files named in ``TOKENIZER_FILE_NAMES`` are
+stored (the manifest parser refuses any other name), and a ``tokenizer_config.json`` with an
+``auto_map`` (the classes of a tokenizer that runs its own code) is refused when it is
+written and each time it is read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheError, ShardCorruptError
-from .format import TOKENIZER_DIR, Manifest, StoredFile
+from .errors import CacheError, RemoteError, ShardCorruptError, TokenizerError
+from .format import (
+    MAX_TOKENIZER_FILE_BYTES,
+    TOKENIZER_DIR,
+    TOKENIZER_FILE_NAMES,
+    Manifest,
+    StoredFile,
+)
 from .location import Location
 
 __all__ = [
     "check_tokenizer_files",
     "read_checked",
+    "refuse_code",
     "restate_tokenizer_files",
     "write_tokenizer_files",
 ]
@@ -27,20 +40,43 @@ __all__ = [
 
 def write_tokenizer_files(loc: Location, tokenizer: Any) -> tuple[StoredFile, ...]:
     """Save ``tokenizer`` into the cache at ``loc`` under ``tokenizer/``; returns the entries
-    for the manifest (which the caller publishes after them)."""
+    for the manifest (which the caller publishes after them).
+
+    Only the data files of ``TOKENIZER_FILE_NAMES`` are stored; a tokenizer that names its
+    own code (``auto_map``) is refused: no reader would run it."""
     with tempfile.TemporaryDirectory(prefix="logitcache-tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
         files = []
         for path in sorted(Path(tmp).iterdir()):
-            if not path.is_file():
-                continue  # save_pretrained writes flat files; nothing else belongs to a tokenizer
+            if not path.is_file() or path.name not in TOKENIZER_FILE_NAMES:
+                continue  # code (*.py) and anything else that is not a tokenizer's data
             data = path.read_bytes()
             rel = f"{TOKENIZER_DIR}/{path.name}"
+            refuse_code(rel, data, "the tokenizer to store")
+            files.append((rel, data))
+        for rel, data in files:
             loc.publish_bytes(rel, data)
-            files.append(StoredFile(rel, len(data), hashlib.sha256(data).hexdigest()))
     if not files:
         raise CacheError("the tokenizer saved no files; it cannot be stored in the cache")
-    return tuple(files)
+    return tuple(
+        StoredFile(rel, len(data), hashlib.sha256(data).hexdigest()) for rel, data in files
+    )
+
+
+def refuse_code(rel: str, data: bytes, what: str) -> None:
+    """Refuse a ``tokenizer_config.json`` that names code (``auto_map``), one line."""
+    if Path(rel).name != "tokenizer_config.json":
+        return
+    try:
+        config = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise TokenizerError(f"{what}: {rel} is not valid JSON; refusing it") from None
+    if isinstance(config, dict) and "auto_map" in config:
+        raise TokenizerError(
+            f"{what}: {rel} names code to run (auto_map); a cache's tokenizer is data only and "
+            "is never loaded with remote code: refusing it (use a tokenizer with a "
+            "tokenizer.json)"
+        )
 
 
 def restate_tokenizer_files(loc: Location, files: tuple[StoredFile, ...]) -> tuple[StoredFile, ...]:
@@ -52,7 +88,7 @@ def restate_tokenizer_files(loc: Location, files: tuple[StoredFile, ...]) -> tup
     """
     out = []
     for entry in files:
-        data = loc.read_if_exists(entry.path)
+        data = loc.read_if_exists(entry.path, limit=MAX_TOKENIZER_FILE_BYTES)
         if data is None:
             raise CacheError(f"tokenizer file {entry.path} listed by a worker is missing")
         out.append(StoredFile(entry.path, len(data), hashlib.sha256(data).hexdigest()))
@@ -71,8 +107,14 @@ def check_tokenizer_files(loc: Location, manifest: Manifest) -> list[str]:
 
 
 def read_checked(loc: Location, entry: StoredFile) -> bytes:
-    """The bytes of one listed tokenizer file, refused unless they match the manifest."""
-    data = loc.read_if_exists(entry.path)
+    """The bytes of one listed tokenizer file, refused unless they match the manifest (read
+    no further than its listed size) and are data (``refuse_code``)."""
+    try:
+        data = loc.read_if_exists(entry.path, limit=entry.bytes)
+    except RemoteError:
+        raise
+    except CacheError as err:  # not a regular file, or more bytes than listed
+        raise ShardCorruptError(f"tokenizer file {entry.path} fails its check: {err}") from None
     if data is None:
         raise ShardCorruptError(f"tokenizer file {entry.path} is missing from {loc.shown}")
     digest = hashlib.sha256(data).hexdigest()
@@ -81,4 +123,5 @@ def read_checked(loc: Location, entry: StoredFile) -> bytes:
             f"tokenizer file {entry.path} fails its check: sha256 {digest[:16]}… ({len(data)} "
             f"bytes), manifest expects {entry.sha256[:16]}… ({entry.bytes} bytes)"
         )
+    refuse_code(entry.path, data, f"the tokenizer stored in {loc.url}")
     return data

@@ -16,7 +16,6 @@ A damaged source shard is named and refused; the others are still copied.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from .containers import shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import MANIFEST_BYTES, Manifest, ShardInfo, diff_specs
 from .location import Location
+from .tokenizer_files import read_checked
 
 __all__ = [
     "Progress",
@@ -223,12 +223,15 @@ class _Copy:
         manifest that lists them); a damaged one is refused and left out of the manifest."""
         try:
             for entry in self.src_manifest.tokenizer_files:
-                data = self.source.read_if_exists(entry.path) or b""
-                digest = hashlib.sha256(data).hexdigest()
-                if (len(data), digest) != (entry.bytes, entry.sha256):
+                try:  # read no further than its listed size; code (auto_map) refused
+                    data = read_checked(self.source, entry)
+                except RemoteError:
+                    raise
+                except CacheError as err:
                     raise ShardCorruptError(
-                        f"tokenizer file {self.source.shown_of(entry.path)} is missing or damaged"
-                    )
+                        f"tokenizer file {self.source.shown_of(entry.path)} is missing or "
+                        f"damaged ({err})"
+                    ) from None
                 self.target.publish_bytes(entry.path, data)
         except ShardCorruptError as err:
             self.tokenizer_files = ()

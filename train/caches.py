@@ -65,12 +65,12 @@ def eval_dataset(reader: CacheReader, config: TrainConfig, vocab_rows: int):
     url, fraction = config.cache, config.eval_fraction
     if config.eval_cache:
         other = CacheReader(config.eval_cache, **config.reader_options())
-        mine = reader.spec.tokenizer.get("fingerprint")
-        theirs = other.spec.tokenizer.get("fingerprint")
-        if mine != theirs:
+        mismatch = tokenizer_mismatch([reader, other])
+        if mismatch is not None:
+            _, mine, theirs = mismatch
             raise LogitcacheError(
                 f"--eval-cache {config.eval_cache} was made with another tokenizer "
-                f"({str(theirs)[:16]} vs {str(mine)[:16]})"
+                f"({theirs[:16]} vs {mine[:16]})"
             )
         url, fraction = config.eval_cache, 1.0
     if fraction == 0:

@@ -71,12 +71,14 @@ class TrainConfig:
     student_config: str | None = None
     """A JSON/YAML transformers config (with model_type) for a student from scratch."""
     tokenizer: str | None = None
-    """Tokenizer for a from-scratch student (default: the one stored in the cache; caches made
-    before format 1.1 store none: pass it, or add it with `logitcache tokenizer CACHE --add`)."""
+    """The student's tokenizer (default: a pretrained student's own; else, and for a student
+    from scratch, the one stored in the cache; caches made before format 1.1 store none: pass
+    it, or add it with `logitcache tokenizer CACHE --add`)."""
     extended_vocab: bool = False
     """Accept a student tokenizer that differs from the cache's (it must extend it)."""
     trust_remote_code: bool = False
-    """Run the Python code a hub student or tokenizer ships with (only if you trust it)."""
+    """Run the Python code a hub student or --tokenizer ships with (only if you trust it);
+    never code stored in a cache."""
     loss: str = option("forward-kl", choices=(*LOSSES, "ce"))
     """The distillation loss; ce = cross-entropy on the true next token only (baseline)."""
     tail: str = option("bucket", choices=TAIL_POLICIES)

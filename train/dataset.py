@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from logitcache.identity import FULL_FINGERPRINT, same_tokenizer
 from logitcache.storage import CacheReader, CacheSpec, SequenceRecord
 from logitcache.untrusted import redact
 
@@ -191,13 +192,17 @@ class CacheDataset(Dataset):
 
 def tokenizer_mismatch(readers: Sequence[CacheReader]) -> tuple[CacheReader, str, str] | None:
     """The first cache made with another tokenizer than ``readers[0]``'s, as (that reader,
-    the first's fingerprint, its fingerprint); None when all share one."""
-    mine = readers[0].spec.tokenizer.get("fingerprint")
+    the first's fingerprint, its fingerprint); None when all share one
+    (``logitcache.identity.same_tokenizer``)."""
+    first = readers[0].spec.tokenizer
     for r in readers[1:]:
-        theirs = r.spec.tokenizer.get("fingerprint")
-        if theirs != mine:
-            return r, str(mine), str(theirs)
+        if not same_tokenizer(first, r.spec.tokenizer):
+            return r, _fingerprint(first), _fingerprint(r.spec.tokenizer)
     return None
+
+
+def _fingerprint(record: Any) -> str:
+    return str(record.get(FULL_FINGERPRINT) or record.get("fingerprint"))
 
 
 def _first(parts: list[np.ndarray], n: int) -> list[np.ndarray]:

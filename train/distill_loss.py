@@ -162,12 +162,16 @@ class DistillationLoss(nn.Module):
             raise ValueError("give exactly one of model=, hidden= (with head=) or logits=")
         mask = self.trained(batch)  # [B, L-1]
         if model is not None:
-            if is_chunkable(model):
-                hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
-                head = _unwrap(model).get_output_embeddings()
-            else:
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits  # fmt: skip
+            try:
+                if is_chunkable(model):
+                    hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+                    head = _unwrap(model).get_output_embeddings()
+                else:
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+            except IndexError:  # torch's "index out of range in self", from the embedding
+                raise ValueError(_too_few_rows(batch, model)) from None
         if hidden is not None:
             if head is None:
                 raise ValueError("hidden= needs head= (the LM head module or its weight)")
@@ -199,6 +203,17 @@ class DistillationLoss(nn.Module):
         if self.loss == "ce":
             return cross_entropy_sum(rows, targets.labels)
         return distill_loss(rows, targets, **self.options)
+
+
+def _too_few_rows(batch: Mapping[str, Tensor], model: nn.Module) -> str:
+    """What to say when a batch's token ids are beyond the student's embedding rows."""
+    rows = _unwrap(model).get_input_embeddings().weight.shape[0]
+    largest = int(batch["input_ids"].max())
+    return (
+        f"the batch holds token id {largest} but the student has {rows} vocabulary rows: it "
+        "needs at least the cache's tokenizer's rows (teacher ids beyond them are handled by "
+        "CacheDataset(vocab_limit=rows); a larger student vocabulary by --extended-vocab)"
+    )
 
 
 def _as_head(head: nn.Module | Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor]:

@@ -117,6 +117,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
         config.student, config.student_config, config.tokenizer, spec=reader.spec,
         seed=config.seed, trust_remote_code=config.trust_remote_code, cache=reader.loc,
         meta=sharded and env.rank != 0,  # filled from rank 0's after sharding
+        log=reporter.log,
     )  # fmt: skip
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
     if config.lora_r:

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from logitcache.errors import LogitcacheError
-from logitcache.identity import tokenizer_fingerprint
 from logitcache.precompute.teacher import check_model_path, load_tokenizer
 from logitcache.recipes import RECIPE_LIMIT, load_yaml
-from logitcache.storage import CacheSpec, NoTokenizerError, fetch_tokenizer
+from logitcache.storage import CacheSpec, NoTokenizerError
+from logitcache.storage.errors import TokenizerError
+from logitcache.storage.tokenizer import check_tokenizer, load_stored_tokenizer, stored_tokenizer
 from logitcache.untrusted import read_local_text
 
 from .distill_loss import DistillationLoss, final_hidden
@@ -38,20 +39,25 @@ def load_student(
     trust_remote_code: bool = False,
     cache: Any = None,
     meta: bool = False,
+    log: Any = None,
 ):
     """Returns (model, tokenizer, tokenizer name) for a pretrained or from-scratch student.
 
-    A from-scratch student uses ``tokenizer_name``, else the tokenizer stored in ``cache`` (a
-    path, URL or storage ``Location``; its files' hashes are checked here, its fingerprint
-    by ``check_student``). ``meta``: the same architecture and dtype on the meta device, no
-    weights read or initialized (FSDP's ranks but 0, filled from rank 0 after
-    sharding: ``sharding.shard_student``)."""
+    The tokenizer is ``tokenizer_name``, else the pretrained student's own, else (a student
+    from scratch, or a pretrained one without tokenizer files: ``log`` says so) the one
+    stored in ``cache`` (a path, URL or storage ``Location``), loaded as data (no remote code
+    whatever ``trust_remote_code`` says) and checked against the cache's fingerprint.
+    ``trust_remote_code`` is for the student's own files. ``meta``: the same architecture and
+    dtype on the meta device, no weights read or initialized (FSDP's ranks but 0, filled
+    from rank 0 after sharding: ``sharding.shard_student``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     if (student is None) == (student_config is None):
         raise LogitcacheError("give exactly one of --student (a model) or --student-config")
+    if tokenizer_name is not None:
+        check_model_path(tokenizer_name, "--tokenizer")
     if student is not None:
         check_model_path(student, "student")
         try:
@@ -65,7 +71,8 @@ def load_student(
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise LogitcacheError(f"cannot load student {student!r}: {first}") from None
-        name = tokenizer_name or student
+        if tokenizer_name is None and _has_tokenizer(student):
+            tokenizer_name = student
     else:
         config_dict = _read_config_file(student_config)
         model_type = config_dict.pop("model_type", None)
@@ -77,11 +84,41 @@ def load_student(
             raise LogitcacheError(f"invalid student config {student_config}: {err}") from None
         torch.manual_seed(seed)
         model = _from_config(config, trust_remote_code, meta)
-        name = tokenizer_name or _cache_tokenizer(cache, spec)
     if tokenizer_name is not None:
-        check_model_path(tokenizer_name, "--tokenizer")
-    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
+        except LogitcacheError as err:
+            raise LogitcacheError(
+                f"{str(err).rstrip(': ')}; give --tokenizer, or put the cache's beside the model "
+                "with `logitcache tokenizer CACHE DIR`"
+            ) from None
+        return model, tokenizer, tokenizer_name
+    tokenizer, name = _cache_tokenizer(cache, spec, student)
+    if student is not None and log is not None:
+        log(
+            f"--student {student} has no tokenizer files: it gets the cache's ({name}), "
+            "checked against the cache's fingerprint and saved with the student"
+        )
     return model, tokenizer, name
+
+
+_TOKENIZER_DATA = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def _has_tokenizer(student: str) -> bool:
+    """Whether a student names its own tokenizer: a hub id or a file (a .gguf holds one) is
+    taken to; a directory does if it holds a tokenizer's files."""
+    path = Path(student).expanduser()
+    if not path.is_dir():
+        return True
+    return any((path / name).exists() for name in _TOKENIZER_DATA)
 
 
 def _from_config(config: Any, trust_remote_code: bool, meta: bool, **kwargs: Any) -> nn.Module:
@@ -95,22 +132,27 @@ def _from_config(config: Any, trust_remote_code: bool, meta: bool, **kwargs: Any
         )
 
 
-def _cache_tokenizer(cache: Any, spec: CacheSpec) -> str:
-    """The cache's stored tokenizer (a verified local copy), or one clear line saying how to
-    give one: caches written before format 1.1 only name the teacher's path."""
+def _cache_tokenizer(cache: Any, spec: CacheSpec, student: str | None) -> tuple[Any, str]:
+    """(the cache's stored tokenizer, where it is), checked; or one clear line saying how to
+    give one. Caches written before format 1.1 only name the teacher's path: that directory,
+    if it is on this machine, is loaded as data and checked like a stored tokenizer."""
     if cache is None:
-        raise LogitcacheError("a student from --student-config needs --tokenizer")
+        needs = "a student from --student-config"
+        if student is not None:
+            needs = f"--student {student} has no tokenizer files"
+        raise LogitcacheError(f"{needs}: give --tokenizer")
     try:
-        return str(fetch_tokenizer(cache))
+        tokenizer, path = stored_tokenizer(cache)
+        return tokenizer, str(path)
     except NoTokenizerError as err:
         recorded = spec.tokenizer.get("name_or_path")
-        try:  # an old cache on the machine that made it: the path it records still works
-            check_model_path(recorded or "", "tokenizer")
-        except LogitcacheError:
+        # An old cache on the machine that made it: the directory it records, never a hub id
+        # (a name from a cache is not fetched, and never run).
+        if not (recorded and Path(recorded).expanduser().is_dir()):
             raise LogitcacheError(f"the cache's tokenizer: {err}") from None
-        if not recorded:
-            raise LogitcacheError(f"the cache's tokenizer: {err}") from None
-        return recorded
+        tokenizer = load_stored_tokenizer(Path(recorded).expanduser())
+        check_tokenizer(tokenizer, spec.tokenizer, f"the tokenizer at {recorded!r}")
+        return tokenizer, recorded
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -134,23 +176,29 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab: bool) -> int:
     """Refuse a student that cannot learn from this cache; returns its vocabulary rows."""
-    cache_fp = spec.tokenizer.get("fingerprint")
-    student_fp = tokenizer_fingerprint(tokenizer)
-    if cache_fp != student_fp and not extended_vocab:
-        raise LogitcacheError(
-            f"the student's tokenizer (fingerprint {student_fp[:16]}) is not the cache's "
-            f"(fingerprint {str(cache_fp)[:16]}, {spec.tokenizer.get('name_or_path')}); "
-            "token ids would not mean the same thing. Use the teacher's tokenizer, or pass "
-            "--extended-vocab if the student's vocabulary extends the teacher's"
-        )
+    if not extended_vocab:
+        try:
+            check_tokenizer(tokenizer, spec.tokenizer, "the student's tokenizer")
+        except TokenizerError as err:
+            raise TokenizerError(
+                f"{err}. Omit --tokenizer (a student from scratch, or one without tokenizer "
+                "files, gets the cache's; `logitcache tokenizer CACHE DIR` exports it), or "
+                "pass --extended-vocab if the student's vocabulary extends the teacher's"
+            ) from None
     rows = model.get_output_embeddings().weight.shape[0]
     if extended_vocab and rows < spec.vocab_size:
         raise LogitcacheError(
             f"--extended-vocab: the student has {rows} vocabulary rows, fewer than the cache's "
             f"{spec.vocab_size}"
         )
-    if rows < len(tokenizer):
-        raise LogitcacheError(f"the student has {rows} vocabulary rows for {len(tokenizer)} tokens")
+    inputs = model.get_input_embeddings().weight.shape[0]
+    if min(rows, inputs) < len(tokenizer):
+        raise LogitcacheError(
+            f"the student has {min(rows, inputs)} vocabulary rows, fewer than the "
+            f"{len(tokenizer)} tokens of the cache's tokenizer (vocabulary {spec.vocab_size}): "
+            "give it at least as many (vocab_size in --student-config), or use a student made "
+            "for this tokenizer"
+        )
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max_pos < spec.seq_len:
         raise LogitcacheError(

@@ -39,7 +39,8 @@ def cache_summary(manifest: Any) -> dict[str, Any]:
         "mean_covered_mass": stats["mean_covered_mass"],
         "mean_entropy": stats["mean_entropy"],
         "teacher": dict(spec.teacher),
-        "tokenizer_fingerprint": spec.tokenizer.get("fingerprint"),
+        "tokenizer_fingerprint": spec.tokenizer.get("fingerprint_full")
+        or spec.tokenizer.get("fingerprint"),
         "tokenizer_stored": bool(manifest.tokenizer_files),
         "corpus": dict(spec.corpus),
         "codecs": {k: v for k, v in spec.codecs.items()},

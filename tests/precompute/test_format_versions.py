@@ -67,13 +67,13 @@ def test_format_1_on_request_and_its_recipe_says_so(tmp_path, tiny_teacher_dir, 
     out = tmp_path / "v1"
     precompute(tiny_teacher_dir, text_corpus, out, top_k=4, format_version=1)
     raw = json.loads((out / "manifest.json").read_text())
-    assert raw["format_version"] == 1 and raw["format_minor"] == 1  # with its tokenizer
+    assert raw["format_version"] == 1 and raw["format_minor"] == 2  # fingerprint_full
     assert read_recipe(str(out))["format_version"] == 1
-    assert "format 1.1, id" in summary_text(CacheReader(out).manifest, str(out))  # inspect
+    assert "format 1.2, id" in summary_text(CacheReader(out).manifest, str(out))  # inspect
     out2 = tmp_path / "v2"
     precompute(tiny_teacher_dir, text_corpus, out2, top_k=4)
     raw = json.loads((out2 / "manifest.json").read_text())
-    assert raw["format_version"] == 2 and "format_minor" not in raw
+    assert raw["format_version"] == 2 and raw["format_minor"] == 1  # fingerprint_full
     assert raw["spec"]["batch_sequences"] == 4  # the test's shard size: 4096 // 64 = 64 > 4
     assert read_recipe(str(out2))["format_version"] == 2
-    assert "format 2, id" in summary_text(CacheReader(out2).manifest, str(out2))
+    assert "format 2.1, id" in summary_text(CacheReader(out2).manifest, str(out2))

@@ -3,6 +3,7 @@ used by ``train`` by default, exported by ``logitcache tokenizer``; older caches
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.cli import main
-from logitcache.identity import tokenizer_fingerprint
+from logitcache.identity import tokenizer_fingerprint, tokenizer_fingerprint_v1
 from logitcache.storage import (
     CacheError,
     Manifest,
@@ -23,6 +24,7 @@ from logitcache.storage import (
     verify_cache,
 )
 from logitcache.storage.location import Location
+from logitcache.storage.tokenizer_files import check_tokenizer_files
 
 
 def invoke(*args):
@@ -69,7 +71,7 @@ def strip_tokenizer(cache: Path) -> None:
 
 def test_precompute_stores_the_tokenizer(cache, tiny_tokenizer):
     raw = json.loads((cache / "manifest.json").read_text())
-    assert raw["format_version"] == 2 and "format_minor" not in raw  # 2.0 has tokenizer_files
+    assert (raw["format_version"], raw["format_minor"]) == (2, 1)  # 2.1: fingerprint_full
     names = sorted(f["path"] for f in raw["tokenizer_files"])
     assert "tokenizer/tokenizer.json" in names and "tokenizer/tokenizer_config.json" in names
     for entry in raw["tokenizer_files"]:
@@ -78,8 +80,9 @@ def test_precompute_stores_the_tokenizer(cache, tiny_tokenizer):
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(fetch_tokenizer(cache))
-    assert tokenizer_fingerprint(loaded) == raw["spec"]["tokenizer"]["fingerprint"]
+    assert tokenizer_fingerprint(loaded) == raw["spec"]["tokenizer"]["fingerprint_full"]
     assert tokenizer_fingerprint(loaded) == tokenizer_fingerprint(tiny_tokenizer)
+    assert tokenizer_fingerprint_v1(loaded) == raw["spec"]["tokenizer"]["fingerprint"]
 
 
 def test_a_pulled_cache_trains_without_the_teacher(cache, student_config, tmp_path):
@@ -110,7 +113,7 @@ def test_an_old_cache_reads_and_says_how_to_add_its_tokenizer(
 ):
     strip_tokenizer(cache)
     raw = json.loads((cache / "manifest.json").read_text())
-    assert "format_minor" not in raw and "tokenizer_files" not in raw  # as 0.1 wrote it
+    assert "tokenizer_files" not in raw  # as 0.1 wrote it
     assert verify_cache(cache)[1] == []
     shown = invoke("inspect", cache).stdout
     assert "not stored" in shown and f"logitcache tokenizer {cache} --add" in shown
@@ -133,7 +136,7 @@ def test_add_refuses_another_tokenizer(cache, tiny_tokenizer, text_corpus, tmp_p
     other = tiny_tokenizer.train_new_from_iterator([text_corpus.read_text()], vocab_size=280)
     other.save_pretrained(tmp_path / "other")
     err = one_line_error(invoke("tokenizer", cache, "--add", tmp_path / "other"))
-    assert "is not the one this cache was made with" in err
+    assert "is not the one the cache was made with" in err
     assert not (cache / "tokenizer").exists()
     assert "tokenizer_files" not in (cache / "manifest.json").read_text()
 
@@ -205,7 +208,7 @@ def test_a_resumed_writer_keeps_the_stored_tokenizer(tmp_path):
         writer.write_shard(1, records[3:])
         writer.finish(6)
     assert (path / "tokenizer" / "tokenizer.json").read_text() == "first"
-    assert verify_cache(path)[1] == []
+    assert check_tokenizer_files(Location(path), read_manifest(Location(path))) == []
 
 
 def test_parallel_workers_that_save_different_bytes_merge_into_a_verified_cache(tmp_path):
@@ -225,7 +228,7 @@ def test_parallel_workers_that_save_different_bytes_merge_into_a_verified_cache(
         writer.close()
     assert merged is not None and merged.complete
     assert (path / "tokenizer" / "tokenizer.json").read_text() == "worker 0"
-    assert verify_cache(path)[1] == []
+    assert check_tokenizer_files(Location(path), read_manifest(Location(path))) == []
 
 
 def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
@@ -239,11 +242,257 @@ def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
     shutil.rmtree(cache / "tokenizer")
     files = write_tokenizer_files(Location(cache), other)
     (cache / "manifest.json").write_text(replace(manifest, tokenizer_files=files).to_json())
-    assert verify_cache(cache)[1] == []  # the hashes agree; the fingerprint does not
+    # the hashes agree; the fingerprint does not: verify, tokenizer and train all refuse
+    assert "is not the one the cache was made with" in " ".join(verify_cache(cache)[1])
     err = one_line_error(invoke("tokenizer", cache, tmp_path / "tok"))
-    assert "is not the one the cache was made with" in err
+    assert "is not the one the cache was made with" in err and not (tmp_path / "tok").exists()
     run = invoke(
         "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
         "--steps", "1", "--num-workers", "0", "--quiet",
     )  # fmt: skip
-    assert "is not the cache's" in one_line_error(run)
+    assert "is not the one the cache was made with" in one_line_error(run)
+
+
+# -- the fingerprint rules -------------------------------------------------------------------
+MAIN_FINGERPRINT = "6c2144ab8bdfc8e41a4de1d4c067939470a34fdcc4df25a2441d98017f4bc3b4"
+"""What logitcache 0.2 (rule 1) gave conftest's tokenizer; caches it made record this."""
+
+
+def test_rule_1_is_what_older_caches_recorded(tiny_tokenizer):
+    assert tokenizer_fingerprint_v1(tiny_tokenizer) == MAIN_FINGERPRINT
+    assert tokenizer_fingerprint(tiny_tokenizer) != MAIN_FINGERPRINT
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        "normalizer",
+        "pre_tokenizer",
+        "post_processor",
+        "decoder",
+        "byte_fallback",
+        "dropout",
+        "added_flag",
+        "chat_template",
+        "cleanup",
+    ],
+)
+def test_rule_2_sees_what_rule_1_did_not(tiny_tokenizer, part):
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    if part == "normalizer":
+        backend.normalizer = normalizers.Lowercase()
+    elif part == "pre_tokenizer":
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer]
+        )
+    elif part == "post_processor":
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|eos|> $A", special_tokens=[("<|eos|>", 0)]
+        )
+    elif part == "decoder":
+        backend.decoder = decoders.Replace("e", "3")
+    elif part in ("byte_fallback", "dropout", "added_flag"):
+        data = json.loads(backend.to_str())
+        if part == "added_flag":
+            data["added_tokens"][2]["lstrip"] = True
+        else:
+            data["model"][part] = True if part == "byte_fallback" else 0.5
+        backend = Tokenizer.from_str(json.dumps(data))
+    forged = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    forged.chat_template = tiny_tokenizer.chat_template
+    forged.clean_up_tokenization_spaces = tiny_tokenizer.clean_up_tokenization_spaces
+    if part == "chat_template":
+        forged.chat_template = "{{ messages[0]['content'] }}"
+    elif part == "cleanup":
+        forged.clean_up_tokenization_spaces = not tiny_tokenizer.clean_up_tokenization_spaces
+    if part not in ("chat_template", "cleanup", "dropout"):  # dropout: encode is random
+        assert tokenizer_fingerprint_v1(forged) == tokenizer_fingerprint_v1(tiny_tokenizer)
+    assert tokenizer_fingerprint(forged) != tokenizer_fingerprint(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def old_cache(tmp_path_factory, tiny_teacher_dir, text_corpus) -> Path:
+    """A cache whose tokenizer record is what logitcache 0.2 wrote: rule 1 only."""
+    import logitcache.precompute.config as precompute_config
+
+    def rule_1_identity(tokenizer, name):
+        return {
+            "fingerprint": tokenizer_fingerprint_v1(tokenizer),
+            "name_or_path": name,
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+
+    root = tmp_path_factory.mktemp("old")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(precompute_config, "tokenizer_identity", rule_1_identity)
+        result = invoke(
+            "precompute",
+            "--teacher",
+            tiny_teacher_dir,
+            "--data",
+            text_corpus,
+            "--out",
+            root / "cache",
+            "--seq-len",
+            "32",
+            "--shard-sequences",
+            "32",
+            "--top-k",
+            "4",
+            "--device",
+            "cpu",
+            "--quiet",
+        )
+    assert result.exit_code == 0, result.output
+    return root / "cache"
+
+
+def test_an_old_fingerprint_cache_still_reads_verifies_and_trains(
+    old_cache, student_config, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LOGITCACHE_HOME", str(tmp_path / "home"))
+    raw = json.loads((old_cache / "manifest.json").read_text())
+    assert raw["spec"]["tokenizer"]["fingerprint"] == MAIN_FINGERPRINT
+    assert "format_minor" not in raw and "fingerprint_full" not in raw["spec"]["tokenizer"]
+    assert verify_cache(old_cache)[1] == []
+    run = invoke(
+        "train",
+        "--cache",
+        old_cache,
+        "--student-config",
+        student_config,
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--quiet",
+    )
+    assert run.exit_code == 0, run.output
+    assert invoke("tokenizer", old_cache, tmp_path / "tok").exit_code == 0
+
+
+def test_an_old_fingerprint_cache_with_another_vocabulary_is_refused(old_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(old_cache, cache)
+    path = cache / "tokenizer" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(data))
+    raw = json.loads((cache / "manifest.json").read_text())
+    entry = next(f for f in raw["tokenizer_files"] if f["path"] == "tokenizer/tokenizer.json")
+    entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (cache / "manifest.json").write_text(json.dumps(raw))
+    (problem,) = verify_cache(cache)[1]
+    assert "is not the one the cache was made with" in problem and "fingerprint " in problem
+
+
+# -- a pretrained student without a tokenizer; a student with too few rows ------------------
+def save_student(directory: Path, student_config: Path, vocab_size: int | None = None) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = json.loads(student_config.read_text())
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
+    model_type = config.pop("model_type")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).save_pretrained(
+        directory
+    )
+    return directory
+
+
+def test_a_pretrained_student_without_tokenizer_files_gets_the_caches(
+    cache, student_config, tmp_path
+):
+    student = save_student(tmp_path / "student", student_config)
+    run = invoke(
+        "train",
+        "--cache",
+        cache,
+        "--student",
+        student,
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+    )
+    assert run.exit_code == 0, run.output
+    assert "has no tokenizer files: it gets the cache's" in run.output
+    assert (tmp_path / "run" / "model" / "tokenizer.json").exists()
+    # or put the cache's tokenizer beside the model, once: a model directory is fine
+    assert invoke("tokenizer", cache, student).exit_code == 0
+    assert invoke("tokenizer", cache, student).exit_code == 0  # the same files again
+    (student / "tokenizer_config.json").write_text("{}")
+    err = one_line_error(invoke("tokenizer", cache, student))
+    assert "already holds other tokenizer_config.json" in err
+
+
+def test_a_student_with_fewer_rows_than_the_tokenizer_is_refused_before_training(
+    cache, student_config, tmp_path
+):
+    student = save_student(tmp_path / "student", student_config, vocab_size=200)
+    run = invoke(
+        "train",
+        "--cache",
+        cache,
+        "--student",
+        student,
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--quiet",
+    )
+    err = one_line_error(run)
+    assert "200 vocabulary rows" in err and "300 tokens" in err and "vocab_size" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_loss_names_the_sizes_when_ids_are_beyond_the_students_rows(tiny_teacher_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from logitcache import DistillationLoss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    model.resize_token_embeddings(200)
+    ids = torch.tensor([[5, 250, 7, 9]])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids,
+        "teacher_ids": torch.zeros(1, 4, 2, dtype=torch.long),
+        "teacher_probs": torch.full((1, 4, 2), 0.5),
+        "teacher_valid": torch.ones(1, 4, 2, dtype=torch.bool),
+        "teacher_tail": torch.zeros(1, 4),
+    }
+    with pytest.raises(ValueError, match="token id 250 but the student has 200 vocabulary rows"):
+        DistillationLoss()(batch, model=model)
+
+
+def test_a_student_whose_tokenizer_files_do_not_load_is_told_what_to_do(
+    cache, student_config, tmp_path
+):
+    student = save_student(tmp_path / "student", student_config)
+    (student / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    args = ["--student", student, "--out", tmp_path / "run", "--steps", "1", "--quiet"]
+    err = one_line_error(invoke("train", "--cache", cache, "--num-workers", "0", *args))
+    assert "cannot load tokenizer" in err and "give --tokenizer" in err
+    assert "`logitcache tokenizer CACHE DIR`" in err

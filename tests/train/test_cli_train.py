@@ -58,7 +58,7 @@ def test_tokenizer_mismatch(
     student = tmp_path / "student"
     model.save_pretrained(student)
     other.save_pretrained(student)
-    cache_fp = CacheReader(topk_cache).spec.tokenizer["fingerprint"]
+    cache_fp = CacheReader(topk_cache).spec.tokenizer["fingerprint_full"]
     student_fp = tokenizer_fingerprint(other)
     assert student_fp != cache_fp
     result = cli(train_args(topk_cache, tmp_path / "run", student=student))

@@ -150,6 +150,7 @@ def test_a_mixed_cache_with_another_tokenizer_is_refused(
     shutil.copytree(sampled_cache, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["spec"]["tokenizer"]["fingerprint"] = "f" * 64
+    manifest["spec"]["tokenizer"]["fingerprint_full"] = "f" * 64
     manifest.pop("cache_id", None)
     (other / "manifest.json").write_text(json.dumps(manifest))
     result = cli(run_args([topk_cache, other], steps=1))

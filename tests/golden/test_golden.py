@@ -47,8 +47,12 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "pyarrow": pyarrow.__version__, "numcodecs": numcodecs.__version__}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pyarrow.__version__,
+        "numcodecs": numcodecs.__version__,
+    }
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
@@ -93,10 +97,18 @@ def _outputs(workdir: Path, student_config: Path) -> dict:
     shutil.copy(student_config, workdir / "student.json")
     run = workdir / "run"
     config = TrainConfig(
-        cache=str(workdir / "caches" / "topk-f2-arrow"), out=str(run),
-        student_config=str(workdir / "student.json"), steps=6, batch_size=4, lr=1e-3,
-        eval_every=3, save_every=3, device="cpu", seed=0, quiet=True,
-    )  # fmt: skip
+        cache=str(workdir / "caches" / "topk-f2-arrow"),
+        out=str(run),
+        student_config=str(workdir / "student.json"),
+        steps=6,
+        batch_size=4,
+        lr=1e-3,
+        eval_every=3,
+        save_every=3,
+        device="cpu",
+        seed=0,
+        quiet=True,
+    )
     train(config)
     out["metrics"] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in out["metrics"]:

@@ -96,8 +96,12 @@ def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) ->
     from logitcache.progress import Reporter
 
     config = precompute_config(params, click.get_current_context(), recipe)
-    if dry_run:
+    if dry_run:  # the pass's own checks first (not its weights' hash)
+        from logitcache.precompute.preflight import dry_run as check_pass
+
+        checked = check_pass(config)
         click.echo(recipe_yaml(config, "precompute"), nl=False)
+        click.echo(checked, err=True)
         return
     rank, _ = distributed_worker()
     with sigterm_raises():  # preempted: the same line and cleanup as Ctrl-C (exit 143)

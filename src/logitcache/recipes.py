@@ -95,8 +95,8 @@ def recipe_options(fn):
         "--dry-run",
         is_flag=True,
         help="Print the resolved settings as a YAML recipe (headed by the equivalent command "
-        "line) and exit without running. train first makes every check a run makes before its "
-        "first step (no weights read, nothing written).",
+        "line) and exit without running, after every check the run makes before its work (no "
+        "weights read, nothing written).",
     )(fn)
     return click.option(
         "--config",

@@ -25,7 +25,13 @@ from logitcache.untrusted import redact
 from .corpus import CorpusSpec, corpus_identity
 from .defaults import DEFAULT_SAMPLES
 
-__all__ = ["PrecomputeConfig", "make_spec", "read_recipe", "settings_from_spec"]
+__all__ = [
+    "PrecomputeConfig",
+    "check_teacher_fits",
+    "make_spec",
+    "read_recipe",
+    "settings_from_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -138,8 +144,8 @@ class PrecomputeConfig:
         return to_argv(self)
 
 
-def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
-    """The cache spec ``config`` writes with this teacher (refused if they do not fit)."""
+def check_teacher_fits(config: PrecomputeConfig, model_config: Any) -> None:
+    """Refuse a --top-k above the teacher's vocabulary or a --seq-len above its positions."""
     vocab = int(model_config.vocab_size)
     if config.top_k is not None and config.top_k > vocab:
         raise LogitcacheError(
@@ -150,6 +156,12 @@ def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> Ca
         raise LogitcacheError(
             f"--seq-len {config.corpus.seq_len} exceeds the teacher's maximum positions ({max_pos})"
         )
+
+
+def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> CacheSpec:
+    """The cache spec ``config`` writes with this teacher (refused if they do not fit)."""
+    check_teacher_fits(config, model_config)
+    vocab = int(model_config.vocab_size)
     codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step,
                             format_version=config.format_version, mode=config.mode)  # fmt: skip
     seq_len, per_shard = config.corpus.seq_len, config.shard_sequences

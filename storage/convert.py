@@ -156,6 +156,14 @@ def convert_cache(
         ) as reader,
     ):
         manifest = reader.manifest
+        if not manifest.complete and manifest.n_sequences_total is not None:
+            raise CacheError(
+                f"{source.url} is a partial pull ({len(manifest.shards)} shards of a finished "
+                f"cache of {manifest.n_sequences_total} sequences): the cache is incomplete "
+                "here. Finish the pull (`logitcache pull URL DIRECTORY` without --shards or "
+                "--max-tokens; shards already there are skipped), or convert the cache at its "
+                "source"
+            )
         if not manifest.complete:
             raise CacheError(
                 f"{source.shown} is not a finished cache (its manifest lists "

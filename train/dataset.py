@@ -182,9 +182,10 @@ class CacheDataset(Dataset):
         per_item = np.asarray(weights, dtype=np.float64) / np.maximum(self.sizes, 1)
         return torch.from_numpy(per_item[self._source])
 
-    def stream(self, *, batch_size: int, **options: Any):
-        """The streaming form: collated micro-batches in the exact-resume, block-shuffled
-        order; see ``logitcache.train.stream.CacheStream`` for ``options``."""
+    def stream(self, batch_size: int, **options: Any):
+        """The streaming form: collated micro-batches of ``batch_size`` sequences in the
+        exact-resume, block-shuffled order; see ``logitcache.train.stream.CacheStream`` for
+        ``options`` (keywords)."""
         from .stream import CacheStream
 
         return CacheStream(self, batch_size=batch_size, **options)

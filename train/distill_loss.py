@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import (
+    LOSSES,
     TAIL_POLICIES,
     TeacherTargets,
     check_loss_args,
@@ -101,6 +102,8 @@ class DistillationLoss(nn.Module):
         chunk_size: int = 1024,
     ) -> None:
         super().__init__()
+        if loss not in (*LOSSES, "ce"):  # ce (cross-entropy only) is this module's own
+            raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}, ce")
         if loss != "ce":
             check_loss_args(loss, tail, temperature, alpha, beta)
         elif tail not in TAIL_POLICIES:

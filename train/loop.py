@@ -13,7 +13,6 @@ the exact-resume order (``CacheStream``), ``DistillCollator`` batches and the
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -31,10 +30,10 @@ from logitcache.storage import CacheReader
 from logitcache.untrusted import redact_values
 
 from . import sharding
-from .caches import check_cache, eval_dataset, mixed_readers
+from .caches import eval_dataset
 from .checkpoint import TrainingProgress, is_out_of_space, latest_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig, lr_multiplier
-from .data import StreamState, count_split
+from .data import StreamState
 from .dataset import CacheDataset
 from .distill_loss import DistillationLoss
 from .distributed import (
@@ -49,9 +48,10 @@ from .evaluation import eval_summary, evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .preempt import StopOnSignal, ignore_stop_signals, stopped
-from .rundir import claim_out, path_settings, read_metrics, resume, write_run_file
+from .preflight import check_run, total_steps
+from .rundir import path_settings, read_metrics, resume, write_run_file
 from .stream import CacheStream
-from .student import DistillModule, apply_lora, check_student, load_student
+from .student import DistillModule, apply_lora
 
 __all__ = ["TrainResult", "train"]
 
@@ -108,18 +108,12 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 
 def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     """Open and check the caches, load the student, resume, and open the stream."""
-    claim_out(config, env.rank)
-    reader = CacheReader(config.cache, **config.reader_options())
-    check_cache(reader, config)
-    mixed = mixed_readers(reader, config)
     sharded = config.fsdp and env.distributed
-    model, tokenizer, _ = load_student(
-        config.student, config.student_config, config.tokenizer, spec=reader.spec,
-        seed=config.seed, trust_remote_code=config.trust_remote_code, cache=reader.loc,
-        meta=sharded and env.rank != 0,  # filled from rank 0's after sharding
-        log=reporter.log,
-    )  # fmt: skip
-    vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
+    checked = check_run(
+        config, env, meta=sharded and env.rank != 0, log=reporter.log
+    )  # meta: filled from rank 0's
+    reader, mixed, model = checked.reader, checked.mixed, checked.model
+    tokenizer, vocab_rows = checked.tokenizer, checked.vocab_rows
     if config.lora_r:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, seed=config.seed,
                            targets=config.lora_targets, dropout=config.lora_dropout)  # fmt: skip
@@ -137,13 +131,13 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     if sharded:
         sharding.shard_student(module, env.device, env.world_size, config.precision, env.rank)
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
-    total_steps = _total_steps([reader, *mixed], config, env.world_size)
-    progress = TrainingProgress(schedule_steps=total_steps)
+    n_steps = total_steps([reader, *mixed], config, env.world_size)
+    progress = TrainingProgress(schedule_steps=n_steps)
     fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
     if config.resume:
-        progress = _resume(config, model, optimizer, fingerprint, total_steps, reporter, env)
+        progress = _resume(config, model, optimizer, fingerprint, n_steps, reporter, env)
         check_ranks_resume_together(progress.step, env, config.out)
-    _write_config(config, env, fingerprint, total_steps)
+    _write_config(config, env, fingerprint, n_steps)
     data = CacheDataset(
         config.caches, split="train", eval_fraction=config.eval_fraction,
         vocab_limit=vocab_rows, target=config.target, reader_options=config.reader_options(),
@@ -156,7 +150,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
     )  # fmt: skip
     wrapped = module if sharding.is_sharded(module) else wrap_ddp(module, env)
     return _Run(model, tokenizer, wrapped, optimizer, stream,
-                eval_dataset(reader, config, vocab_rows), progress, fingerprint, total_steps,
+                eval_dataset(reader, config, vocab_rows), progress, fingerprint, n_steps,
                 autocast_for(config.precision, env))  # fmt: skip
 
 
@@ -250,16 +244,6 @@ def _online_teacher(config: TrainConfig, env: Env):
 
     model, _, _ = load_teacher(config.online_teacher, device=str(env.device))
     return model
-
-
-def _total_steps(readers: list[CacheReader], config: TrainConfig, world: int) -> int:
-    if config.steps is not None:
-        return config.steps
-    n_train = sum(count_split(r, config.eval_fraction)[0] for r in readers)
-    per_step = config.batch_size * config.grad_accum * world
-    # A step never straddles two epochs, so every epoch ends with its own (short) step.
-    per_epoch = math.ceil(n_train / per_step)
-    return max(1, math.ceil(per_epoch * (config.epochs or 1.0) - 1e-9))
 
 
 def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) -> dict[str, Any]:

@@ -68,7 +68,9 @@ for _command in CACHE_COMMANDS:
 
 # -- demo -------------------------------------------------------------------------------
 @main.command()
-@click.option("--quick", is_flag=True, help="Smaller everything (< 90 s), same code path.")
+@click.option("--quick", is_flag=True,
+              help="Smaller everything, same code path; its first run pretrains a small "
+              "teacher of its own too.")  # fmt: skip
 @click.option("--out", default="logitcache-demo", show_default=True,
               help="Where the cache, students, plot and summary go (the demo owns it: outputs "
               "of an earlier demo of another size are replaced).")  # fmt: skip
@@ -111,8 +113,12 @@ def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) ->
     from logitcache.progress import Reporter
 
     config = precompute_config(params, click.get_current_context(), recipe)
-    if dry_run:
+    if dry_run:  # the pass's own checks first (not its weights' hash)
+        from logitcache.precompute.preflight import dry_run as check_pass
+
+        checked = check_pass(config)
         click.echo(recipe_yaml(config, "precompute"), nl=False)
+        click.echo(checked, err=True)
         return
     rank, _ = distributed_worker()
     with sigterm_raises():  # preempted: the same line and cleanup as Ctrl-C (exit 143)
@@ -153,8 +159,13 @@ def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
     from logitcache.train.preempt import reported_interrupts
 
     config = train_config(params, click.get_current_context(), recipe)
-    if dry_run:
+    if dry_run:  # every check of a run's setup first: a recipe printed is a run that starts
+        from logitcache.train.distributed import setup_distributed
+        from logitcache.train.preflight import dry_run as check_run
+
+        checked = check_run(config, setup_distributed(config.device))
         click.echo(recipe_yaml(config, "train"), nl=False)
+        click.echo(checked, err=True)
         return
     with reported_interrupts(config.out):  # SIGTERM / Ctrl-C: a checkpoint, or what is kept
         result = run_train(config)

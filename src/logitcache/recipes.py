@@ -232,7 +232,8 @@ def recipe_options(fn):
         "--dry-run",
         is_flag=True,
         help="Print the resolved settings as a YAML recipe (headed by the equivalent command "
-        "line) and exit without running.",
+        "line) and exit without running, after every check the run makes before its work (no "
+        "weights read, nothing written).",
     )(fn)
     return click.option(
         "--config",
@@ -317,7 +318,12 @@ def recipe_yaml(config: Any, command: str) -> str:
     import yaml
 
     line = " ".join(["logitcache", command, *map(shlex.quote, to_argv(config))])
-    body = yaml.safe_dump(settings_of(config), sort_keys=False, default_flow_style=False)
+    flat = settings_of(config)
+    for s in settings(type(config)):  # a repeatable flag's values as one list, as it reads them
+        if s.meta.rest_into:
+            rest = flat.pop(s.meta.rest_into)
+            flat[s.key] = [flat[s.key], *rest] if rest else flat[s.key]
+    body = yaml.safe_dump(flat, sort_keys=False, default_flow_style=False)
     return f"# {line}\n{body}"
 
 

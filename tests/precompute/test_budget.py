@@ -186,7 +186,7 @@ def test_the_sample_is_spread_evenly_over_the_first_sequences(
 
 def test_a_budget_cache_is_a_plain_samples_cache_and_its_recipe_remakes_it(tmp_path, budget_cache):
     out, calibration, _ = budget_cache
-    recipe = yaml.safe_load(invoke("precompute", "--config", out, "--out", "x", "--dry-run").output)
+    recipe = yaml.safe_load(invoke("precompute", "--config", out, "--out", "x", "--dry-run").stdout)
     assert (recipe["samples"], recipe["bytes_per_token"]) == (calibration.samples, None)
     again = tmp_path / "again"
     result = invoke("precompute", "--config", out, "--out", again, "--device", "cpu", "--quiet")
@@ -233,13 +233,14 @@ def test_flag_conflicts_are_one_line_errors(flags, message):
     assert message in one_line_error(result)
 
 
-def test_bytes_per_token_alone_gets_no_default_samples():
-    result = invoke("precompute", "--teacher", "t", "--data", "d", "--out", "o",
-                    "--bytes-per-token", "16", "--sampled-logprobs", "--dry-run")  # fmt: skip
-    recipe = yaml.safe_load(result.output)
+def test_bytes_per_token_alone_gets_no_default_samples(tiny_teacher_dir, text_corpus):
+    result = invoke("precompute", "--teacher", tiny_teacher_dir, "--data", text_corpus, "--out",
+                    "o", "--seq-len", "32", "--bytes-per-token", "16", "--sampled-logprobs",
+                    "--dry-run")  # fmt: skip
+    recipe = yaml.safe_load(result.stdout)
     assert (recipe["samples"], recipe["top_k"], recipe["bytes_per_token"]) == (None, None, 16.0)
-    assert result.output.startswith("# logitcache precompute ")
-    assert "--bytes-per-token 16.0 --sampled-logprobs" in result.output.splitlines()[0]
+    assert result.stdout.startswith("# logitcache precompute ")
+    assert "--bytes-per-token 16.0 --sampled-logprobs" in result.stdout.splitlines()[0]
 
 
 def test_an_interrupted_budget_cache_resumes_with_its_n_without_calibrating(

@@ -13,7 +13,14 @@ from click.testing import CliRunner, Result
 from storage_synth import assert_records_match, by_id, make_records, make_spec, write_cache
 
 from logitcache.cli import main
-from logitcache.storage import CacheError, CacheReader, CacheWriter, convert_cache, verify_cache
+from logitcache.storage import (
+    CacheError,
+    CacheReader,
+    CacheWriter,
+    convert_cache,
+    copy_cache,
+    verify_cache,
+)
 from logitcache.storage.format import diff_specs
 from logitcache.storage.location import Location
 from logitcache.storage.tokenizer_files import check_tokenizer_files
@@ -142,6 +149,11 @@ def test_refusals_leave_the_destination_as_it_was(tmp_path):
         writer.write_shard(0, make_records(spec, 0, 3))
     with pytest.raises(CacheError, match="is not a finished cache"):
         convert_cache(tmp_path / "unfinished", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    write_cache(tmp_path / "whole", spec, 7)
+    copy_cache(tmp_path / "whole", tmp_path / "pulled", shards="0")  # a partial pull
+    with pytest.raises(CacheError, match=r"partial pull .*incomplete here. Finish the pull"):
+        convert_cache(tmp_path / "pulled", tmp_path / "new")  # not "finish its teacher pass"
     assert not (tmp_path / "new").exists()
 
 

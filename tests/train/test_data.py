@@ -212,6 +212,14 @@ def test_every_training_sequence_once_per_epoch(topk_cache, vocab, training, mic
         assert b.epoch == 0
 
 
+def test_stream_takes_its_batch_size_positionally(topk_cache, vocab):
+    """As docs/api.md writes it: ``data.stream(8)`` is ``data.stream(batch_size=8)``."""
+    data = CacheDataset(str(topk_cache), vocab_limit=vocab)
+    first = next(iter(data.stream(8, epochs=1)))
+    assert torch.equal(first["index"], next(iter(data.stream(batch_size=8, epochs=1)))["index"])
+    assert len(first["index"]) == 8
+
+
 def test_epochs_follow_each_other(topk_cache, vocab, training):
     """An endless stream moves to epoch 1 (a new order) after the last partial batch."""
     batches = take(stream(topk_cache, vocab, micro_batch=4), 22)

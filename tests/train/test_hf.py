@@ -8,12 +8,15 @@ boundary), and a PEFT model trains through it.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from logitcache.train import CacheDataset, DistillationLoss, TrainConfig, train
+from logitcache.train import CacheDataset, DistillationLoss, TrainConfig, evaluate, train
 from logitcache.train.hf import DistillationTrainer
 
 EVAL_FRACTION = 0.2  # 43 training sequences: 11 micro-batches of 4, the last of 3
@@ -118,3 +121,53 @@ def test_a_peft_model_trains_through_the_trainer(topk_cache, student_dir, tmp_pa
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     hf.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def documented_arguments() -> dict:
+    """The literal keyword arguments of docs/api.md's ``TrainingArguments(...)`` in its
+    Hugging Face ``Trainer`` example (the ones that make it ``logitcache train``'s run)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = text.split("## Hugging Face `Trainer`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    (call,) = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)
+               and getattr(n.func, "id", None) == "TrainingArguments"]  # fmt: skip
+    literal = lambda node: not isinstance(node, ast.Subscript)  # noqa: E731 (os.environ[...])
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if literal(kw.value)}
+
+
+def test_documented_arguments_give_logitcache_trains_loss_curve(
+    topk_cache, student_dir, tmp_path, metrics
+):
+    """docs/api.md's arguments, at this test's batch size, learning rate and length: the
+    same loss at every step of two epochs (22 steps, the last of each epoch short). Both
+    compute in float32 on one thread; the CLI sums its loss in float64 and torch's fused
+    and for-each AdamW round differently, so the curves part at ~1e-7 relative: 1e-5 is
+    that with room, and ~100x below what a differing default (seed, beta2, the schedule's
+    floor, weight decay) makes by the second step."""
+    args = documented_arguments()
+    out = tmp_path / "cli"
+    train(TrainConfig(cache=str(topk_cache), out=str(out), student=str(student_dir), epochs=2,
+                      batch_size=4, lr=1e-2, eval_fraction=EVAL_FRACTION, num_workers=0,
+                      quiet=True))  # fmt: skip
+    cli = [r["loss"] for r in metrics(out) if "loss" in r]
+    for key in ("logging_steps", "save_steps", "eval_strategy", "eval_steps"):
+        args.pop(key, None)
+    args.update(per_device_train_batch_size=4, learning_rate=1e-2, num_train_epochs=2)
+    hf = trainer(str(student_dir), topk_cache, tmp_path / "hf", **args)
+    hf.train()
+    assert len(hf.losses) == len(cli) == 22
+    assert hf.losses == pytest.approx(cli, rel=1e-5)
+
+
+def test_eval_loss_is_the_training_loss_on_the_eval_split(topk_cache, student_dir, tmp_path):
+    """As docs/api.md defines it: with the default loss, ``evaluate()``'s ``eval_kl`` (every
+    sequence of this packed cache has 31 trained positions, so the Trainer's weighting of
+    its batches by sequence count is the plain mean per position)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    held_out = CacheDataset(str(topk_cache), split="eval", eval_fraction=EVAL_FRACTION,
+                            vocab_limit=300)  # fmt: skip
+    hf = trainer(model, topk_cache, tmp_path / "hf", per_device_eval_batch_size=3)
+    got = hf.evaluate(eval_dataset=held_out)["eval_loss"]
+    assert got == pytest.approx(evaluate(model, held_out)["eval_kl"], rel=1e-6)

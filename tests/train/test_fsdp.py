@@ -64,7 +64,7 @@ def test_fsdp_on_one_process_resumes_on_two(cli, flags, metrics, reference, tmp_
 
 SPY = """
 import json, os, sys
-import logitcache.train.loop as loop
+import logitcache.train.preflight as loop  # where the run loads its student
 from logitcache.cli import main
 
 load_student = loop.load_student

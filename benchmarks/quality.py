@@ -225,17 +225,30 @@ def format_rows(rows: list[QualityRow]) -> str:
 
 
 @click.command()
-@click.option("--out", default="logitcache-quality", show_default=True,
-              help="Work directory: caches, students, quality.json.")  # fmt: skip
+@click.option(
+    "--out",
+    default="logitcache-quality",
+    show_default=True,
+    help="Work directory: caches, students, quality.json.",
+)
 @click.option("--home", default=None, help="Where teachers are kept (as for the demo).")
-@click.option("--shakespeare", default=None,
-              help="Path of tinyshakespeare.txt to add the second corpus.")  # fmt: skip
+@click.option(
+    "--shakespeare", default=None, help="Path of tinyshakespeare.txt to add the second corpus."
+)
 @click.option("--quick", is_flag=True, help="Tiny sizes and fewer variants (plumbing check).")
-@click.option("--stdlib/--no-stdlib", default=True, show_default=True,
-              help="Include the demo's corpus (the Python standard library).")  # fmt: skip
+@click.option(
+    "--stdlib/--no-stdlib",
+    default=True,
+    show_default=True,
+    help="Include the demo's corpus (the Python standard library).",
+)
 @click.option("--only", multiple=True, help="Only these cache variants (repeatable).")
-@click.option("--more-data/--no-more-data", default=True, show_default=True,
-              help="Also the data-size point (4x the slice, best variant).")  # fmt: skip
+@click.option(
+    "--more-data/--no-more-data",
+    default=True,
+    show_default=True,
+    help="Also the data-size point (4x the slice, best variant).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def main(out, home, shakespeare, quick, stdlib, only, more_data, as_json) -> None:
     """Students from each cache mode vs CE-only and online KD, on toy teachers trained here.

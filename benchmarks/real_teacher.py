@@ -411,14 +411,22 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
 
 @click.command()
 @click.option("--teacher", help="A .gguf file or model directory (required for a study).")
-@click.option("--out", default="logitcache-real-teacher", show_default=True,
-              help="Work directory; rerunning with the same --out resumes the study.")  # fmt: skip
+@click.option(
+    "--out",
+    default="logitcache-real-teacher",
+    show_default=True,
+    help="Work directory; rerunning with the same --out resumes the study.",
+)
 @click.option("--shakespeare", default=None, help="tinyshakespeare.txt (the first corpus).")
 @click.option("--stdlib/--no-stdlib", default=True, show_default=True)
 @click.option("--quick", is_flag=True, help="Toy sizes (plumbing check).")
 @click.option("--only", multiple=True, help="Only these variants (repeatable).")
-@click.option("--report", "report_only", is_flag=True,
-              help="Run nothing: print results so far, write OUT/real-teacher.png.")  # fmt: skip
+@click.option(
+    "--report",
+    "report_only",
+    is_flag=True,
+    help="Run nothing: print results so far, write OUT/real-teacher.png.",
+)
 @click.option("--job", "job_file", default=None, hidden=True, help="Run one job (internal).")
 def main(teacher, out, shakespeare, stdlib, quick, only, report_only, job_file) -> None:
     """The cache-mode study on a real LLM teacher (GGUF or directory); resumable."""
@@ -430,8 +438,14 @@ def main(teacher, out, shakespeare, stdlib, quick, only, report_only, job_file) 
     if teacher is None and not report_only:
         raise click.UsageError("--teacher is required (or --report)")
     budget = QUICK_STUDY if quick else FULL_STUDY
-    config = StudyConfig(teacher=teacher, out=out, shakespeare=shakespeare, stdlib=stdlib,
-                         budget=budget, only=tuple(only))  # fmt: skip
+    config = StudyConfig(
+        teacher=teacher,
+        out=out,
+        shakespeare=shakespeare,
+        stdlib=stdlib,
+        budget=budget,
+        only=tuple(only),
+    )
     try:
         rows = load_results(Path(out)) if report_only else run_study(config, Reporter())
     except LogitcacheError as exc:

@@ -116,16 +116,20 @@ class _Study:
         return dest, read_manifest(Location(dest)).stats()["bytes_per_token"]
 
     def student(self, name: str, cache: Path, settings: Settings, regime: str = "slice"):
+        from online_kd import OnlineKD
+
         from logitcache.train import train
 
         t0 = time.perf_counter()
         dest = self.work / "students" / f"{regime}-{name.replace(' ', '_').replace('=', '')}"
+        settings = dict(settings)
+        teacher = settings.pop("online_teacher", None)  # the reference: not a train setting
         config = train_config(cache, dest, self.config, self.held, self.budget,
                               settings)  # fmt: skip
         done = dest / "model" / "config.json"
         if not done.is_file():  # a finished student of an interrupted study is kept
             self.reporter.log(f"[{self.corpus}/{regime}] {command_line(config)}")
-            train(config)
+            train(config, loss=OnlineKD.load(teacher, config) if teacher else None)
         final = read_evals(dest / "metrics.jsonl")[-1]
         row = QualityRow(self.corpus, regime, name, final["eval_ce"], final["eval_kl"], None,
                          None, time.perf_counter() - t0)  # fmt: skip

@@ -373,6 +373,7 @@ def cache_dir(work: Path, teacher: str, budget: StudyBudget, store: dict[str, An
 
 
 def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Variant) -> None:
+    from online_kd import OnlineKD
     from real_teacher_eval import evaluate_student
 
     from logitcache.train import TrainConfig, train
@@ -382,20 +383,20 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
     held = work / "caches" / "heldout-top_k64"
     dest = work / "students" / _slug(variant.key)
     flags = dict(variant.train)
-    if flags.pop("online_teacher", False):
-        flags["online_teacher"] = teacher
+    online = flags.pop("online_teacher", False)  # the reference: not a train setting
     steps = budget.steps
-    result = train(TrainConfig(
+    config = TrainConfig(
         cache=str(cache), out=str(dest), student_config=str(work / "student_config.json"),
         tokenizer=teacher, eval_cache=str(held), eval_fraction=0.0, steps=steps,
         batch_size=budget.batch_size, lr=budget.lr, warmup_steps=steps // 10,
         eval_every=max(1, steps // 4), save_every=max(1, steps // 8), seed=variant.seed,
         num_workers=0, device="cpu", resume=True, quiet=True, **flags,
-    ))  # fmt: skip
+    )  # fmt: skip
+    result = train(config, loss=OnlineKD.load(teacher, config) if online else None)
     evals = evaluate_student(Path(result.model_dir), held, work / "reference")
     stats_file = cache / "study-stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    on_cache = not ("online_teacher" in flags or flags.get("loss") == "ce")
+    on_cache = not (online or flags.get("loss") == "ce")
     row = {
         "corpus": work.name, "variant": variant.name, "seed": variant.seed, "key": variant.key,
         "store": variant.store, "train": variant.train, **evals,

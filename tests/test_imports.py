@@ -122,6 +122,30 @@ def test_no_module_imports_another_modules_private_names():
     assert private == []
 
 
+def benchmark_imports(modules: dict[str, Path]) -> list[str]:
+    """Imports of benchmarks/ (the folder or one of its scripts by name) by these modules."""
+    studies = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {"benchmarks"}
+    found = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.partition(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots = [node.module.partition(".")[0]]
+            else:
+                continue
+            found += [f"{name} imports {root}" for root in roots if root in studies]
+    return found
+
+
+def test_the_product_never_imports_the_benchmarks(tmp_path):
+    """benchmarks/ is research and is not installed: the package must run without it."""
+    assert benchmark_imports(project_modules()) == []
+    x = tmp_path / "x.py"
+    x.write_text("def f():\n    from real_teacher import run_study\n")
+    assert benchmark_imports({"logitcache.x": x}) == ["logitcache.x imports real_teacher"]
+
+
 def test_the_checks_catch_a_cycle_and_a_private_import(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     x = tmp_path / "x.py"

@@ -122,9 +122,6 @@ class TrainConfig:
     """Share of the cache's sequences held out (by a stable hash of their index)."""
     eval_sequences: int = 256
     """At most this many held-out sequences per evaluation."""
-    online_teacher: str | None = None
-    """Reference runs only: distill from this teacher held in memory (full-vocabulary forward
-    KL) instead of the cache's targets; the cache still supplies the tokens."""
     eval_cache: str | None = None
     """A separate cache (same tokenizer) to evaluate on, all of it, instead of the split."""
     save_every: int = 0

@@ -81,12 +81,21 @@ class _Run:
     autocast: Any
 
 
-def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Train a student from a cache; see the module docstring."""
+def train(
+    config: TrainConfig,
+    reporter: Reporter | None = None,
+    *,
+    loss: DistillationLoss | None = None,
+) -> TrainResult:
+    """Train a student from a cache; see the module docstring.
+
+    ``loss``: what the student learns from instead of ``DistillationLoss.from_config(config)``
+    (a subclass called the same way; benchmarks/online_kd.py's teacher in memory is one). Its
+    ``repr`` joins the settings a resumed run must share, so resume with the same one."""
     env = setup_distributed(config.device)
     reporter = reporter or Reporter(enabled=not config.quiet, rank=env.rank)
     start = time.perf_counter()
-    run = _setup(config, env, reporter)
+    run = _setup(config, env, reporter, loss or DistillationLoss.from_config(config))
     with StopOnSignal(announce=reporter.enabled) as stop:
         final_eval = _train_steps(run, config, env, reporter, stop)
 
@@ -106,7 +115,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                        final_eval, str(model_dir))  # fmt: skip
 
 
-def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
+def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: DistillationLoss) -> _Run:
     """Open and check the caches, load the student, resume, and open the stream."""
     sharded = config.fsdp and env.distributed
     checked = check_run(
@@ -126,14 +135,13 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter) -> _Run:
         if env.device.type == "cuda" and not torch.cuda.is_available():
             raise LogitcacheError(f"--device {config.device}: CUDA is not available") from None
         raise
-    module = DistillModule(model, DistillationLoss.from_config(config),
-                           teacher=_online_teacher(config, env))  # fmt: skip
+    module = DistillModule(model, loss)
     if sharded:
         sharding.shard_student(module, env.device, env.world_size, config.precision, env.rank)
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     n_steps = total_steps([reader, *mixed], config, env.world_size)
     progress = TrainingProgress(schedule_steps=n_steps)
-    fingerprint = _fingerprint(config, [reader, *mixed], env.world_size)
+    fingerprint = _fingerprint(config, [reader, *mixed], env.world_size, loss)
     if config.resume:
         progress = _resume(config, model, optimizer, fingerprint, n_steps, reporter, env)
         check_ranks_resume_together(progress.step, env, config.out)
@@ -237,18 +245,13 @@ def _evaluate(run: _Run, config: TrainConfig, env: Env) -> dict[str, float]:
 
 
 # -- helpers of the story above ----------------------------------------------------------
-def _online_teacher(config: TrainConfig, env: Env):
-    if not config.online_teacher:
-        return None
-    from logitcache.precompute.teacher import load_teacher
-
-    model, _, _ = load_teacher(config.online_teacher, device=str(env.device))
-    return model
-
-
-def _fingerprint(config: TrainConfig, readers: list[CacheReader], world: int) -> dict[str, Any]:
+def _fingerprint(
+    config: TrainConfig, readers: list[CacheReader], world: int, loss: DistillationLoss
+) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (caches by identity, not path)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    if type(loss) is not DistillationLoss:  # another target source (train's ``loss=``)
+        settings["loss_module"] = repr(loss)
     settings.pop("merge_lora")  # only the final save
     if not config.lora_r:  # runs without LoRA compare as they did before it existed
         for key in ("lora_r", "lora_alpha", "lora_targets", "lora_dropout"):

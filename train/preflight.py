@@ -109,10 +109,6 @@ def dry_run(config: TrainConfig, env: Env) -> str:
         from .optim import make_optimizer
 
         make_optimizer(nn.Linear(1, 1), config.optimizer, config.lr, config.weight_decay)
-    if config.online_teacher:
-        from logitcache.precompute.teacher import load_teacher_config
-
-        load_teacher_config(config.online_teacher, trust_remote_code=config.trust_remote_code)
     warnings: list[str] = []
     if env.device.type == "cuda":
         import torch

@@ -72,7 +72,7 @@ RUN_OUTPUTS = (
 )
 
 # Settings naming a local path (or a URL / hub id, kept as typed) that a resumed run must share.
-PATH_SETTINGS = ("student", "student_config", "tokenizer", "online_teacher", "eval_cache")
+PATH_SETTINGS = ("student", "student_config", "tokenizer", "eval_cache")
 
 
 def claim_out(config: TrainConfig, rank: int) -> None:

@@ -244,15 +244,10 @@ class DistillModule(nn.Module):
     its ``n_rows`` trained positions (``DistillationLoss``, ``reduction="sum"``).
     """
 
-    def __init__(
-        self, model: nn.Module, loss: DistillationLoss, *, teacher: nn.Module | None = None
-    ):
+    def __init__(self, model: nn.Module, loss: DistillationLoss):
         super().__init__()
         self.model = model
         self.loss = loss
-        # The reference of the quality study: a teacher in memory, full-vocabulary KL.
-        # Kept out of the module's parameters (and of DDP and checkpoints) on purpose.
-        self._teacher = [teacher] if teacher is not None else []
 
     def forward(self, batch: dict[str, torch.Tensor], n_rows: int) -> torch.Tensor:
         if n_rows == 0:
@@ -265,37 +260,7 @@ class DistillModule(nn.Module):
                 return self.model.get_output_embeddings()(h).sum() * 0.0
             params = [p for p in self.model.parameters() if p.requires_grad]
             return sum(p.sum() for p in params) * 0.0
-        if self._teacher:
-            return self._online(batch)
         return self.loss(batch, model=self.model, reduction="sum")
-
-    def _online(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Full-vocabulary KD against the in-memory teacher, chunked like the cached path."""
-        from torch.utils.checkpoint import checkpoint
-
-        from .losses import full_vocab_kd
-
-        teacher = self._teacher[0]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        trained = self.loss.trained(batch)  # [B, L-1]
-        with torch.no_grad():
-            th = final_hidden(teacher, ids, mask)[:, :-1][trained]  # [N, Ht]
-        h = final_hidden(self.model, ids, mask)[:, :-1][trained]  # [N, H]
-        labels = batch["labels"][:, 1:][trained]  # [N]
-        head, t_head = self.model.get_output_embeddings(), teacher.get_output_embeddings()
-        kw = {"temperature": self.loss.temperature, "alpha": self.loss.alpha}
-        chunk_size = self.loss.chunk_size
-
-        def chunk(hc, thc, lc):
-            with torch.no_grad():
-                t_logits = t_head(thc)  # [n, V]
-            return full_vocab_kd(head(hc), t_logits, lc, **kw)
-
-        total = h.sum() * 0.0
-        for s in range(0, h.shape[0], chunk_size):
-            sl = slice(s, s + chunk_size)
-            total = total + checkpoint(chunk, h[sl], th[sl], labels[sl], use_reentrant=False)
-        return total
 
 
 def _is_sharded(module: nn.Module) -> bool:

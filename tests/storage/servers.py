@@ -1,7 +1,8 @@
 """Servers and environments for the remote-cache tests, all on 127.0.0.1.
 
 - ``remote_env`` (use it autouse): the local shard cache under tmp_path, short timeouts.
-- ``www`` / ``served``: a directory served by ``StaticServer`` (HTTP with byte ranges).
+- ``www`` / ``served``: a directory served by ``FaultyServer`` (HTTP with byte ranges, and
+  failures on request).
 - ``s3``: a fresh bucket on moto's threaded S3 server, used through s3fs with credentials
   and endpoint from the environment (as a user would set them). Instance-metadata lookups
   are disabled so botocore never looks beyond this machine.
@@ -12,6 +13,7 @@ tests/storage/conftest.py imports these fixtures, so every storage test can ask 
 from __future__ import annotations
 
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,18 +54,40 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+class FaultyServer(StaticServer):
+    """``StaticServer`` with failures on request.
+
+    ``fail``: path suffix -> HTTP status answered instead of the file (until removed).
+    ``truncate``: path suffix -> how many more times to send half the body and hang up.
+    """
+
+    def __init__(self, root, latency: float = 0.0) -> None:
+        super().__init__(root, latency)
+        self.fail: dict[str, int] = {}
+        self.truncate: dict[str, int] = {}
+        self._faults = threading.Lock()
+
+    def fault(self, path: str) -> tuple[int | None, bool]:
+        with self._faults:
+            status = next((s for k, s in self.fail.items() if path.endswith(k)), None)
+            cut = next((k for k, n in self.truncate.items() if path.endswith(k) and n > 0), None)
+            if cut is not None:
+                self.truncate[cut] -= 1
+            return status, cut is not None
+
+
 @pytest.fixture
 def www(tmp_path):
-    """A StaticServer over tmp_path/www (empty)."""
+    """A FaultyServer over tmp_path/www (empty)."""
     root = tmp_path / "www"
     root.mkdir()
-    with StaticServer(root) as server:
+    with FaultyServer(root) as server:
         yield server
 
 
 @dataclass
 class Served:
-    server: StaticServer
+    server: FaultyServer
     url: str
     spec: object
     records: list

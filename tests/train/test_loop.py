@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import logitcache.train.loop as loop
-from logitcache.train import TrainConfig, train
+from logitcache.errors import LogitcacheError
+from logitcache.train import DistillationLoss, TrainConfig, train
 from logitcache.train.checkpoint import latest_checkpoint
 from logitcache.train.data import StreamState
 from logitcache.train.dataset import CacheDataset
@@ -245,20 +246,32 @@ def test_resume_without_a_checkpoint_starts_afresh(cli, metrics, reference, tmp_
     same_run(ref, out, metrics)
 
 
-def test_online_teacher_resumes_exactly(monkeypatch, cli, metrics, reference, teacher_dir,
-                                        tmp_path):  # fmt: skip
-    """Online KD (the teacher in memory) resumes like a cache-backed run: killed at step 6,
-    --resume ends with the weights and metrics of an uninterrupted run."""
-    _, flags = reference
-    online = lambda out: [*flags(out), "--online-teacher", str(teacher_dir)]  # noqa: E731
+class _Half(DistillationLoss):
+    """Another target source for ``train(loss=...)``: half the cached targets' loss."""
+
+    def forward(self, batch, **kwargs):
+        return 0.5 * super().forward(batch, **kwargs)
+
+
+def test_a_loss_given_to_train_is_used_and_resumes_only_with_itself(
+    monkeypatch, metrics, reference, tmp_path
+):
+    """``train(config, loss=...)`` trains against that loss; killed at step 6, a resume
+    without it is refused and one with it ends like an uninterrupted run."""
+    default_ref, flags = reference
     ref = tmp_path / "ref"
-    result = cli(online(ref))
-    assert result.exit_code == 0, result.output
+    config = in_process(flags(ref))
+    train(config, loss=_Half.from_config(config))
+    first = lambda out: next(r["loss"] for r in metrics(out) if "loss" in r)  # noqa: E731
+    assert first(ref) == pytest.approx(0.5 * first(default_ref), rel=1e-5)
     out = tmp_path / "run"
     crash_after(monkeypatch, 6)
     with pytest.raises(Crash):
-        train(in_process(online(out)))
+        config = in_process(flags(out))
+        train(config, loss=_Half.from_config(config))
     monkeypatch.undo()
-    result = cli([*online(out), "--resume"])
-    assert result.exit_code == 0, result.output
+    resumed = in_process([*flags(out), "--resume"])
+    with pytest.raises(LogitcacheError, match=r"settings differ.*loss_module"):
+        train(resumed)
+    train(resumed, loss=_Half.from_config(resumed))
     same_run(ref, out, metrics)

@@ -16,7 +16,7 @@ __all__ = ["bench"]
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: print measured numbers (see docs/benchmarks.md)."""
+    """Measure this machine and your caches: print numbers (see docs/benchmarks.md)."""
 
 
 @bench.command("storage")
@@ -165,97 +165,6 @@ def bench_train(
         click.echo(json.dumps(train_as_dict(result), indent=1))
     else:
         click.echo(format_train(result))
-
-
-@bench.command("quality")
-@click.option("--out", default="logitcache-quality", show_default=True,
-              help="Work directory: caches, students, quality.json.")  # fmt: skip
-@click.option("--home", default=None, help="Where teachers are kept (as for the demo).")
-@click.option("--shakespeare", default=None,
-              help="Path of tinyshakespeare.txt to add the second corpus.")  # fmt: skip
-@click.option("--quick", is_flag=True, help="Tiny sizes and fewer variants (plumbing check).")
-@click.option("--stdlib/--no-stdlib", default=True, show_default=True,
-              help="Include the demo's corpus (the Python standard library).")  # fmt: skip
-@click.option("--only", multiple=True, help="Only these cache variants (repeatable).")
-@click.option("--more-data/--no-more-data", default=True, show_default=True,
-              help="Also the data-size point (4x the slice, best variant).")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--teacher", default=None,
-              help="A real teacher (.gguf or directory): the real-teacher study.")  # fmt: skip
-@click.pass_context
-def bench_quality(ctx, out, home, shakespeare, quick, stdlib, only, more_data, as_json,
-                  teacher) -> None:  # fmt: skip
-    """Which cache to write: students from each cache mode vs CE-only and online KD.
-
-    The teachers are toys trained here; with --teacher it is the study on that real teacher
-    (the same as `logitcache bench real-teacher`)."""
-    from pathlib import Path
-
-    if teacher is not None:
-        flags = {"home": "--home", "more_data": "--more-data", "as_json": "--json"}
-        default = click.core.ParameterSource.DEFAULT
-        given = [flag for name, flag in flags.items() if ctx.get_parameter_source(name) != default]
-        if given:
-            raise LogitcacheError(f"{', '.join(given)}: not an option of the real-teacher "
-                                  "study (--teacher); see `bench real-teacher --help`")  # fmt: skip
-        ctx.invoke(bench_real_teacher, teacher=teacher, out=out, shakespeare=shakespeare,
-                   stdlib=stdlib, quick=quick, only=only, report_only=False)  # fmt: skip
-        return
-
-    from logitcache.bench.quality import format_rows, run_quality
-    from logitcache.demo import default_home
-    from logitcache.progress import Reporter
-
-    rows = run_quality(
-        out=Path(out),
-        home=Path(home).expanduser() if home else default_home(),
-        reporter=Reporter(enabled=not as_json),
-        shakespeare=Path(shakespeare) if shakespeare else None,
-        quick=quick,
-        stdlib=stdlib,
-        only=tuple(only),
-        more_data=more_data,
-    )
-    if as_json:
-        from dataclasses import asdict
-
-        click.echo(json.dumps([asdict(r) for r in rows], indent=1))
-    else:
-        click.echo(format_rows(rows))
-
-
-@bench.command("real-teacher")
-@click.option("--teacher", required=True, help="A .gguf file or model directory.")
-@click.option("--out", default="logitcache-real-teacher", show_default=True,
-              help="Work directory; rerunning with the same --out resumes the study.")  # fmt: skip
-@click.option("--shakespeare", default=None, help="tinyshakespeare.txt (the first corpus).")
-@click.option("--stdlib/--no-stdlib", default=True, show_default=True)
-@click.option("--quick", is_flag=True, help="Toy sizes (plumbing check).")
-@click.option("--only", multiple=True, help="Only these variants (repeatable).")
-@click.option("--report", "report_only", is_flag=True,
-              help="Run nothing: print results so far, write OUT/real-teacher.png.")  # fmt: skip
-def bench_real_teacher(teacher, out, shakespeare, stdlib, quick, only, report_only) -> None:
-    """The cache-mode study on a real LLM teacher (GGUF or directory); resumable."""
-    from pathlib import Path
-
-    from logitcache.bench import real_teacher as rt
-    from logitcache.bench.real_teacher_report import (
-        cache_table,
-        format2_bytes,
-        plot_gap,
-        summarize,
-        summary_table,
-    )
-    from logitcache.progress import Reporter
-
-    budget = rt.QUICK_STUDY if quick else rt.FULL_STUDY
-    config = rt.StudyConfig(teacher=teacher, out=out, shakespeare=shakespeare, stdlib=stdlib,
-                            budget=budget, only=tuple(only))  # fmt: skip
-    rows = rt.load_results(Path(out)) if report_only else rt.run_study(config, Reporter())
-    summary = summarize(rows, format2_bytes(Path(out)))
-    click.echo(summary_table(summary) + "\n\n" + cache_table(Path(out)))
-    if plot_gap(summary, Path(out) / "real-teacher.png"):
-        click.echo(f"plot: {Path(out) / 'real-teacher.png'}")
 
 
 @bench.command("remote")

@@ -1,9 +1,9 @@
-"""A static HTTP server on 127.0.0.1 for the remote benchmark and the remote-cache tests.
+"""A static HTTP server on 127.0.0.1 for ``logitcache bench remote`` (the tests reuse it).
 
 In: a directory. Out: a server (on a background thread) that serves it with byte ranges
 (``Range: bytes=a-b``, as object stores and nginx do), directory listings, an injected
-delay before every response (a far-away store), a log of the requests it answered, and
-faults on request: an HTTP status for some paths, or a body cut off halfway.
+delay before every response (a far-away store) and a log of the requests it answered.
+``fault`` is where a subclass injects failures (the tests' ``FaultyServer``).
 """
 
 from __future__ import annotations
@@ -27,16 +27,12 @@ class StaticServer:
     """``with StaticServer(root, latency=0.05) as server: ... server.url ...``
 
     ``requests``: (method, path, Range header or None) of every request, in order.
-    ``fail``: path suffix -> HTTP status answered instead of the file (until removed).
-    ``truncate``: path suffix -> how many more times to send half the body and hang up.
     """
 
     def __init__(self, root: str | os.PathLike, latency: float = 0.0) -> None:
         self.root = Path(root).absolute()
         self.latency = latency
         self.requests: list[tuple[str, str, str | None]] = []
-        self.fail: dict[str, int] = {}
-        self.truncate: dict[str, int] = {}
         self._lock = threading.Lock()
         self._httpd = _QuietServer(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
@@ -73,14 +69,10 @@ class StaticServer:
         with self._lock:
             self.requests.append((method, path, rng))
 
-    def _fault(self, path: str) -> tuple[int | None, bool]:
-        """(status to answer instead, whether to cut the body off)."""
-        with self._lock:
-            status = next((s for k, s in self.fail.items() if path.endswith(k)), None)
-            cut = next((k for k, n in self.truncate.items() if path.endswith(k) and n > 0), None)
-            if cut is not None:
-                self.truncate[cut] -= 1
-            return status, cut is not None
+    def fault(self, path: str) -> tuple[int | None, bool]:
+        """(status to answer instead of the file, whether to send half the body and hang up)
+        for a request of ``path``: none here."""
+        return None, False
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -109,7 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner._log(self.command, path, self.headers.get("Range"))
         if owner.latency:
             time.sleep(owner.latency)
-        status, cut = owner._fault(path)
+        status, cut = owner.fault(path)
         if status is not None:
             return self._empty(status)
         target = (owner.root / path.lstrip("/")).resolve()

@@ -5,7 +5,7 @@ bytes per token and per stored entry by field (plus framing: the file's bytes th
 field blobs; format 2's id table counted apart) of the cache re-encoded in format 1 and in
 format 2 from the same records, and single-thread decoding speed (positions per CPU second of
 ``CacheReader`` iteration, best of ``repeats`` after a warm-up).
-``python -m logitcache.bench.format_bytes CACHE... --out DIR [--k 64] [--batch-sequences 16]``;
+``python benchmarks/format_bytes.py CACHE... --out DIR [--k 64] [--batch-sequences 16]``;
 numbers and commands are in docs/benchmarks.md ("Format v2"). The source caches are only
 read; copies go under ``--out``.
 """

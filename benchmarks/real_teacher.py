@@ -1,4 +1,4 @@
-"""``logitcache bench real-teacher``: the cache-mode study on a real pretrained teacher.
+"""The cache-mode study on a real pretrained teacher (``python benchmarks/real_teacher.py``).
 
 In: a teacher (a local ``.gguf`` or model directory; the study was sized for
 SmolLM2-135M-Instruct Q4_1, vocabulary 49,152), tinyshakespeare and/or the Python standard
@@ -10,7 +10,7 @@ kept across runs: a rerun skips them) plus ``caches.json`` (bytes by component p
 Every variant trains the same from-scratch student (a shrunk SmolLM2 config sharing the
 teacher's tokenizer) on the same slice for the same steps, through the library's
 ``run_precompute`` / ``train``; each cache, reference and variant runs in its own process
-(``python -m logitcache.bench.real_teacher JOB.json``), so a killed study loses at most one
+(``python benchmarks/real_teacher.py --job JOB.json``), so a killed study loses at most one
 job, and a killed student resumes from its last checkpoint. Students are evaluated on
 held-out text they never saw: cross-entropy, and KL(teacher || student) over the full
 vocabulary against the teacher's stored log-probs.
@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import click
 
 from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter
@@ -296,8 +298,9 @@ def _job(out: Path, job: dict[str, Any], config: StudyConfig, reporter: Reporter
     env = {**os.environ, "OMP_NUM_THREADS": str(config.budget.threads)}
     what = job.get("variant", {}).get("name") or job.get("store") or ""
     reporter.log(f"[{job['corpus']}] {time.strftime('%H:%M:%S')} job {job['kind']} {what}")
-    code = subprocess.call([sys.executable, "-m", "logitcache.bench.real_teacher", str(path)],
-                           env=env)  # fmt: skip
+    code = subprocess.call(
+        [sys.executable, str(Path(__file__).resolve()), "--job", str(path)], env=env
+    )
     if code != 0:
         raise LogitcacheError(f"study job {path} failed with exit code {code}; rerun to resume")
 
@@ -331,7 +334,7 @@ def run_job(job: dict[str, Any]) -> None:
     if job["kind"] == "cache":
         cache_dir(work, job["teacher"], budget, job["store"])
     elif job["kind"] == "reference":
-        from logitcache.bench.real_teacher_eval import write_reference
+        from real_teacher_eval import write_reference
 
         held = cache_dir(work, job["teacher"], budget, {"top_k": 64}, held_out=True)
         write_reference(job["teacher"], held, work / "reference")
@@ -344,7 +347,8 @@ def run_job(job: dict[str, Any]) -> None:
 def cache_dir(work: Path, teacher: str, budget: StudyBudget, store: dict[str, Any],
               *, held_out: bool = False) -> Path:  # fmt: skip
     """The cache of ``store`` over the slice (or the held-out file), written if missing."""
-    from logitcache.bench.real_teacher_eval import cache_components
+    from real_teacher_eval import cache_components
+
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
 
     key = Variant("", store).cache_key
@@ -369,7 +373,9 @@ def cache_dir(work: Path, teacher: str, budget: StudyBudget, store: dict[str, An
 
 
 def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Variant) -> None:
-    from logitcache.bench.real_teacher_eval import evaluate_student
+    from online_kd import OnlineKD
+    from real_teacher_eval import evaluate_student
+
     from logitcache.train import TrainConfig, train
 
     t0 = time.perf_counter()
@@ -377,20 +383,20 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
     held = work / "caches" / "heldout-top_k64"
     dest = work / "students" / _slug(variant.key)
     flags = dict(variant.train)
-    if flags.pop("online_teacher", False):
-        flags["online_teacher"] = teacher
+    online = flags.pop("online_teacher", False)  # the reference: not a train setting
     steps = budget.steps
-    result = train(TrainConfig(
+    config = TrainConfig(
         cache=str(cache), out=str(dest), student_config=str(work / "student_config.json"),
         tokenizer=teacher, eval_cache=str(held), eval_fraction=0.0, steps=steps,
         batch_size=budget.batch_size, lr=budget.lr, warmup_steps=steps // 10,
         eval_every=max(1, steps // 4), save_every=max(1, steps // 8), seed=variant.seed,
         num_workers=0, device="cpu", resume=True, quiet=True, **flags,
-    ))  # fmt: skip
+    )  # fmt: skip
+    result = train(config, loss=OnlineKD.load(teacher, config) if online else None)
     evals = evaluate_student(Path(result.model_dir), held, work / "reference")
     stats_file = cache / "study-stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    on_cache = not ("online_teacher" in flags or flags.get("loss") == "ce")
+    on_cache = not (online or flags.get("loss") == "ce")
     row = {
         "corpus": work.name, "variant": variant.name, "seed": variant.seed, "key": variant.key,
         "store": variant.store, "train": variant.train, **evals,
@@ -404,5 +410,52 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
     shutil.rmtree(dest / "checkpoints", ignore_errors=True)  # ~100 MB each; the model is kept
 
 
+@click.command()
+@click.option("--teacher", help="A .gguf file or model directory (required for a study).")
+@click.option(
+    "--out",
+    default="logitcache-real-teacher",
+    show_default=True,
+    help="Work directory; rerunning with the same --out resumes the study.",
+)
+@click.option("--shakespeare", default=None, help="tinyshakespeare.txt (the first corpus).")
+@click.option("--stdlib/--no-stdlib", default=True, show_default=True)
+@click.option("--quick", is_flag=True, help="Toy sizes (plumbing check).")
+@click.option("--only", multiple=True, help="Only these variants (repeatable).")
+@click.option(
+    "--report",
+    "report_only",
+    is_flag=True,
+    help="Run nothing: print results so far, write OUT/real-teacher.png.",
+)
+@click.option("--job", "job_file", default=None, hidden=True, help="Run one job (internal).")
+def main(teacher, out, shakespeare, stdlib, quick, only, report_only, job_file) -> None:
+    """The cache-mode study on a real LLM teacher (GGUF or directory); resumable."""
+    from real_teacher_report import cache_table, format2_bytes, plot_gap, summarize, summary_table
+
+    if job_file is not None:
+        run_job(json.loads(Path(job_file).read_text()))
+        return
+    if teacher is None and not report_only:
+        raise click.UsageError("--teacher is required (or --report)")
+    budget = QUICK_STUDY if quick else FULL_STUDY
+    config = StudyConfig(
+        teacher=teacher,
+        out=out,
+        shakespeare=shakespeare,
+        stdlib=stdlib,
+        budget=budget,
+        only=tuple(only),
+    )
+    try:
+        rows = load_results(Path(out)) if report_only else run_study(config, Reporter())
+    except LogitcacheError as exc:
+        raise click.ClickException(str(exc)) from None
+    summary = summarize(rows, format2_bytes(Path(out)))
+    click.echo(summary_table(summary) + "\n\n" + cache_table(Path(out)))
+    if plot_gap(summary, Path(out) / "real-teacher.png"):
+        click.echo(f"plot: {Path(out) / 'real-teacher.png'}")
+
+
 if __name__ == "__main__":
-    run_job(json.loads(Path(sys.argv[1]).read_text()))
+    main()

@@ -25,8 +25,9 @@ def format2_bytes(out: Path) -> dict[tuple[str, str], float]:
     """Bytes per token of every finished cache of the study rewritten in format 2 at
     ``precompute``'s default shard size, by (corpus, cache directory name); measured once
     (a few seconds a cache) and kept in the cache's ``study-stats.json``."""
-    from logitcache.bench.format_bytes import components
-    from logitcache.bench.real_teacher import write_json
+    from format_bytes import components
+    from real_teacher import write_json
+
     from logitcache.precompute import PrecomputeConfig
     from logitcache.storage import convert_cache
 
@@ -84,7 +85,7 @@ def summarize(
 
 def _format2_of(row: dict[str, Any], format2: dict[tuple[str, str], float]) -> float | None:
     """The format 2 bytes of a cache-backed row's cache (None for CE-only and online KD)."""
-    from logitcache.bench.real_teacher import Variant
+    from real_teacher import Variant
 
     if row["bytes_per_token"] is None:
         return None

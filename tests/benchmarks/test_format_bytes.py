@@ -3,9 +3,9 @@ records, in the shard size asked for, and its components add up to the shard fil
 
 from __future__ import annotations
 
+from format_bytes import components, reencode
 from storage_synth import assert_records_match, make_spec, write_cache
 
-from logitcache.bench.format_bytes import components, reencode
 from logitcache.storage import CacheReader
 
 

@@ -1,4 +1,4 @@
-"""``logitcache bench quality``: which cache should I write, and how big is it?
+"""Which cache should I write, and how big is it? (``python benchmarks/quality.py``)
 
 On the demo's teacher and corpus (and on tinyshakespeare with a teacher made the same
 way), trains the same student for the same steps on the same slice under: cross-entropy
@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import click
 
 from logitcache.demo import (
     FULL,
@@ -114,16 +116,20 @@ class _Study:
         return dest, read_manifest(Location(dest)).stats()["bytes_per_token"]
 
     def student(self, name: str, cache: Path, settings: Settings, regime: str = "slice"):
+        from online_kd import OnlineKD
+
         from logitcache.train import train
 
         t0 = time.perf_counter()
         dest = self.work / "students" / f"{regime}-{name.replace(' ', '_').replace('=', '')}"
+        settings = dict(settings)
+        teacher = settings.pop("online_teacher", None)  # the reference: not a train setting
         config = train_config(cache, dest, self.config, self.held, self.budget,
                               settings)  # fmt: skip
         done = dest / "model" / "config.json"
         if not done.is_file():  # a finished student of an interrupted study is kept
             self.reporter.log(f"[{self.corpus}/{regime}] {command_line(config)}")
-            train(config)
+            train(config, loss=OnlineKD.load(teacher, config) if teacher else None)
         final = read_evals(dest / "metrics.jsonl")[-1]
         row = QualityRow(self.corpus, regime, name, final["eval_ce"], final["eval_kl"], None,
                          None, time.perf_counter() - t0)  # fmt: skip
@@ -220,3 +226,52 @@ def format_rows(rows: list[QualityRow]) -> str:
         lines.append(f"{r.corpus:12} {r.regime:10} {r.student:28} {r.eval_ce:11.4f} "
                      f"{r.eval_kl:8.4f} {bpt} {gap}")  # fmt: skip
     return "\n".join(lines)
+
+
+@click.command()
+@click.option(
+    "--out",
+    default="logitcache-quality",
+    show_default=True,
+    help="Work directory: caches, students, quality.json.",
+)
+@click.option("--home", default=None, help="Where teachers are kept (as for the demo).")
+@click.option(
+    "--shakespeare", default=None, help="Path of tinyshakespeare.txt to add the second corpus."
+)
+@click.option("--quick", is_flag=True, help="Tiny sizes and fewer variants (plumbing check).")
+@click.option(
+    "--stdlib/--no-stdlib",
+    default=True,
+    show_default=True,
+    help="Include the demo's corpus (the Python standard library).",
+)
+@click.option("--only", multiple=True, help="Only these cache variants (repeatable).")
+@click.option(
+    "--more-data/--no-more-data",
+    default=True,
+    show_default=True,
+    help="Also the data-size point (4x the slice, best variant).",
+)
+@click.option("--json", "as_json", is_flag=True)
+def main(out, home, shakespeare, quick, stdlib, only, more_data, as_json) -> None:
+    """Students from each cache mode vs CE-only and online KD, on toy teachers trained here.
+
+    The study on a real teacher is benchmarks/real_teacher.py."""
+    from logitcache.demo import default_home
+
+    rows = run_quality(
+        out=Path(out),
+        home=Path(home).expanduser() if home else default_home(),
+        reporter=Reporter(enabled=not as_json),
+        shakespeare=Path(shakespeare) if shakespeare else None,
+        quick=quick,
+        stdlib=stdlib,
+        only=tuple(only),
+        more_data=more_data,
+    )
+    click.echo(json.dumps([asdict(r) for r in rows], indent=1) if as_json else format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

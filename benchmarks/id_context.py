@@ -1,7 +1,7 @@
 """Would a context model make format 2's sampled ids smaller? (a probe)
 
-In: a local sampled cache (any format). Out: a JSON dict (``python -m
-logitcache.bench.id_context CACHE [--batch-sequences 16] [--level 15]``) of the bytes per token
+In: a local sampled cache (any format). Out: a JSON dict (``python
+benchmarks/id_context.py CACHE [--batch-sequences 16] [--level 15]``) of the bytes per token
 of format 2's ``ids`` field when, before format 2 sorts and gap-codes each position's ranks,
 the ranks are renumbered per position so that ids the decoder can predict come first:
 

@@ -96,7 +96,8 @@ def evaluate_student(model_dir: Path, held_cache: Path, reference: Path) -> dict
 def cache_components(cache: Path) -> dict[str, Any]:
     """Bytes per token of a local Arrow cache, by record field and container framing
     (``bench.format_bytes.components``), with the manifest's statistics."""
-    from logitcache.bench.format_bytes import components
+    from format_bytes import components
+
     from logitcache.storage import Location, read_manifest
 
     manifest = read_manifest(Location(str(cache)))

@@ -4,10 +4,9 @@ baseline is exactly the ids bytes a format 2 writer makes."""
 from __future__ import annotations
 
 import numpy as np
+from format_bytes import components, reencode
+from id_context import probe, to_front
 from storage_synth import make_spec, write_cache
-
-from logitcache.bench.format_bytes import components, reencode
-from logitcache.bench.id_context import probe, to_front
 
 
 def test_to_front_is_a_permutation_of_every_position():

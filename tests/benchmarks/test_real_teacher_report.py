@@ -1,16 +1,15 @@
 """The real-teacher study's summary: gap shares, seed spreads and the plot, on partial rows.
 
 The study itself needs hours of CPU (docs/benchmarks.md); its plumbing was run at toy sizes
-with ``logitcache bench real-teacher --quick``. Here only the arithmetic that turns its
+with ``python benchmarks/real_teacher.py --quick``. Here only the arithmetic that turns its
 result rows into the table and the plot is checked, on hand-made rows.
 """
 
 from __future__ import annotations
 
 import pytest
-
-from logitcache.bench.real_teacher import first_pass_variants
-from logitcache.bench.real_teacher_report import plot_gap, summarize, summary_table
+from real_teacher import first_pass_variants
+from real_teacher_report import plot_gap, summarize, summary_table
 
 
 def row(variant: str, seed: int, ce: float, kl: float, bpt: float | None = None) -> dict:
@@ -68,9 +67,10 @@ def test_format2_bytes_rewrites_each_cache_once_and_feeds_the_table(
     study-stats.json, so a second report converts nothing) and shows both."""
     import json
 
-    from logitcache.bench import real_teacher_report as report
-    from logitcache.bench.real_teacher import Variant
-    from logitcache.bench.real_teacher_eval import cache_components
+    import real_teacher_report as report
+    from real_teacher import Variant
+    from real_teacher_eval import cache_components
+
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
 
     store = {"samples": 8}
@@ -93,32 +93,13 @@ def test_format2_bytes_rewrites_each_cache_once_and_feeds_the_table(
     assert "| prose | sampled N=8 | 1 |" in table and "| prose | sampled N=8 | 2 |" in table
 
 
-def test_bench_quality_with_a_teacher_runs_the_real_teacher_study(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from logitcache.bench import real_teacher as rt
-    from logitcache.cli import main
-
-    seen = []
-    monkeypatch.setattr(rt, "run_study", lambda config, reporter: seen.append(config) or [])
-    args = ["bench", "quality", "--teacher", "t.gguf", "--out", str(tmp_path), "--quick"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    assert [(c.teacher, c.out, c.budget) for c in seen] == [
-        ("t.gguf", str(tmp_path), rt.QUICK_STUDY)
-    ]
-
-    refused = CliRunner().invoke(main, [*args, "--json"])
-    assert refused.exit_code != 0 and "--json: not an option of the real-teacher" in refused.output
-    assert len(seen) == 1
-
-
 def test_the_study_writes_its_caches_in_format_1(tmp_path, monkeypatch):
     """The report's "format 1" column is the cache as written; format 2 is measured apart."""
     from types import SimpleNamespace
 
+    import real_teacher as rt
+
     import logitcache.precompute
-    from logitcache.bench import real_teacher as rt
 
     seen = []
     fake = lambda config: seen.append(config) or SimpleNamespace(teacher_s=0)  # noqa: E731

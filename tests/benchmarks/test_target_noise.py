@@ -7,14 +7,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
-from logitcache.bench.target_noise import (
+from target_noise import (
     allocate_by_entries,
     expected_entries,
     importance_noise,
     sampled_noise,
     tempered,
 )
+
 from logitcache.precompute.sparse import sample_generator, sampled_targets
 from logitcache.storage import SequenceRecord
 

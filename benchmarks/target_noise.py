@@ -1,7 +1,7 @@
 """Stored entries against target noise for sampled caches and two candidates (a probe).
 
 In: a local cache (for its token sequences) and the teacher that made it. Out: a JSON dict
-(``python -m logitcache.bench.target_noise CACHE TEACHER [N_SEQ [STRIDE]]``, sequences 0,
+(``python benchmarks/target_noise.py CACHE TEACHER [N_SEQ [STRIDE]]``, sequences 0,
 STRIDE, 2 STRIDE, ...) of expected stored entries per position and expected target noise
 ``E ||p_hat - p||^2`` per position for
 
@@ -272,4 +272,6 @@ def probe(cache: str, teacher: str, n_sequences: int = 8, stride: int = 1) -> di
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if len(args) not in (2, 3, 4):
+        sys.exit("usage: python benchmarks/target_noise.py CACHE TEACHER [N_SEQ [STRIDE]]")
     print(json.dumps(probe(args[0], args[1], *(int(a) for a in args[2:4])), indent=1))

@@ -7,12 +7,15 @@ codec-compressed blob per field, which a container stores as one row; and back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .codecs import FIELD_DTYPES, FieldCodec
 from .errors import CacheError
-from .format import CacheSpec
+
+if TYPE_CHECKING:
+    from .format import CacheSpec
 
 __all__ = ["RecordCodec", "SequenceRecord", "check_record", "record_fields"]
 

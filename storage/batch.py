@@ -19,6 +19,8 @@ docs/benchmarks.md ("Format v2"):
   log-probs need (sorting by id saves as many bytes on ids as it costs there);
 - sampled mode without log-probs stores no tail mass (the counts target does not read it),
   and ``doc_starts`` / ``loss_mask`` are bit masks over the batch's tokens.
+
+Writers and readers reach ``BatchCodec`` through ``storage.formats`` (format 2).
 """
 
 from __future__ import annotations

@@ -17,7 +17,13 @@ from typing import Any
 from ._values import check_int as _int
 from ._values import check_json_depth, check_relative_path
 from .errors import CacheError
-from .formats import FORMAT_VERSION, READ_VERSIONS, check_format_version, format_class
+from .formats import (
+    FORMAT_MINOR,
+    FORMAT_VERSION,
+    READ_VERSIONS,
+    check_format_version,
+    format_class,
+)
 
 __all__ = [
     "FORMAT_MINOR",
@@ -42,11 +48,6 @@ __all__ = [
 ]
 
 FORMAT_NAME = "logitcache"
-FORMAT_MINOR = {1: 2, 2: 1}
-"""The newest minor version of each major. A minor adds optional manifest keys that a reader
-of the same major ignores: 1.1 ``tokenizer_files`` (2.0 has them); 1.2 and 2.1
-``spec.tokenizer.fingerprint_full``. ``format_minor`` is written only when a manifest uses
-one (``Manifest.format_minor``)."""
 MODES = ("topk", "sampled")
 TOKENIZER_DIR = "tokenizer"
 """Where a cache keeps its tokenizer's files (``save_pretrained`` output), since format 1.1."""

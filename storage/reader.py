@@ -221,11 +221,10 @@ class CacheReader:
         return self._read_row(pos, row, self._handle_for_read(pos))
 
     def _read_row(self, pos: int, row: int, handle: Any) -> SequenceRecord:
-        per_row = self.format.sequences_per_row
-        if per_row == 1:  # a row of one sequence: nothing to keep for its neighbours
+        group, at = divmod(row, self.format.sequences_per_row)
+        if not self.format.keeps_decoded:
             info = self._shards[pos]
-            return self.format.decode_row(handle, info, row, lambda: self._table(pos, handle))[0]
-        group, at = divmod(row, per_row)
+            return self.format.decode_row(handle, info, group, lambda: self._table(pos, handle))[at]
         return self._read_group(pos, group, handle)[at]
 
     def _read_group(self, pos: int, group: int, handle: Any) -> list[SequenceRecord]:

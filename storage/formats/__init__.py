@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CacheError
+from .base import ShardFormat
 from .v1 import FormatV1
 from .v2 import FormatV2
 
@@ -19,24 +20,31 @@ if TYPE_CHECKING:
     from ..format import CacheSpec
 
 __all__ = [
+    "FORMAT_MINOR",
     "FORMAT_VERSION",
     "READ_VERSIONS",
     "FormatV1",
     "FormatV2",
+    "ShardFormat",
     "check_format_version",
     "codec_for",
     "default_codecs",
     "format_class",
 ]
 
-_FORMATS: dict[int, type[FormatV1] | type[FormatV2]] = {1: FormatV1, 2: FormatV2}
+_FORMATS: dict[int, type[ShardFormat]] = {1: FormatV1, 2: FormatV2}
 FORMAT_VERSION = 2
 """The major version written by default; readers read ``READ_VERSIONS`` (docs/format.md)."""
 READ_VERSIONS = tuple(sorted(_FORMATS))
 """The major versions this logitcache reads and writes: one per entry of the registry."""
+FORMAT_MINOR = {version: _FORMATS[version].newest_minor for version in READ_VERSIONS}
+"""The newest minor version of each major. A minor adds optional manifest keys that a reader
+of the same major ignores: 1.1 ``tokenizer_files`` (2.0 has them); 1.2 and 2.1
+``spec.tokenizer.fingerprint_full``. ``format_minor`` is written only when a manifest uses
+one (``Manifest.format_minor``)."""
 
 
-def format_class(version: Any) -> type[FormatV1] | type[FormatV2]:
+def format_class(version: Any) -> type[ShardFormat]:
     """The format of ``version``; any other is refused, naming the versions read."""
     try:
         found = _FORMATS.get(version)
@@ -53,7 +61,7 @@ def check_format_version(version: int) -> None:
     format_class(version)
 
 
-def codec_for(spec: CacheSpec) -> FormatV1 | FormatV2:
+def codec_for(spec: CacheSpec) -> ShardFormat:
     """The format of ``spec``'s shards, ready to encode and decode them."""
     return format_class(spec.format_version)(spec)
 

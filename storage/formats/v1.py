@@ -7,7 +7,7 @@ tokenizer's files, 1.2 adds ``spec.tokenizer.fingerprint_full``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from logitcache.identity import FULL_FINGERPRINT
@@ -15,19 +15,20 @@ from logitcache.identity import FULL_FINGERPRINT
 from ..codecs import v1_codecs
 from ..errors import ShardCorruptError
 from ..record import RecordCodec, SequenceRecord, record_fields
+from .base import Mapper, Rows
 
 if TYPE_CHECKING:
     from ..format import CacheSpec, Manifest, ShardInfo
 
 __all__ = ["FormatV1"]
 
-Rows = tuple[list[dict[str, bytes]], list[int], dict[str, bytes]]
-
 
 class FormatV1:
     """Shards of one format 1 spec: a row per sequence, each row's index checked on read."""
 
     version = 1
+    newest_minor = 2
+    keeps_decoded = False
 
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
@@ -73,7 +74,7 @@ class FormatV1:
     def encode_shard(
         self,
         records: Sequence[SequenceRecord],
-        map_: Callable[[Callable[[Any], dict[str, bytes]], Iterable[Any]], Iterator[Any]] = map,
+        map_: Mapper = map,
     ) -> Rows:
         """(container rows, the first sequence index of each, shard-level blobs)."""
         return list(map_(self.records.encode, records)), [r.index for r in records], {}

@@ -7,7 +7,7 @@ version 2.1 adds ``spec.tokenizer.fingerprint_full`` (2.0 already lists tokenize
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,19 +18,20 @@ from ..batch import BatchCodec, batch_fields, default_batch_sequences
 from ..codecs import v2_codecs
 from ..errors import CacheError, ShardCorruptError
 from ..record import SequenceRecord, check_record
+from .base import Mapper, Rows
 
 if TYPE_CHECKING:
     from ..format import CacheSpec, Manifest, ShardInfo
 
 __all__ = ["FormatV2"]
 
-Rows = tuple[list[dict[str, bytes]], list[int], dict[str, bytes]]
-
 
 class FormatV2:
     """Shards of one format 2 spec: batches of sequences, ids as ranks of a per-shard table."""
 
     version = 2
+    newest_minor = 1
+    keeps_decoded = True
 
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
@@ -75,7 +76,7 @@ class FormatV2:
     def encode_shard(
         self,
         records: Sequence[SequenceRecord],
-        map_: Callable[[Callable[[Any], dict[str, bytes]], Iterable[Any]], Iterator[Any]] = map,
+        map_: Mapper = map,
     ) -> Rows:
         """(container rows, the first sequence index of each, shard-level blobs)."""
         codec = self.batches

@@ -5,6 +5,8 @@ In: a ``CacheSpec`` (or the version a flag asks for). Out: the format of that ve
 manifest minor versions, and the encoding of a shard's records to container rows and back.
 The writer (``cache.py``), the reader (``reader.py``) and ``convert`` call it and never
 branch on the version. A new version is one module here and one entry in ``_FORMATS``.
+The row codecs these modules use stay in ``record.py`` (format 1) and ``batch.py`` (format 2),
+and the chains in ``codecs.py``, where the benchmarks import them.
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ from logitcache.identity import config_fingerprint, tokenizer_identity, weights_
 from logitcache.options import option, to_argv
 from logitcache.recipes import is_recipe_file, parse_recipe_file
 from logitcache.storage import FORMAT_VERSION, CacheSpec, default_codecs
-from logitcache.storage.batch import default_batch_sequences
-from logitcache.storage.format import check_format_version
+from logitcache.storage.formats import check_format_version, format_class
 from logitcache.untrusted import redact
 
 from .corpus import CorpusSpec, corpus_identity
@@ -186,9 +185,7 @@ def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> Ca
         tokenizer=tokenizer_identity(tokenizer, config.teacher),
         corpus=corpus_identity(config.corpus),
         settings=config.content_settings(),
-        batch_sequences=default_batch_sequences(seq_len, per_shard)
-        if config.format_version == 2
-        else None,
+        batch_sequences=format_class(config.format_version).batch_sequences(seq_len, per_shard),
     )
 
 

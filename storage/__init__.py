@@ -6,10 +6,10 @@ In: teacher distributions as ``SequenceRecord``s. Out: a cache directory or URL 
 """
 
 from .cache import CacheWriter, merge_parts, read_manifest
-from .codecs import default_codecs
 from .convert import ConvertResult, convert_cache
 from .errors import CacheError, NoTokenizerError, RemoteError, ShardCorruptError, TokenizerError
-from .format import FORMAT_VERSION, READ_VERSIONS, CacheSpec, Manifest, ShardInfo, StoredFile
+from .format import CacheSpec, Manifest, ShardInfo, StoredFile
+from .formats import FORMAT_VERSION, READ_VERSIONS, default_codecs
 from .location import Location
 from .reader import CacheReader, verify_cache
 from .record import SequenceRecord

@@ -19,19 +19,23 @@ docs/benchmarks.md ("Format v2"):
   log-probs need (sorting by id saves as many bytes on ids as it costs there);
 - sampled mode without log-probs stores no tail mass (the counts target does not read it),
   and ``doc_starts`` / ``loss_mask`` are bit masks over the batch's tokens.
+
+Writers and readers reach ``BatchCodec`` through ``storage.formats`` (format 2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .codecs import FieldCodec, id_dtype_for
 from .errors import CacheError
-from .format import CacheSpec
 from .record import SequenceRecord
+
+if TYPE_CHECKING:
+    from .format import CacheSpec
 
 __all__ = [
     "BATCH_TOKENS",
@@ -79,12 +83,26 @@ class BatchCodec:
         per_position = spec.k if spec.mode == "topk" else min(spec.samples, spec.vocab_size)
         tokens = self.batch * spec.seq_len
         entries = self.batch * (spec.seq_len - 1) * per_position
-        values = {"lengths": self.batch, "ids_table": min(TABLE_SIZE, spec.vocab_size),
-                  "ids": entries, "counts": entries, "logprobs": entries}  # fmt: skip
+        values = {
+            "lengths": self.batch,
+            "ids_table": min(TABLE_SIZE, spec.vocab_size),
+            "ids": entries,
+            "counts": entries,
+            "logprobs": entries,
+        }
         id_dtype = id_dtype_for(spec.vocab_size)
-        dtypes = {"lengths": "uint32", "input_ids": id_dtype, "loss_mask": "bool",
-                  "doc_starts": "bool", "ids": id_dtype, "counts": "uint8", "n_entries": "uint8",
-                  "logprobs": "float32", "tail_mass": "float32", "ids_table": id_dtype}  # fmt: skip
+        dtypes = {
+            "lengths": "uint32",
+            "input_ids": id_dtype,
+            "loss_mask": "bool",
+            "doc_starts": "bool",
+            "ids": id_dtype,
+            "counts": "uint8",
+            "n_entries": "uint8",
+            "logprobs": "float32",
+            "tail_mass": "float32",
+            "ids_table": id_dtype,
+        }
         self.codecs = {
             f: FieldCodec(spec.codecs[f], dtypes[f], 64 + 4 * values.get(f, tokens))
             for f in (*self.fields, "ids_table")
@@ -94,8 +112,10 @@ class BatchCodec:
     def make_table(self, records: Sequence[SequenceRecord]) -> np.ndarray:
         """[<= TABLE_SIZE] the shard's most frequent stored ids, most frequent first, ties by
         smaller id."""
-        freq = np.bincount(np.concatenate([r.ids for r in records]).astype(np.int64),
-                           minlength=self.spec.vocab_size)  # fmt: skip
+        freq = np.bincount(
+            np.concatenate([r.ids for r in records]).astype(np.int64),
+            minlength=self.spec.vocab_size,
+        )
         order = np.argsort(-freq, kind="stable")[:TABLE_SIZE]
         return order[freq[order] > 0].astype(np.uint32)
 
@@ -189,8 +209,15 @@ class BatchCodec:
         return _split(first_index, lengths, a, spec)
 
     def _check_sizes(self, a: dict, n_tok: int, n_pos: int, n_ent: int, where: str) -> None:
-        expect = {"input_ids": n_tok, "loss_mask": n_tok, "doc_starts": n_tok, "ids": n_ent,
-                  "counts": n_ent - n_pos, "logprobs": n_ent, "tail_mass": n_pos}  # fmt: skip
+        expect = {
+            "input_ids": n_tok,
+            "loss_mask": n_tok,
+            "doc_starts": n_tok,
+            "ids": n_ent,
+            "counts": n_ent - n_pos,
+            "logprobs": n_ent,
+            "tail_mass": n_pos,
+        }
         for name, size in expect.items():
             if name in a and a[name].size != size:
                 raise CacheError(f"{where}: {name} has {a[name].size} values, expected {size}")
@@ -206,8 +233,9 @@ def _concat(records: Sequence[SequenceRecord]) -> dict[str, np.ndarray]:
     start = 0
     for r in records:
         starts = np.asarray(r.doc_starts, dtype=np.int64)
-        if starts.size and (starts.min() < 0 or starts.max() >= r.n_tokens
-                            or (np.diff(starts) <= 0).any()):  # fmt: skip
+        if starts.size and (
+            starts.min() < 0 or starts.max() >= r.n_tokens or (np.diff(starts) <= 0).any()
+        ):
             raise CacheError(f"sequence {r.index}: doc_starts must increase and be < {r.n_tokens}")
         mask[start + starts] = True
         start += r.n_tokens

@@ -28,12 +28,12 @@ import numpy as np
 
 from logitcache import __version__
 
-from .batch import BatchCodec
 from .containers import get_container
 from .errors import CacheError
 from .format import MANIFEST_BYTES, CacheSpec, Manifest, ShardInfo, diff_specs
+from .formats import codec_for
 from .location import Location
-from .record import RecordCodec, SequenceRecord, check_record
+from .record import SequenceRecord
 
 __all__ = [
     "MANIFEST",
@@ -116,7 +116,7 @@ class CacheWriter:
         self.shard_sequences = spec.shard_sequences
         self.worker, self.num_workers = worker, num_workers
         self.container = get_container(spec.container)
-        self.codec = RecordCodec(spec) if spec.format_version == 1 else BatchCodec(spec)
+        self.format = codec_for(spec)
         self._pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode")
         self._lock_fd: int | None = None
         self._tokenizer: Any = None
@@ -234,7 +234,7 @@ class CacheWriter:
             raise CacheError(f"shard {shard} must hold sequences {first}.. in order")
         if len(records) > self.shard_sequences:
             raise CacheError(f"shard {shard} has {len(records)} > {self.shard_sequences} sequences")
-        rows, row_indices, shard_blobs = self._encode(records)
+        rows, row_indices, shard_blobs = self.format.encode_shard(records, self._pool.map)
         rel = shard_name(shard, self.container.suffix)
         metadata = {
             "format_version": self.spec.format_version,
@@ -245,30 +245,19 @@ class CacheWriter:
             "n_sequences": len(records),
         }
         size, digest = self.container.write(
-            self.loc, rel, metadata, row_indices, rows, self.codec.fields, shard_blobs
+            self.loc, rel, metadata, row_indices, rows, self.format.fields, shard_blobs
         )
         info = ShardInfo(
-            index=shard, path=rel, first_sequence=first, bytes=size, sha256=digest,
+            index=shard,
+            path=rel,
+            first_sequence=first,
+            bytes=size,
+            sha256=digest,
             **(shard_stats(records) | dict(stats or {})),
-        )  # fmt: skip
+        )
         self.manifest = self.manifest.with_shard(info)
         self._publish_manifest()
         return info
-
-    def _encode(
-        self, records: Sequence[SequenceRecord]
-    ) -> tuple[list[dict[str, bytes]], list[int], dict[str, bytes]]:
-        """(container rows, the first sequence index of each, shard-level blobs)."""
-        if isinstance(self.codec, RecordCodec):  # format 1: a row per sequence
-            return list(self._pool.map(self.codec.encode, records)), [r.index for r in records], {}
-        for r in records:
-            check_record(self.spec, r, self.codec.record_fields, encoding=True)
-        table = self.codec.make_table(records)
-        rank_to_id = self.codec.expand_table(table)
-        b = self.codec.batch
-        batches = [records[i : i + b] for i in range(0, len(records), b)]
-        rows = list(self._pool.map(lambda rs: self.codec.encode(rs, rank_to_id), batches))
-        return rows, [rs[0].index for rs in batches], {"ids_table": self.codec.encode_table(table)}
 
     def finish(self, n_sequences_total: int) -> Manifest | None:
         """Record that this worker is done; returns the complete manifest if all are."""

@@ -14,7 +14,8 @@ Registered ids (prefix ``logitcache.``):
 - ``logitcache.float``: lossless float32 or float16 (a cast), as byte planes.
 Only these and numcodecs' ``zstd``, ``packbits`` and ``shuffle`` (format v2: byte planes) are
 accepted from a manifest: a manifest can never name ``pickle`` or any other codec that
-executes code. Format 2's chains are ``v2_codecs`` (layout: ``storage/batch.py``).
+executes code. Format 1's chains are ``v1_codecs``, format 2's ``v2_codecs`` (layout:
+``storage/batch.py``); ``storage.formats`` picks a version's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import numpy as np
 from numcodecs.abc import Codec
 
 from .errors import CacheError
-from .format import FORMAT_VERSION, check_format_version
 
 __all__ = [
     "ALLOWED_CODEC_IDS",
@@ -38,8 +38,8 @@ __all__ = [
     "IdsCodec",
     "LogprobCodec",
     "bits_for_vocab",
-    "default_codecs",
     "id_dtype_for",
+    "v1_codecs",
     "v2_codecs",
     "zstd_declared_size",
 ]
@@ -335,24 +335,12 @@ FIELD_DTYPES = {
 }
 
 
-def default_codecs(
-    vocab_size: int,
-    *,
-    logprobs: str = "lossy",
-    step: float = 1 / 32,
-    zstd_level: int | None = None,
-    format_version: int = FORMAT_VERSION,
-    mode: str = "sampled",
+def v1_codecs(
+    vocab_size: int, *, logprobs: str = "lossy", step: float = 1 / 32, zstd_level: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """The codec chains for every field of ``format_version``, as manifest-ready configs.
-
-    ``logprobs``: ``lossy`` (LogprobCodec at ``step``), ``float16`` or ``float32``;
-    ``mode`` (``topk`` or ``sampled``) picks format 2's zstd level.
-    """
-    if format_version == 2:
-        level = {} if zstd_level is None else {"zstd_level": zstd_level}
-        return v2_codecs(vocab_size, mode=mode, logprobs=logprobs, step=step, **level)
-    check_format_version(format_version)
+    """Format 1's codec chains of every field, manifest-ready (``formats.default_codecs``
+    picks a version's). ``logprobs``: ``lossy`` (LogprobCodec at ``step``), ``float16`` or
+    ``float32``."""
     zstd_level = _ZSTD_LEVEL if zstd_level is None else zstd_level
     # A 4-byte checksum per frame (~32 B per sequence) makes a damaged blob fail to decode
     # even when a reader skips the shard hash (--no-verify).

@@ -25,20 +25,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .batch import default_batch_sequences
 from .cache import MANIFEST, SHARDS, CacheWriter
-from .codecs import LogprobCodec, default_codecs
+from .codecs import LogprobCodec
 from .errors import CacheError
-from .format import (
-    FORMAT_VERSION,
-    MANIFEST_BYTES,
-    TOKENIZER_DIR,
-    CacheSpec,
-    Manifest,
-    StoredFile,
-    check_format_version,
-    diff_specs,
-)
+from .format import MANIFEST_BYTES, TOKENIZER_DIR, CacheSpec, Manifest, StoredFile, diff_specs
+from .formats import FORMAT_VERSION, format_class
 from .location import Location
 from .reader import CacheReader
 from .record import SequenceRecord
@@ -92,26 +83,28 @@ def converted_spec(
     Format 2's ``batch_sequences``: as given, else the source's (a format 2 source whose
     batches fit the new shards), else the writers' default.
     """
-    check_format_version(format_version)
+    target = format_class(format_version)
     per_shard = spec.shard_sequences if shard_sequences is None else shard_sequences
     if per_shard < 1:
         raise CacheError(f"--shard-sequences must be at least 1, got {per_shard}")
-    no_tail = spec.mode == "sampled" and not spec.sampled_logprobs
-    if format_version == 1 and spec.format_version == 2 and no_tail:
+    source = format_class(spec.format_version)
+    if "tail_mass" in target.fields_for(spec) and "tail_mass" not in source.fields_for(spec):
         raise CacheError(
-            "format 1 stores each position's tail mass, which a format 2 sampled cache without "
-            "log-probs does not keep: keep format 2 (upgrade the readers), or rerun the "
-            "teacher pass with --format-version 1"
+            f"format {target.version} stores each position's tail mass, which a format "
+            f"{source.version} sampled cache without log-probs does not keep: keep format "
+            f"{source.version} (upgrade the readers), or rerun the teacher pass with "
+            f"--format-version {target.version}"
         )
     batch = None
-    if format_version == 2:
+    if target.batch_sequences(spec.seq_len, per_shard) is not None:
         kept = spec.batch_sequences
         if kept is not None and kept > per_shard:
             kept = None
-        batch = batch_sequences or kept or default_batch_sequences(spec.seq_len, per_shard)
+        batch = batch_sequences or kept or target.batch_sequences(spec.seq_len, per_shard)
     logprobs, step = _logprob_codec(spec)
-    codecs = default_codecs(spec.vocab_size, logprobs=logprobs, step=step,
-                            format_version=format_version, mode=spec.mode)  # fmt: skip
+    codecs = target.default_codecs(
+        spec.vocab_size, logprobs=logprobs, step=step, zstd_level=None, mode=spec.mode
+    )
     return replace(spec, codecs=codecs, shard_sequences=per_shard, batch_sequences=batch)
 
 
@@ -170,13 +163,18 @@ def convert_cache(
                 f"{len(manifest.shards)} shards and is not complete): finish its teacher pass "
                 "(rerun the same precompute), or convert a complete copy"
             )
-        spec = converted_spec(manifest.spec, format_version, shard_sequences=shard_sequences,
-                              batch_sequences=batch_sequences)  # fmt: skip
+        spec = converted_spec(
+            manifest.spec,
+            format_version,
+            shard_sequences=shard_sequences,
+            batch_sequences=batch_sequences,
+        )
         if edit is not None:
             spec = replace(spec, **edit.spec)
         _check_destination(target, spec)
-        with CacheWriter(dest, spec, storage_options=dest_options,
-                         encode_threads=encode_threads) as writer:  # fmt: skip
+        with CacheWriter(
+            dest, spec, storage_options=dest_options, encode_threads=encode_threads
+        ) as writer:
             if manifest.tokenizer_files:
                 writer.attach_tokenizer(_StoredTokenizer(source, manifest.tokenizer_files))
             return _convert(reader, writer, progress or no_progress, edit)
@@ -209,16 +207,23 @@ def _convert(
         progress(min(round(done), source.bytes), source.bytes, None)
     manifest = writer.finish(total)
     assert manifest is not None  # one worker: finish returns the complete manifest
-    return ConvertResult(manifest=manifest, written=len(todo), skipped=skipped,
-                         bytes_before=source.bytes, bytes_after=manifest.bytes,
-                         write_cpu_s=cpu_s)  # fmt: skip
+    return ConvertResult(
+        manifest=manifest,
+        written=len(todo),
+        skipped=skipped,
+        bytes_before=source.bytes,
+        bytes_after=manifest.bytes,
+        write_cpu_s=cpu_s,
+    )
 
 
 def _source_bytes(reader: CacheReader, indices: Iterable[int]) -> float:
     """The source's bytes holding these sequences (each shard's bytes spread evenly)."""
     shards = reader.shards
-    return sum(shards[pos].bytes / shards[pos].n_sequences
-               for pos in (reader.locate(i)[0] for i in indices))  # fmt: skip
+    return sum(
+        shards[pos].bytes / shards[pos].n_sequences
+        for pos in (reader.locate(i)[0] for i in indices)
+    )
 
 
 def _source_stats(reader: CacheReader, records: Sequence[SequenceRecord]) -> dict[str, float]:
@@ -249,8 +254,10 @@ def _check_destination(target: Location, spec: CacheSpec) -> None:
         old = Manifest.from_json(data, where=target.shown_of(MANIFEST))
         if old.spec.to_dict() != spec.to_dict():
             changes = "; ".join(diff_specs(old.spec, spec)[:4])
-            raise CacheError(f"{target.shown} already holds another cache ({changes}); choose a "
-                             "new or empty DEST")  # fmt: skip
+            raise CacheError(
+                f"{target.shown} already holds another cache ({changes}); choose a "
+                "new or empty DEST"
+            )
         return
     debris = {".locks", SHARDS, TOKENIZER_DIR}
     if set(target.listdir("")) - debris:

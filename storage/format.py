@@ -1,8 +1,8 @@
-"""The cache format, specified once: ``FORMAT_VERSION`` and the manifest dataclasses.
+"""The cache format, specified once: the manifest dataclasses (versions: ``storage.formats``).
 
 In: a ``manifest.json`` text (or the fields to build one). Out: frozen dataclasses that the
 writer and the reader share. ``docs/format.md`` is the prose contract; this module mirrors
-it field for field, and nothing else in the package spells a format number or a key name.
+it field for field; what differs between format versions is in ``storage.formats``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from logitcache.identity import FULL_FINGERPRINT
-
 from ._values import check_int as _int
 from ._values import check_json_depth, check_relative_path
 from .errors import CacheError
+from .formats import (
+    FORMAT_MINOR,
+    FORMAT_VERSION,
+    READ_VERSIONS,
+    check_format_version,
+    format_class,
+)
 
 __all__ = [
     "FORMAT_MINOR",
@@ -43,14 +48,6 @@ __all__ = [
 ]
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 2
-"""The major version written by default; readers read ``READ_VERSIONS`` (docs/format.md)."""
-READ_VERSIONS = (1, 2)
-FORMAT_MINOR = {1: 2, 2: 1}
-"""The newest minor version of each major. A minor adds optional manifest keys that a reader
-of the same major ignores: 1.1 ``tokenizer_files`` (2.0 has them); 1.2 and 2.1
-``spec.tokenizer.fingerprint_full``. ``format_minor`` is written only when a manifest uses
-one (``Manifest.format_minor``)."""
 MODES = ("topk", "sampled")
 TOKENIZER_DIR = "tokenizer"
 """Where a cache keeps its tokenizer's files (``save_pretrained`` output), since format 1.1."""
@@ -94,13 +91,6 @@ MANIFEST_BYTES = MAX_SHARDS * _SHARD_ENTRY_BYTES + (1 << 20)
 """The most bytes a ``manifest.json`` (or a worker's part) may hold: ``MAX_SHARDS`` entries
 plus 1 MiB for the spec and the tokenizer files' list (a few kB in practice), 129 MiB in
 all; a larger file is refused unread."""
-
-
-def check_format_version(version: int) -> None:
-    """Refuse a format version no writer writes (the ones readers read: ``READ_VERSIONS``)."""
-    if version not in READ_VERSIONS:
-        versions = " or ".join(map(str, READ_VERSIONS))
-        raise CacheError(f"--format-version must be {versions}, got {version}")
 
 
 def canonical_json(obj: Any) -> str:
@@ -355,17 +345,12 @@ class Manifest:
     def format_minor(self) -> int:
         """The minor version this manifest needs (``FORMAT_MINOR``): the newest whose keys it
         uses, 0 if none."""
-        full = FULL_FINGERPRINT in self.spec.tokenizer
-        if self.format_version == 2:
-            return int(full)
-        return 2 if full else int(bool(self.tokenizer_files))
+        return format_class(self.format_version).format_minor(self)
 
     @property
     def version_label(self) -> str:
         """The version as written: "2.1", "2", "1.2", "1.1" (a stored tokenizer) or "1.0"."""
-        if self.format_version == 2 and not self.format_minor:
-            return "2"
-        return f"{self.format_version}.{self.format_minor}"
+        return format_class(self.format_version).version_label(self.format_minor)
 
     @property
     def n_sequences(self) -> int:
@@ -464,8 +449,10 @@ class Manifest:
         except CacheError as err:
             raise CacheError(f"{where}: {err}") from None
         if spec.format_version != version:
-            raise CacheError(f"{where}: format version {version} but a format "
-                             f"{spec.format_version} spec; edited manifest?")  # fmt: skip
+            raise CacheError(
+                f"{where}: format version {version} but a format {spec.format_version} spec; "
+                "edited manifest?"
+            )
         if obj.get("cache_id") not in (None, spec.cache_id):
             raise CacheError(f"{where}: cache_id does not match its spec (edited manifest?)")
         raw_shards = obj.get("shards", [])

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from .batch import BatchCodec
 from .cache import read_manifest, shard_stats
 from .containers import get_container, shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import CacheSpec, Manifest, ShardInfo
+from .formats import codec_for
 from .location import Location
-from .record import RecordCodec, SequenceRecord
+from .record import SequenceRecord
 from .shardcache import Prefetcher, ShardCache
 from .tokenizer import tokenizer_problems
 
@@ -77,8 +77,7 @@ class CacheReader:
         self.manifest = read_manifest(self.loc)
         self.spec = self.manifest.spec
         self.verify = verify
-        v1 = self.spec.format_version == 1
-        self.codec = RecordCodec(self.spec) if v1 else BatchCodec(self.spec)
+        self.format = codec_for(self.spec)
         self.container = get_container(self.spec.container)
         self._shards = self.manifest.shards
         self._starts = np.array([s.first_sequence for s in self._shards], dtype=np.int64)
@@ -94,7 +93,7 @@ class CacheReader:
         self._pid = os.getpid()
         self._handles: OrderedDict[int, Any] = OrderedDict()  # whole shards, local files
         self._ranged: OrderedDict[int, Any] = OrderedDict()  # remote shards read by ranges
-        self._tables: OrderedDict[int, np.ndarray] = OrderedDict()  # format 2: rank -> id
+        self._tables: OrderedDict[int, Any] = OrderedDict()  # shard tables (format 2: rank -> id)
         self._decoded: OrderedDict[tuple[int, int], list[SequenceRecord]] = OrderedDict()
         self._decoded_bytes = 0
         self._prefetcher: Prefetcher | None = None
@@ -222,47 +221,30 @@ class CacheReader:
         return self._read_row(pos, row, self._handle_for_read(pos))
 
     def _read_row(self, pos: int, row: int, handle: Any) -> SequenceRecord:
-        info = self._shards[pos]
-        if isinstance(self.codec, BatchCodec):
-            batch, at = divmod(row, self.codec.batch)
-            return self._read_batch(pos, batch, handle)[at]
-        stored_index, blobs = handle.read(row)
-        where = f"shard {info.path} row {row}"
-        if stored_index != info.first_sequence + row:
-            raise ShardCorruptError(f"{where}: holds sequence {stored_index}, expected "
-                                    f"{info.first_sequence + row}")  # fmt: skip
-        return self.codec.decode(stored_index, blobs, where)
+        group, at = divmod(row, self.format.sequences_per_row)
+        if not self.format.keeps_decoded:
+            info = self._shards[pos]
+            return self.format.decode_row(handle, info, group, lambda: self._table(pos, handle))[at]
+        return self._read_group(pos, group, handle)[at]
 
-    def _read_batch(self, pos: int, batch: int, handle: Any) -> list[SequenceRecord]:
-        """Format 2: the records of one batch of a shard (decoded once while kept)."""
-        records = self._decoded.get((pos, batch))
+    def _read_group(self, pos: int, group: int, handle: Any) -> list[SequenceRecord]:
+        """The records of container row ``group`` of a shard (decoded once while kept)."""
+        records = self._decoded.get((pos, group))
         if records is not None:
-            self._decoded.move_to_end((pos, batch))
+            self._decoded.move_to_end((pos, group))
             return records
-        info, size = self._shards[pos], self.codec.batch
-        first = info.first_sequence + batch * size
-        where = f"shard {info.path} batch {batch}"
-        stored_index, blobs = handle.read(batch)
-        if stored_index != first:
-            raise ShardCorruptError(f"{where}: starts at sequence {stored_index}, expected {first}")
-        try:
-            table = self._tables.get(pos)
-            if table is None:
-                blob = handle.shard_blobs.get("ids_table")
-                if blob is None:
-                    raise ShardCorruptError(f"shard {info.path} has no id table")
-                table = self.codec.decode_table(blob, f"shard {info.path}")
-                _remember(self._tables, pos, table)
-            records = self.codec.decode(first, blobs, table, where)
-        except ShardCorruptError:
-            raise
-        except CacheError as err:  # the bytes of a listed shard: damaged
-            raise ShardCorruptError(str(err)) from None
-        expected = min(size, info.n_sequences - batch * size)
-        if len(records) != expected:
-            raise ShardCorruptError(f"{where}: holds {len(records)} sequences, expected {expected}")
-        self._keep_decoded((pos, batch), records)
+        info = self._shards[pos]
+        records = self.format.decode_row(handle, info, group, lambda: self._table(pos, handle))
+        self._keep_decoded((pos, group), records)
         return records
+
+    def _table(self, pos: int, handle: Any) -> Any:
+        """The shard's table (format 2: its rank -> id map), decoded once while kept."""
+        table = self._tables.get(pos)
+        if table is None:
+            table = self.format.shard_table(handle, self._shards[pos])
+            _remember(self._tables, pos, table)
+        return table
 
     def _keep_decoded(self, key: tuple[int, int], records: list[SequenceRecord]) -> None:
         """Keep a decoded batch; forget the least recently read past ``_DECODED_BYTES``."""
@@ -324,11 +306,7 @@ def check_shard_metadata(handle: Any, info: ShardInfo, spec: CacheSpec) -> None:
         raise ShardCorruptError(f"{where} belongs to another cache (its identity differs)")
     expected = (info.index, info.first_sequence, info.n_sequences)
     found = (meta.get("shard_index"), meta.get("first_sequence"), meta.get("n_sequences"))
-    rows = (
-        info.n_sequences
-        if spec.batch_sequences is None
-        else -(-info.n_sequences // spec.batch_sequences)
-    )
+    rows = codec_for(spec).rows(info.n_sequences)
     if found != expected or handle.n_rows != rows:
         raise ShardCorruptError(
             f"{where} disagrees with the manifest: (index, first, count) {found} with "

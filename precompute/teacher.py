@@ -8,12 +8,17 @@ GGUF teachers load through transformers' GGUF support, which de-quantizes every 
 to float (a Q4_1 135M model: 98 MB on disk, 540 MB in float32) and builds the tokenizer
 from the file's own vocabulary and merges; it needs the optional ``gguf`` and
 ``accelerate`` packages (``pip install 'logitcache[gguf]'``).
+
+``split_output_head`` parts a loaded teacher into its body (tokens -> last hidden states) and
+its output head (hidden states -> logits), so the pass can make logits a chunk of positions at
+a time instead of holding a batch's [B, W, V] (16,384 tokens x 49,152 x 4 bytes = 3.2 GB).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ import torch
 from logitcache.errors import LogitcacheError
 
 __all__ = [
+    "SplitTeacher",
     "check_model_path",
     "gguf_file_of",
     "load_teacher",
@@ -30,6 +36,7 @@ __all__ = [
     "pretrained_source",
     "resolve_device",
     "resolve_dtype",
+    "split_output_head",
 ]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -141,6 +148,52 @@ def load_teacher(
     model.eval()
     model.requires_grad_(False)
     return model, torch_dtype, dev
+
+
+@dataclass(frozen=True)
+class SplitTeacher:
+    """A teacher whose logits are exactly ``head(body(input_ids, attention_mask))``."""
+
+    body: Callable[..., torch.Tensor]
+    """(input_ids [B, W], attention_mask [B, W]) -> last hidden states [B, W, D]."""
+    head: Callable[[torch.Tensor], torch.Tensor]
+    """[n, D] -> logits [n, V], in the teacher's dtype."""
+    vocab: int
+    """V: the width of the head's logits."""
+
+
+_PROBE_TOKENS = 8
+
+
+def split_output_head(model: Any, device: torch.device) -> SplitTeacher | None:
+    """The teacher as body and output head, or None where its logits are not the head's alone.
+
+    Checked, not assumed: many models scale or soft-cap the head's output (Gemma 2, Cohere,
+    Granite), so the split is used only where a forward of a few tokens gives the same bits
+    both ways; otherwise the caller takes the full forward's logits.
+    """
+    base = getattr(model, "base_model", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if base is None or base is model or head is None:
+        return None
+
+    def body(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # no KV cache: the pass never generates (16,384 tokens: 0.75 GB for SmolLM2-135M)
+        return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+    vocab = int(getattr(model.config, "vocab_size", None) or _PROBE_TOKENS)
+    ids = (torch.arange(_PROBE_TOKENS) % vocab)[None].to(device)  # [1, 8]
+    mask = torch.ones_like(ids)
+    try:
+        with torch.inference_mode():
+            full = model(input_ids=ids, attention_mask=mask).logits  # [1, 8, V]
+            parts = head(body(ids, mask))
+    except Exception:  # a body that takes other arguments: the plain forward it is
+        return None
+    if full.shape != parts.shape or not torch.equal(full, parts):
+        return None
+    return SplitTeacher(body=body, head=head, vocab=full.shape[-1])
 
 
 def load_teacher_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False):

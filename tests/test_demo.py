@@ -1,4 +1,4 @@
-"""The demo end to end (--quick) and the README's command reference."""
+"""The demo end to end (--quick) and the command reference, docs/cli.md."""
 
 import json
 from pathlib import Path
@@ -40,11 +40,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "reusing the teacher" in again.output
 
 
-def test_readme_embeds_the_current_command_reference():
-    """The README's command reference is generated from the click commands."""
+def test_docs_cli_md_is_the_current_command_reference():
+    """docs/cli.md is generated from the click commands, and the README links to it."""
     from logitcache.cli import render_reference
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert render_reference() in readme, (
-        "README.md's command reference is stale: replace it with `logitcache reference`"
+    root = Path(__file__).parent.parent
+    assert (root / "docs" / "cli.md").read_text() == render_reference(), (
+        "docs/cli.md is stale: rewrite it with `logitcache reference > docs/cli.md`"
     )
+    assert "(docs/cli.md)" in (root / "README.md").read_text()

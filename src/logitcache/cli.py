@@ -217,7 +217,7 @@ def recipes(name: str | None, directory: str | None) -> None:
 
 
 def render_reference() -> str:
-    """The README's command reference (``logitcache.reference``) of these commands."""
+    """docs/cli.md, the command reference (``logitcache.reference``) of these commands."""
     from logitcache import reference
 
     return reference.render_reference(main)
@@ -225,8 +225,8 @@ def render_reference() -> str:
 
 @main.command(hidden=True)
 def reference() -> None:
-    """Print the command reference that README.md embeds."""
-    click.echo(render_reference())
+    """Print docs/cli.md, the command reference: `logitcache reference > docs/cli.md`."""
+    click.echo(render_reference(), nl=False)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The README's command reference, rendered from the click commands themselves.
+"""docs/cli.md, the command reference, rendered from the click commands themselves.
 
-In: the ``logitcache`` command group. Out: every command's ``--help`` as Markdown, in the
-order README.md embeds them (a test keeps the README in step).
+In: the ``logitcache`` command group. Out: a title and every command's ``--help`` as
+Markdown, alphabetically (``logitcache reference > docs/cli.md`` writes the file; a test keeps
+it in step).
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ import click
 
 __all__ = ["render_reference"]
 
+_TITLE = """\
+# Command reference
+
+Every command's `--help`, generated from the commands themselves by `logitcache reference >
+docs/cli.md` (tests/test_demo.py fails when this file is stale). The README shows the
+commands at work; docs/guide.md says what their flags do and why.
+
+"""
+
 
 def render_reference(main: click.Group) -> str:
-    """The README's command reference: every command's --help, in order."""
+    """docs/cli.md: a title, then every command's --help, in order."""
     parts = []
     for path in _command_paths(main, ["logitcache"]):
         ctx = click.Context(path[-1][1], info_name=path[-1][0], terminal_width=100,
@@ -20,7 +30,7 @@ def render_reference(main: click.Group) -> str:
         name = " ".join(p[0] for p in path)
         text = path[-1][1].get_help(ctx).replace(f"Usage: {path[-1][0]}", f"Usage: {name}", 1)
         parts.append(f"### `{name}`\n\n```\n{text}\n```\n")
-    return "\n".join(parts)
+    return _TITLE + "\n".join(parts)
 
 
 def _command_paths(command: click.Command, prefix: list[str], trail=()) -> list:

@@ -3,7 +3,7 @@
 Pushing is tested against ``FakeHub``, which stands in for ``huggingface_hub.HfApi`` (the
 methods push calls, with their keyword arguments) and records every commit; reading against
 a stand-in for ``HfFileSystem`` that raises huggingface_hub's own errors. What a real Hub
-does with those calls is not tested here (README, "Sharing a cache").
+does with those calls is not tested here (docs/guide.md, "On the Hugging Face Hub").
 """
 
 from __future__ import annotations

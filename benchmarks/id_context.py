@@ -50,7 +50,7 @@ def to_front(ranks: np.ndarray, n_entries: np.ndarray, context: np.ndarray) -> n
 def id_bytes(records: list, spec: Any, context: Any = None) -> int:
     """Format 2 ``ids`` bytes of one shard's records (batches of ``spec.batch_sequences``),
     ranks renumbered by ``context(records, id_to_rank) -> [P, m]`` ranks when given."""
-    from logitcache.storage.batch import BatchCodec
+    from logitcache.storage.formats.v2 import BatchCodec
 
     codec = BatchCodec(spec)
     rank_to_id = codec.expand_table(codec.make_table(records)).astype(np.int64)
@@ -111,7 +111,7 @@ def _label_hits(record: Any) -> int:
 
 
 def _table_bytes(table: dict[int, np.ndarray], spec: Any) -> int:
-    from logitcache.storage.batch import BatchCodec
+    from logitcache.storage.formats.v2 import BatchCodec
 
     flat = np.concatenate([np.concatenate([[k, v.size], v]) for k, v in sorted(table.items())])
     return len(BatchCodec(spec).codecs["ids_table"].encode(flat.astype(np.uint32)))
@@ -120,7 +120,7 @@ def _table_bytes(table: dict[int, np.ndarray], spec: Any) -> int:
 def probe(cache: str, batch_sequences: int = 16, level: int = 15) -> dict[str, Any]:
     """Bytes per token of format 2's ids under each renumbering, one shard for the cache."""
     from logitcache.storage import CacheReader
-    from logitcache.storage.codecs import v2_codecs
+    from logitcache.storage.formats.v2 import v2_codecs
 
     reader = CacheReader(cache)
     if reader.spec.mode != "sampled":

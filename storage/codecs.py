@@ -14,8 +14,8 @@ Registered ids (prefix ``logitcache.``):
 - ``logitcache.float``: lossless float32 or float16 (a cast), as byte planes.
 Only these and numcodecs' ``zstd``, ``packbits`` and ``shuffle`` (format v2: byte planes) are
 accepted from a manifest: a manifest can never name ``pickle`` or any other codec that
-executes code. Format 1's chains are ``v1_codecs``, format 2's ``v2_codecs`` (layout:
-``storage/batch.py``); ``storage.formats`` picks a version's.
+executes code. Each format's chains live with its version: ``v1_codecs`` in
+``storage/formats/v1.py``, ``v2_codecs`` in ``storage/formats/v2.py``.
 """
 
 from __future__ import annotations
@@ -32,19 +32,14 @@ from .errors import CacheError
 
 __all__ = [
     "ALLOWED_CODEC_IDS",
-    "FIELD_DTYPES",
     "FieldCodec",
     "FloatCodec",
     "IdsCodec",
     "LogprobCodec",
     "bits_for_vocab",
-    "id_dtype_for",
-    "v1_codecs",
-    "v2_codecs",
+    "logprob_codec_config",
     "zstd_declared_size",
 ]
-
-_ZSTD_LEVEL = 3
 
 
 def bits_for_vocab(vocab_size: int) -> int:
@@ -322,85 +317,10 @@ class FieldCodec:
             raise CacheError(f"cannot decode field ({err})") from None
 
 
-# dtype each field decodes to; the record layer relies on these.
-FIELD_DTYPES = {
-    "input_ids": "uint32",
-    "loss_mask": "bool",
-    "doc_starts": "uint32",
-    "ids": "uint32",
-    "logprobs": "float32",
-    "counts": "uint8",
-    "n_entries": "uint8",
-    "tail_mass": "float32",
-}
-
-
-def v1_codecs(
-    vocab_size: int, *, logprobs: str = "lossy", step: float = 1 / 32, zstd_level: int | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """Format 1's codec chains of every field, manifest-ready (``formats.default_codecs``
-    picks a version's). ``logprobs``: ``lossy`` (LogprobCodec at ``step``), ``float16`` or
-    ``float32``."""
-    zstd_level = _ZSTD_LEVEL if zstd_level is None else zstd_level
-    # A 4-byte checksum per frame (~32 B per sequence) makes a damaged blob fail to decode
-    # even when a reader skips the shard hash (--no-verify).
-    zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
-    ids = {"id": IdsCodec.codec_id, "bits": bits_for_vocab(vocab_size)}
-    lp = _logprob_codec(logprobs, step)
-    return {
-        "input_ids": [ids, zstd],
-        "loss_mask": [{"id": "packbits"}, zstd],
-        "doc_starts": [{"id": IdsCodec.codec_id, "bits": 32}, zstd],
-        "ids": [ids, zstd],
-        "logprobs": [lp, zstd],
-        "counts": [zstd],
-        "n_entries": [zstd],
-        "tail_mass": [{"id": FloatCodec.codec_id, "dtype": "float16"}, zstd],
-    }
-
-
-def _logprob_codec(logprobs: str, step: float) -> dict[str, Any]:
+def logprob_codec_config(logprobs: str, step: float) -> dict[str, Any]:
     """The log-prob codec config of both formats: ``lossy`` at ``step``, float16 or float32."""
     if logprobs == "lossy":
         return {"id": LogprobCodec.codec_id, "step": step}
     if logprobs in ("float16", "float32"):
         return {"id": FloatCodec.codec_id, "dtype": logprobs}
     raise CacheError(f"unknown logprob codec {logprobs!r}; use lossy, float16 or float32")
-
-
-def id_dtype_for(vocab_size: int) -> str:
-    """Format 2's stored dtype of ids and ranks below ``vocab_size``."""
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def v2_codecs(
-    vocab_size: int,
-    *,
-    mode: str = "sampled",
-    logprobs: str = "lossy",
-    step: float = 1 / 32,
-    zstd_level: int | None = None,
-) -> dict[str, list[dict[str, Any]]]:
-    """The v2 codec chains of every field, manifest-ready (numcodecs' shuffle and zstd).
-
-    zstd level (default) 15 for ``sampled``: 0.9 B/token (5 %) less than level 3 at N=16,
-    mostly counts, at ~70-200k tokens/s per writer thread; 9 for ``topk``, where 15 saves
-    only 1 % more and encodes at ~15k tokens/s at k=128 (docs/benchmarks.md, "Format v2").
-    Decoding speed does not depend on the level."""
-    if zstd_level is None:
-        zstd_level = 15 if mode == "sampled" else 9
-    zstd = {"id": "zstd", "level": zstd_level, "checksum": True}
-    shuffle = {"id": "shuffle", "elementsize": np.dtype(id_dtype_for(vocab_size)).itemsize}
-    lp = _logprob_codec(logprobs, step)
-    return {
-        "lengths": [zstd],
-        "input_ids": [shuffle, zstd],
-        "loss_mask": [{"id": "packbits"}, zstd],
-        "doc_starts": [{"id": "packbits"}, zstd],
-        "ids": [shuffle, zstd],
-        "counts": [zstd],
-        "n_entries": [zstd],
-        "logprobs": [lp, zstd],
-        "tail_mass": [{"id": FloatCodec.codec_id, "dtype": "float16"}, zstd],
-        "ids_table": [shuffle, zstd],
-    }

@@ -1,6 +1,6 @@
 """The two shard containers: Arrow IPC files and Zarr v3 groups.
 
-In: rows of per-field blobs (from ``RecordCodec``) plus the shard's identity metadata.
+In: rows of per-field blobs (from a format's row codec) plus the shard's identity metadata.
 Out: one published shard object, its byte size and sha256; and readers that return one
 row by position with a single ranged read (Arrow: one record batch per row; Zarr: one inner
 chunk per row inside a sharded array). A row is one sequence (format 1) or one batch of

@@ -1,8 +1,8 @@
-"""One cached sequence in memory, and format 1's encoding of it to per-field blobs.
+"""One cached sequence in memory, and the checks of its content both formats share.
 
-In: a ``SequenceRecord`` (numpy arrays) and the cache spec. Out: ``dict[str, bytes]``, one
-codec-compressed blob per field, which a container stores as one row; and back. Writers and
-readers reach ``RecordCodec`` through ``storage.formats`` (format 1), never directly.
+In: a ``SequenceRecord`` (numpy arrays) and the cache spec. Out: nothing, or a ``CacheError``
+naming what is wrong (``check_record``). Each format's encoding of records to container rows
+lives in ``storage/formats/`` (``v1.py``: ``RecordCodec``, ``v2.py``: ``BatchCodec``).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .codecs import FIELD_DTYPES, FieldCodec
 from .errors import CacheError
 
 if TYPE_CHECKING:
     from .format import CacheSpec
 
-__all__ = ["RecordCodec", "SequenceRecord", "check_record", "record_fields"]
+__all__ = ["SequenceRecord", "check_record"]
 
 
 @dataclass
@@ -60,70 +59,6 @@ class SequenceRecord:
         assert self.counts is not None
         per_position = np.add.reduceat(self.counts.astype(np.float32), self.offsets[:-1])
         return self.counts / np.repeat(per_position, self.n_entries)
-
-
-def record_fields(spec: CacheSpec) -> tuple[str, ...]:
-    """The fields a record of this spec stores, in container column order."""
-    names = ["input_ids", "loss_mask", "doc_starts", "ids", "tail_mass"]
-    if spec.mode == "topk":
-        names.append("logprobs")
-    else:
-        names += ["counts", "n_entries"] + (["logprobs"] if spec.sampled_logprobs else [])
-    return tuple(names)
-
-
-def _max_field_bytes(spec: CacheSpec, name: str) -> int:
-    """Most bytes a field of one record can encode to before zstd: a 16-byte header and at
-    most 4 bytes per value (seq_len 2048, k=64: 524 kB for ids)."""
-    per_position = spec.k if spec.mode == "topk" else min(spec.samples, spec.vocab_size)
-    values = {
-        "ids": (spec.seq_len - 1) * per_position,
-        "logprobs": (spec.seq_len - 1) * per_position,
-        "counts": (spec.seq_len - 1) * per_position,
-    }.get(name, spec.seq_len)
-    return 64 + 4 * values
-
-
-class RecordCodec:
-    """Encodes and decodes records of one spec; also validates decoded content."""
-
-    def __init__(self, spec: CacheSpec) -> None:
-        self.spec = spec
-        self.fields = record_fields(spec)
-        if "ids_table" in spec.codecs:  # format 2's chains would misread format 1 rows
-            raise CacheError("cache spec has format 2 codecs but no 'batch_sequences'")
-        missing = [f for f in self.fields if f not in spec.codecs]
-        if missing:
-            raise CacheError(f"cache spec has no codec for fields {missing}")
-        self.codecs = {
-            f: FieldCodec(spec.codecs[f], FIELD_DTYPES[f], _max_field_bytes(spec, f))
-            for f in self.fields
-        }
-
-    def encode(self, record: SequenceRecord) -> dict[str, bytes]:
-        check_record(self.spec, record, self.fields, encoding=True)
-        out = {}
-        for name in self.fields:
-            out[name] = self.codecs[name].encode(getattr(record, name))
-        return out
-
-    def decode(self, index: int, blobs: dict[str, bytes], where: str) -> SequenceRecord:
-        arrays = {}
-        for name in self.fields:
-            if name not in blobs:
-                raise CacheError(f"{where}: field {name!r} missing")
-            try:
-                arrays[name] = self.codecs[name].decode(blobs[name])
-            except CacheError as err:
-                raise CacheError(f"{where}: field {name!r}: {err}") from None
-        n_positions = arrays["input_ids"].shape[0] - 1
-        if self.spec.mode == "topk":
-            arrays["n_entries"] = np.full(max(n_positions, 0), self.spec.k, dtype=np.int32)
-        else:
-            arrays["n_entries"] = arrays["n_entries"].astype(np.int32)
-        record = SequenceRecord(index=index, **arrays)
-        check_record(self.spec, record, self.fields, where=where)
-        return record
 
 
 def check_record(

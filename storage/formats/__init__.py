@@ -5,8 +5,10 @@ In: a ``CacheSpec`` (or the version a flag asks for). Out: the format of that ve
 manifest minor versions, and the encoding of a shard's records to container rows and back.
 The writer (``cache.py``), the reader (``reader.py``) and ``convert`` call it and never
 branch on the version. A new version is one module here and one entry in ``_FORMATS``.
-The row codecs these modules use stay in ``record.py`` (format 1) and ``batch.py`` (format 2),
-and the chains in ``codecs.py``, where the benchmarks import them.
+Each version's module also holds its row codec and default chains (``v1.py``: ``RecordCodec``,
+``v1_codecs``; ``v2.py``: ``BatchCodec``, ``v2_codecs``); what both share stays outside:
+``SequenceRecord`` and ``check_record`` in ``record.py``, the codec classes, zstd framing and
+bounded inflate in ``codecs.py``.
 """
 
 from __future__ import annotations

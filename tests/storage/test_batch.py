@@ -1,4 +1,4 @@
-"""Format 2 (storage/batch.py): round trips over batch sizes and vocabulary edges, the id
+"""Format 2 (storage/formats/v2.py): round trips over batch sizes and vocabulary edges, the id
 table, the order of entries, format 1 still written and read, and damaged batches."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from storage_synth import assert_records_match, make_spec, shard_records, write_cache
 
 from logitcache.storage import CacheError, CacheReader, CacheWriter, ShardCorruptError
-from logitcache.storage.batch import BatchCodec
+from logitcache.storage.formats.v2 import BatchCodec
 
 
 def round_trip(tmp_path, spec, n_total: int) -> list:

@@ -10,13 +10,13 @@ from storage_synth import peaked_logprobs
 
 from logitcache.storage import CacheError, default_codecs
 from logitcache.storage.codecs import (
-    FIELD_DTYPES,
     FieldCodec,
     FloatCodec,
     IdsCodec,
     LogprobCodec,
     bits_for_vocab,
 )
+from logitcache.storage.formats.v1 import FIELD_DTYPES
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -23,7 +23,7 @@ from logitcache.progress import Reporter
 from logitcache.storage import CacheSpec, Location, Manifest, ShardInfo, default_codecs
 from logitcache.storage.cache import MANIFEST, shard_name, shard_stats
 from logitcache.storage.containers import get_container
-from logitcache.storage.record import RecordCodec
+from logitcache.storage.formats.v1 import RecordCodec
 
 __all__ = ["RemoteRow", "build_cache", "format_remote", "run_remote_bench"]
 

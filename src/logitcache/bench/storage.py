@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from logitcache.storage import CacheReader, CacheSpec, CacheWriter, SequenceRecord, default_codecs
-from logitcache.storage.batch import default_batch_sequences
+from logitcache.storage.formats.v2 import default_batch_sequences
 
 __all__ = ["StorageRow", "kl_exact_vs_decoded", "run_storage_bench", "synthetic_records"]
 

@@ -16,6 +16,7 @@ when they differ rather than reporting a behaviour change.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -65,13 +66,17 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def workdir(sharp_teacher_dir, text_corpus):
-    if ROOT.exists():
-        shutil.rmtree(ROOT)
-    shutil.copytree(sharp_teacher_dir, ROOT / "teacher")
-    (ROOT / "corpus").mkdir()
-    shutil.copy(text_corpus, ROOT / "corpus" / "corpus.txt")
-    yield ROOT
-    shutil.rmtree(ROOT, ignore_errors=True)
+    # one fixed path for every run (a cache records its teacher's path): two test sessions at
+    # once (a developer's and a helper's) take turns instead of deleting each other's files
+    with open(Path(tempfile.gettempdir()) / "logitcache-golden.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ROOT.exists():
+            shutil.rmtree(ROOT)
+        shutil.copytree(sharp_teacher_dir, ROOT / "teacher")
+        (ROOT / "corpus").mkdir()
+        shutil.copy(text_corpus, ROOT / "corpus" / "corpus.txt")
+        yield ROOT
+        shutil.rmtree(ROOT, ignore_errors=True)
 
 
 def _outputs(workdir: Path, student_config: Path) -> dict:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from logitcache.errors import LogitcacheError
-from logitcache.precompute.teacher import check_model_path, load_tokenizer
+from logitcache.models import check_model_path, load_tokenizer
 from logitcache.recipes import RECIPE_LIMIT, load_yaml
 from logitcache.storage import CacheSpec, NoTokenizerError
 from logitcache.storage.errors import TokenizerError

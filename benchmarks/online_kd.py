@@ -38,7 +38,7 @@ class OnlineKD(DistillationLoss):
     def load(cls, teacher: str, config: Any) -> OnlineKD:
         """The teacher loaded on the CPU (moved to the batches' device at the first one) with
         the loss settings of ``config`` (a ``TrainConfig``)."""
-        from logitcache.precompute.teacher import load_teacher
+        from logitcache.models import load_teacher
 
         model, _, _ = load_teacher(teacher, device="cpu")
         base = DistillationLoss.from_config(config)

@@ -253,7 +253,7 @@ def _take_bytes(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, st
 
 
 def _teacher_vocab(teacher: str) -> int:
-    from logitcache.precompute.teacher import load_teacher_config
+    from logitcache.models import load_teacher_config
 
     return int(load_teacher_config(teacher).vocab_size)
 

@@ -26,7 +26,7 @@ def write_reference(teacher: str, held_cache: Path, dest: Path) -> dict[str, Any
     """The teacher's log-probs over the whole vocabulary at each held-out position."""
     import torch
 
-    from logitcache.precompute.teacher import load_teacher
+    from logitcache.models import load_teacher
     from logitcache.storage import CacheReader
 
     done = dest / "reference.json"

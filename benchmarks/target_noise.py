@@ -238,7 +238,7 @@ def _teacher_probs(model, device, input_ids) -> torch.Tensor:
 def probe(cache: str, teacher: str, n_sequences: int = 8, stride: int = 1) -> dict[str, Any]:
     """Means over the positions of ``n_sequences`` sequences of ``cache``: sequences 0,
     stride, 2 stride, ..."""
-    from logitcache.precompute.teacher import load_teacher
+    from logitcache.models import load_teacher
     from logitcache.storage import CacheReader
 
     model, _, device = load_teacher(teacher, device="cpu")

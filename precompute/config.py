@@ -16,7 +16,6 @@ from typing import Any
 from logitcache.errors import LogitcacheError
 from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
 from logitcache.options import option, to_argv
-from logitcache.recipes import is_recipe_file, parse_recipe_file
 from logitcache.storage import FORMAT_VERSION, CacheSpec, default_codecs
 from logitcache.storage.formats import check_format_version, format_class
 from logitcache.untrusted import redact
@@ -232,14 +231,13 @@ def settings_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_recipe(path: str) -> dict[str, Any]:
-    """A ``precompute`` recipe: a YAML/JSON file, or a cache (directory, URL or its
-    manifest.json) whose manifest says how it was made."""
+    """The ``precompute`` recipe of a cache (directory, URL or its manifest.json) whose
+    manifest says how it was made (a YAML/JSON recipe file the CLI reads itself: recipes
+    live above the stages)."""
     from logitcache.storage import Location, read_manifest
 
     if path.endswith("manifest.json"):
         path = path[: -len("manifest.json")].rstrip("/") or "."
-    elif is_recipe_file(path):
-        return parse_recipe_file(path)
     try:
         manifest = read_manifest(Location(path))
     except LogitcacheError as err:

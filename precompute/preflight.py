@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from logitcache.errors import LogitcacheError
+from logitcache.models import load_teacher_config, load_tokenizer
 
 from .config import PrecomputeConfig, check_teacher_fits
 from .corpus import resolve_files
-from .teacher import load_teacher_config, load_tokenizer
 
 __all__ = ["dry_run"]
 

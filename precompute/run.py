@@ -26,6 +26,12 @@ import numpy as np
 import torch
 
 from logitcache.errors import LogitcacheError
+from logitcache.models import (
+    load_teacher,
+    load_teacher_config,
+    load_tokenizer,
+    split_output_head,
+)
 from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord
 
@@ -39,7 +45,6 @@ from .ranks import (
     rank_device,
 )
 from .sparse import Logits, SparseTargets, sample_generator, sampled_targets, topk_targets
-from .teacher import load_teacher, load_teacher_config, load_tokenizer, split_output_head
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 

@@ -1,7 +1,8 @@
-"""The module graph stays a tree of layers: no import cycle among the project's modules
-(imports inside functions count: they are cycles that wait for a call; imports under
-``if TYPE_CHECKING:`` do not: they never run), and no module imports another's private
-(``_name``) names."""
+"""The module graph stays a stack of layers (LAYERS, drawn in docs/design.md): no module
+imports a higher layer or a sibling stage, no import cycle among the project's modules, and no
+module imports another's private (``_name``) names. Every import counts: imports inside
+functions (they wait for a call) and imports under ``if TYPE_CHECKING:`` (a type-only import
+still ties the two modules together: whoever reads one must read the other)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,36 @@ PACKAGES = {  # import name -> directory (see pyproject.toml's package-dir)
     "logitcache.train": ROOT / "train",
 }
 
+# Bottom to top; a module may import its own layer's modules and lower layers only. The two
+# stages share layer 3 but not each other ("sibling stages"). The longest prefix decides;
+# anything else in the package (the CLI, recipes, describe, demo/toy, bench, the root
+# package with its lazy public names) is the top.
+FOUNDATION = ["errors", "identity", "options", "progress", "untrusted", "lazy", "version"]
+LAYERS: dict[str, tuple[int, str]] = {
+    **{f"logitcache.{name}": (0, "foundation") for name in [*FOUNDATION, "settings_file"]},
+    "logitcache.storage": (1, "storage"),
+    "logitcache.models": (2, "models"),
+    "logitcache.precompute": (3, "precompute"),
+    "logitcache.train": (3, "train"),
+    "logitcache": (4, "top"),
+}
 
-_TYPE_CHECKING = {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
+
+def layer_of(module: str) -> tuple[int, str]:
+    prefixes = [p for p in LAYERS if module == p or module.startswith(p + ".")]
+    return LAYERS[max(prefixes, key=len)]
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[str]:
+    """Every import of a higher layer, or of the sibling stage, as 'a (layer) imports b (layer)'."""
+    out = []
+    for source, targets in sorted(edges.items()):
+        (low, mine) = layer_of(source)
+        for target in sorted(targets):
+            (high, theirs) = layer_of(target)
+            if high > low or (high == low and theirs != mine):
+                out.append(f"{source} ({mine}) imports {target} ({theirs})")
+    return out
 
 
 def project_modules() -> dict[str, Path]:
@@ -31,19 +60,25 @@ def project_modules() -> dict[str, Path]:
     return out
 
 
-def imports(name: str, path: Path, modules: dict[str, Path]):
-    """(imported module, private names taken from it) for every import in the file."""
+_TYPE_CHECKING = {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
+
+
+def imports(name: str, path: Path, modules: dict[str, Path], *, type_only: bool = True):
+    """(imported module, private names taken from it) for every import in the file; without
+    ``type_only``, leaving out those under ``if TYPE_CHECKING:``."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
-    type_only = {
-        id(inner)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and ast.unparse(node.test) in _TYPE_CHECKING
-        for stmt in node.body
-        for inner in ast.walk(stmt)
-    }
+    skipped = set()
+    if not type_only:
+        skipped = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test) in _TYPE_CHECKING
+            for stmt in node.body
+            for inner in ast.walk(stmt)
+        }
     for node in ast.walk(tree):
-        if id(node) in type_only:
+        if id(node) in skipped:
             continue
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -67,12 +102,12 @@ def imports(name: str, path: Path, modules: dict[str, Path]):
                     yield target, [alias.name] if private else []
 
 
-def graph() -> tuple[dict[str, set[str]], list[str]]:
+def graph(*, type_only: bool = True) -> tuple[dict[str, set[str]], list[str]]:
     modules = project_modules()
     edges: dict[str, set[str]] = {name: set() for name in modules}
     private = []
     for name, path in modules.items():
-        for target, names in imports(name, path, modules):
+        for target, names in imports(name, path, modules, type_only=type_only):
             if target != name:
                 edges[name].add(target)
             private += [f"{name} imports {target}.{n}" for n in names if target != name]
@@ -111,10 +146,40 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return groups
 
 
+# Circles made of type-only imports that wait for their owner to break them: storage's row
+# codecs and its format module name each other's types (storage/formats/ is being reorganized
+# by its owner); remove the entry once that circle is broken. Nothing else may be added here.
+TYPE_ONLY_CIRCLES_PENDING = ("logitcache.storage.",)
+
+
 def test_no_import_cycles():
-    edges, _ = graph()
+    edges, _ = graph(type_only=False)
     assert len(edges) > 40  # the walk found the project
     assert cycles(edges) == []
+    circles = cycles(graph()[0])  # type-only imports included
+    assert [c for c in circles if not all(m.startswith(TYPE_ONLY_CIRCLES_PENDING) for m in c)] == []
+
+
+def test_no_module_imports_a_higher_layer():
+    edges, _ = graph()
+    assert {layer_of(name)[1] for name in edges} == {v[1] for v in LAYERS.values()}
+    assert layer_violations(edges) == []
+
+
+def test_the_layer_check_catches_an_upward_and_a_sideways_import(tmp_path):
+    edges = {
+        "logitcache.storage.cache": {"logitcache", "logitcache.errors"},
+        "logitcache.train.student": {"logitcache.precompute.teacher", "logitcache.models"},
+        "logitcache.cli": {"logitcache.train.loop"},
+    }
+    assert layer_violations(edges) == [
+        "logitcache.storage.cache (storage) imports logitcache (top)",
+        "logitcache.train.student (train) imports logitcache.precompute.teacher (precompute)",
+    ]
+    x = tmp_path / "x.py"
+    x.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .y import T\n")
+    modules = {"logitcache.x": x, "logitcache.y": tmp_path / "y.py"}
+    assert list(imports("logitcache.x", x, modules)) == [("logitcache.y", [])]
 
 
 def test_no_module_imports_another_modules_private_names():

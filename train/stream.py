@@ -19,7 +19,7 @@ micro-batches w, w + W, ...), so a restored loader with the same workers continu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,8 +28,22 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .collator import DistillCollator
 from .data import StreamState, epoch_order, heldout_mask, mixture_order
 
-if TYPE_CHECKING:  # dataset.py makes streams (CacheDataset.stream); a stream only reads it
-    from .dataset import CacheDataset
+
+class StreamSource(Protocol):
+    """What a stream reads of its dataset: a ``CacheDataset`` (dataset.py makes streams with
+    ``CacheDataset.stream``; naming the protocol here keeps the import one way)."""
+
+    urls: list[str]
+    split: str
+    eval_fraction: float
+    sizes: list[int]
+
+    def readers(self) -> Sequence[Any]: ...
+
+    def read(self, source: int, index: int) -> dict[str, torch.Tensor]: ...
+
+    def __len__(self) -> int: ...
+
 
 __all__ = ["CacheStream"]
 
@@ -46,7 +60,7 @@ class CacheStream(IterableDataset):
 
     def __init__(
         self,
-        dataset: CacheDataset,
+        dataset: StreamSource,
         *,
         batch_size: int,
         seed: int = 0,
@@ -139,7 +153,7 @@ class CacheStream(IterableDataset):
         self._live = None
 
 
-def _split_sizes(dataset: CacheDataset) -> list[int]:
+def _split_sizes(dataset: StreamSource) -> list[int]:
     fraction = dataset.eval_fraction if dataset.split == "train" else 0.0
     return [int((~heldout_mask(r.sequence_indices(), fraction)).sum()) for r in dataset.readers()]
 

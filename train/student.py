@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from logitcache.errors import LogitcacheError
-from logitcache.precompute.teacher import check_model_path, load_tokenizer
-from logitcache.recipes import RECIPE_LIMIT, load_yaml
+from logitcache.models import check_model_path, load_tokenizer
+from logitcache.settings_file import RECIPE_LIMIT, load_yaml
 from logitcache.storage import CacheSpec, NoTokenizerError
 from logitcache.storage.errors import TokenizerError
 from logitcache.storage.tokenizer import check_tokenizer, load_stored_tokenizer, stored_tokenizer
@@ -157,7 +157,7 @@ def _cache_tokenizer(cache: Any, spec: CacheSpec, student: str | None) -> tuple[
 
 def _read_config_file(path: str) -> dict[str, Any]:
     """A student config file: read bounded, YAML checked as a recipe is (no aliases; see
-    ``logitcache.recipes.load_yaml``), one-line errors quoting at most a line of it."""
+    ``logitcache.settings_file.load_yaml``), one-line errors quoting at most a line of it."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise LogitcacheError(f"student config {path!r} does not exist")

@@ -9,8 +9,7 @@ The names below are the public API for bringing a cache to your own trainer
 """
 
 from logitcache.lazy import lazy_exports
-
-__version__ = "0.1.0"
+from logitcache.version import __version__
 
 _PUBLIC = {
     "CacheDataset": "logitcache.train.dataset",

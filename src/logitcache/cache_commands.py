@@ -81,7 +81,7 @@ def tokenizer(cache: str, out: str | None, add: str | None) -> None:
     """Export the tokenizer stored in CACHE to the directory OUT (checked against its hashes
     and the cache's fingerprint; OUT may be a student's model directory), or store one in an
     older cache with --add."""
-    from logitcache.precompute.teacher import load_tokenizer
+    from logitcache.models import load_tokenizer
     from logitcache.storage import add_tokenizer, fetch_tokenizer
     from logitcache.storage.tokenizer import stored_tokenizer
 

@@ -18,7 +18,14 @@ from logitcache.errors import one_line_errors, sigterm_raises
 from logitcache.options import QUIET, build, click_options
 from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
-from logitcache.recipes import flag_for, recipe_options, recipe_yaml, resolve
+from logitcache.recipes import (
+    flag_for,
+    is_recipe_file,
+    parse_recipe_file,
+    recipe_options,
+    recipe_yaml,
+    resolve,
+)
 from logitcache.train.config import RUN_RECORD_KEYS, TrainConfig
 from logitcache.untrusted import redact
 
@@ -128,6 +135,14 @@ def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) ->
         click.echo(describe(result.manifest, redact(config.out)), err=True)
 
 
+def read_precompute_recipe(path: str) -> dict[str, Any]:
+    """``precompute --config``: a YAML/JSON recipe file, or a cache (directory, URL or its
+    manifest.json) whose manifest says how it was made."""
+    if is_recipe_file(path) and not path.endswith("manifest.json"):
+        return parse_recipe_file(path)
+    return read_recipe(path)
+
+
 def precompute_config(
     params: dict[str, Any], ctx: click.Context | None = None, recipe: str | None = None
 ) -> PrecomputeConfig:
@@ -139,7 +154,7 @@ def precompute_config(
     """
     from logitcache.precompute.ranks import resolve_worker
 
-    flat = resolve(PrecomputeConfig, ctx, params, config=recipe, read=read_recipe)
+    flat = resolve(PrecomputeConfig, ctx, params, config=recipe, read=read_precompute_recipe)
     if all(flat.get(key) is None for key in ("top_k", "samples", "bytes_per_token")):
         flat["samples"] = DEFAULT_SAMPLES
     flat["worker_index"], flat["num_workers"] = resolve_worker(

@@ -22,6 +22,7 @@ from click.core import ParameterSource
 
 from logitcache.errors import LogitcacheError
 from logitcache.options import Setting, quoted, settings, settings_of, to_argv
+from logitcache.settings_file import MAX_DEPTH, MAX_NODES, RECIPE_LIMIT, Refused, load_yaml
 from logitcache.untrusted import read_local_text, redact
 
 Reader = Callable[[str], dict[str, Any]]
@@ -45,13 +46,6 @@ __all__ = [
     "suggest_key",
 ]
 
-RECIPE_LIMIT = 1 << 20
-"""Bytes a recipe may hold (1 MiB; the shipped ones are ~1.5 kB)."""
-MAX_DEPTH = 8
-"""Nesting a recipe may have (it needs 2: a mapping of lists of scalars)."""
-MAX_NODES = 10_000
-"""Values (scalars, lists, mappings) a YAML recipe may hold: a mix of thousands of caches
-fits; building 10,000 takes ~0.3 s."""
 NAME_PREFIX = "name:"
 """``--config name:student-small-gpu``: a recipe shipped with the package."""
 
@@ -136,7 +130,7 @@ def parse_recipe_file(path: str) -> dict[str, Any]:
         text = read_local_text(os.path.expanduser(path), RECIPE_LIMIT, what="--config")
     try:
         data = json.loads(text) if path.endswith(".json") else load_yaml(text)
-    except _Refused as err:
+    except Refused as err:
         raise LogitcacheError(f"{shown}: {err}") from None
     except RecursionError:
         raise LogitcacheError(f"{shown}: nested too deeply to be a recipe") from None
@@ -148,36 +142,6 @@ def parse_recipe_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise LogitcacheError(f"{shown}: expected a mapping of settings (key: value)")
     return data
-
-
-class _Refused(ValueError):
-    """What the recipe loader refuses to build (aliases, deep nesting, too many values)."""
-
-
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` of a recipe, checked first (one pass over libyaml's events, which
-    stops at the first offence): no anchors or aliases, at most MAX_DEPTH levels deep and
-    MAX_NODES values. Only then is anything built (pure-Python PyYAML builds ~20 kB/s on a
-    busy machine; libyaml builds a checked 1 MiB in about a second)."""
-    import yaml
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    depth = nodes = 0
-    for event in yaml.parse(text, Loader=loader):
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            line = event.start_mark.line + 1
-            raise _Refused(f"line {line}: anchors and aliases (& and *) are not allowed")
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise _Refused(f"nested more than {MAX_DEPTH} levels deep (settings need 3)")
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-        if isinstance(event, yaml.NodeEvent):
-            nodes += 1
-            if nodes > MAX_NODES:
-                raise _Refused(f"more than {MAX_NODES:,} values; a settings file holds a few dozen")
-    return yaml.load(text, Loader=loader)
 
 
 def suggest_key(key: str, valid: Iterable[str]) -> str:

@@ -198,10 +198,10 @@ def test_device_map_reaches_from_pretrained_and_inputs_go_to_the_embeddings(
     afterwards, and the input ids go to the device of its input embeddings."""
     from transformers import AutoModelForCausalLM
 
-    from logitcache.precompute import teacher
+    from logitcache import models
 
     torchrun_env(local=1, per_node=2, gpus=4)
-    monkeypatch.setattr(teacher, "_require_accelerate", lambda device_map: None)
+    monkeypatch.setattr(models, "_require_accelerate", lambda device_map: None)
     real = AutoModelForCausalLM.from_pretrained
     calls, moved, fed = [], [], []
 

@@ -20,13 +20,13 @@ import pytest
 
 from logitcache.errors import LogitcacheError
 from logitcache.identity import weights_fingerprint
-from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
-from logitcache.precompute.teacher import (
+from logitcache.models import (
     gguf_file_of,
     load_teacher,
     load_tokenizer,
     pretrained_source,
 )
+from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
 from logitcache.storage import CacheReader, Location, read_manifest
 
 pytest.importorskip("gguf")
@@ -213,7 +213,7 @@ def test_a_teacher_without_a_dtype_reads_no_deprecated_torch_dtype():
     deprecation warning at every teacher pass (the field of transformers < 5 is still read)."""
     import torch
 
-    from logitcache.precompute.teacher import resolve_dtype
+    from logitcache.models import resolve_dtype
 
     class Config:
         dtype = None

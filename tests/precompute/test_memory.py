@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from logitcache.models import split_output_head
 from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute, sparse
 from logitcache.precompute import run as run_module
-from logitcache.precompute.teacher import split_output_head
 
 SEQ_LEN = 256  # the corpus packs into sequences of several 64-row chunks...
 # ...and a last one of 66 tokens: 65 positions, a chunk of 64 and one of 1 (a 1-row matmul

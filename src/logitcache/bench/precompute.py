@@ -265,9 +265,9 @@ def run_precompute_bench(
     """
     from transformers import AutoConfig
 
+    from logitcache.models import load_teacher, load_tokenizer
     from logitcache.precompute import CorpusSpec, PrecomputeConfig
     from logitcache.precompute.run import make_spec
-    from logitcache.precompute.teacher import load_teacher, load_tokenizer
 
     if samples is not None:
         top_k = None

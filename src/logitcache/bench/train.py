@@ -144,8 +144,8 @@ def run_train_bench(
     ``student_config``: a JSON/YAML file or a dict (transformers config with model_type);
     None takes ``default_student_config()``.
     """
+    from logitcache.models import resolve_device
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
-    from logitcache.precompute.teacher import resolve_device
 
     _check_sizes(steps, warmup, batch_size, seq_len, teacher_width)
     dev = resolve_device(device)

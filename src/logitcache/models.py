@@ -1,4 +1,5 @@
-"""Loading a teacher: model and tokenizer (their fingerprints: ``logitcache.identity``).
+"""Loading Hugging Face models, shared by both stages: the teacher (precompute) and the
+tokenizer and model paths a student names (train). Above storage, below the stages.
 
 In: a hub id, a local directory, or a local GGUF file (``model.gguf``, or a directory
 holding exactly one ``.gguf`` and no ``config.json``), dtype/device choices. Out: the model

@@ -38,6 +38,37 @@ __all__ = [
 ]
 
 
+# How a tokenizer was loaded, not what it is: transformers saves these into
+# tokenizer_config.json (``local_files_only`` follows $HF_HUB_OFFLINE), so without this the
+# same teacher wrote different cache bytes online and offline.
+_LOAD_TIME_KEYS = (
+    "local_files_only",
+    "is_local",
+    "cache_dir",
+    "revision",
+    "token",
+    "use_auth_token",
+    "trust_remote_code",
+    "force_download",
+    "proxies",
+    "subfolder",
+    "_commit_hash",
+)
+
+
+def _portable(name: str, data: bytes) -> bytes:
+    """``tokenizer_config.json`` without the keys that say how it was loaded (written as
+    transformers writes it); any other file as it is."""
+    if name != "tokenizer_config.json":
+        return data
+    config = json.loads(data)
+    if not isinstance(config, dict) or not any(key in config for key in _LOAD_TIME_KEYS):
+        return data
+    for key in _LOAD_TIME_KEYS:
+        config.pop(key, None)
+    return (json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
 def write_tokenizer_files(loc: Location, tokenizer: Any) -> tuple[StoredFile, ...]:
     """Save ``tokenizer`` into the cache at ``loc`` under ``tokenizer/``; returns the entries
     for the manifest (which the caller publishes after them).
@@ -50,7 +81,7 @@ def write_tokenizer_files(loc: Location, tokenizer: Any) -> tuple[StoredFile, ..
         for path in sorted(Path(tmp).iterdir()):
             if not path.is_file() or path.name not in TOKENIZER_FILE_NAMES:
                 continue  # code (*.py) and anything else that is not a tokenizer's data
-            data = path.read_bytes()
+            data = _portable(path.name, path.read_bytes())
             rel = f"{TOKENIZER_DIR}/{path.name}"
             refuse_code(rel, data, "the tokenizer to store")
             files.append((rel, data))

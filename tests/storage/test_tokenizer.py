@@ -496,3 +496,25 @@ def test_a_student_whose_tokenizer_files_do_not_load_is_told_what_to_do(
     err = one_line_error(invoke("train", "--cache", cache, "--num-workers", "0", *args))
     assert "cannot load tokenizer" in err and "give --tokenizer" in err
     assert "`logitcache tokenizer CACHE DIR`" in err
+
+
+def test_stored_tokenizer_bytes_do_not_depend_on_how_it_was_loaded(tmp_path, tiny_tokenizer):
+    """transformers saves load-time options (``local_files_only``, which follows
+    $HF_HUB_OFFLINE) into tokenizer_config.json: the cache stores none of them, so the same
+    teacher writes the same cache online and offline."""
+    from transformers import AutoTokenizer
+
+    from logitcache.storage.location import Location
+    from logitcache.storage.tokenizer_files import write_tokenizer_files
+
+    source = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(source)
+    stored = {}
+    for offline in (False, True):
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        out = tmp_path / f"cache-{offline}"
+        write_tokenizer_files(Location(out), tok)
+        stored[offline] = {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()}
+    assert stored[False] == stored[True]
+    config = json.loads(stored[True]["tokenizer_config.json"])
+    assert "local_files_only" not in config and "is_local" not in config

@@ -15,7 +15,7 @@ from target_noise import (
     tempered,
 )
 
-from logitcache.precompute.sparse import sample_generator, sampled_targets
+from logitcache.precompute.sparse import Logits, sample_generator, sampled_targets
 from logitcache.storage import SequenceRecord
 
 
@@ -30,7 +30,8 @@ def test_sampled_formulas_match_the_extraction_code():
     logits, n, seeds = torch.log(p).float(), 6, 1000
     entries = noise = 0.0
     for seed in range(seeds):
-        t = sampled_targets(logits, n, sample_generator(seed, 0, torch.device("cpu")))
+        rows = Logits(logits, n_rows=3, vocab=12)  # the logits themselves, no head
+        t = sampled_targets(rows, n, sample_generator(seed, 0, torch.device("cpu")))
         zeros = np.zeros(4, dtype=np.uint32)
         r = SequenceRecord(index=0, input_ids=zeros, loss_mask=np.ones(4, dtype=bool),
                            doc_starts=zeros[:1], ids=t.ids, n_entries=t.n_entries,

@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.bench.precompute import (
-    SyntheticLlama,
     format_precompute,
     precompute_as_dict,
     run_precompute_bench,
@@ -30,8 +29,18 @@ from logitcache.bench.train import (
 )
 from logitcache.cli import main
 from logitcache.errors import LogitcacheError
+from logitcache.toy import ToyModelSpec
 
-TINY = SyntheticLlama(hidden=32, layers=2, heads=2, intermediate=64, vocab=300)
+TINY = ToyModelSpec(
+    hidden=32,
+    layers=2,
+    heads=2,
+    intermediate=64,
+    max_positions=None,
+    vocab_size=300,
+    tie_embeddings=False,
+    init_std=0.1,
+)
 
 
 def _finite_positive(*values: float) -> bool:

@@ -226,19 +226,21 @@ def _prepare(work: Path, docs: list[tuple[str, str]], config: StudyConfig) -> No
         order = lambda ds: sorted(ds, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())  # noqa: E731
         toy.write_jsonl(_take_bytes(order(held_docs), b.heldout_tokens * 6), work / "heldout.jsonl")
         toy.write_jsonl(_take_bytes(order(train_docs), b.slice_tokens * 6), work / "slice.jsonl")
-    student = {
-        "model_type": "llama",
-        "vocab_size": _teacher_vocab(config.teacher),
-        "hidden_size": b.student_hidden,
-        "intermediate_size": b.student_intermediate,
-        "num_hidden_layers": b.student_layers,
-        "num_attention_heads": b.student_heads,
+    shape = toy.ToyModelSpec(
+        hidden=b.student_hidden,
+        layers=b.student_layers,
+        heads=b.student_heads,
+        intermediate=b.student_intermediate,
+        max_positions=b.seq_len,
+        vocab_size=_teacher_vocab(config.teacher),
+    )
+    # grouped-query attention and SmolLM2-135M's rope_theta and norm eps (SmolLM2-135M:
+    # hidden 576, 30 layers, 9/3 heads, intermediate 1536)
+    student = toy.llama_config_dict(shape) | {
         "num_key_value_heads": b.student_kv_heads,
-        "max_position_embeddings": b.seq_len,
-        "tie_word_embeddings": True,
         "rope_theta": 100000.0,
         "rms_norm_eps": 1e-5,
-    }  # fmt: skip  (SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, intermediate 1536)
+    }
     (work / "student_config.json").write_text(json.dumps(student, indent=1))
 
 

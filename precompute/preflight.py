@@ -23,10 +23,12 @@ __all__ = ["dry_run"]
 
 def dry_run(config: PrecomputeConfig) -> str:
     """Every check of the pass's setup but the weights' hash; returns one line."""
-    tokenizer = load_tokenizer(config.teacher, revision=config.teacher_revision,
-                               trust_remote_code=config.trust_remote_code)  # fmt: skip
-    model_config = load_teacher_config(config.teacher, revision=config.teacher_revision,
-                                       trust_remote_code=config.trust_remote_code)  # fmt: skip
+    tokenizer = load_tokenizer(
+        config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
+    )
+    model_config = load_teacher_config(
+        config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
+    )
     check_teacher_fits(config, model_config)
     files = resolve_files(config.corpus)
     out = Path(config.out).expanduser()

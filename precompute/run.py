@@ -142,8 +142,10 @@ def _budget(
     budget, plain = config.bytes_per_token, functools.partial(replace, config, bytes_per_token=None)
     existing = samples_in_cache(config)
     if existing is not None:
-        reporter.log(f"--bytes-per-token {budget:g}: {config.out} already holds a cache of "
-                     f"--samples {existing}; N={existing} (no calibration)")  # fmt: skip
+        reporter.log(
+            f"--bytes-per-token {budget:g}: {config.out} already holds a cache of "
+            f"--samples {existing}; N={existing} (no calibration)"
+        )
         resumed = plain(samples=existing)
         return resumed, make_spec(resumed, tokenizer, model_config), None
     model, device = _teacher(config)
@@ -151,8 +153,16 @@ def _budget(
     spec = make_spec(plain(samples=1), tokenizer, model_config)
 
     def teacher_pass(n: int) -> Pipeline:  # the pass's own forward and extraction, N draws
-        return Pipeline(plain(samples=n), replace(spec, samples=n), tokenizer, model, device,
-                        None, reporter, PrecomputeResult(manifest=None))  # fmt: skip
+        return Pipeline(
+            plain(samples=n),
+            replace(spec, samples=n),
+            tokenizer,
+            model,
+            device,
+            None,
+            reporter,
+            PrecomputeResult(manifest=None),
+        )
 
     calibration = calibrate(config, tokenizer, teacher_pass)
     reporter.log(calibration.summary())
@@ -390,10 +400,13 @@ class Pipeline:
         if self.config.top_k is not None:
             return [topk_targets(logits, self.config.top_k) for logits in rows]
         return [
-            sampled_targets(logits, self.config.samples,
-                            sample_generator(self.config.seed, index, states.device))
+            sampled_targets(
+                logits,
+                self.config.samples,
+                sample_generator(self.config.seed, index, states.device),
+            )
             for logits, (index, _) in zip(rows, batch)
-        ]  # fmt: skip
+        ]
 
     def _record(self, index: int, seq: Any, sparse: SparseTargets) -> SequenceRecord:
         return SequenceRecord(

@@ -99,8 +99,14 @@ def push_to_hub(
         raise CacheError(f"push to the Hub from a local cache: pull {source.url} first")
     hub = _Hub(api or HfApi(), HubTarget.parse(url))
     manifest = read_manifest(source)
-    hub.call("create the repository", hub.api.create_repo, hub.target.repo_id,
-             repo_type="dataset", private=private, exist_ok=True)  # fmt: skip
+    hub.call(
+        "create the repository",
+        hub.api.create_repo,
+        hub.target.repo_id,
+        repo_type="dataset",
+        private=private,
+        exist_ok=True,
+    )
     present = hub.files()
     listed = hub.listed_shards(manifest, present)
     damaged = check_tokenizer_files(source, manifest)
@@ -177,15 +183,31 @@ class _Hub:
         raise AssertionError("unreachable")
 
     def commit(self, operations: list[Any], message: str) -> None:
-        self.call(f"commit {len(operations)} files", self.api.create_commit,
-                  self.target.repo_id, operations=operations, commit_message=message,
-                  repo_type="dataset", revision=self.target.revision)  # fmt: skip
+        self.call(
+            f"commit {len(operations)} files",
+            self.api.create_commit,
+            self.target.repo_id,
+            operations=operations,
+            commit_message=message,
+            repo_type="dataset",
+            revision=self.target.revision,
+        )
 
     def files(self) -> dict[str, tuple[int, str | None, str | None]]:
         """Repository path -> (size, LFS sha256 or None, git blob id) under the target."""
-        entries = self.call("list the repository", lambda: list(self.api.list_repo_tree(
-            self.target.repo_id, path_in_repo=self.target.path or None, recursive=True,
-            repo_type="dataset", revision=self.target.revision)), missing_ok=True)  # fmt: skip
+        entries = self.call(
+            "list the repository",
+            lambda: list(
+                self.api.list_repo_tree(
+                    self.target.repo_id,
+                    path_in_repo=self.target.path or None,
+                    recursive=True,
+                    repo_type="dataset",
+                    revision=self.target.revision,
+                )
+            ),
+            missing_ok=True,
+        )
         out = {}
         for e in entries or ():  # None: the folder does not exist yet
             if not hasattr(e, "blob_id"):
@@ -201,9 +223,15 @@ class _Hub:
         if key not in present:
             return {}
         with tempfile.TemporaryDirectory(prefix="logitcache-hub-") as tmp:
-            path = self.call("read manifest.json", self.api.hf_hub_download,
-                             self.target.repo_id, key, repo_type="dataset",
-                             revision=self.target.revision, local_dir=tmp)  # fmt: skip
+            path = self.call(
+                "read manifest.json",
+                self.api.hf_hub_download,
+                self.target.repo_id,
+                key,
+                repo_type="dataset",
+                revision=self.target.revision,
+                local_dir=tmp,
+            )
             existing = Manifest.from_json(Path(path).read_bytes(), where=f"{self.target.url}")
         if existing.spec.to_dict() != manifest.spec.to_dict():
             changes = "; ".join(diff_specs(existing.spec, manifest.spec)[:5])
@@ -222,9 +250,15 @@ class _Hub:
         if "README.md" not in present:
             return "README.md"
         with tempfile.TemporaryDirectory(prefix="logitcache-hub-") as tmp:
-            path = self.call("read README.md", self.api.hf_hub_download, self.target.repo_id,
-                             "README.md", repo_type="dataset", revision=self.target.revision,
-                             local_dir=tmp)  # fmt: skip
+            path = self.call(
+                "read README.md",
+                self.api.hf_hub_download,
+                self.target.repo_id,
+                "README.md",
+                repo_type="dataset",
+                revision=self.target.revision,
+                local_dir=tmp,
+            )
             ours = CARD_MARKER in Path(path).read_text(errors="replace")
         return "README.md" if ours else None
 
@@ -304,18 +338,30 @@ def dataset_card(manifest: Manifest, target: HubTarget) -> str:
         else "not stored: pass `--tokenizer` (the teacher's) to `train`"
     )
     rows = [
-        ("teacher", f"`{teacher}` (revision {spec.teacher.get('revision') or '-'}, "
-                    f"dtype {spec.teacher.get('dtype')})"),
+        (
+            "teacher",
+            f"`{teacher}` (revision {spec.teacher.get('revision') or '-'}, "
+            f"dtype {spec.teacher.get('dtype')})",
+        ),
         ("tokenizer", f"fingerprint `{str(spec.tokenizer.get('fingerprint'))[:16]}`, {tokenizer}"),
-        ("corpus", f"{corpus_name} (split {corpus.get('split') or '-'})"
-                   if corpus.get("kind") == "hub" else corpus_name),
-        ("mode", f"{what} of a {spec.vocab_size:,}-token vocabulary, sequences of "
-                 f"{spec.seq_len} tokens"),
-        ("size", f"{manifest.n_sequences:,} sequences, {manifest.n_tokens:,} tokens, "
-                 f"{len(manifest.shards)} shards, {manifest.bytes / 1e9:.2f} GB"),
+        (
+            "corpus",
+            f"{corpus_name} (split {corpus.get('split') or '-'})"
+            if corpus.get("kind") == "hub"
+            else corpus_name,
+        ),
+        (
+            "mode",
+            f"{what} of a {spec.vocab_size:,}-token vocabulary, sequences of {spec.seq_len} tokens",
+        ),
+        (
+            "size",
+            f"{manifest.n_sequences:,} sequences, {manifest.n_tokens:,} tokens, "
+            f"{len(manifest.shards)} shards, {manifest.bytes / 1e9:.2f} GB",
+        ),
         ("bytes/token", "-" if bpt is None else f"{bpt:.1f}"),
         ("complete", "yes" if manifest.complete else "no (part of a cache)"),
-    ]  # fmt: skip
+    ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""---
 tags:

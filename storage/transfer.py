@@ -174,8 +174,9 @@ def _push_to_hub(src, url, shards, max_tokens, progress, private) -> TransferRes
     from .hub import push_to_hub
 
     chosen = select_shards(read_manifest(Location(src)), shards, max_tokens)
-    manifest, copied, skipped, sent = push_to_hub(src, url, chosen, progress=progress,
-                                                  private=private)  # fmt: skip
+    manifest, copied, skipped, sent = push_to_hub(
+        src, url, chosen, progress=progress, private=private
+    )
     return TransferResult(copied=copied, skipped=skipped, bytes_copied=sent, manifest=manifest)
 
 

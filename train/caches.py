@@ -75,6 +75,11 @@ def eval_dataset(reader: CacheReader, config: TrainConfig, vocab_rows: int):
         url, fraction = config.eval_cache, 1.0
     if fraction == 0:
         return None
-    return CacheDataset(url, split="eval", eval_fraction=fraction, vocab_limit=vocab_rows,
-                        max_sequences=config.eval_sequences,
-                        reader_options=config.reader_options())  # fmt: skip
+    return CacheDataset(
+        url,
+        split="eval",
+        eval_fraction=fraction,
+        vocab_limit=vocab_rows,
+        max_sequences=config.eval_sequences,
+        reader_options=config.reader_options(),
+    )

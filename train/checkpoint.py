@@ -84,8 +84,13 @@ class TrainingProgress:
     resumed run that trains longer keeps it); 0 in checkpoints written before it existed."""
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
-                "tokens": self.tokens, "schedule_steps": self.schedule_steps}  # fmt: skip
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "tokens": self.tokens,
+            "schedule_steps": self.schedule_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("step", "epoch", "consumed", "tokens"):
@@ -130,8 +135,9 @@ def save_checkpoint(
     """The whole format, written by rank 0 (other ranks return None); with ``sharded``
     the ``dcp`` format, written by every rank together (``save_sharded_checkpoint``)."""
     if sharded:
-        return save_sharded_checkpoint(out, model, optimizer, progress, config_fingerprint,
-                                       keep, rank=rank)  # fmt: skip
+        return save_sharded_checkpoint(
+            out, model, optimizer, progress, config_fingerprint, keep, rank=rank
+        )
     if rank != 0:
         return None
     loc = Location(out)
@@ -420,8 +426,11 @@ def save_sharded_checkpoint(
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
         if rank == 0:
             torch.save({"rng": _rng_state()}, tmp / "rng.pt")
-            state = {"format": "dcp", "progress": progress.state_dict(),
-                     "config": config_fingerprint}  # fmt: skip
+            state = {
+                "format": "dcp",
+                "progress": progress.state_dict(),
+                "config": config_fingerprint,
+            }
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             _publish_dir(tmp, root / name)
             Location(out).publish_bytes("checkpoints/latest", name.encode())
@@ -474,8 +483,9 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         failure = next(iter(err.failures.values()), err)
         failure = failure[0] if isinstance(failure, tuple) else failure
         raise RuntimeError(f"{type(failure).__name__}: {failure}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])  # fmt: skip
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
 
 
 # What DCP's pickled .metadata holds (found by recording the globals of real ones, whole
@@ -576,8 +586,9 @@ def _safe_planner():
             if self.flatten_state_dict:
                 from torch.distributed.checkpoint._traverse import set_element
 
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
-                            loaded)  # fmt: skip
+                set_element(
+                    self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded
+                )
             else:
                 self.state_dict[read_item.dest_index.fqn] = loaded
 

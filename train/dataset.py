@@ -91,9 +91,11 @@ class CacheDataset(Dataset):
             raise ValueError(f"target {target!r}: expected one of {', '.join(TARGETS)}")
         if not 0.0 <= eval_fraction <= 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-        self.urls = [str(url)] if isinstance(url, str) or not isinstance(url, Sequence) else [
-            str(u) for u in url
-        ]  # fmt: skip
+        self.urls = (
+            [str(url)]
+            if isinstance(url, str) or not isinstance(url, Sequence)
+            else [str(u) for u in url]
+        )
         if not self.urls:
             raise ValueError("CacheDataset needs at least one cache")
         self.split, self.eval_fraction = split, eval_fraction
@@ -106,8 +108,9 @@ class CacheDataset(Dataset):
             parts = _first(parts, max_sequences)
         self.sizes = [len(p) for p in parts]
         """Sequences of each cache in this split."""
-        self._source = np.concatenate([np.full(len(p), c, dtype=np.int64) for c, p in
-                                       enumerate(parts)])  # fmt: skip
+        self._source = np.concatenate(
+            [np.full(len(p), c, dtype=np.int64) for c, p in enumerate(parts)]
+        )
         self._index = np.concatenate(parts).astype(np.int64)  # [n] global index in its cache
 
     # -- readers (reopened lazily after pickling into a DataLoader worker) -----------------
@@ -157,8 +160,7 @@ class CacheDataset(Dataset):
     def read(self, source: int, index: int) -> dict[str, torch.Tensor]:
         """The record of sequence ``index`` of cache ``source`` (any split)."""
         record = self.readers()[source].read(index)
-        return example_of(record, source=source, vocab_limit=self.vocab_limit,
-                          target=self.target)  # fmt: skip
+        return example_of(record, source=source, vocab_limit=self.vocab_limit, target=self.target)
 
     def positions(self, source: np.ndarray, index: np.ndarray) -> np.ndarray:
         """[n] int64 dataset positions of (cache, global sequence index) pairs."""
@@ -168,8 +170,9 @@ class CacheDataset(Dataset):
             mine = self._index[starts[c] : starts[c + 1]]  # sorted: a split keeps index order
             sel = np.asarray(source) == c
             at = np.searchsorted(mine, np.asarray(index)[sel])
-            if np.any(at >= len(mine)) or np.any(mine[np.minimum(at, len(mine) - 1)] !=
-                                                 np.asarray(index)[sel]):  # fmt: skip
+            if np.any(at >= len(mine)) or np.any(
+                mine[np.minimum(at, len(mine) - 1)] != np.asarray(index)[sel]
+            ):
                 raise IndexError(f"a sequence of cache {c} is not in this dataset's split")
             pos[sel] = starts[c] + at
         return pos

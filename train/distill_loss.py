@@ -116,20 +116,33 @@ class DistillationLoss(nn.Module):
     @classmethod
     def from_config(cls, config: Any) -> DistillationLoss:
         """The loss of a ``TrainConfig`` (``loss``, ``tail``, ``temperature``, ...)."""
-        return cls(config.loss, tail=config.tail, temperature=config.temperature,
-                   alpha=config.alpha, beta=config.beta, chunk_size=config.chunk_size)  # fmt: skip
+        return cls(
+            config.loss,
+            tail=config.tail,
+            temperature=config.temperature,
+            alpha=config.alpha,
+            beta=config.beta,
+            chunk_size=config.chunk_size,
+        )
 
     def extra_repr(self) -> str:
-        return (f"loss={self.loss}, tail={self.tail}, temperature={self.temperature}, "
-                f"alpha={self.alpha}, chunk_size={self.chunk_size}")  # fmt: skip
+        return (
+            f"loss={self.loss}, tail={self.tail}, temperature={self.temperature}, "
+            f"alpha={self.alpha}, chunk_size={self.chunk_size}"
+        )
 
     @property
     def options(self) -> dict[str, Any]:
         """Keyword arguments of ``distill_loss`` (empty for ce)."""
         if self.loss == "ce":
             return {}
-        return {"loss": self.loss, "tail": self.tail, "temperature": self.temperature,
-                "alpha": self.alpha, "beta": self.beta}  # fmt: skip
+        return {
+            "loss": self.loss,
+            "tail": self.tail,
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
 
     @staticmethod
     def trained(batch: Mapping[str, Tensor]) -> Tensor:
@@ -195,8 +208,7 @@ class DistillationLoss(nn.Module):
     def _chunked(self, rows: Tensor, head: Callable, batch, mask: Tensor) -> Tensor:
         targets = self.targets(batch, mask)
         if self.loss == "ce":
-            return chunked_loss(rows, head, None, labels=targets.labels,
-                                chunk_size=self.chunk_size)  # fmt: skip
+            return chunked_loss(rows, head, None, labels=targets.labels, chunk_size=self.chunk_size)
         return chunked_loss(rows, head, targets, chunk_size=self.chunk_size, **self.options)
 
     def _on_logits(self, rows: Tensor, batch, mask: Tensor) -> Tensor:

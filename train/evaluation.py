@@ -135,8 +135,9 @@ def _sums(
             hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
             rows, head = hidden[:, :-1][mask], model.get_output_embeddings()  # [N, H]
         else:
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits  # fmt: skip
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             rows, head = logits[:, :-1][mask], None  # [N, V]
         sums = torch.zeros(_SUMS, dtype=torch.float64)
         for s in range(0, rows.shape[0], chunk_size):

@@ -66,10 +66,15 @@ class StudentShape:
         sizes = [count(b) for b in blocks] or [0]
         cfg = model.config
         hidden = int(getattr(cfg, "hidden_size", 0) or 0)
-        return cls(params=total, layer_params=max(sizes), root_params=total - sum(sizes),
-                   layers=len(blocks), hidden=hidden,
-                   intermediate=int(getattr(cfg, "intermediate_size", 4 * hidden) or 0),
-                   vocab=int(getattr(cfg, "vocab_size", 0) or 0))  # fmt: skip
+        return cls(
+            params=total,
+            layer_params=max(sizes),
+            root_params=total - sum(sizes),
+            layers=len(blocks),
+            hidden=hidden,
+            intermediate=int(getattr(cfg, "intermediate_size", 4 * hidden) or 0),
+            vocab=int(getattr(cfg, "vocab_size", 0) or 0),
+        )
 
 
 @dataclass(frozen=True)
@@ -125,12 +130,14 @@ def _variants(setup: Setup, world: int) -> list[tuple[str, Setup]]:
     fsdp = replace(setup, fsdp=True, world_size=world)
     gc = replace(fsdp, gradient_checkpointing=True)
     return [
-        ("DDP (a whole student per GPU)", replace(setup, fsdp=False, world_size=1,
-                                                  gradient_checkpointing=False)),
+        (
+            "DDP (a whole student per GPU)",
+            replace(setup, fsdp=False, world_size=1, gradient_checkpointing=False),
+        ),
         (f"--fsdp over {world} ranks", fsdp),
         ("+ --gradient-checkpointing", gc),
         ("+ --optimizer adamw8bit", replace(gc, optimizer="adamw8bit")),
-    ]  # fmt: skip
+    ]
 
 
 def options_table(shape: StudentShape, setup: Setup, world: int) -> str:
@@ -138,8 +145,10 @@ def options_table(shape: StudentShape, setup: Setup, world: int) -> str:
     lines = []
     for label, variant in _variants(setup, world):
         f = footprint(shape, variant)
-        lines.append(f"{label}: {human_bytes(f.floor)} states + {human_bytes(f.activations)} "
-                     f"activations (est.) = {human_bytes(f.total)}")  # fmt: skip
+        lines.append(
+            f"{label}: {human_bytes(f.floor)} states + {human_bytes(f.activations)} "
+            f"activations (est.) = {human_bytes(f.total)}"
+        )
     return "; ".join(lines)
 
 
@@ -155,8 +164,9 @@ def _ranks_to_fit(shape: StudentShape, setup: Setup, have: float) -> tuple[int, 
     return None
 
 
-def check_student_fits(model: nn.Module, config: Any, env: Any, seq_len: int,
-                       warn: Callable[[str], None]) -> None:  # fmt: skip
+def check_student_fits(
+    model: nn.Module, config: Any, env: Any, seq_len: int, warn: Callable[[str], None]
+) -> None:
     """``check_fits`` for ``logitcache train`` (a ``TrainConfig``, the loop's ``Env``) on
     CUDA; elsewhere the device's memory is not known and nothing is checked."""
     import torch
@@ -164,10 +174,15 @@ def check_student_fits(model: nn.Module, config: Any, env: Any, seq_len: int,
     if env.device.type != "cuda":
         return
     bf16 = config.precision == "bf16" or config.precision == "auto"
-    setup = Setup(world_size=env.world_size, fsdp=config.fsdp and env.world_size > 1,
-                  gradient_checkpointing=config.gradient_checkpointing,
-                  optimizer=config.optimizer, bf16=bf16, tokens=config.batch_size * seq_len,
-                  chunk_size=config.chunk_size)  # fmt: skip
+    setup = Setup(
+        world_size=env.world_size,
+        fsdp=config.fsdp and env.world_size > 1,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optimizer=config.optimizer,
+        bf16=bf16,
+        tokens=config.batch_size * seq_len,
+        chunk_size=config.chunk_size,
+    )
     have = torch.cuda.get_device_properties(env.device).total_memory
     warning = check_fits(StudentShape.of(model), setup, have, str(env.device))
     if warning:
@@ -183,10 +198,12 @@ def check_fits(shape: StudentShape, setup: Setup, have: int, device: str) -> str
     if need.floor <= have:
         if need.total <= have:
             return None
-        return (f"warning: {how} the student may not fit {device} ({human_bytes(have)}): "
-                f"{human_bytes(need.floor)} of states and ~{human_bytes(need.activations)} of "
-                f"activations (estimated) per GPU. If it runs out of memory: "
-                f"{_advice(shape, setup, have)}, or lower --batch-size")  # fmt: skip
+        return (
+            f"warning: {how} the student may not fit {device} ({human_bytes(have)}): "
+            f"{human_bytes(need.floor)} of states and ~{human_bytes(need.activations)} of "
+            f"activations (estimated) per GPU. If it runs out of memory: "
+            f"{_advice(shape, setup, have)}, or lower --batch-size"
+        )
     raise LogitcacheError(
         f"the student has {shape.params:,} parameters: {how} over {setup.world_size} "
         f"rank(s) it needs at least {human_bytes(need.floor)} per GPU before activations "
@@ -203,8 +220,10 @@ def _advice(shape: StudentShape, setup: Setup, have: int) -> str:
     world, variant, whole = fix
     flags = " --fsdp" + " --gradient-checkpointing" * variant.gradient_checkpointing
     flags += f" --optimizer {variant.optimizer}" * (variant.optimizer != "adamw")
-    text = (f"it fits with `torchrun --nproc-per-node {world} -m logitcache.cli train ..."
-            f"{flags}` (keep the global batch: --grad-accum x ranks)")  # fmt: skip
+    text = (
+        f"it fits with `torchrun --nproc-per-node {world} -m logitcache.cli train ..."
+        f"{flags}` (keep the global batch: --grad-accum x ranks)"
+    )
     if not whole:
         text += ", with a smaller --batch-size and --chunk-size for the activations"
     return text

@@ -71,8 +71,11 @@ class StopOnSignal:
         self.signum = signum
         if self.announce:  # os.write: print() may be mid-write to stderr when a signal lands
             name = signal.Signals(signum).name
-            os.write(2, f"\n{name}: finishing this step, then saving a checkpoint "
-                        f"(send it again to stop at once, without saving)\n".encode())  # fmt: skip
+            os.write(
+                2,
+                f"\n{name}: finishing this step, then saving a checkpoint "
+                f"(send it again to stop at once, without saving)\n".encode(),
+            )
 
     def requested(self, distributed: bool, device: torch.device) -> int:
         """The signal to stop on (0: none). Under torchrun every rank calls this after each
@@ -134,6 +137,8 @@ def reported_interrupts(out: str) -> Iterator[None]:
                     "no checkpoint was saved; rerun the same command with --overwrite to start over"
                 )
             else:
-                kept = (f"nothing saved now; the last checkpoint, {latest}, is kept: rerun the "
-                        "same command with --resume to continue from it")  # fmt: skip
+                kept = (
+                    f"nothing saved now; the last checkpoint, {latest}, is kept: rerun the "
+                    "same command with --resume to continue from it"
+                )
             raise Interrupted(f"{signum.name} before the run could save; {kept}", signum) from None

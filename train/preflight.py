@@ -64,10 +64,16 @@ def check_run(
     check_cache(reader, config)
     mixed = mixed_readers(reader, config)
     model, tokenizer, _ = load_student(
-        config.student, config.student_config, config.tokenizer, spec=reader.spec,
-        seed=config.seed, trust_remote_code=config.trust_remote_code, cache=reader.loc,
-        meta=meta, log=log,
-    )  # fmt: skip
+        config.student,
+        config.student_config,
+        config.tokenizer,
+        spec=reader.spec,
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+        cache=reader.loc,
+        meta=meta,
+        log=log,
+    )
     vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
     return Checked(reader, mixed, model, tokenizer, vocab_rows)
 
@@ -103,8 +109,14 @@ def dry_run(config: TrainConfig, env: Env) -> str:
     checked = check_run(config, env, meta=True, dry_run=True)
     model = checked.model
     if config.lora_r:
-        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, seed=config.seed,
-                           targets=config.lora_targets, dropout=config.lora_dropout)  # fmt: skip
+        model = apply_lora(
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            seed=config.seed,
+            targets=config.lora_targets,
+            dropout=config.lora_dropout,
+        )
     if config.optimizer == "adamw8bit":
         from .optim import make_optimizer
 

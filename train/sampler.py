@@ -33,8 +33,9 @@ class CacheSampler(Sampler[int]):
         weights: Sequence[float] | None = None,
     ) -> None:
         self.dataset = dataset
-        self._stream = CacheStream(dataset, batch_size=1, seed=seed, block_shards=block_shards,
-                                   weights=weights)  # fmt: skip
+        self._stream = CacheStream(
+            dataset, batch_size=1, seed=seed, block_shards=block_shards, weights=weights
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -66,8 +66,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False  # a KV cache is never used in training
 
 
-def shard_student(module: nn.Module, device: torch.device, world_size: int,
-                  precision: str = "auto", rank: int = 0) -> nn.Module:  # fmt: skip
+def shard_student(
+    module: nn.Module, device: torch.device, world_size: int, precision: str = "auto", rank: int = 0
+) -> nn.Module:
     """``fully_shard`` each decoder layer of ``module.model``, then ``module`` as the root,
     then fill every rank's shards from rank 0's student (``_fill_from_rank0``).
 
@@ -106,8 +107,9 @@ def shard_student(module: nn.Module, device: torch.device, world_size: int,
     return module
 
 
-def _fill_from_rank0(module: nn.Module, full: dict[str, torch.Tensor],
-                     device: torch.device) -> None:  # fmt: skip
+def _fill_from_rank0(
+    module: nn.Module, full: dict[str, torch.Tensor], device: torch.device
+) -> None:
     """Every rank's shards, buffers and RNG state set to rank 0's (``full``: its whole
     state dict; empty elsewhere). A rank built on the meta device first gets storage for
     its shards and buffers (``to_empty``), uninitialized until the broadcasts fill it."""
@@ -126,9 +128,12 @@ def _fill_from_rank0(module: nn.Module, full: dict[str, torch.Tensor],
     rng = torch.get_rng_state().to(device)  # [5056] uint8
     dist.broadcast(rng, src=0)
     torch.set_rng_state(rng.cpu())
-    left = [f"{name}.{key}" for name, m in module.named_modules()
-            for key, value in vars(m).items()
-            if isinstance(value, torch.Tensor) and value.is_meta]  # fmt: skip
+    left = [
+        f"{name}.{key}"
+        for name, m in module.named_modules()
+        for key, value in vars(m).items()
+        if isinstance(value, torch.Tensor) and value.is_meta
+    ]
     if left:
         raise LogitcacheError(
             f"--fsdp: {type(module.model).__name__} keeps tensors outside its parameters and "
@@ -173,8 +178,9 @@ def unsharded_root(module: nn.Module) -> Iterator[None]:
         module.reshard()
 
 
-def pad_sharded_forwards(model: nn.Module, n_batches: int, rank: int, world_size: int,
-                         device: torch.device) -> None:  # fmt: skip
+def pad_sharded_forwards(
+    model: nn.Module, n_batches: int, rank: int, world_size: int, device: torch.device
+) -> None:
     """Evaluation splits ``n_batches`` over the ranks (``i % world_size``). Under FSDP each
     forward gathers every layer from all ranks, so a rank that got fewer batches runs
     forwards of one padding token until it has run as many as rank 0 (else rank 0 waits

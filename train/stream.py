@@ -77,8 +77,12 @@ class CacheStream(IterableDataset):
             raise ValueError("a CacheStream streams a whole training split (split='train')")
         if weights is not None and len(weights) != len(dataset.urls):
             raise ValueError(f"{len(weights)} mixing weights for {len(dataset.urls)} caches")
-        checks = [(batch_size, "batch_size"), (world_size, "world_size"),
-                  (grad_accum, "grad_accum"), (block_shards, "block_shards")]  # fmt: skip
+        checks = [
+            (batch_size, "batch_size"),
+            (world_size, "world_size"),
+            (grad_accum, "grad_accum"),
+            (block_shards, "block_shards"),
+        ]
         for value, name in checks:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -226,9 +226,12 @@ def apply_lora(
             "--lora-r needs the peft package: pip install 'logitcache[peft]'"
         ) from None
     config = peft.LoraConfig(
-        r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-        target_modules=list(targets) if targets else "all-linear", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        lora_dropout=dropout,
+        target_modules=list(targets) if targets else "all-linear",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(seed)  # the adapters' initialization
     try:
         return peft.get_peft_model(model, config)

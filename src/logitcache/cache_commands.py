@@ -74,9 +74,13 @@ def merge(cache: str) -> None:
 @click.command()
 @click.argument("cache")
 @click.argument("out", required=False)
-@click.option("--add", default=None, metavar="TOKENIZER",
-              help="Store this tokenizer (directory or hub id) in a local CACHE written before "
-              "caches carried theirs; refused unless it is the cache's.")  # fmt: skip
+@click.option(
+    "--add",
+    default=None,
+    metavar="TOKENIZER",
+    help="Store this tokenizer (directory or hub id) in a local CACHE written before "
+    "caches carried theirs; refused unless it is the cache's.",
+)
 def tokenizer(cache: str, out: str | None, add: str | None) -> None:
     """Export the tokenizer stored in CACHE to the directory OUT (checked against its hashes
     and the cache's fingerprint; OUT may be a student's model directory), or store one in an
@@ -106,8 +110,12 @@ _THREADS = click.option(
 @click.argument("cache")
 @click.argument("url")
 @_THREADS
-@click.option("--public", is_flag=True, default=False,
-              help="hf:// only: create a missing repository public (default private).")  # fmt: skip
+@click.option(
+    "--public",
+    is_flag=True,
+    default=False,
+    help="hf:// only: create a missing repository public (default private).",
+)
 @QUIET
 def push(cache: str, url: str, threads: int, public: bool, quiet: bool) -> None:
     """Copy CACHE to URL (s3://, gs://, hf://datasets/ORG/NAME, ... or a directory), checking
@@ -145,8 +153,15 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=T
     from logitcache.storage import copy_cache
 
     with ByteProgress(Reporter(enabled=not quiet)) as progress:
-        result = copy_cache(src, dst, shards=shards, max_tokens=max_tokens, threads=threads,
-                            progress=progress, private=private)  # fmt: skip
+        result = copy_cache(
+            src,
+            dst,
+            shards=shards,
+            max_tokens=max_tokens,
+            threads=threads,
+            progress=progress,
+            private=private,
+        )
     manifest = result.manifest
     state = "complete" if manifest is not None and manifest.complete else "partial"
     held = len(manifest.shards) if manifest else 0
@@ -160,15 +175,23 @@ def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=T
 @click.command()
 @click.argument("src")
 @click.argument("dest")
-@click.option("--format-version", type=click.IntRange(min(READ_VERSIONS), max(READ_VERSIONS)),
-              default=FORMAT_VERSION, show_default=True,
-              help="Format of DEST: 2 (smaller, faster to read) or 1 (for readers that predate "
-              "format 2).")  # fmt: skip
-@click.option("--shard-sequences", type=click.IntRange(min=1), default=None,
-              help="Sequences per shard of DEST [default: as in SRC].")  # fmt: skip
+@click.option(
+    "--format-version",
+    type=click.IntRange(min(READ_VERSIONS), max(READ_VERSIONS)),
+    default=FORMAT_VERSION,
+    show_default=True,
+    help="Format of DEST: 2 (smaller, faster to read) or 1 (for readers that predate format 2).",
+)
+@click.option(
+    "--shard-sequences",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sequences per shard of DEST [default: as in SRC].",
+)
 @QUIET
-def convert(src: str, dest: str, format_version: int, shard_sequences: int | None,
-            quiet: bool) -> None:  # fmt: skip
+def convert(
+    src: str, dest: str, format_version: int, shard_sequences: int | None, quiet: bool
+) -> None:
     """Rewrite the cache SRC at DEST in another format version or shard size: the same
     records, teacher, tokenizer and corpus, without running the teacher.
 
@@ -179,8 +202,13 @@ def convert(src: str, dest: str, format_version: int, shard_sequences: int | Non
     from logitcache.storage import convert_cache
 
     with ByteProgress(Reporter(enabled=not quiet), desc="convert") as progress:
-        result = convert_cache(src, dest, format_version=format_version,
-                               shard_sequences=shard_sequences, progress=progress)  # fmt: skip
+        result = convert_cache(
+            src,
+            dest,
+            format_version=format_version,
+            shard_sequences=shard_sequences,
+            progress=progress,
+        )
     before, after = result.bytes_before, result.bytes_after
     kept = f", {result.skipped} already there" if result.skipped else ""
     click.echo(

@@ -75,15 +75,24 @@ for _command in CACHE_COMMANDS:
 
 # -- demo -------------------------------------------------------------------------------
 @main.command()
-@click.option("--quick", is_flag=True,
-              help="Smaller everything, same code path; its first run pretrains a small "
-              "teacher of its own too.")  # fmt: skip
-@click.option("--out", default="logitcache-demo", show_default=True,
-              help="Where the cache, students, plot and summary go (the demo owns it: outputs "
-              "of an earlier demo of another size are replaced).")  # fmt: skip
-@click.option("--home", default=None,
-              help="Where the teacher is kept and reused [default: $LOGITCACHE_HOME or "
-              "~/.cache/logitcache].")  # fmt: skip
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Smaller everything, same code path; its first run pretrains a small "
+    "teacher of its own too.",
+)
+@click.option(
+    "--out",
+    default="logitcache-demo",
+    show_default=True,
+    help="Where the cache, students, plot and summary go (the demo owns it: outputs "
+    "of an earlier demo of another size are replaced).",
+)
+@click.option(
+    "--home",
+    default=None,
+    help="Where the teacher is kept and reused [default: $LOGITCACHE_HOME or ~/.cache/logitcache].",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @QUIET
 def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> None:
@@ -198,8 +207,9 @@ def train_config(
     params: dict[str, Any], ctx: click.Context | None = None, recipe: str | None = None
 ) -> TrainConfig:
     """The ``TrainConfig`` of parsed ``train`` options (over a recipe file)."""
-    return build(TrainConfig, resolve(TrainConfig, ctx, params, config=recipe,
-                                      ignore=RUN_RECORD_KEYS))  # fmt: skip
+    return build(
+        TrainConfig, resolve(TrainConfig, ctx, params, config=recipe, ignore=RUN_RECORD_KEYS)
+    )
 
 
 # -- recipes --------------------------------------------------------------------------

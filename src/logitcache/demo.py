@@ -92,30 +92,67 @@ class DemoBudget:
 
 
 FULL = DemoBudget(
-    name="full", vocab_size=4096,
-    teacher_hidden=192, teacher_layers=4, teacher_heads=4, teacher_intermediate=512,
-    teacher_steps=450, teacher_batch=16, teacher_lr=3e-3,
-    seq_len=128, slice_tokens=150_000, heldout_tokens=30_000,
-    student_hidden=64, student_layers=2, student_heads=2, student_intermediate=172,
-    student_steps=300, student_batch=16, student_lr=3e-3, eval_every=50,
+    name="full",
+    vocab_size=4096,
+    teacher_hidden=192,
+    teacher_layers=4,
+    teacher_heads=4,
+    teacher_intermediate=512,
+    teacher_steps=450,
+    teacher_batch=16,
+    teacher_lr=3e-3,
+    seq_len=128,
+    slice_tokens=150_000,
+    heldout_tokens=30_000,
+    student_hidden=64,
+    student_layers=2,
+    student_heads=2,
+    student_intermediate=172,
+    student_steps=300,
+    student_batch=16,
+    student_lr=3e-3,
+    eval_every=50,
     teacher_text_bytes=6_000_000,
-)  # fmt: skip
+)
 QUICK = DemoBudget(
-    name="quick", vocab_size=1024,
-    teacher_hidden=64, teacher_layers=2, teacher_heads=2, teacher_intermediate=172,
-    teacher_steps=60, teacher_batch=8, teacher_lr=3e-3,
-    seq_len=64, slice_tokens=20_000, heldout_tokens=5_000,
-    student_hidden=32, student_layers=1, student_heads=2, student_intermediate=86,
-    student_steps=30, student_batch=8, student_lr=3e-3, eval_every=10,
+    name="quick",
+    vocab_size=1024,
+    teacher_hidden=64,
+    teacher_layers=2,
+    teacher_heads=2,
+    teacher_intermediate=172,
+    teacher_steps=60,
+    teacher_batch=8,
+    teacher_lr=3e-3,
+    seq_len=64,
+    slice_tokens=20_000,
+    heldout_tokens=5_000,
+    student_hidden=32,
+    student_layers=1,
+    student_heads=2,
+    student_intermediate=86,
+    student_steps=30,
+    student_batch=8,
+    student_lr=3e-3,
+    eval_every=10,
     teacher_text_bytes=1_500_000,
-)  # fmt: skip
+)
 
 
 HELDOUT_STORE = {"top_k": 256, "logprob_codec": "float32"}
 """How evaluation caches are written: KL measured against nearly the whole teacher."""
 _MARKER = ".logitcache-demo.json"
-_OWNED = ("cache", "heldout-cache", "student-ce-only", "student-distilled", "slice.jsonl",
-          "heldout.jsonl", "student_config.json", "summary.json", "demo.png")  # fmt: skip
+_OWNED = (
+    "cache",
+    "heldout-cache",
+    "student-ce-only",
+    "student-distilled",
+    "slice.jsonl",
+    "heldout.jsonl",
+    "student_config.json",
+    "summary.json",
+    "demo.png",
+)
 
 
 def default_home() -> Path:
@@ -144,8 +181,9 @@ def claim_out(out: Path, budget: DemoBudget, reporter: Reporter) -> None:
                 "an empty or new --out"
             )
         if previous != identity:
-            reporter.log(f"replacing the outputs of the earlier {previous.get('demo')} demo in "
-                         f"{out}")  # fmt: skip
+            reporter.log(
+                f"replacing the outputs of the earlier {previous.get('demo')} demo in {out}"
+            )
             for name in present:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -155,9 +193,10 @@ def claim_out(out: Path, budget: DemoBudget, reporter: Reporter) -> None:
 
 def _previous_demo(out: Path) -> dict[str, Any] | None:
     """The identity of the demo whose outputs are in ``out`` (None: not a demo's)."""
-    for name, read in ((_MARKER, lambda d: d),
-                       ("summary.json", lambda d: {"demo": d["budget"]["name"],
-                                                   "budget": d["budget"]})):  # fmt: skip
+    for name, read in (
+        (_MARKER, lambda d: d),
+        ("summary.json", lambda d: {"demo": d["budget"]["name"], "budget": d["budget"]}),
+    ):
         try:
             return read(json.loads((out / name).read_text()))
         except (OSError, ValueError, KeyError, TypeError):
@@ -203,15 +242,24 @@ def ensure_teacher(
     tokenizer = toy.train_tokenizer([t for _, t in train_docs], budget.vocab_size, tok_dir)
     tokens = toy.tokenize_corpus(train_docs, tokenizer)
     spec = toy.ToyModelSpec(
-        hidden=budget.teacher_hidden, layers=budget.teacher_layers,
-        heads=budget.teacher_heads, intermediate=budget.teacher_intermediate,
+        hidden=budget.teacher_hidden,
+        layers=budget.teacher_layers,
+        heads=budget.teacher_heads,
+        intermediate=budget.teacher_intermediate,
         max_positions=budget.seq_len,
-    )  # fmt: skip
+    )
     toy.pretrain(
-        teacher_dir, tokenizer, tokens, spec=spec, steps=budget.teacher_steps,
-        batch_size=budget.teacher_batch, seq_len=budget.seq_len, lr=budget.teacher_lr,
-        seed=seed, progress=reporter.enabled,
-    )  # fmt: skip
+        teacher_dir,
+        tokenizer,
+        tokens,
+        spec=spec,
+        steps=budget.teacher_steps,
+        batch_size=budget.teacher_batch,
+        seq_len=budget.seq_len,
+        lr=budget.teacher_lr,
+        seed=seed,
+        progress=reporter.enabled,
+    )
     return teacher_dir
 
 
@@ -222,25 +270,49 @@ def precompute_config(
     (e.g. ``{"top_k": 8}``; default: sampled, as ``precompute``'s default)."""
     mode = {} if "top_k" in store or "samples" in store else {"samples": DEFAULT_SAMPLES}
     corpus = CorpusSpec(data=(str(data),), seq_len=budget.seq_len, max_tokens=tokens)
-    return PrecomputeConfig(teacher=str(teacher), out=str(dest), corpus=corpus,
-                            shard_sequences=64, device="cpu", **mode, **store)  # fmt: skip
+    return PrecomputeConfig(
+        teacher=str(teacher),
+        out=str(dest),
+        corpus=corpus,
+        shard_sequences=64,
+        device="cpu",
+        **mode,
+        **store,
+    )
 
 
 def train_config(
-    cache: Path, out: Path, config: Path, held_cache: Path, budget: DemoBudget,
-    extra: dict[str, Any], seed: int = 0, steps: int | None = None, quiet: bool = True,
-) -> TrainConfig:  # fmt: skip
+    cache: Path,
+    out: Path,
+    config: Path,
+    held_cache: Path,
+    budget: DemoBudget,
+    extra: dict[str, Any],
+    seed: int = 0,
+    steps: int | None = None,
+    quiet: bool = True,
+) -> TrainConfig:
     """The training run of a demo or study student; ``extra``: its own settings. The
     student's tokenizer is the one stored in the cache."""
     steps = steps or budget.student_steps
     return TrainConfig(
-        cache=str(cache), out=str(out), student_config=str(config),
-        eval_cache=str(held_cache), eval_fraction=0.0, steps=steps,
-        batch_size=budget.student_batch, lr=budget.student_lr, warmup_steps=steps // 10,
-        eval_every=budget.eval_every, seed=seed, num_workers=0, device="cpu", quiet=quiet,
+        cache=str(cache),
+        out=str(out),
+        student_config=str(config),
+        eval_cache=str(held_cache),
+        eval_fraction=0.0,
+        steps=steps,
+        batch_size=budget.student_batch,
+        lr=budget.student_lr,
+        warmup_steps=steps // 10,
+        eval_every=budget.eval_every,
+        seed=seed,
+        num_workers=0,
+        device="cpu",
+        quiet=quiet,
         overwrite=True,  # the demo owns its out (claim_out): a rerun trains its students again
         **extra,
-    )  # fmt: skip
+    )
 
 
 def run_cache(config: PrecomputeConfig, reporter: Reporter) -> None:
@@ -274,8 +346,9 @@ def run_demo(
     reporter.log(f"corpus: {len(docs)} stdlib files, {len(train_docs)} for the teacher")
 
     # 2. tokenizer + teacher, pretrained once on the whole training split and reused
-    teacher_dir = ensure_teacher(train_docs, budget, home, tag="stdlib", reporter=reporter,
-                                 seed=seed)  # fmt: skip
+    teacher_dir = ensure_teacher(
+        train_docs, budget, home, tag="stdlib", reporter=reporter, seed=seed
+    )
     timings["teacher"] = time.perf_counter() - t0
 
     # 3. the teacher pass: the slice (for training) and the held-out files (for evaluation)
@@ -297,9 +370,16 @@ def run_demo(
     results = {}
     for name, loss in (("ce-only", {"loss": "ce"}), ("distilled", {})):
         t0 = time.perf_counter()
-        config = train_config(cache, out / f"student-{name}", student_config,
-                              held_cache, budget, loss, seed,
-                              quiet=not reporter.enabled)  # fmt: skip
+        config = train_config(
+            cache,
+            out / f"student-{name}",
+            student_config,
+            held_cache,
+            budget,
+            loss,
+            seed,
+            quiet=not reporter.enabled,
+        )
         commands.append(command_line(config))
         train(config)
         timings[name] = time.perf_counter() - t0
@@ -336,12 +416,17 @@ def _vocab_of(model_dir: Path) -> int:
 
 
 def _student_config(b: DemoBudget, vocab: int) -> dict[str, Any]:
-    return {
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": b.student_hidden,
-        "intermediate_size": b.student_intermediate, "num_hidden_layers": b.student_layers,
-        "num_attention_heads": b.student_heads, "num_key_value_heads": b.student_heads,
-        "max_position_embeddings": b.seq_len, "tie_word_embeddings": True,
-    }  # fmt: skip
+    from logitcache import toy
+
+    shape = toy.ToyModelSpec(
+        hidden=b.student_hidden,
+        layers=b.student_layers,
+        heads=b.student_heads,
+        intermediate=b.student_intermediate,
+        max_positions=b.seq_len,
+        vocab_size=vocab,
+    )
+    return toy.llama_config_dict(shape)
 
 
 def read_evals(path: Path) -> list[dict[str, float]]:

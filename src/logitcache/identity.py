@@ -25,8 +25,15 @@ __all__ = [
     "weights_fingerprint",
 ]
 
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype",
-                         "_commit_hash", "_attn_implementation_autoset", "use_cache"}  # fmt: skip
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "use_cache",
+}
 
 
 def config_fingerprint(config: Any) -> str:

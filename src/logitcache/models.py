@@ -79,8 +79,10 @@ def resolve_dtype(dtype: str | None, config: Any) -> torch.dtype:
 def check_model_path(name: str, what: str) -> None:
     """A name that looks like a local path (not a hub id) must exist: say so plainly."""
     looks_local = name.startswith((".", "/", "~")) or Path(name).suffix in (
-        ".json", ".safetensors", ".gguf"
-    )  # fmt: skip
+        ".json",
+        ".safetensors",
+        ".gguf",
+    )
     if looks_local and not Path(name).expanduser().exists():
         raise LogitcacheError(f"{what} path {name!r} does not exist")
 
@@ -137,9 +139,13 @@ def load_teacher(
     try:
         with _gguf_bar_follows_hf_logging(bool(extra)):
             model = AutoModelForCausalLM.from_pretrained(
-                source, revision=revision, dtype=torch_dtype,
-                trust_remote_code=trust_remote_code, **placement, **extra,
-            )  # fmt: skip
+                source,
+                revision=revision,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                **placement,
+                **extra,
+            )
     except Exception as err:
         raise _load_error("teacher", name, err) from None
     if device_map is None:

@@ -25,8 +25,13 @@ def render_reference(main: click.Group) -> str:
     """docs/cli.md: a title, then every command's --help, in order."""
     parts = []
     for path in _command_paths(main, ["logitcache"]):
-        ctx = click.Context(path[-1][1], info_name=path[-1][0], terminal_width=100,
-                            max_content_width=100, help_option_names=["-h", "--help"])  # fmt: skip
+        ctx = click.Context(
+            path[-1][1],
+            info_name=path[-1][0],
+            terminal_width=100,
+            max_content_width=100,
+            help_option_names=["-h", "--help"],
+        )
         name = " ".join(p[0] for p in path)
         text = path[-1][1].get_help(ctx).replace(f"Usage: {path[-1][0]}", f"Usage: {name}", 1)
         parts.append(f"### `{name}`\n\n```\n{text}\n```\n")

@@ -20,9 +20,9 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,7 @@ __all__ = [
     "ToyModelSpec",
     "heldout_cross_entropy",
     "llama_config",
+    "llama_config_dict",
     "lr_multiplier",
     "pretrain",
     "split_heldout",
@@ -199,7 +200,8 @@ def tokenize_corpus(
 
 @dataclass(frozen=True)
 class ToyModelSpec:
-    """The shape of a small Llama; :func:`llama_config` turns it into a ``LlamaConfig``."""
+    """The shape of a small Llama, for the demo's teacher and student and for the benches;
+    :func:`llama_config_dict` turns it into a transformers config."""
 
     hidden: int = 192
     """Model width (``hidden_size``)."""
@@ -209,19 +211,48 @@ class ToyModelSpec:
     """Attention heads; ``hidden`` must be a multiple. Key/value heads = heads (no GQA)."""
     intermediate: int = 512
     """Width of the SwiGLU MLP."""
-    max_positions: int = 256
-    """Longest sequence in tokens (``max_position_embeddings``)."""
+    max_positions: int | None = 256
+    """Longest sequence in tokens (``max_position_embeddings``); None: transformers' default."""
     vocab_size: int | None = None
-    """Output vocabulary; ``None`` takes ``len(tokenizer)``."""
+    """Output vocabulary; ``None`` takes ``len(tokenizer)`` in :func:`llama_config`."""
     tie_embeddings: bool = True
     """Share input embedding and LM head (saves vocab x hidden parameters)."""
+    init_std: float | None = None
+    """Weight init std (``initializer_range``); None: transformers' default, 0.02."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "layers", "heads", "intermediate", "max_positions"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("hidden", "layers", "heads", "intermediate", "max_positions", "vocab_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+
+    def widened(self, factor: int) -> ToyModelSpec:
+        """The same depth and vocabulary, ``factor`` times wider (hidden and MLP)."""
+        return replace(self, hidden=self.hidden * factor, intermediate=self.intermediate * factor)
+
+
+def llama_config_dict(spec: ToyModelSpec) -> dict[str, Any]:
+    """The transformers config of shape ``spec`` as a dict with ``model_type`` (what a
+    ``--student-config`` file holds); ``spec.vocab_size`` must be set."""
+    if spec.vocab_size is None:
+        raise ValueError("vocab_size must be set to make a config")
+    config: dict[str, Any] = {
+        "model_type": "llama",
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.heads,
+    }
+    if spec.max_positions is not None:
+        config["max_position_embeddings"] = spec.max_positions
+    if spec.init_std is not None:
+        config["initializer_range"] = spec.init_std
+    config["tie_word_embeddings"] = spec.tie_embeddings
+    return config
 
 
 def llama_config(spec: ToyModelSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
@@ -231,18 +262,13 @@ def llama_config(spec: ToyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Llam
     vocab = spec.vocab_size if spec.vocab_size is not None else len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)})")
+    config = llama_config_dict(replace(spec, vocab_size=vocab))
+    del config["model_type"]
     return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=spec.max_positions,
+        **config,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=spec.tie_embeddings,
     )
 
 
@@ -292,14 +318,7 @@ def pretrain(
     from transformers import LlamaForCausalLM
 
     out = Path(model_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists: load it, or delete it to pretrain again")
-    if seq_len > spec.max_positions:
-        raise ValueError(f"seq_len {seq_len} exceeds spec.max_positions {spec.max_positions}")
-    if len(train_tokens) < seq_len + 2:
-        raise ValueError(f"need more than {seq_len + 1} training tokens, got {len(train_tokens)}")
-    if steps <= 0 or batch_size <= 0:
-        raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
+    _check_pretrain(out, spec, len(train_tokens), steps, batch_size, seq_len)
     warmup = max(1, steps // 20) if warmup is None else warmup
 
     torch.manual_seed(seed)
@@ -315,9 +334,17 @@ def pretrain(
     )
     t0 = time.perf_counter()
     ema = _pretrain_steps(
-        model, optimizer, train_tokens, steps=steps, batch_size=batch_size, seq_len=seq_len,
-        lr=lr, warmup=warmup, seed=seed, progress=progress,
-    )  # fmt: skip
+        model,
+        optimizer,
+        train_tokens,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+        progress=progress,
+    )
     elapsed = time.perf_counter() - t0
 
     record = {
@@ -339,10 +366,33 @@ def pretrain(
     return out
 
 
+def _check_pretrain(
+    out: Path, spec: ToyModelSpec, n_tokens: int, steps: int, batch_size: int, seq_len: int
+) -> None:
+    """Refuse a :func:`pretrain` call that would overwrite ``out`` or cannot train."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: load it, or delete it to pretrain again")
+    if spec.max_positions is not None and seq_len > spec.max_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds spec.max_positions {spec.max_positions}")
+    if n_tokens < seq_len + 2:
+        raise ValueError(f"need more than {seq_len + 1} training tokens, got {n_tokens}")
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
+
+
 def _pretrain_steps(
-    model, optimizer, train_tokens: np.ndarray, *, steps: int, batch_size: int, seq_len: int,
-    lr: float, warmup: int, seed: int, progress: bool,
-) -> float:  # fmt: skip
+    model,
+    optimizer,
+    train_tokens: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    progress: bool,
+) -> float:
     """``pretrain``'s loop: ``steps`` AdamW steps on random windows; returns the loss EMA."""
     import torch
 

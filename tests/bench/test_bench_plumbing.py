@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.bench.precompute import (
-    SyntheticLlama,
     format_precompute,
     precompute_as_dict,
     run_precompute_bench,
@@ -30,8 +29,18 @@ from logitcache.bench.train import (
 )
 from logitcache.cli import main
 from logitcache.errors import LogitcacheError
+from logitcache.toy import ToyModelSpec
 
-TINY = SyntheticLlama(hidden=32, layers=2, heads=2, intermediate=64, vocab=300)
+TINY = ToyModelSpec(
+    hidden=32,
+    layers=2,
+    heads=2,
+    intermediate=64,
+    max_positions=None,
+    vocab_size=300,
+    tie_embeddings=False,
+    init_std=0.1,
+)
 
 
 def _finite_positive(*values: float) -> bool:
@@ -65,17 +74,35 @@ def test_precompute_bench_synthetic_teacher(tmp_path):
 
 def test_precompute_bench_given_teacher_sampled(tiny_teacher_dir, tmp_path):
     r = run_precompute_bench(
-        teacher=str(tiny_teacher_dir), seq_len=32, sequences=4, batch_tokens=64, samples=4,
+        teacher=str(tiny_teacher_dir),
+        seq_len=32,
+        sequences=4,
+        batch_tokens=64,
+        samples=4,
         workdir=str(tmp_path),
-    )  # fmt: skip
+    )
     assert r.teacher == str(tiny_teacher_dir) and r.mode == "sampled N=4"
     assert r.tokens == 128 and _finite_positive(r.pipeline_tokens_per_s, r.bytes_per_token)
 
 
 def test_cli_bench_precompute_json(tiny_teacher_dir):
-    args = ["bench", "precompute", "--teacher", str(tiny_teacher_dir), "--seq-len", "32",
-            "--sequences", "4", "--batch-tokens", "64", "--top-k", "4", "--threads", "0",
-            "--json"]  # fmt: skip
+    args = [
+        "bench",
+        "precompute",
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--seq-len",
+        "32",
+        "--sequences",
+        "4",
+        "--batch-tokens",
+        "64",
+        "--top-k",
+        "4",
+        "--threads",
+        "0",
+        "--json",
+    ]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
@@ -89,9 +116,16 @@ def test_cli_bench_precompute_refuses_both_modes():
 
 def test_train_bench_in_process(tmp_path):
     r = run_train_bench(
-        student_config=default_student_config(TINY), teacher_width=2, steps=2, warmup=1,
-        batch_size=2, seq_len=32, top_k=8, isolate=False, workdir=str(tmp_path),
-    )  # fmt: skip
+        student_config=default_student_config(TINY),
+        teacher_width=2,
+        steps=2,
+        warmup=1,
+        batch_size=2,
+        seq_len=32,
+        top_k=8,
+        isolate=False,
+        workdir=str(tmp_path),
+    )
     assert [v.variant for v in r.variants] == list(VARIANTS)
     for v in r.variants:
         assert len(v.step_s_all) == 2 and v.tokens_per_step == 64
@@ -121,9 +155,27 @@ def test_cli_bench_train_fresh_processes(tmp_path):
     """The CLI path: each variant in its own interpreter, with a CPU peak memory."""
     config = tmp_path / "student.json"
     config.write_text(json.dumps(default_student_config(TINY)))
-    args = ["bench", "train", "--student-config", str(config), "--steps", "1", "--warmup", "0",
-            "--batch-size", "2", "--seq-len", "32", "--top-k", "8", "--teacher-width", "2",
-            "--threads", "0", "--json"]  # fmt: skip
+    args = [
+        "bench",
+        "train",
+        "--student-config",
+        str(config),
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--top-k",
+        "8",
+        "--teacher-width",
+        "2",
+        "--threads",
+        "0",
+        "--json",
+    ]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)

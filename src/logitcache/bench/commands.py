@@ -31,8 +31,12 @@ def bench_storage(sequences: int, seq_len: int, top_k: int, vocab: int, as_json:
 
     from logitcache.bench.storage import format_rows, rows_as_dicts, run_storage_bench
 
-    for flag, value, low in (("--sequences", sequences, 1), ("--seq-len", seq_len, 2),
-                             ("--top-k", top_k, 1), ("--vocab", vocab, 2)):  # fmt: skip
+    for flag, value, low in (
+        ("--sequences", sequences, 1),
+        ("--seq-len", seq_len, 2),
+        ("--top-k", top_k, 1),
+        ("--vocab", vocab, 2),
+    ):
         if value < low:
             raise LogitcacheError(f"{flag} must be >= {low}, got {value}")
     if top_k > vocab:
@@ -188,25 +192,38 @@ def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bo
     from logitcache.progress import Reporter
 
     torch.set_num_threads(1)
-    result = run_remote_bench(n_shards=shards, shard_sequences=shard_sequences,
-                              latency_ms=latency_ms, batches=batches, work=work,
-                              reporter=Reporter(enabled=not as_json))  # fmt: skip
+    result = run_remote_bench(
+        n_shards=shards,
+        shard_sequences=shard_sequences,
+        latency_ms=latency_ms,
+        batches=batches,
+        work=work,
+        reporter=Reporter(enabled=not as_json),
+    )
     click.echo(json.dumps(result, indent=1) if as_json else format_remote(result))
 
 
 @bench.command("memory")
-@click.option("--student-config", default=None,
-              help="JSON/YAML transformers config (default: 8x512 Llama, 16k vocab).")  # fmt: skip
+@click.option(
+    "--student-config",
+    default=None,
+    help="JSON/YAML transformers config (default: 8x512 Llama, 16k vocab).",
+)
 @click.option("--nproc", type=int, default=2, show_default=True, help="Ranks (torchrun).")
 @click.option("--seq-len", type=int, default=128, show_default=True)
-@click.option("--batch-sizes", default="1,4", show_default=True,
-              help="Micro-batch sizes; two or more split activations from the rest.")  # fmt: skip
+@click.option(
+    "--batch-sizes",
+    default="1,4",
+    show_default=True,
+    help="Micro-batch sizes; two or more split activations from the rest.",
+)
 @click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per run.")
 @click.option("--device", default="cpu", show_default=True, help="cpu (gloo) or cuda (nccl).")
 @click.option("--variants", default="ddp,fsdp,fsdp-gc,fsdp-gc-8bit", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_memory(student_config, nproc, seq_len, batch_sizes, steps, device, variants,
-                       as_json) -> None:  # fmt: skip
+def bench_memory(
+    student_config, nproc, seq_len, batch_sizes, steps, device, variants, as_json
+) -> None:
     """Peak memory per parameter and step time: DDP vs FSDP, checkpointing, 8-bit AdamW."""
     from dataclasses import asdict
 
@@ -222,7 +239,12 @@ def bench_memory(student_config, nproc, seq_len, batch_sizes, steps, device, var
     except ValueError:
         raise LogitcacheError(f"--batch-sizes {batch_sizes}: integers, e.g. 1,4") from None
     result = run_memory_bench(
-        student_config=read_student_config(student_config) if student_config else None, nproc=nproc,
-        seq_len=seq_len, batch_sizes=sizes, steps=steps, device=device, variants=chosen,
-    )  # fmt: skip
+        student_config=read_student_config(student_config) if student_config else None,
+        nproc=nproc,
+        seq_len=seq_len,
+        batch_sizes=sizes,
+        steps=steps,
+        device=device,
+        variants=chosen,
+    )
     click.echo(json.dumps(asdict(result), indent=1) if as_json else format_memory(result))

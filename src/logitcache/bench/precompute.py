@@ -27,14 +27,19 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from logitcache.toy import ToyModelSpec, llama_config
+
+if TYPE_CHECKING:
+    from logitcache.precompute import PrecomputeConfig
+
 __all__ = [
+    "BENCH_TEACHER",
     "PrecomputeBench",
-    "SyntheticLlama",
     "format_precompute",
     "precompute_as_dict",
     "run_precompute_bench",
@@ -49,22 +54,19 @@ _CONSONANTS = "bdfghjklmnprstvwz"
 _VOWELS = "aeiou"
 
 
-@dataclass(frozen=True)
-class SyntheticLlama:
-    """Shape of a randomly initialised Llama made for a benchmark."""
-
-    hidden: int = 512
-    layers: int = 4
-    heads: int = 8
-    intermediate: int = 1376
-    vocab: int = 32_000
-    init_std: float = 0.1
-    """Weight init std; 0.1 gives logits of std ~0.1 * sqrt(hidden) = 2.3 nats, peaked like
-    a trained LM's (the transformers default 0.02 gives a near-uniform distribution)."""
-
-    def widened(self, factor: int) -> SyntheticLlama:
-        """The same depth and vocabulary, ``factor`` times wider (hidden and MLP)."""
-        return replace(self, hidden=self.hidden * factor, intermediate=self.intermediate * factor)
+BENCH_TEACHER = ToyModelSpec(
+    hidden=512,
+    layers=4,
+    heads=8,
+    intermediate=1376,
+    max_positions=None,
+    vocab_size=32_000,
+    tie_embeddings=False,
+    init_std=0.1,
+)
+"""The random teacher of the precompute bench. Init std 0.1 gives logits of std ~0.1 *
+sqrt(hidden) = 2.3 nats, peaked like a trained LM's (the transformers default 0.02 gives a
+near-uniform distribution); ``max_positions`` is set to the bench's ``seq_len``."""
 
 
 @dataclass
@@ -138,21 +140,15 @@ def synthetic_tokenizer(vocab_size: int):
 
 
 def synthetic_teacher(
-    out_dir: str | os.PathLike, shape: SyntheticLlama, *, max_positions: int, seed: int = 0
+    out_dir: str | os.PathLike, shape: ToyModelSpec, *, max_positions: int, seed: int = 0
 ) -> Path:
     """Save a random Llama of ``shape`` with a word-level tokenizer sized to its vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # as load_teacher does: no bar for saving shards
-    tokenizer = synthetic_tokenizer(shape.vocab)
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads, max_position_embeddings=max_positions,
-        initializer_range=shape.init_std, bos_token_id=None, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    tokenizer = synthetic_tokenizer(shape.vocab_size)
+    config = llama_config(replace(shape, max_positions=max_positions), tokenizer)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     out = Path(out_dir)
@@ -245,7 +241,7 @@ def _as_tensors(batch: list[tuple[int, Any]], device) -> tuple[torch.Tensor, tor
 def run_precompute_bench(
     *,
     teacher: str | None = None,
-    shape: SyntheticLlama = SyntheticLlama(),
+    shape: ToyModelSpec = BENCH_TEACHER,
     seq_len: int = 512,
     sequences: int = 16,
     batch_tokens: int = 2048,
@@ -266,28 +262,31 @@ def run_precompute_bench(
     from transformers import AutoConfig
 
     from logitcache.models import load_teacher, load_tokenizer
-    from logitcache.precompute import CorpusSpec, PrecomputeConfig
     from logitcache.precompute.run import make_spec
 
-    if samples is not None:
-        top_k = None
     synthetic = teacher is None
-    shard_sequences = shard_sequences or max(1, sequences // 4)
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-precompute-", dir=workdir) as tmp:
         if teacher is None:
-            teacher = str(synthetic_teacher(Path(tmp, "teacher"), shape, max_positions=seq_len,
-                                            seed=seed))  # fmt: skip
+            teacher = str(
+                synthetic_teacher(Path(tmp, "teacher"), shape, max_positions=seq_len, seed=seed)
+            )
         tokenizer = load_tokenizer(teacher)
-        words = synthetic_words(min(shape.vocab - 3, 4096) if synthetic else 4096)
-        corpus_file = synthetic_corpus(Path(tmp, "corpus.txt"), words, sequences * seq_len + 1000)
-        corpus = CorpusSpec(data=(str(corpus_file),), seq_len=seq_len,
-                            max_tokens=sequences * seq_len)  # fmt: skip
-        config = PrecomputeConfig(
-            teacher=teacher, out=str(Path(tmp, "cache")), corpus=corpus, top_k=top_k,
-            samples=samples, shard_sequences=shard_sequences, dtype=dtype, device=device,
-            batch_tokens=batch_tokens, seed=seed,
-        )  # fmt: skip
+        words = synthetic_words(min(shape.vocab_size - 3, 4096) if synthetic else 4096)
+        config = _bench_config(
+            Path(tmp),
+            teacher,
+            words,
+            seq_len=seq_len,
+            sequences=sequences,
+            top_k=top_k,
+            samples=samples,
+            shard_sequences=shard_sequences,
+            dtype=dtype,
+            device=device,
+            batch_tokens=batch_tokens,
+            seed=seed,
+        )
 
         t0 = time.perf_counter()
         model, torch_dtype, dev = load_teacher(teacher, dtype=dtype, device=device)
@@ -298,24 +297,80 @@ def run_precompute_bench(
             config, spec, tokenizer, model, dev
         )
 
-    bare_mean = sum(bare) / len(bare)
-    drain_s = pipeline_s - (pipe.last_put_end - t0) if pipe.last_put_end else 0.0
     return PrecomputeBench(
         teacher=f"synthetic {_describe(shape)}" if synthetic else teacher,
-        device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-        threads=torch.get_num_threads(), teacher_params=sum(p.numel() for p in model.parameters()),
-        vocab=spec.vocab_size, mode=f"top-{top_k}" if top_k else f"sampled N={samples}",
-        seq_len=seq_len, sequences=manifest.n_sequences, tokens=n_tokens,
-        batch_tokens=batch_tokens, batches=len(batches), shards=len(manifest.shards),
-        load_s=load_s, bare_forward_s=bare, bare_tokens_per_s=n_tokens / bare_mean,
-        pipeline_s=pipeline_s, pipeline_tokens_per_s=n_tokens / pipeline_s,
-        ratio=bare_mean / pipeline_s, bytes_per_token=manifest.bytes / manifest.n_tokens,
-        teacher_busy_s=pipe.busy_s, extract_overhead_s=pipe.busy_s - bare_mean,
-        writer_wait_s=pipe.put_wait_s, writer_wait_share=pipe.put_wait_s / pipeline_s,
-        drain_s=drain_s,
-        reader_wait_s=max(0.0, pipeline_s - pipe.busy_s - pipe.put_wait_s - drain_s),
-        loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
-    )  # fmt: skip
+        device=str(dev),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        teacher_params=sum(p.numel() for p in model.parameters()),
+        vocab=spec.vocab_size,
+        mode=f"top-{config.top_k}" if config.top_k else f"sampled N={samples}",
+        seq_len=seq_len,
+        sequences=manifest.n_sequences,
+        tokens=n_tokens,
+        batch_tokens=batch_tokens,
+        batches=len(batches),
+        shards=len(manifest.shards),
+        load_s=load_s,
+        bytes_per_token=manifest.bytes / manifest.n_tokens,
+        **_time_split(pipe, bare, pipeline_s, t0, n_tokens),
+        loadavg_before=loadavg_before,
+        loadavg_after=os.getloadavg(),
+    )
+
+
+def _bench_config(
+    tmp: Path,
+    teacher: str,
+    words: list[str],
+    *,
+    seq_len: int,
+    sequences: int,
+    top_k: int | None,
+    samples: int | None,
+    shard_sequences: int | None,
+    **settings: Any,
+) -> PrecomputeConfig:
+    """The teacher pass of the bench: ``sequences`` x ``seq_len`` tokens of a Zipf corpus of
+    ``words`` written into ``tmp``, the cache in ``tmp/cache``; sampled mode where
+    ``samples`` is given, shards of a quarter of ``sequences`` by default (the writer
+    overlaps)."""
+    from logitcache.precompute import CorpusSpec, PrecomputeConfig
+
+    corpus_file = synthetic_corpus(tmp / "corpus.txt", words, sequences * seq_len + 1000)
+    corpus = CorpusSpec(data=(str(corpus_file),), seq_len=seq_len, max_tokens=sequences * seq_len)
+    return PrecomputeConfig(
+        teacher=teacher,
+        out=str(tmp / "cache"),
+        corpus=corpus,
+        top_k=None if samples is not None else top_k,
+        samples=samples,
+        shard_sequences=shard_sequences or max(1, sequences // 4),
+        **settings,
+    )
+
+
+def _time_split(
+    pipe: Any, bare: list[float], pipeline_s: float, t0: float, n_tokens: int
+) -> dict[str, float]:
+    """Where the pipeline's time went, beside the bare teacher's mean pass over the batches:
+    the teacher's busy time, the extraction on top of it, waits for the writer and, after
+    the last put, the drain (the writer finishing its queue); the rest is reader waits."""
+    bare_mean = sum(bare) / len(bare)
+    drain_s = pipeline_s - (pipe.last_put_end - t0) if pipe.last_put_end else 0.0
+    return {
+        "bare_forward_s": bare,
+        "bare_tokens_per_s": n_tokens / bare_mean,
+        "pipeline_s": pipeline_s,
+        "pipeline_tokens_per_s": n_tokens / pipeline_s,
+        "ratio": bare_mean / pipeline_s,
+        "teacher_busy_s": pipe.busy_s,
+        "extract_overhead_s": pipe.busy_s - bare_mean,
+        "writer_wait_s": pipe.put_wait_s,
+        "writer_wait_share": pipe.put_wait_s / pipeline_s,
+        "drain_s": drain_s,
+        "reader_wait_s": max(0.0, pipeline_s - pipe.busy_s - pipe.put_wait_s - drain_s),
+    }
 
 
 def _time_both(config, spec, tokenizer, model, dev):
@@ -351,8 +406,9 @@ def _time_both(config, spec, tokenizer, model, dev):
     return pipe, batches, n_tokens, bare, pipeline_s, t0, manifest
 
 
-def _describe(shape: SyntheticLlama) -> str:
-    return f"Llama {shape.layers}x{shape.hidden} (MLP {shape.intermediate}, vocab {shape.vocab:,})"
+def _describe(shape: ToyModelSpec) -> str:
+    mlp, vocab = shape.intermediate, shape.vocab_size
+    return f"Llama {shape.layers}x{shape.hidden} (MLP {mlp}, vocab {vocab:,})"
 
 
 def format_precompute(r: PrecomputeBench) -> str:

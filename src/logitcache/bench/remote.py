@@ -51,10 +51,17 @@ def build_cache(
     which for 10,000 shards is 10,000 rewrites of a growing file).
     """
     spec = CacheSpec(
-        mode="topk", vocab_size=vocab, seq_len=seq_len, pack=True, container="arrow",
-        codecs=default_codecs(vocab, format_version=1), shard_sequences=shard_sequences, k=k,
-        teacher={"name_or_path": "synthetic"}, corpus={"name": "bench-remote"},
-    )  # fmt: skip
+        mode="topk",
+        vocab_size=vocab,
+        seq_len=seq_len,
+        pack=True,
+        container="arrow",
+        codecs=default_codecs(vocab, format_version=1),
+        shard_sequences=shard_sequences,
+        k=k,
+        teacher={"name_or_path": "synthetic"},
+        corpus={"name": "bench-remote"},
+    )
     loc, codec, container = Location(root), RecordCodec(spec), get_container("arrow")
     loc.makedirs("shards")
     templates = synthetic_records(64, seq_len, k, vocab)
@@ -64,19 +71,36 @@ def build_cache(
         first = j * shard_sequences
         indices = list(range(first, first + shard_sequences))
         records = [replace(templates[i % len(templates)], index=i) for i in indices]
-        metadata = {"format_version": spec.format_version, "cache_id": spec.cache_id,
-                    "spec": spec.to_dict(), "shard_index": j, "first_sequence": first,
-                    "n_sequences": shard_sequences}  # fmt: skip
+        metadata = {
+            "format_version": spec.format_version,
+            "cache_id": spec.cache_id,
+            "spec": spec.to_dict(),
+            "shard_index": j,
+            "first_sequence": first,
+            "n_sequences": shard_sequences,
+        }
         rel = shard_name(j, container.suffix)
         rows = [codec.encode(r) for r in records]
         size, digest = container.write(loc, rel, metadata, indices, rows, codec.fields)
-        infos.append(ShardInfo(index=j, path=rel, first_sequence=first, bytes=size,
-                               sha256=digest, **shard_stats(records)))  # fmt: skip
+        infos.append(
+            ShardInfo(
+                index=j,
+                path=rel,
+                first_sequence=first,
+                bytes=size,
+                sha256=digest,
+                **shard_stats(records),
+            )
+        )
         bar.update(1)
     bar.close()
-    manifest = Manifest(spec=spec, shards=tuple(infos), complete=True,
-                        n_sequences_total=n_shards * shard_sequences,
-                        created_by="logitcache bench remote")  # fmt: skip
+    manifest = Manifest(
+        spec=spec,
+        shards=tuple(infos),
+        complete=True,
+        n_sequences_total=n_shards * shard_sequences,
+        created_by="logitcache bench remote",
+    )
     data = manifest.to_json().encode()
     loc.publish_bytes(MANIFEST, data)
     return len(data)

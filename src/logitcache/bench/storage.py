@@ -84,10 +84,16 @@ def kl_exact_vs_decoded(exact: SequenceRecord, decoded: SequenceRecord) -> float
 
 def _spec(container: str, logprobs: str, vocab: int, k: int, seq_len: int, shard: int):
     return CacheSpec(
-        mode="topk", vocab_size=vocab, seq_len=seq_len, pack=True, container=container,
-        codecs=default_codecs(vocab, logprobs=logprobs, mode="topk"), shard_sequences=shard, k=k,
+        mode="topk",
+        vocab_size=vocab,
+        seq_len=seq_len,
+        pack=True,
+        container=container,
+        codecs=default_codecs(vocab, logprobs=logprobs, mode="topk"),
+        shard_sequences=shard,
+        k=k,
         batch_sequences=default_batch_sequences(seq_len, shard),  # format 2
-    )  # fmt: skip
+    )
 
 
 def run_storage_bench(

@@ -47,12 +47,14 @@ from typing import Any
 import torch
 
 from logitcache.errors import LogitcacheError
+from logitcache.toy import ToyModelSpec, llama_config_dict
 
 from .peak import VariantPeak, sync
-from .precompute import SyntheticLlama, synthetic_corpus, synthetic_tokenizer, synthetic_words
+from .precompute import BENCH_TEACHER, synthetic_corpus, synthetic_tokenizer, synthetic_words
 from .variant import VariantResult, build_model, read_student_config
 
 __all__ = [
+    "DEFAULT_STUDENT",
     "VARIANTS",
     "TrainBench",
     "VariantResult",
@@ -97,15 +99,22 @@ class TrainBench:
     loadavg_after: tuple[float, float, float]
 
 
-def default_student_config(shape: SyntheticLlama | None = None) -> dict[str, Any]:
-    """The default student: a 4x128 Llama (9M params, 8M of them the 32k vocabulary)."""
-    s = shape or SyntheticLlama(hidden=128, layers=4, heads=4, intermediate=344, init_std=0.02)
-    return {
-        "model_type": "llama", "hidden_size": s.hidden, "intermediate_size": s.intermediate,
-        "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
-        "num_key_value_heads": s.heads, "vocab_size": s.vocab, "initializer_range": s.init_std,
-        "tie_word_embeddings": False,
-    }  # fmt: skip
+DEFAULT_STUDENT = ToyModelSpec(
+    hidden=128,
+    layers=4,
+    heads=4,
+    intermediate=344,
+    max_positions=None,
+    vocab_size=32_000,
+    tie_embeddings=False,
+    init_std=0.02,
+)
+"""The default student: a 4x128 Llama (9M params, 8M of them the 32k vocabulary)."""
+
+
+def default_student_config(shape: ToyModelSpec = DEFAULT_STUDENT) -> dict[str, Any]:
+    """The config dict of ``shape`` (default: :data:`DEFAULT_STUDENT`)."""
+    return llama_config_dict(shape)
 
 
 def _teacher_config(student: dict[str, Any], width: int) -> dict[str, Any]:
@@ -114,7 +123,7 @@ def _teacher_config(student: dict[str, Any], width: int) -> dict[str, Any]:
     teacher["hidden_size"] = student["hidden_size"] * width
     teacher["intermediate_size"] = student["intermediate_size"] * width
     teacher.pop("head_dim", None)  # follows hidden_size / heads
-    teacher["initializer_range"] = SyntheticLlama.init_std
+    teacher["initializer_range"] = BENCH_TEACHER.init_std
     return teacher
 
 
@@ -145,7 +154,6 @@ def run_train_bench(
     None takes ``default_student_config()``.
     """
     from logitcache.models import resolve_device
-    from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
 
     _check_sizes(steps, warmup, batch_size, seq_len, teacher_width)
     dev = resolve_device(device)
@@ -155,63 +163,128 @@ def run_train_bench(
     n_sequences = (steps + warmup) * batch_size
 
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=workdir) as tmp:
-        teacher_dir = Path(tmp, "teacher")
-        build_model(teacher, seed + 1).save_pretrained(teacher_dir)
-        tokenizer.save_pretrained(str(teacher_dir))
-        student_file = Path(tmp, "student.json")
-        student_file.write_text(json.dumps(student))
-        words = synthetic_words(min(student["vocab_size"] - 3, 4096))
-        corpus = synthetic_corpus(Path(tmp, "corpus.txt"), words, n_sequences * seq_len + 1000)
+        teacher_dir, student_file = _write_models(Path(tmp), student, teacher, tokenizer, seed)
+        cache, manifest, cache_s = _bench_cache(
+            Path(tmp),
+            teacher_dir,
+            student["vocab_size"],
+            sequences=n_sequences,
+            seq_len=seq_len,
+            top_k=top_k,
+            shard_sequences=batch_size,
+            device=str(dev),
+        )
 
-        t0 = time.perf_counter()
-        cache = str(Path(tmp, "cache"))
-        result = run_precompute(
-            PrecomputeConfig(
-                teacher=str(teacher_dir), out=cache, top_k=top_k, shard_sequences=batch_size,
-                corpus=CorpusSpec(data=(str(corpus),), seq_len=seq_len,
-                                  max_tokens=n_sequences * seq_len),
-                device=str(dev),
-            )
-        )  # fmt: skip
-        cache_s = time.perf_counter() - t0
-        assert result.manifest is not None
-
-        job = {"cache": cache, "student_config": str(student_file), "teacher": str(teacher_dir),
-               "steps": steps, "warmup": warmup, "batch_size": batch_size, "device": str(dev),
-               "seed": seed, "threads": torch.get_num_threads()}  # fmt: skip
+        job = {
+            "cache": cache,
+            "student_config": str(student_file),
+            "teacher": str(teacher_dir),
+            "steps": steps,
+            "warmup": warmup,
+            "batch_size": batch_size,
+            "device": str(dev),
+            "seed": seed,
+            "threads": torch.get_num_threads(),
+        }
         runs = [
             _run_isolated({**job, "variant": v}) if isolate else run_variant({**job, "variant": v})
             for v in VARIANTS
         ]
 
+    return TrainBench(
+        device=str(dev),
+        threads=torch.get_num_threads(),
+        memory_method=_memory_method(dev, isolate),
+        student=_describe(student),
+        teacher=_describe(teacher),
+        student_params=_count_params(student),
+        teacher_params=_count_params(teacher),
+        vocab=student["vocab_size"],
+        seq_len=seq_len,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        top_k=top_k,
+        cache_bytes_per_token=manifest.bytes / manifest.n_tokens,
+        cache_s=cache_s,
+        variants=runs,
+        **_comparisons(runs),
+        loadavg_before=loadavg_before,
+        loadavg_after=os.getloadavg(),
+    )
+
+
+def _write_models(
+    tmp: Path, student: dict[str, Any], teacher: dict[str, Any], tokenizer: Any, seed: int
+) -> tuple[Path, Path]:
+    """(teacher directory, student config file): the random teacher (weights from
+    ``seed + 1``) saved with ``tokenizer``, and the student's config as JSON."""
+    teacher_dir = tmp / "teacher"
+    build_model(teacher, seed + 1).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(str(teacher_dir))
+    student_file = tmp / "student.json"
+    student_file.write_text(json.dumps(student))
+    return teacher_dir, student_file
+
+
+def _memory_method(dev: torch.device, isolate: bool) -> str:
+    """How the variants' peak memory is measured on ``dev``."""
+    if dev.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    if isolate:
+        return "peak RSS minus RSS after setup, fresh process per variant"
+    return "not measured (in-process on CPU)"
+
+
+def _bench_cache(
+    tmp: Path, teacher_dir: Path, vocab: int, *, sequences: int, seq_len: int, **settings: Any
+) -> tuple[str, Any, float]:
+    """(directory, manifest, seconds) of the cache that every variant trains on: ``sequences``
+    x ``seq_len`` tokens of a Zipf corpus over ``vocab``, built once with ``run_precompute``
+    (teacher loading included in the seconds)."""
+    from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
+
+    words = synthetic_words(min(vocab - 3, 4096))
+    corpus = synthetic_corpus(tmp / "corpus.txt", words, sequences * seq_len + 1000)
+    t0 = time.perf_counter()
+    cache = str(tmp / "cache")
+    spec = CorpusSpec(data=(str(corpus),), seq_len=seq_len, max_tokens=sequences * seq_len)
+    result = run_precompute(
+        PrecomputeConfig(teacher=str(teacher_dir), out=cache, corpus=spec, **settings)
+    )
+    assert result.manifest is not None
+    return cache, result.manifest, time.perf_counter() - t0
+
+
+def _comparisons(runs: list[VariantResult]) -> dict[str, float | None]:
+    """Step time and peak memory of each variant over the one it is compared with: b (offline
+    KD) over a (cross-entropy), c (online KD) and d (the HF Trainer) over b; a memory ratio
+    is None where a peak was not measured."""
     a, b, c, d = runs
     ratio = lambda x, y: x / y if x is not None and y else None  # noqa: E731
-    cpu_memory = "peak RSS minus RSS after setup, fresh process per variant"
-    return TrainBench(
-        device=str(dev), threads=torch.get_num_threads(),
-        memory_method="torch.cuda.max_memory_allocated" if dev.type == "cuda"
-        else (cpu_memory if isolate else "not measured (in-process on CPU)"),
-        student=_describe(student), teacher=_describe(teacher),
-        student_params=_count_params(student), teacher_params=_count_params(teacher),
-        vocab=student["vocab_size"], seq_len=seq_len, batch_size=batch_size, steps=steps,
-        warmup=warmup, top_k=top_k,
-        cache_bytes_per_token=result.manifest.bytes / result.manifest.n_tokens, cache_s=cache_s,
-        variants=runs, time_b_over_a=b.step_s / a.step_s, time_c_over_b=c.step_s / b.step_s,
-        memory_b_over_a=ratio(b.peak_bytes, a.peak_bytes),
-        memory_c_over_b=ratio(c.peak_bytes, b.peak_bytes),
-        time_d_over_b=d.step_s / b.step_s, memory_d_over_b=ratio(d.peak_bytes, b.peak_bytes),
-        loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
-    )  # fmt: skip
+    return {
+        "time_b_over_a": b.step_s / a.step_s,
+        "time_c_over_b": c.step_s / b.step_s,
+        "memory_b_over_a": ratio(b.peak_bytes, a.peak_bytes),
+        "memory_c_over_b": ratio(c.peak_bytes, b.peak_bytes),
+        "time_d_over_b": d.step_s / b.step_s,
+        "memory_d_over_b": ratio(d.peak_bytes, b.peak_bytes),
+    }
 
 
 def _student(config: str | dict[str, Any] | None, seq_len: int) -> tuple[dict[str, Any], Any]:
     """(the student's config dict, a synthetic tokenizer of its vocabulary)."""
-    student = read_student_config(config) if isinstance(config, str) else dict(
-        config or default_student_config()
-    )  # fmt: skip
+    student = (
+        read_student_config(config)
+        if isinstance(config, str)
+        else dict(config or default_student_config())
+    )
     tokenizer = synthetic_tokenizer(student["vocab_size"])
-    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-           "bos_token_id": None}  # fmt: skip
+    ids = {
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
     student = {**student, **ids}
     student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
     return student, tokenizer
@@ -296,9 +369,11 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
         loss = "ce" if variant == "ce" else "forward-kl"
         module = DistillModule(model, DistillationLoss(loss, chunk_size=_CHUNK_SIZE))
     optimizer = _optimizer(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else (
-        contextlib.nullcontext()
-    )  # fmt: skip
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else (contextlib.nullcontext())
+    )
 
     # -- steps -----------------------------------------------------------------------------
     times, cpu_times, loss = [], [], float("nan")
@@ -325,8 +400,16 @@ def run_variant(job: dict[str, Any], *, measure_rss: bool = False) -> VariantRes
     timed, warm = times[job["warmup"] :], job["warmup"]
     tokens = int(batches[0]["attention_mask"].sum())
     step_s = statistics.median(timed)
-    return VariantResult(variant, step_s, timed, statistics.median(cpu_times[warm:]), tokens,
-                         tokens / step_s, peak, loss)  # fmt: skip
+    return VariantResult(
+        variant,
+        step_s,
+        timed,
+        statistics.median(cpu_times[warm:]),
+        tokens,
+        tokens / step_s,
+        peak,
+        loss,
+    )
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -335,8 +418,10 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
-    )  # fmt: skip
+        lr=3e-4,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
 
 def _online_kd(student, teacher, batch) -> torch.Tensor:

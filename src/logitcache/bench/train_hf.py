@@ -43,8 +43,7 @@ def run_hf_variant(job: dict[str, Any], *, measure_rss: bool = False):
     hf_logging.set_verbosity_error()
     device = torch.device(job["device"])
     student = _student_config(job)
-    data = CacheDataset(job["cache"], split="all", vocab_limit=student["vocab_size"],
-                        verify=False)  # fmt: skip
+    data = CacheDataset(job["cache"], split="all", vocab_limit=student["vocab_size"], verify=False)
     n_steps, size = job["steps"] + job["warmup"], job["batch_size"]
     times: list[float] = []
     cpu_times: list[float] = []
@@ -64,25 +63,49 @@ def run_hf_variant(job: dict[str, Any], *, measure_rss: bool = False):
     model = build_model(student, job["seed"]).to(device).train()
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=size, max_steps=n_steps,
-            learning_rate=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-            adam_epsilon=1e-8, max_grad_norm=1.0, lr_scheduler_type="constant",
-            optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
-            use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=job["seed"],
-            dataloader_num_workers=0, disable_tqdm=True,
-        )  # fmt: skip
+            output_dir=out,
+            per_device_train_batch_size=size,
+            max_steps=n_steps,
+            learning_rate=3e-4,
+            weight_decay=0.1,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            adam_epsilon=1e-8,
+            max_grad_norm=1.0,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=device.type == "cpu",
+            bf16=device.type == "cuda",
+            seed=job["seed"],
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
         trainer = DistillationTrainer(
-            model=model, args=args, train_dataset=data, callbacks=[StepTimer()],
+            model=model,
+            args=args,
+            train_dataset=data,
+            callbacks=[StepTimer()],
             distillation_loss=DistillationLoss("forward-kl", tail="bucket", chunk_size=1024),
-        )  # fmt: skip
+        )
         trainer.train()
     peak = memory.added()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = job["warmup"]
     step_s = statistics.median(times[warm:])
     tokens = sum(int(data[i]["input_ids"].shape[0]) for i in range(size))
-    return VariantResult("hf-trainer", step_s, times[warm:], statistics.median(cpu_times[warm:]),
-                         tokens, tokens / step_s, peak, float(losses[-1]))  # fmt: skip
+    return VariantResult(
+        "hf-trainer",
+        step_s,
+        times[warm:],
+        statistics.median(cpu_times[warm:]),
+        tokens,
+        tokens / step_s,
+        peak,
+        float(losses[-1]),
+    )
 
 
 def _student_config(job: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from logitcache.toy import ToyModelSpec
+
 from .peak import PeakRSS, status_kib
 from .train import default_student_config
 
@@ -79,10 +81,17 @@ class MemoryBench:
     loadavg: tuple[float, float, float]
 
 
-def run_memory_bench(*, student_config: dict[str, Any] | None = None, nproc: int = 2,
-                     seq_len: int = 128, batch_sizes: tuple[int, ...] = (1, 4), steps: int = 3,
-                     warmup: int = 1, device: str = "cpu",
-                     variants: tuple[str, ...] = MEMORY_VARIANTS) -> MemoryBench:  # fmt: skip
+def run_memory_bench(
+    *,
+    student_config: dict[str, Any] | None = None,
+    nproc: int = 2,
+    seq_len: int = 128,
+    batch_sizes: tuple[int, ...] = (1, 4),
+    steps: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    variants: tuple[str, ...] = MEMORY_VARIANTS,
+) -> MemoryBench:
     """Run every variant at every micro-batch size (see the module docstring)."""
     student = dict(student_config or default_memory_student())
     student["max_position_embeddings"] = max(student.get("max_position_embeddings", 0), seq_len)
@@ -91,8 +100,15 @@ def run_memory_bench(*, student_config: dict[str, Any] | None = None, nproc: int
         if variant.endswith("8bit") and not _has_torchao():
             continue
         for b in batch_sizes:
-            job = {"student": student, "variant": variant, "batch_size": b, "seq_len": seq_len,
-                   "steps": steps, "warmup": warmup, "device": device}  # fmt: skip
+            job = {
+                "student": student,
+                "variant": variant,
+                "batch_size": b,
+                "seq_len": seq_len,
+                "steps": steps,
+                "warmup": warmup,
+                "device": device,
+            }
             runs.append(_launch(job, nproc))
     params = _count_params(student)
     per_param, per_token, predicted, state = {}, {}, {}, {}
@@ -106,21 +122,41 @@ def run_memory_bench(*, student_config: dict[str, Any] | None = None, nproc: int
         per_param[variant] = (lo.peak_bytes - slope * lo.batch_size * seq_len) / params
         predicted[variant] = _predicted(student, variant, nproc, device) / params
         state[variant] = max(r.state_bytes for r in mine) / params
-    method = ("torch.cuda.max_memory_allocated" if device.startswith("cuda") else
-              "peak RSS minus RSS before the student, MALLOC_MMAP_THRESHOLD_=65536")  # fmt: skip
-    return MemoryBench(_describe(student), params, device, nproc, seq_len, method, runs,
-                       per_param, per_token, state, predicted, os.getloadavg())  # fmt: skip
+    method = (
+        "torch.cuda.max_memory_allocated"
+        if device.startswith("cuda")
+        else "peak RSS minus RSS before the student, MALLOC_MMAP_THRESHOLD_=65536"
+    )
+    return MemoryBench(
+        _describe(student),
+        params,
+        device,
+        nproc,
+        seq_len,
+        method,
+        runs,
+        per_param,
+        per_token,
+        state,
+        predicted,
+        os.getloadavg(),
+    )
 
 
 def default_memory_student() -> dict[str, Any]:
     """An 8x512 Llama, 16k vocabulary, tied embeddings: 33.7M parameters, 75 % of them in
     decoder layers (Qwen2.5-1.5B: 85 %, -0.5B: 72 %), so that sharding layers matters as
     much as in the students it stands for."""
-    from .precompute import SyntheticLlama
-
-    shape = SyntheticLlama(hidden=512, layers=8, heads=8, intermediate=1376, vocab=16384,
-                           init_std=0.02)  # fmt: skip
-    return {**default_student_config(shape), "tie_word_embeddings": True}
+    shape = ToyModelSpec(
+        hidden=512,
+        layers=8,
+        heads=8,
+        intermediate=1376,
+        max_positions=None,
+        vocab_size=16384,
+        init_std=0.02,
+    )
+    return default_student_config(shape)
 
 
 def _has_torchao() -> bool:
@@ -132,8 +168,10 @@ def _has_torchao() -> bool:
 
 
 def _describe(c: dict[str, Any]) -> str:
-    return (f"{c['model_type']} {c['num_hidden_layers']}x{c['hidden_size']} "
-            f"(MLP {c['intermediate_size']}, vocab {c['vocab_size']:,})")  # fmt: skip
+    return (
+        f"{c['model_type']} {c['num_hidden_layers']}x{c['hidden_size']} "
+        f"(MLP {c['intermediate_size']}, vocab {c['vocab_size']:,})"
+    )
 
 
 def _build(student: dict[str, Any]):
@@ -153,16 +191,29 @@ def _predicted(student: dict[str, Any], variant: str, nproc: int, device: str) -
 
     with torch.device("meta"):
         shape = StudentShape.of(_build(student))
-    setup = Setup(world_size=nproc, fsdp=variant != "ddp", gradient_checkpointing="gc" in variant,
-                  optimizer="adamw8bit" if variant.endswith("8bit") else "adamw",
-                  bf16=device.startswith("cuda"))  # fmt: skip
+    setup = Setup(
+        world_size=nproc,
+        fsdp=variant != "ddp",
+        gradient_checkpointing="gc" in variant,
+        optimizer="adamw8bit" if variant.endswith("8bit") else "adamw",
+        bf16=device.startswith("cuda"),
+    )
     return footprint(shape, setup).floor
 
 
 def _launch(job: dict[str, Any], nproc: int) -> MemoryRun:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), "-m", "logitcache.bench.train_memory", json.dumps(job)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "logitcache.bench.train_memory",
+        json.dumps(job),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_PREFIX)]
     if proc.returncode != 0 or not lines:
@@ -176,11 +227,15 @@ def _batch(b: int, seq: int, vocab: int, gen: torch.Generator) -> dict[str, torc
     ids = torch.randint(0, vocab, (b, seq), generator=gen)  # [B, L] int64
     top = torch.stack([torch.randperm(vocab, generator=gen)[:_TOP_K] for _ in range(b * seq)])
     probs = torch.softmax(torch.randn(b * seq, _TOP_K, generator=gen), -1) * 0.9
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-            "teacher_ids": top.view(b, seq, _TOP_K),  # [B, L, K] int64
-            "teacher_probs": probs.view(b, seq, _TOP_K),  # [B, L, K] float32
-            "teacher_valid": torch.ones(b, seq, _TOP_K, dtype=torch.bool),
-            "teacher_tail": torch.full((b, seq), 0.1)}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "teacher_ids": top.view(b, seq, _TOP_K),  # [B, L, K] int64
+        "teacher_probs": probs.view(b, seq, _TOP_K),  # [B, L, K] float32
+        "teacher_valid": torch.ones(b, seq, _TOP_K, dtype=torch.bool),
+        "teacher_tail": torch.full((b, seq), 0.1),
+    }
 
 
 def _rank_main(job: dict[str, Any]) -> None:
@@ -249,9 +304,14 @@ def _rank_main(job: dict[str, Any]) -> None:
     peaks = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(peaks, torch.tensor([float(peak), float(state)], dtype=torch.float64))
     if rank == 0:
-        run = MemoryRun(job["variant"], b, int(max(p[0].item() for p in peaks)),
-                        statistics.median(times[job["warmup"] :]), loss,
-                        int(max(p[1].item() for p in peaks)))  # fmt: skip
+        run = MemoryRun(
+            job["variant"],
+            b,
+            int(max(p[0].item() for p in peaks)),
+            statistics.median(times[job["warmup"] :]),
+            loss,
+            int(max(p[1].item() for p in peaks)),
+        )
         print(_PREFIX + json.dumps(asdict(run)), flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -283,18 +343,25 @@ def format_memory(r: MemoryBench) -> str:
         f"memory      {r.memory_method}; seq_len {r.seq_len}",
         f"{'variant':14} {'batch':>5} {'peak MiB':>9} {'step s':>7} {'loss':>7}",
     ]
-    lines += [f"{x.variant:14} {x.batch_size:5d} {gb(x.peak_bytes):>9} {x.step_s:7.2f} "
-              f"{x.loss:7.3f}" for x in r.runs]  # fmt: skip
-    lines.append(f"{'variant':14} {'peak B/param':>12} {'state B/param':>13} "
-                 f"{'predicted':>9} {'KiB/token':>9}")  # fmt: skip
+    lines += [
+        f"{x.variant:14} {x.batch_size:5d} {gb(x.peak_bytes):>9} {x.step_s:7.2f} {x.loss:7.3f}"
+        for x in r.runs
+    ]
+    lines.append(
+        f"{'variant':14} {'peak B/param':>12} {'state B/param':>13} "
+        f"{'predicted':>9} {'KiB/token':>9}"
+    )
     for v, per in r.per_param.items():
-        lines.append(f"{v:14} {per:12.2f} {r.state_per_param[v]:13.2f} "
-                     f"{r.predicted_per_param[v]:9.2f} {r.per_token[v] / 1024:9.1f}")  # fmt: skip
+        lines.append(
+            f"{v:14} {per:12.2f} {r.state_per_param[v]:13.2f} "
+            f"{r.predicted_per_param[v]:9.2f} {r.per_token[v] / 1024:9.1f}"
+        )
     ddp = {x.batch_size: x.step_s for x in r.runs if x.variant == "ddp"}
     for x in r.runs:
         if x.variant == "fsdp" and x.batch_size in ddp:
-            lines.append(f"step time fsdp / ddp at batch {x.batch_size}: "
-                         f"{x.step_s / ddp[x.batch_size]:.2f}x")  # fmt: skip
+            lines.append(
+                f"step time fsdp / ddp at batch {x.batch_size}: {x.step_s / ddp[x.batch_size]:.2f}x"
+            )
     lines.append("load avg    " + " ".join(f"{v:.2f}" for v in r.loadavg))
     return "\n".join(lines)
 

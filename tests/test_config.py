@@ -22,7 +22,7 @@ from logitcache.precompute.config import PrecomputeConfig
 from logitcache.precompute.corpus import CorpusSpec
 from logitcache.recipes import recipe_yaml, resolve
 from logitcache.storage import CacheSpec
-from logitcache.train.config import TrainConfig
+from logitcache.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_settings
 
 RECIPES = Path(__file__).parent.parent / "src" / "logitcache" / "recipe_files"
 COMMANDS = {"precompute": (PrecomputeConfig, precompute_config),
@@ -153,6 +153,7 @@ def test_dry_run_prints_a_recipe_that_reads_back_the_same(tmp_path, tiny_teacher
         ("verify: 3", "verify: expected true or false, got 3"),
         ("student: {a: 1}", "student: expected a string, got {'a': 1}"),
         ("loss: kl", "loss: 'kl' is not one of"),
+        ("tail: top", "tail: 'top' is not one of 'renorm', 'bucket', 'label'"),
         ("cache: [a, 3]", "cache"),
         ("cache_weights: 3,x", "--cache-weights 3,x: expected numbers separated by commas"),
         ("[1, 2]", "expected a mapping of settings"),
@@ -265,7 +266,7 @@ class _Example:
     """A number."""
     ratio: float | None = None
     """An optional number."""
-    mode: str = option("fast", choices=("fast", "exact"))
+    mode: Literal["fast", "exact"] = "fast"
     """A choice."""
     flag: bool = False
     """A switch."""
@@ -315,3 +316,77 @@ def test_a_field_without_a_docstring_is_refused():
 def test_library_errors_name_the_flag():
     with pytest.raises(LogitcacheError, match=re.escape("--top-k must be >= 1, got 0")):
         replace(PRECOMPUTE, top_k=0, samples=None, sampled_logprobs=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"loss": "kl"}, "--loss 'kl': expected one of forward-kl, reverse-kl, jsd, tvd, ce"),
+        ({"optimizer": "sgd"}, "--optimizer 'sgd': expected one of adamw, adamw8bit"),
+        ({"container": "tar"}, "--container 'tar': expected one of arrow, zarr"),
+        ({"dtype": "int8"}, "--dtype 'int8': expected one of bfloat16, float16, float32"),
+    ],
+)
+def test_a_choice_made_in_python_is_checked_against_its_literal(change, message):
+    train = "loss" in change or "optimizer" in change
+    with pytest.raises(LogitcacheError, match=re.escape(message)):
+        TrainConfig(cache="c", out="o", **change) if train else replace(PRECOMPUTE, **change)
+
+
+def test_resume_policy_is_declared_on_the_fields():
+    may_change = {
+        "out",
+        "resume",
+        "quiet",
+        "num_workers",
+        "device",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "verify",
+        "local_cache",
+        "local_cache_gb",
+        "steps",
+        "epochs",
+        "gradient_checkpointing",
+        "overwrite",
+        "merge_lora",
+    }
+    assert may_change == RESUME_MAY_CHANGE
+    plain = TrainConfig(cache="c", out="o")
+    # the keys checkpoints already hold: LoRA, FSDP and the optimizer only when used
+    assert sorted(resume_settings(plain)) == [
+        "alpha",
+        "batch_size",
+        "beta",
+        "block_shards",
+        "cache",
+        "cache_weights",
+        "chunk_size",
+        "decay_fraction",
+        "eval_cache",
+        "eval_fraction",
+        "eval_sequences",
+        "extended_vocab",
+        "grad_accum",
+        "grad_clip",
+        "loss",
+        "lr",
+        "min_lr_ratio",
+        "mix_caches",
+        "precision",
+        "schedule",
+        "seed",
+        "student",
+        "student_config",
+        "tail",
+        "target",
+        "temperature",
+        "tokenizer",
+        "trust_remote_code",
+        "warmup_steps",
+        "weight_decay",
+    ]
+    used = replace(plain, lora_r=4, fsdp=False, optimizer="adamw8bit", merge_lora=True)
+    added = set(resume_settings(used)) - set(resume_settings(plain))
+    assert added == {"lora_r", "lora_alpha", "lora_targets", "lora_dropout", "optimizer"}

@@ -2,7 +2,8 @@
 
 In: a dataclass (``PrecomputeConfig``, ``TrainConfig``, ...) whose fields have a type, a
 default and an attribute docstring, plus ``option(...)`` metadata where a field needs more
-(choices, another key, how None is spelled). Out: its ``Setting``s (one per leaf field,
+(another key, how None is spelled, what a resumed run may change; choices are a ``Literal``
+type). Out: its ``Setting``s (one per leaf field,
 nested dataclasses flattened), click options for them (``click_options``), a config's flat
 settings (``settings_of``) and command line (``to_argv``), and a config built back from flat
 settings (``build``). Recipe files (``logitcache.recipes``) use the same flat keys: a key is
@@ -31,15 +32,21 @@ __all__ = [
     "INT_LIMIT",
     "QUIET",
     "OptionMeta",
+    "Resume",
     "Setting",
     "build",
+    "check_choices",
     "click_options",
     "option",
     "quoted",
+    "resume_policy",
     "settings",
     "settings_of",
     "to_argv",
 ]
+
+Resume = typing.Literal["must-match", "may-change", "may-grow"]
+"""What a resumed run may do with a setting (``OptionMeta.resume``)."""
 
 INT_LIMIT = 2**53
 """The largest integer setting accepted (in magnitude): exact as a JSON number, and above any
@@ -81,8 +88,6 @@ QUIET = click.option("--quiet", is_flag=True, default=False, help="No progress b
 class OptionMeta:
     """What a field's type, default and docstring cannot say about its flag."""
 
-    choices: tuple[str, ...] | None = None
-    """The allowed values (a ``click.Choice``)."""
     key: str | None = None
     """Recipe key and flag name (``--`` + key with ``-`` for ``_``); default: the field name."""
     help: str | None = None
@@ -95,6 +100,14 @@ class OptionMeta:
     """The flag's default when it differs from the field's (None: the command resolves it)."""
     rest_into: str | None = None
     """A repeatable flag: its first value is this field, the others go to the named field."""
+    resume: Resume = "must-match"
+    """Whether a resumed run may change it (configs that resume, e.g. ``TrainConfig``):
+    must-match (refused when it differs), may-change, or may-grow (larger only; the command
+    checks how much)."""
+    added_with: str | None = None
+    """A must-match setting added after runs that must still resume: left out of the resume
+    fingerprint while the setting named here (often itself) is at its default, so those runs
+    compare as they did before it existed."""
 
 
 def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: Any) -> Any:
@@ -121,7 +134,7 @@ class Setting:
     help: str
     meta: OptionMeta
     choices: tuple[str, ...] | None = None
-    """``meta.choices``, or the values of a ``Literal`` type."""
+    """The values of a ``Literal`` type (a ``click.Choice``)."""
 
     @property
     def flag(self) -> str:
@@ -195,6 +208,28 @@ class Setting:
             raise LogitcacheError(
                 f"{self.flag} {text}: expected numbers separated by commas{why}"
             ) from None
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a value outside its ``Literal`` (a config made in Python; flags and recipe files
+    are checked as they are read): call it from ``__post_init__``."""
+    for s in settings(type(config)):
+        if s.choices is None:
+            continue
+        value = config
+        for name in s.path:
+            value = getattr(value, name)
+        if value is None and (s.optional or s.meta.none is not None):
+            continue
+        if value not in s.choices:
+            raise LogitcacheError(
+                f"{s.flag} {quoted(value)}: expected one of {', '.join(s.choices)}"
+            )
+
+
+def resume_policy(cls: type) -> dict[str, OptionMeta]:
+    """Each top-level field's ``OptionMeta`` (its ``resume`` and ``added_with``), by name."""
+    return {f.name: f.metadata.get("option", OptionMeta()) for f in dataclasses.fields(cls)}
 
 
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -283,7 +318,7 @@ def _walk(cls: type, prefix: tuple[str, ...]):
         if f.default_factory is not MISSING:
             default = f.default_factory()
         yield Setting(meta.key or f.name, (*prefix, f.name), kind, item, optional, default, text,
-                      meta, meta.choices or choices)  # fmt: skip
+                      meta, choices)  # fmt: skip
 
 
 def _kind(hint: Any, where: str) -> tuple[type, type | None, bool, tuple[str, ...] | None]:

@@ -116,7 +116,7 @@ class TrainConfig:
     """Shuffle window: sequences are shuffled within blocks of this many shards."""
     chunk_size: int = 1024
     """Rows per chunk of the loss over the vocabulary."""
-    num_workers: int = option(1, resume="may-change")
+    loader_workers: int = option(1, resume="may-change", old_key="num_workers")
     """DataLoader workers decoding shards in the background (0: in the main process)."""
     device: str = option("auto", resume="may-change")
     """auto, cuda, cuda:N, cpu or mps."""
@@ -192,7 +192,10 @@ class TrainConfig:
             (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
             (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
             (self.block_shards >= 1, f"--block-shards must be >= 1, got {self.block_shards}"),
-            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
+            (
+                self.loader_workers >= 0,
+                f"--loader-workers must be >= 0, got {self.loader_workers}",
+            ),
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
             (
@@ -259,6 +262,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
+        data = {"loader_workers": data["num_workers"], **data} if "num_workers" in data else data
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_argv(self) -> list[str]:

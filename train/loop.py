@@ -312,7 +312,7 @@ def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps:
 
 
 def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:
-    workers = config.num_workers
+    workers = config.loader_workers
     return DataLoader(
         stream,
         batch_size=None,

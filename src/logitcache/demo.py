@@ -237,7 +237,7 @@ def train_config(
         cache=str(cache), out=str(out), student_config=str(config),
         eval_cache=str(held_cache), eval_fraction=0.0, steps=steps,
         batch_size=budget.student_batch, lr=budget.student_lr, warmup_steps=steps // 10,
-        eval_every=budget.eval_every, seed=seed, num_workers=0, device="cpu", quiet=quiet,
+        eval_every=budget.eval_every, seed=seed, loader_workers=0, device="cpu", quiet=quiet,
         overwrite=True,  # the demo owns its out (claim_out): a rerun trains its students again
         **extra,
     )  # fmt: skip

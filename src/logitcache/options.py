@@ -100,6 +100,9 @@ class OptionMeta:
     """The flag's default when it differs from the field's (None: the command resolves it)."""
     rest_into: str | None = None
     """A repeatable flag: its first value is this field, the others go to the named field."""
+    old_key: str | None = None
+    """The key (and flag) this setting had before it was renamed: still accepted, with one
+    line saying so, until the next release."""
     resume: Resume = "must-match"
     """Whether a resumed run may change it (configs that resume, e.g. ``TrainConfig``):
     must-match (refused when it differs), may-change, or may-grow (larger only; the command
@@ -139,6 +142,11 @@ class Setting:
     @property
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
+
+    @property
+    def old_flag(self) -> str | None:
+        """The flag of ``meta.old_key`` (a renamed setting's old name)."""
+        return None if self.meta.old_key is None else "--" + self.meta.old_key.replace("_", "-")
 
     @property
     def required(self) -> bool:
@@ -365,6 +373,11 @@ def click_options(cls: type):
         for setting in reversed(settings(cls)):
             if setting.meta.cli:
                 fn = _click_option(setting)(fn)
+            if setting.meta.cli and setting.meta.old_key:  # the old name, hidden, no default
+                kind = setting.click_type()
+                fn = click.option(setting.old_flag, setting.meta.old_key, type=kind, hidden=True)(
+                    fn
+                )
         return fn
 
     return decorate

@@ -40,6 +40,7 @@ RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 class TrainConfig:
     """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""
 
+    # -- what to train on, where the run goes ------------------------------------------------------
     cache: str = option(rest_into="mix_caches")
     """Cache directory (or URL) written by precompute; repeat --cache to mix several caches."""
     out: str = option(resume="may-change")
@@ -50,6 +51,7 @@ class TrainConfig:
     cache_weights: tuple[float, ...] = ()
     """Mixing weights of the caches, in --cache order, e.g. 3,1 (any positive scale; default:
     by size)."""
+    # -- the student -------------------------------------------------------------------------------
     student: str | None = None
     """Hub id or directory of a pretrained student."""
     student_config: str | None = None
@@ -63,6 +65,7 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Run the Python code a hub student or --tokenizer ships with (only if you trust it);
     never code stored in a cache."""
+    # -- the loss ----------------------------------------------------------------------------------
     loss: Literal[Loss, "ce"] = "forward-kl"
     """The distillation loss; ce = cross-entropy on the true next token only (baseline)."""
     tail: TailPolicy = "bucket"
@@ -76,6 +79,7 @@ class TrainConfig:
     prose and hurt on code in the real-teacher study: measure it on held-out data)."""
     beta: float = 0.5
     """JSD mixture weight."""
+    # -- how long, batches, optimizer and schedule -------------------------------------------------
     steps: int | None = option(None, resume="may-grow")
     """Optimizer steps (default: one epoch when neither steps nor epochs is given)."""
     epochs: float | None = option(None, resume="may-grow")
@@ -100,6 +104,7 @@ class TrainConfig:
     """Clip the gradient norm to this (0: off)."""
     seed: int = 0
     """Seeds a from-scratch student's weights and the data order."""
+    # -- evaluation and checkpoints ----------------------------------------------------------------
     eval_every: int = option(0, resume="may-change")
     """Evaluate every N steps (0: only at the end)."""
     eval_fraction: float = 0.02
@@ -112,6 +117,7 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = option(2, resume="may-change")
     """How many of the latest checkpoints are kept."""
+    # -- data loading and compute ------------------------------------------------------------------
     block_shards: int = 4
     """Shuffle window: sequences are shuffled within blocks of this many shards."""
     chunk_size: int = 1024
@@ -122,6 +128,7 @@ class TrainConfig:
     """auto, cuda, cuda:N, cpu or mps."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto (bfloat16 autocast on CUDA, float32 elsewhere), bf16 or fp32."""
+    # -- this invocation: resume, shard verification, the local shard cache, output ----------------
     resume: bool = option(False, resume="may-change")
     """Continue from the newest complete checkpoint in out."""
     verify: bool = option(True, resume="may-change")
@@ -133,6 +140,7 @@ class TrainConfig:
     used shards are evicted."""
     quiet: bool = option(False, resume="may-change")
     """No progress bars or status lines."""
+    # -- LoRA --------------------------------------------------------------------------------------
     lora_r: int = option(0, added_with="lora_r")
     """LoRA rank: train low-rank adapters instead of all weights (0: off; needs ``peft``)."""
     lora_alpha: float | None = option(None, added_with="lora_r")
@@ -144,6 +152,7 @@ class TrainConfig:
     """Dropout on the adapters' input."""
     merge_lora: bool = option(False, resume="may-change")  # only the final save
     """Also save the student with the adapters merged in, to ``OUT/model-merged``."""
+    # -- memory at scale: sharding, recomputation, optimizer state ---------------------------------
     fsdp: bool = option(False, added_with="fsdp")
     """Shard the student's weights, gradients and optimizer state over the torchrun ranks
     (FSDP2): 1/N of the 16 B per parameter each, so a student too large for one GPU trains
@@ -154,6 +163,7 @@ class TrainConfig:
     optimizer: Literal[Optimizer] = option("adamw", added_with="optimizer")
     """adamw (torch, 8 B of state per parameter) or adamw8bit (torchao's 8-bit AdamW, ~2 B;
     needs torchao installed)."""
+    # -- an existing --out -------------------------------------------------------------------------
     overwrite: bool = option(False, resume="may-change")
     """Replace the run already in --out (its checkpoints, model, metrics.jsonl and
     train_config.json; other files stay); without it, or --resume, such an --out is refused."""

@@ -3,11 +3,11 @@
 In: a dataclass (``PrecomputeConfig``, ``TrainConfig``, ...) whose fields have a type, a
 default and an attribute docstring, plus ``option(...)`` metadata where a field needs more
 (another key, how None is spelled, what a resumed run may change; choices are a ``Literal``
-type). Out: its ``Setting``s (one per leaf field,
-nested dataclasses flattened), click options for them (``click_options``), a config's flat
-settings (``settings_of``) and command line (``to_argv``), and a config built back from flat
-settings (``build``). Recipe files (``logitcache.recipes``) use the same flat keys: a key is
-its flag without the dashes, ``_`` for ``-``.
+type). Out: its ``Setting``s (one per leaf field, nested dataclasses flattened), click options
+for them (``click_options``), a config's flat settings (``settings_of``) and command line
+(``to_argv``), and a config built back from flat settings (``build``). Recipe files
+(``logitcache.recipes``) use the same flat keys: a key is its flag without the dashes, ``_``
+for ``-``.
 """
 
 from __future__ import annotations
@@ -224,9 +224,7 @@ def check_choices(config: Any) -> None:
     for s in settings(type(config)):
         if s.choices is None:
             continue
-        value = config
-        for name in s.path:
-            value = getattr(value, name)
+        value = _get(config, s.path)
         if value is None and (s.optional or s.meta.none is not None):
             continue
         if value not in s.choices:

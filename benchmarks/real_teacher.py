@@ -392,7 +392,7 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
         tokenizer=teacher, eval_cache=str(held), eval_fraction=0.0, steps=steps,
         batch_size=budget.batch_size, lr=budget.lr, warmup_steps=steps // 10,
         eval_every=max(1, steps // 4), save_every=max(1, steps // 8), seed=variant.seed,
-        num_workers=0, device="cpu", resume=True, quiet=True, **flags,
+        loader_workers=0, device="cpu", resume=True, quiet=True, **flags,
     )  # fmt: skip
     result = train(config, loss=OnlineKD.load(teacher, config) if online else None)
     evals = evaluate_student(Path(result.model_dir), held, work / "reference")

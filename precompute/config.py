@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from logitcache.errors import LogitcacheError
 from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
-from logitcache.options import option, to_argv
+from logitcache.options import check_choices, option, to_argv
 from logitcache.storage import FORMAT_VERSION, CacheSpec, default_codecs
 from logitcache.storage.formats import check_format_version, format_class
 from logitcache.untrusted import redact
@@ -59,9 +59,9 @@ class PrecomputeConfig:
     """Sampled mode: also store the exact log-probs of the drawn ids."""
     seed: int = 0
     """Seeds the draws of sampled mode, per sequence."""
-    container: str = option("arrow", choices=("arrow", "zarr"))
+    container: Literal["arrow", "zarr"] = "arrow"
     """Shard container: Arrow IPC files or Zarr v3 arrays."""
-    logprob_codec: str = option("lossy", choices=("lossy", "float16", "float32"))
+    logprob_codec: Literal["lossy", "float16", "float32"] = "lossy"
     """How log-probs are stored: lossy (quantized gaps), float16 or float32."""
     logprob_step: float = 1 / 32
     """Quantization step of the lossy codec, in nats (error <= step/2 per log-prob)."""
@@ -70,7 +70,7 @@ class PrecomputeConfig:
     format_version: int = FORMAT_VERSION
     """Cache format to write: 2 (smaller, faster to decode) or 1 (also readable by logitcache
     releases from before format 2). Readers read both."""
-    dtype: str | None = option(None, choices=("bfloat16", "float16", "float32"), none="auto")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = option(None, none="auto")
     """Teacher dtype: bfloat16, float16, float32; None (auto) = the model's own."""
     device: str = "auto"
     """auto, cuda, cuda:N, cpu or mps."""
@@ -97,6 +97,7 @@ class PrecomputeConfig:
     """This worker's index (0..num_workers-1)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         chosen = [self.top_k, self.samples, self.bytes_per_token]
         if sum(value is not None for value in chosen) != 1:
             raise LogitcacheError(

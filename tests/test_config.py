@@ -22,7 +22,7 @@ from logitcache.precompute.config import PrecomputeConfig
 from logitcache.precompute.corpus import CorpusSpec
 from logitcache.recipes import recipe_yaml, resolve
 from logitcache.storage import CacheSpec
-from logitcache.train.config import TrainConfig
+from logitcache.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_settings
 
 RECIPES = Path(__file__).parent.parent / "src" / "logitcache" / "recipe_files"
 COMMANDS = {"precompute": (PrecomputeConfig, precompute_config),
@@ -53,6 +53,7 @@ def one_line_error(result) -> str:
 def test_every_option_of_the_command_is_a_field_and_none_is_spelled_twice(command):
     cls = COMMANDS[command][0]
     flags = [s.flag for s in settings(cls) if s.meta.cli]
+    flags += [s.old_flag for s in settings(cls) if s.meta.cli and s.old_flag]  # renamed, hidden
     assert len(flags) == len(set(flags))
     declared = [o for p in main.commands[command].params for o in p.opts]
     assert len(declared) == len(set(declared))
@@ -102,7 +103,7 @@ TRAIN = TrainConfig(
     grad_accum=2, lr=1e-3, min_lr_ratio=0.0, warmup_steps=7, schedule="wsd",
     decay_fraction=0.4, weight_decay=0.0, grad_clip=0.0, seed=5, eval_every=9,
     eval_fraction=0.0, eval_sequences=12, eval_cache="held", save_every=4, keep_checkpoints=3,
-    block_shards=1, chunk_size=64, num_workers=0, device="cpu", precision="fp32", resume=True,
+    block_shards=1, chunk_size=64, loader_workers=0, device="cpu", precision="fp32", resume=True,
     verify=False, local_cache="/tmp/shards", local_cache_gb=1.5, quiet=True,
 )  # fmt: skip
 
@@ -153,6 +154,7 @@ def test_dry_run_prints_a_recipe_that_reads_back_the_same(tmp_path, tiny_teacher
         ("verify: 3", "verify: expected true or false, got 3"),
         ("student: {a: 1}", "student: expected a string, got {'a': 1}"),
         ("loss: kl", "loss: 'kl' is not one of"),
+        ("tail: top", "tail: 'top' is not one of 'renorm', 'bucket', 'label'"),
         ("cache: [a, 3]", "cache"),
         ("cache_weights: 3,x", "--cache-weights 3,x: expected numbers separated by commas"),
         ("[1, 2]", "expected a mapping of settings"),
@@ -243,7 +245,7 @@ def test_a_saved_train_config_reproduces_the_losses(
     first, second = tmp_path / "first", tmp_path / "second"
     result = invoke("train", "--cache", cache, "--out", first, "--student-config",
                     student_config, "--tokenizer", tiny_teacher_dir, "--steps", "3",
-                    "--batch-size", "2", "--num-workers", "0", "--eval-fraction", "0.2",
+                    "--batch-size", "2", "--loader-workers", "0", "--eval-fraction", "0.2",
                     "--lr", "0.01", "--schedule", "wsd", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     result = invoke("train", "--config", first / "train_config.json", "--out", second)
@@ -265,7 +267,7 @@ class _Example:
     """A number."""
     ratio: float | None = None
     """An optional number."""
-    mode: str = option("fast", choices=("fast", "exact"))
+    mode: Literal["fast", "exact"] = "fast"
     """A choice."""
     flag: bool = False
     """A switch."""
@@ -315,3 +317,102 @@ def test_a_field_without_a_docstring_is_refused():
 def test_library_errors_name_the_flag():
     with pytest.raises(LogitcacheError, match=re.escape("--top-k must be >= 1, got 0")):
         replace(PRECOMPUTE, top_k=0, samples=None, sampled_logprobs=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"loss": "kl"}, "--loss 'kl': expected one of forward-kl, reverse-kl, jsd, tvd, ce"),
+        ({"optimizer": "sgd"}, "--optimizer 'sgd': expected one of adamw, adamw8bit"),
+        ({"container": "tar"}, "--container 'tar': expected one of arrow, zarr"),
+        ({"dtype": "int8"}, "--dtype 'int8': expected one of bfloat16, float16, float32"),
+    ],
+)
+def test_a_choice_made_in_python_is_checked_against_its_literal(change, message):
+    train = "loss" in change or "optimizer" in change
+    with pytest.raises(LogitcacheError, match=re.escape(message)):
+        TrainConfig(cache="c", out="o", **change) if train else replace(PRECOMPUTE, **change)
+
+
+def test_resume_policy_is_declared_on_the_fields():
+    may_change = {
+        "out",
+        "resume",
+        "quiet",
+        "loader_workers",
+        "device",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "verify",
+        "local_cache",
+        "local_cache_gb",
+        "steps",
+        "epochs",
+        "gradient_checkpointing",
+        "overwrite",
+        "merge_lora",
+    }
+    assert may_change == RESUME_MAY_CHANGE
+    plain = TrainConfig(cache="c", out="o")
+    # the keys checkpoints already hold: LoRA, FSDP and the optimizer only when used
+    assert sorted(resume_settings(plain)) == [
+        "alpha",
+        "batch_size",
+        "beta",
+        "block_shards",
+        "cache",
+        "cache_weights",
+        "chunk_size",
+        "decay_fraction",
+        "eval_cache",
+        "eval_fraction",
+        "eval_sequences",
+        "extended_vocab",
+        "grad_accum",
+        "grad_clip",
+        "loss",
+        "lr",
+        "min_lr_ratio",
+        "mix_caches",
+        "precision",
+        "schedule",
+        "seed",
+        "student",
+        "student_config",
+        "tail",
+        "target",
+        "temperature",
+        "tokenizer",
+        "trust_remote_code",
+        "warmup_steps",
+        "weight_decay",
+    ]
+    used = replace(plain, lora_r=4, fsdp=False, optimizer="adamw8bit", merge_lora=True)
+    added = set(resume_settings(used)) - set(resume_settings(plain))
+    assert added == {"lora_r", "lora_alpha", "lora_targets", "lora_dropout", "optimizer"}
+
+
+def test_trains_old_num_workers_still_works_for_one_release_with_one_line(tmp_path, capsys):
+    line = "--num-workers is now --loader-workers for train; the old name goes in the next release"
+    config = parse("train", ["--cache", "c", "--out", "o", "--num-workers", "0"])
+    assert config.loader_workers == 0
+    assert capsys.readouterr().err.strip() == line
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_workers: 3\n")
+    assert parse("train", ["--cache", "c", "--out", "o", "--config", recipe]).loader_workers == 3
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "r.yaml: num_workers is now loader_workers; the old name goes in the next release"
+    )
+    both = ["--num-workers", "0", "--loader-workers", "2"]
+    both = invoke("train", "--cache", "c", "--out", "o", *both)
+    assert one_line_error(both).endswith(
+        "give --loader-workers or --num-workers (its old name), not both"
+    )
+    saved = {**TRAIN.to_dict(), "num_workers": 2}  # train_config.json of a run saved before
+    del saved["loader_workers"]
+    assert TrainConfig.from_dict(saved) == replace(TRAIN, loader_workers=2)
+    precompute = ["--teacher", "t", "--out", "o", "--data", "x.txt", "--top-k", "4"]
+    split = ["--num-workers", "2", "--worker-index", "1"]
+    assert parse("precompute", [*precompute, *split]).num_workers == 2  # precompute keeps it

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 from logitcache.errors import LogitcacheError
-from logitcache.options import option, to_argv
+from logitcache.options import check_choices, option, resume_policy, to_argv
 
 __all__ = [
     "LOSSES",
@@ -17,48 +17,33 @@ __all__ = [
     "TAIL_POLICIES",
     "TrainConfig",
     "lr_multiplier",
+    "resume_settings",
 ]
 
 # The named choices of the settings below (train.losses and train.optim implement them); kept
 # here, free of torch, so the CLI builds its options without importing it.
-LOSSES = ("forward-kl", "reverse-kl", "jsd", "tvd")
-TAIL_POLICIES = ("renorm", "bucket", "label")
-OPTIMIZERS = ("adamw", "adamw8bit")
+Loss = Literal["forward-kl", "reverse-kl", "jsd", "tvd"]
+TailPolicy = Literal["renorm", "bucket", "label"]
+Optimizer = Literal["adamw", "adamw8bit"]
+LOSSES: tuple[str, ...] = get_args(Loss)
+TAIL_POLICIES: tuple[str, ...] = get_args(TailPolicy)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 # Keys train_config.json holds besides the settings (written by the training loop): skipped
 # when the file is read back with --config.
 RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 
-# Settings a resumed run may change; any other difference is refused. (steps and epochs may
-# only grow: the schedule keeps the run's first length, see rundir.resume.)
-RESUME_MAY_CHANGE = frozenset(
-    [
-        "out",
-        "resume",
-        "quiet",
-        "num_workers",
-        "device",
-        "eval_every",
-        "save_every",
-        "keep_checkpoints",
-        "verify",
-        "local_cache",
-        "local_cache_gb",
-        "steps",
-        "epochs",
-        "gradient_checkpointing",
-        "overwrite",
-    ]
-)
 
-
+# What a resumed run may do with each setting is declared on its field below (``option(...,
+# resume=...)``, default must-match; see ``logitcache.options.OptionMeta``).
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""
 
+    # -- what to train on, where the run goes ------------------------------------------------------
     cache: str = option(rest_into="mix_caches")
     """Cache directory (or URL) written by precompute; repeat --cache to mix several caches."""
-    out: str
+    out: str = option(resume="may-change")
     """Output directory: checkpoints, metrics.jsonl, the final model in ``model/``."""
     mix_caches: tuple[str, ...] = option((), cli=False)
     """More caches (same tokenizer) mixed into the stream with ``cache`` (the 2nd, 3rd...
@@ -66,6 +51,7 @@ class TrainConfig:
     cache_weights: tuple[float, ...] = ()
     """Mixing weights of the caches, in --cache order, e.g. 3,1 (any positive scale; default:
     by size)."""
+    # -- the student -------------------------------------------------------------------------------
     student: str | None = None
     """Hub id or directory of a pretrained student."""
     student_config: str | None = None
@@ -79,11 +65,12 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Run the Python code a hub student or --tokenizer ships with (only if you trust it);
     never code stored in a cache."""
-    loss: str = option("forward-kl", choices=(*LOSSES, "ce"))
+    # -- the loss ----------------------------------------------------------------------------------
+    loss: Literal[Loss, "ce"] = "forward-kl"
     """The distillation loss; ce = cross-entropy on the true next token only (baseline)."""
-    tail: str = option("bucket", choices=TAIL_POLICIES)
+    tail: TailPolicy = "bucket"
     """Top-k caches: where the teacher's missing mass goes."""
-    target: str = option("auto", choices=("auto", "counts", "probs"))
+    target: Literal["auto", "counts", "probs"] = "auto"
     """Sampled caches: counts (unbiased counts/N) or probs (stored log-probs); auto picks."""
     temperature: float = 1.0
     """Softmax temperature of teacher and student in the distillation loss."""
@@ -92,9 +79,10 @@ class TrainConfig:
     prose and hurt on code in the real-teacher study: measure it on held-out data)."""
     beta: float = 0.5
     """JSD mixture weight."""
-    steps: int | None = None
+    # -- how long, batches, optimizer and schedule -------------------------------------------------
+    steps: int | None = option(None, resume="may-grow")
     """Optimizer steps (default: one epoch when neither steps nor epochs is given)."""
-    epochs: float | None = None
+    epochs: float | None = option(None, resume="may-grow")
     """Epochs over the cache (default 1 when neither steps nor epochs is given)."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
@@ -106,7 +94,7 @@ class TrainConfig:
     """The learning rate decays to lr * min_lr_ratio (cosine and wsd)."""
     warmup_steps: int = 0
     """Steps of linear warmup."""
-    schedule: str = option("cosine", choices=("cosine", "wsd", "constant"))
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """cosine, wsd (warmup-stable-decay) or constant (after warmup)."""
     decay_fraction: float = 0.2
     """wsd: share of the steps spent decaying."""
@@ -116,7 +104,8 @@ class TrainConfig:
     """Clip the gradient norm to this (0: off)."""
     seed: int = 0
     """Seeds a from-scratch student's weights and the data order."""
-    eval_every: int = 0
+    # -- evaluation and checkpoints ----------------------------------------------------------------
+    eval_every: int = option(0, resume="may-change")
     """Evaluate every N steps (0: only at the end)."""
     eval_fraction: float = 0.02
     """Share of the cache's sequences held out (by a stable hash of their index)."""
@@ -124,53 +113,58 @@ class TrainConfig:
     """At most this many held-out sequences per evaluation."""
     eval_cache: str | None = None
     """A separate cache (same tokenizer) to evaluate on, all of it, instead of the split."""
-    save_every: int = 0
+    save_every: int = option(0, resume="may-change")
     """Checkpoint every N steps (0: only at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = option(2, resume="may-change")
     """How many of the latest checkpoints are kept."""
+    # -- data loading and compute ------------------------------------------------------------------
     block_shards: int = 4
     """Shuffle window: sequences are shuffled within blocks of this many shards."""
     chunk_size: int = 1024
     """Rows per chunk of the loss over the vocabulary."""
-    num_workers: int = 1
+    loader_workers: int = option(1, resume="may-change", old_key="num_workers")
     """DataLoader workers decoding shards in the background (0: in the main process)."""
-    device: str = "auto"
+    device: str = option("auto", resume="may-change")
     """auto, cuda, cuda:N, cpu or mps."""
-    precision: str = option("auto", choices=("auto", "bf16", "fp32"))
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto (bfloat16 autocast on CUDA, float32 elsewhere), bf16 or fp32."""
-    resume: bool = False
+    # -- this invocation: resume, shard verification, the local shard cache, output ----------------
+    resume: bool = option(False, resume="may-change")
     """Continue from the newest complete checkpoint in out."""
-    verify: bool = True
+    verify: bool = option(True, resume="may-change")
     """Check each shard's sha256 when first opened."""
-    local_cache: str | None = None
+    local_cache: str | None = option(None, resume="may-change")
     """Remote caches: where downloaded shards are kept (default $LOGITCACHE_HOME/shards)."""
-    local_cache_gb: float | None = None
+    local_cache_gb: float | None = option(None, resume="may-change")
     """Remote caches: size limit of the local shard cache in GB (default 20); least recently
     used shards are evicted."""
-    quiet: bool = False
+    quiet: bool = option(False, resume="may-change")
     """No progress bars or status lines."""
-    lora_r: int = 0
+    # -- LoRA --------------------------------------------------------------------------------------
+    lora_r: int = option(0, added_with="lora_r")
     """LoRA rank: train low-rank adapters instead of all weights (0: off; needs ``peft``)."""
-    lora_alpha: float | None = None
+    lora_alpha: float | None = option(None, added_with="lora_r")
     """LoRA scaling numerator (default: 2 x lora_r); updates are scaled by alpha / r."""
-    lora_targets: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = option((), added_with="lora_r")
     """Module names that get adapters, e.g. q_proj,v_proj (default: every linear layer but
     the LM head, PEFT's ``all-linear``)."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = option(0.0, added_with="lora_r")
     """Dropout on the adapters' input."""
-    merge_lora: bool = False
+    merge_lora: bool = option(False, resume="may-change")  # only the final save
     """Also save the student with the adapters merged in, to ``OUT/model-merged``."""
-    fsdp: bool = False
+    # -- memory at scale: sharding, recomputation, optimizer state ---------------------------------
+    fsdp: bool = option(False, added_with="fsdp")
     """Shard the student's weights, gradients and optimizer state over the torchrun ranks
     (FSDP2): 1/N of the 16 B per parameter each, so a student too large for one GPU trains
     on several. Checkpoints are then sharded (torch.distributed.checkpoint)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = option(False, resume="may-change")
     """Keep only each decoder layer's input for backward and rerun the layer there: layer
     activations drop ~(8 h + 4 i) / h-fold for ~1/3 more compute; the loss is unchanged."""
-    optimizer: str = option("adamw", choices=OPTIMIZERS)
+    optimizer: Literal[Optimizer] = option("adamw", added_with="optimizer")
     """adamw (torch, 8 B of state per parameter) or adamw8bit (torchao's 8-bit AdamW, ~2 B;
     needs torchao installed)."""
-    overwrite: bool = False
+    # -- an existing --out -------------------------------------------------------------------------
+    overwrite: bool = option(False, resume="may-change")
     """Replace the run already in --out (its checkpoints, model, metrics.jsonl and
     train_config.json; other files stay); without it, or --resume, such an --out is refused."""
 
@@ -186,20 +180,13 @@ class TrainConfig:
                 f"--cache-weights {','.join(f'{w:g}' for w in weights)}: expected {n_caches} "
                 "positive numbers, one per --cache, in the same order"
             )
-        if self.loss not in (*LOSSES, "ce"):
-            raise LogitcacheError(f"--loss {self.loss}: expected one of {[*LOSSES, 'ce']}")
-        if self.tail not in TAIL_POLICIES:
-            raise LogitcacheError(f"--tail {self.tail}: expected one of {list(TAIL_POLICIES)}")
-        if self.target not in ("auto", "counts", "probs"):
-            raise LogitcacheError(f"--target {self.target}: expected auto, counts or probs")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise LogitcacheError(f"--schedule {self.schedule}: expected cosine, wsd or constant")
+        check_choices(self)
         for ok, message in [*self._range_checks(), *self._lora_checks()]:
             if not ok:
                 raise LogitcacheError(message)
 
     def _range_checks(self) -> list[tuple[bool, str]]:
-        """(holds, what to tell the user) for every numeric and choice setting."""
+        """(holds, what to tell the user) for every numeric setting."""
         ef = self.eval_fraction
         return [
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
@@ -215,9 +202,10 @@ class TrainConfig:
             (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
             (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
             (self.block_shards >= 1, f"--block-shards must be >= 1, got {self.block_shards}"),
-            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
-            (self.precision in ("auto", "bf16", "fp32"), "--precision: auto, bf16 or fp32"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer: one of {', '.join(OPTIMIZERS)}"),
+            (
+                self.loader_workers >= 0,
+                f"--loader-workers must be >= 0, got {self.loader_workers}",
+            ),
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
             (
@@ -284,6 +272,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
+        data = {"loader_workers": data["num_workers"], **data} if "num_workers" in data else data
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_argv(self) -> list[str]:
@@ -300,6 +289,28 @@ class TrainConfig:
             "alpha": self.alpha,
             "beta": self.beta,
         }
+
+
+RESUME_MAY_CHANGE = frozenset(
+    name for name, meta in resume_policy(TrainConfig).items() if meta.resume != "must-match"
+)
+"""Settings a resumed run may change (may-grow ones too: steps and epochs, whose growth the
+resume checks); any other difference is refused. Declared on each field."""
+
+
+def resume_settings(config: TrainConfig) -> dict[str, Any]:
+    """``config.to_dict()`` less what a resumed run may change, and less each setting added
+    after runs that must still resume while it is unused (``added_with`` at its default)."""
+    policy, values = resume_policy(TrainConfig), config.to_dict()
+    unused = {
+        name
+        for name, meta in policy.items()
+        if meta.added_with and values[meta.added_with] == _DEFAULTS[meta.added_with]
+    }
+    return {k: v for k, v in values.items() if k not in RESUME_MAY_CHANGE and k not in unused}
+
+
+_DEFAULTS = TrainConfig(cache="", out="").to_dict()
 
 
 def lr_multiplier(

@@ -32,7 +32,7 @@ from logitcache.untrusted import redact_values
 from . import sharding
 from .caches import eval_dataset
 from .checkpoint import TrainingProgress, is_out_of_space, latest_checkpoint, save_checkpoint
-from .config import RESUME_MAY_CHANGE, TrainConfig, lr_multiplier
+from .config import TrainConfig, lr_multiplier, resume_settings
 from .data import StreamState
 from .dataset import CacheDataset
 from .distill_loss import DistillationLoss
@@ -249,16 +249,9 @@ def _fingerprint(
     config: TrainConfig, readers: list[CacheReader], world: int, loss: DistillationLoss
 ) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (caches by identity, not path)."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    settings = resume_settings(config)
     if type(loss) is not DistillationLoss:  # another target source (train's ``loss=``)
         settings["loss_module"] = repr(loss)
-    settings.pop("merge_lora")  # only the final save
-    if not config.lora_r:  # runs without LoRA compare as they did before it existed
-        for key in ("lora_r", "lora_alpha", "lora_targets", "lora_dropout"):
-            settings.pop(key)
-    for key, default in (("fsdp", False), ("optimizer", "adamw")):  # so do DDP and AdamW's
-        if settings[key] == default:
-            settings.pop(key)
     settings["cache_id"] = readers[0].spec.cache_id
     settings.pop("mix_caches")
     if len(readers) > 1:
@@ -319,7 +312,7 @@ def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps:
 
 
 def _loader(stream: CacheStream, config: TrainConfig) -> DataLoader:
-    workers = config.num_workers
+    workers = config.loader_workers
     return DataLoader(
         stream,
         batch_size=None,

@@ -307,7 +307,7 @@ def train_config(
         warmup_steps=steps // 10,
         eval_every=budget.eval_every,
         seed=seed,
-        num_workers=0,
+        loader_workers=0,
         device="cpu",
         quiet=quiet,
         overwrite=True,  # the demo owns its out (claim_out): a rerun trains its students again

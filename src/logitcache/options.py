@@ -2,11 +2,12 @@
 
 In: a dataclass (``PrecomputeConfig``, ``TrainConfig``, ...) whose fields have a type, a
 default and an attribute docstring, plus ``option(...)`` metadata where a field needs more
-(choices, another key, how None is spelled). Out: its ``Setting``s (one per leaf field,
-nested dataclasses flattened), click options for them (``click_options``), a config's flat
-settings (``settings_of``) and command line (``to_argv``), and a config built back from flat
-settings (``build``). Recipe files (``logitcache.recipes``) use the same flat keys: a key is
-its flag without the dashes, ``_`` for ``-``.
+(another key, how None is spelled, what a resumed run may change; choices are a ``Literal``
+type). Out: its ``Setting``s (one per leaf field, nested dataclasses flattened), click options
+for them (``click_options``), a config's flat settings (``settings_of``) and command line
+(``to_argv``), and a config built back from flat settings (``build``). Recipe files
+(``logitcache.recipes``) use the same flat keys: a key is its flag without the dashes, ``_``
+for ``-``.
 """
 
 from __future__ import annotations
@@ -31,15 +32,21 @@ __all__ = [
     "INT_LIMIT",
     "QUIET",
     "OptionMeta",
+    "Resume",
     "Setting",
     "build",
+    "check_choices",
     "click_options",
     "option",
     "quoted",
+    "resume_policy",
     "settings",
     "settings_of",
     "to_argv",
 ]
+
+Resume = typing.Literal["must-match", "may-change", "may-grow"]
+"""What a resumed run may do with a setting (``OptionMeta.resume``)."""
 
 INT_LIMIT = 2**53
 """The largest integer setting accepted (in magnitude): exact as a JSON number, and above any
@@ -81,8 +88,6 @@ QUIET = click.option("--quiet", is_flag=True, default=False, help="No progress b
 class OptionMeta:
     """What a field's type, default and docstring cannot say about its flag."""
 
-    choices: tuple[str, ...] | None = None
-    """The allowed values (a ``click.Choice``)."""
     key: str | None = None
     """Recipe key and flag name (``--`` + key with ``-`` for ``_``); default: the field name."""
     help: str | None = None
@@ -95,6 +100,17 @@ class OptionMeta:
     """The flag's default when it differs from the field's (None: the command resolves it)."""
     rest_into: str | None = None
     """A repeatable flag: its first value is this field, the others go to the named field."""
+    old_key: str | None = None
+    """The key (and flag) this setting had before it was renamed: still accepted, with one
+    line saying so, until the next release."""
+    resume: Resume = "must-match"
+    """Whether a resumed run may change it (configs that resume, e.g. ``TrainConfig``):
+    must-match (refused when it differs), may-change, or may-grow (larger only; the command
+    checks how much)."""
+    added_with: str | None = None
+    """A must-match setting added after runs that must still resume: left out of the resume
+    fingerprint while the setting named here (often itself) is at its default, so those runs
+    compare as they did before it existed."""
 
 
 def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: Any) -> Any:
@@ -121,11 +137,16 @@ class Setting:
     help: str
     meta: OptionMeta
     choices: tuple[str, ...] | None = None
-    """``meta.choices``, or the values of a ``Literal`` type."""
+    """The values of a ``Literal`` type (a ``click.Choice``)."""
 
     @property
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
+
+    @property
+    def old_flag(self) -> str | None:
+        """The flag of ``meta.old_key`` (a renamed setting's old name)."""
+        return None if self.meta.old_key is None else "--" + self.meta.old_key.replace("_", "-")
 
     @property
     def required(self) -> bool:
@@ -195,6 +216,26 @@ class Setting:
             raise LogitcacheError(
                 f"{self.flag} {text}: expected numbers separated by commas{why}"
             ) from None
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a value outside its ``Literal`` (a config made in Python; flags and recipe files
+    are checked as they are read): call it from ``__post_init__``."""
+    for s in settings(type(config)):
+        if s.choices is None:
+            continue
+        value = _get(config, s.path)
+        if value is None and (s.optional or s.meta.none is not None):
+            continue
+        if value not in s.choices:
+            raise LogitcacheError(
+                f"{s.flag} {quoted(value)}: expected one of {', '.join(s.choices)}"
+            )
+
+
+def resume_policy(cls: type) -> dict[str, OptionMeta]:
+    """Each top-level field's ``OptionMeta`` (its ``resume`` and ``added_with``), by name."""
+    return {f.name: f.metadata.get("option", OptionMeta()) for f in dataclasses.fields(cls)}
 
 
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -283,7 +324,7 @@ def _walk(cls: type, prefix: tuple[str, ...]):
         if f.default_factory is not MISSING:
             default = f.default_factory()
         yield Setting(meta.key or f.name, (*prefix, f.name), kind, item, optional, default, text,
-                      meta, meta.choices or choices)  # fmt: skip
+                      meta, choices)  # fmt: skip
 
 
 def _kind(hint: Any, where: str) -> tuple[type, type | None, bool, tuple[str, ...] | None]:
@@ -330,6 +371,11 @@ def click_options(cls: type):
         for setting in reversed(settings(cls)):
             if setting.meta.cli:
                 fn = _click_option(setting)(fn)
+            if setting.meta.cli and setting.meta.old_key:  # the old name, hidden, no default
+                kind = setting.click_type()
+                fn = click.option(setting.old_flag, setting.meta.old_key, type=kind, hidden=True)(
+                    fn
+                )
         return fn
 
     return decorate

@@ -70,7 +70,7 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "tf32": ("precision", ""),
     "max_grad_norm": ("grad_clip", ""),
     "save_total_limit": ("keep_checkpoints", ""),
-    "dataloader_num_workers": ("num_workers", ""),
+    "dataloader_num_workers": ("loader_workers", ""),
     "optim": ("optimizer", ""),
     "resume_from_checkpoint": ("resume", ""),
     "model_name_or_path": ("student", ""),
@@ -98,11 +98,14 @@ def load_recipe(
     """
     data = (read or parse_recipe_file)(path)
     by_key = {s.key: s for s in settings(cls)}
+    renamed = {s.meta.old_key: s.key for s in by_key.values() if s.meta.old_key}
     path = redact(path)  # what messages name
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in ignore:
             continue
+        if key in renamed:
+            key = _renamed_key(path, key, renamed[key], data)
         if key not in by_key:
             raise LogitcacheError(f"{path}: unknown key {quoted(key)}{suggest_key(key, by_key)}")
         setting = by_key[key]
@@ -113,6 +116,14 @@ def load_recipe(
             value = value[0]
         out[key] = setting.convert(value, path)
     return out
+
+
+def _renamed_key(path: str, old: str, new: str, data: dict[str, Any]) -> str:
+    """A recipe's key by its old name: the new one, and a line saying so."""
+    if new in data:
+        raise LogitcacheError(f"{path}: give {new} or {old} (its old name), not both")
+    click.echo(f"{path}: {old} is now {new}; the old name goes in the next release", err=True)
+    return new
 
 
 def is_recipe_file(path: str) -> bool:
@@ -232,8 +243,11 @@ def resolve(
             ParameterSource.DEFAULT,
             ParameterSource.DEFAULT_MAP,
         )
+        value = params[s.key]
+        if s.meta.old_key and params.get(s.meta.old_key) is not None:
+            given, value = True, _renamed_flag(s, ctx, params[s.meta.old_key])
         if given or s.key not in from_file:
-            flat.update(_from_flag(s, params[s.key]))
+            flat.update(_from_flag(s, value))
         else:
             flat[s.key] = from_file[s.key]
     for s in settings(cls):
@@ -241,6 +255,16 @@ def resolve(
             _missing(ctx, s, config)
         _check_not_redacted(s, flat.get(s.key), config)
     return flat
+
+
+def _renamed_flag(s: Setting, ctx: click.Context | None, value: Any) -> Any:
+    """A flag given by its old name: its value, and a line saying so."""
+    if ctx is not None and ctx.get_parameter_source(s.key) == ParameterSource.COMMANDLINE:
+        raise LogitcacheError(f"give {s.flag} or {s.old_flag} (its old name), not both")
+    command = f" for {ctx.info_name}" if ctx is not None else ""
+    line = f"{s.old_flag} is now {s.flag}{command}; the old name goes in the next release"
+    click.echo(line, err=True)
+    return value
 
 
 def _check_not_redacted(s: Setting, value: Any, config: str | None) -> None:

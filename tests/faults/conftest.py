@@ -63,7 +63,7 @@ def train_args(student_config, sharp_teacher_dir):
     def make(cache: Path, out: Path, **flags) -> list[str]:
         settings = {
             "student_config": student_config, "tokenizer": sharp_teacher_dir, "batch_size": 4,
-            "lr": 1e-2, "eval_fraction": 0.2, "num_workers": 0, "steps": 12, **flags,
+            "lr": 1e-2, "eval_fraction": 0.2, "loader_workers": 0, "steps": 12, **flags,
         }  # fmt: skip
         args = ["train", "--cache", cache, "--out", out, "--quiet"]
         for key, value in settings.items():

@@ -31,7 +31,7 @@ def precompute(i, *flags):
 
 def train(i, *flags):
     return ["train", "--cache", i["cache"], "--out", i["out"], "--student-config", i["student"],
-            "--tokenizer", i["teacher"], "--num-workers", "0", "--steps", "1", "--quiet",
+            "--tokenizer", i["teacher"], "--loader-workers", "0", "--steps", "1", "--quiet",
             *flags]  # fmt: skip
 
 

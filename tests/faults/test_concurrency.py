@@ -58,7 +58,7 @@ def test_four_trainers_read_a_cache_while_push_copies_it(
     source = reference_caches["sampled"]
     before = tree_bytes(source)
     trainers = [
-        lab.start(train_args(source, tmp_path / f"student-{i}", steps=6, num_workers=i % 2))
+        lab.start(train_args(source, tmp_path / f"student-{i}", steps=6, loader_workers=i % 2))
         for i in range(4)
     ]
     copies = []

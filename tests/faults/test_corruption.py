@@ -174,7 +174,7 @@ def test_damage_is_found_by_verify_and_by_the_trainer(
 
     out = tmp_path / "student"
     # one epoch (no --steps) reads every training sequence, then the held-out ones
-    line = refused(run_here(train_args(cache, out, steps=None, num_workers=case % 2)))
+    line = refused(run_here(train_args(cache, out, steps=None, loader_workers=case % 2)))
     assert any(m in line for m in messages), line
     assert not (out / "model").exists()  # no student came out of it
 

@@ -109,7 +109,7 @@ def test_killed_training_resumes_to_the_same_model(
     cache = reference_caches["topk"]
     for attempt, (phase, fault) in enumerate(PLAN[run]):
         # alternate in-process decoding and a DataLoader worker: either may be killed
-        flags = {**FLAGS, "resume": attempt > 0, "num_workers": (run + attempt) % 2}
+        flags = {**FLAGS, "resume": attempt > 0, "loader_workers": (run + attempt) % 2}
         outcome = lab.run(train_args(cache, out, **flags), fault)
         assert outcome.killed, f"{fault} was never reached:\n{outcome.output[-2000:]}"
         check_left_state(out, phase, fault)

@@ -93,7 +93,7 @@ def test_precompute_to_s3_then_train_from_http(s3, tiny_teacher_dir, text_corpus
         result = invoke(
             "train", "--cache", f"{server.url}/cache", "--out", tmp_path / "run",
             "--student-config", student, "--tokenizer", tiny_teacher_dir, "--steps", 3,
-            "--batch-size", 4, "--eval-fraction", 0.2, "--num-workers", 1, "--quiet",
+            "--batch-size", 4, "--eval-fraction", 0.2, "--loader-workers", 1, "--quiet",
         )  # fmt: skip
         assert result.exit_code == 0, (result.output, result.exception)
         assert any("/cache/shards/" in p for p in server.paths("GET"))

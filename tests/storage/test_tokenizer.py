@@ -94,7 +94,7 @@ def test_a_pulled_cache_trains_without_the_teacher(cache, student_config, tmp_pa
     assert verify_cache(pulled)[1] == []
     run = invoke(
         "train", "--cache", pulled, "--student-config", student_config, "--out", tmp_path / "run",
-        "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--quiet",
+        "--steps", "2", "--batch-size", "4", "--loader-workers", "0", "--quiet",
     )  # fmt: skip
     assert run.exit_code == 0, run.output
     done = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -119,7 +119,7 @@ def test_an_old_cache_reads_and_says_how_to_add_its_tokenizer(
     assert "not stored" in shown and f"logitcache tokenizer {cache} --add" in shown
     train = [
         "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
-        "--steps", "1", "--batch-size", "4", "--num-workers", "0", "--quiet",
+        "--steps", "1", "--batch-size", "4", "--loader-workers", "0", "--quiet",
     ]  # fmt: skip
     err = one_line_error(invoke(*train))  # the recorded ./teachercopy is gone
     assert "teachercopy" in err and "--tokenizer" in err and "--add" in err
@@ -248,7 +248,7 @@ def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
     assert "is not the one the cache was made with" in err and not (tmp_path / "tok").exists()
     run = invoke(
         "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
-        "--steps", "1", "--num-workers", "0", "--quiet",
+        "--steps", "1", "--loader-workers", "0", "--quiet",
     )  # fmt: skip
     assert "is not the one the cache was made with" in one_line_error(run)
 
@@ -373,7 +373,7 @@ def test_an_old_fingerprint_cache_still_reads_verifies_and_trains(
         "1",
         "--batch-size",
         "4",
-        "--num-workers",
+        "--loader-workers",
         "0",
         "--quiet",
     )
@@ -428,7 +428,7 @@ def test_a_pretrained_student_without_tokenizer_files_gets_the_caches(
         "1",
         "--batch-size",
         "4",
-        "--num-workers",
+        "--loader-workers",
         "0",
     )
     assert run.exit_code == 0, run.output
@@ -456,7 +456,7 @@ def test_a_student_with_fewer_rows_than_the_tokenizer_is_refused_before_training
         tmp_path / "run",
         "--steps",
         "1",
-        "--num-workers",
+        "--loader-workers",
         "0",
         "--quiet",
     )
@@ -493,7 +493,7 @@ def test_a_student_whose_tokenizer_files_do_not_load_is_told_what_to_do(
     student = save_student(tmp_path / "student", student_config)
     (student / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     args = ["--student", student, "--out", tmp_path / "run", "--steps", "1", "--quiet"]
-    err = one_line_error(invoke("train", "--cache", cache, "--num-workers", "0", *args))
+    err = one_line_error(invoke("train", "--cache", cache, "--loader-workers", "0", *args))
     assert "cannot load tokenizer" in err and "give --tokenizer" in err
     assert "`logitcache tokenizer CACHE DIR`" in err
 

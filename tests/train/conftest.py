@@ -65,7 +65,7 @@ def train_args():
     """``logitcache train`` arguments: fast defaults overridden by keywords (True: a flag)."""
 
     def make(cache: Path, out: Path, **flags) -> list[str]:
-        settings = {"batch_size": 4, "lr": 1e-2, "eval_fraction": 0.2, "num_workers": 0, **flags}
+        settings = {"batch_size": 4, "lr": 1e-2, "eval_fraction": 0.2, "loader_workers": 0, **flags}
         args = ["train", "--cache", str(cache), "--out", str(out), "--quiet"]
         for key, value in settings.items():
             if value is None or value is False:

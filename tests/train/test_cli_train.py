@@ -81,7 +81,7 @@ def test_corrupt_shard(cli, scratch, topk_cache, tmp_path, workers):
     data[len(data) // 2] ^= 0x40
     shard.write_bytes(bytes(data))
     # Every shard is read in the first epoch: 3 steps of 16 cover the 43 training sequences.
-    refused(cli(scratch(cache, batch_size=16, steps=3, num_workers=workers)), name, "sha256")
+    refused(cli(scratch(cache, batch_size=16, steps=3, loader_workers=workers)), name, "sha256")
 
 
 def test_incomplete_cache(cli, scratch, topk_cache, tmp_path):

@@ -25,7 +25,7 @@ from elastic import FIRST, STEPS, same_run, torchrun
 @pytest.mark.slow
 def test_two_processes_resume_with_one(cli, flags, metrics, reference, tmp_path):
     out = tmp_path / "run"
-    torchrun(flags(out, nproc=2, steps=FIRST, num_workers=1))  # a DataLoader worker per rank
+    torchrun(flags(out, nproc=2, steps=FIRST, loader_workers=1))  # a DataLoader worker per rank
     state = json.loads((out / "checkpoints" / "step-0000008" / "state.json").read_text())
     assert state["progress"] == {"step": 8, "epoch": 0, "consumed": 32,
                                  "tokens": metrics(out)[-2]["tokens"],

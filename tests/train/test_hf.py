@@ -72,7 +72,7 @@ def trainer(student, cache, out, **args):
 def test_first_loss_equals_logitcache_train(topk_cache, student_dir, tmp_path, metrics):
     out = tmp_path / "cli"
     config = TrainConfig(cache=str(topk_cache), out=str(out), student=str(student_dir),
-                         steps=1, batch_size=4, eval_fraction=EVAL_FRACTION, num_workers=0,
+                         steps=1, batch_size=4, eval_fraction=EVAL_FRACTION, loader_workers=0,
                          quiet=True)  # fmt: skip
     train(config)
     (first,) = [r["loss"] for r in metrics(out) if "loss" in r]
@@ -147,7 +147,7 @@ def test_documented_arguments_give_logitcache_trains_loss_curve(
     args = documented_arguments()
     out = tmp_path / "cli"
     train(TrainConfig(cache=str(topk_cache), out=str(out), student=str(student_dir), epochs=2,
-                      batch_size=4, lr=1e-2, eval_fraction=EVAL_FRACTION, num_workers=0,
+                      batch_size=4, lr=1e-2, eval_fraction=EVAL_FRACTION, loader_workers=0,
                       quiet=True))  # fmt: skip
     cli = [r["loss"] for r in metrics(out) if "loss" in r]
     for key in ("logging_steps", "save_steps", "eval_strategy", "eval_steps"):

@@ -35,7 +35,7 @@ def test_student_learns_the_teacher(
             tokenizer=teacher_dir,
             steps=30,
             eval_every=10,
-            num_workers=1,
+            loader_workers=1,
         )
     )
     assert result.exit_code == 0, result.output
@@ -104,7 +104,7 @@ def test_target_flag_reaches_the_stream(
         target="counts",
         steps=1,
         batch_size=2,
-        num_workers=0,
+        loader_workers=0,
         quiet=True,
     )
     train(config)

@@ -115,7 +115,7 @@ def test_train_from_two_caches(
 ):
     args = run_args(
         [topk_cache, sampled_cache], steps=3, cache_weights="1,3", save_every=1,
-        num_workers=workers,
+        loader_workers=workers,
     )  # fmt: skip
     result = cli(args)
     assert result.exit_code == 0, result.output

@@ -102,7 +102,7 @@ def test_sigterm_saves_the_step_and_resume_ends_like_an_uninterrupted_run(
 def test_ctrl_c_to_the_process_group_saves_too(lab, args, reference, tmp_path):
     """A terminal's Ctrl-C reaches the DataLoader worker as well; the step still finishes."""
     out, go = tmp_path / "run", tmp_path / "go"
-    running = paused_at(lab, args(out, num_workers=1), step=2, go=go)
+    running = paused_at(lab, args(out, loader_workers=1), step=2, go=go)
     os.killpg(running.proc.pid, signal.SIGINT)
     go.touch()
     outcome = running.wait()

@@ -38,7 +38,7 @@ def test_train_from_http_fetches_shards_ahead(cli, args, served, topk_cache, tmp
     """One epoch touches every shard; the stream schedules them in order, so each arrives whole
     (checked against its sha256) in the local cache instead of as ranged reads."""
     local = tmp_path / "shards"
-    result = cli(args(f"{served.url}/cache", local_cache=local, num_workers=workers))
+    result = cli(args(f"{served.url}/cache", local_cache=local, loader_workers=workers))
     assert result.exit_code == 0, result.output
     copies = sorted(p.name for p in (local / "objects").rglob("*.arrow"))
     expected = sorted(f"{s.sha256}.arrow" for s in CacheReader(topk_cache).shards)

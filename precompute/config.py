@@ -89,9 +89,10 @@ class PrecomputeConfig:
     of float32 on CPU (~512 MB on a GPU), whatever the batch (docs/benchmarks.md,
     "Teacher-pass memory")."""
     num_workers: int = option(
-        1, flag_default=None,
+        1,
+        flag_default=None,
         help="Split the work over N workers (default: torchrun's WORLD_SIZE, else 1).",
-    )  # fmt: skip
+    )
     """Split the work over this many workers (shard j belongs to worker j % num_workers)."""
     worker_index: int = option(0, flag_default=None)
     """This worker's index (0..num_workers-1)."""
@@ -166,8 +167,13 @@ def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> Ca
     """The cache spec ``config`` writes with this teacher (refused if they do not fit)."""
     check_teacher_fits(config, model_config)
     vocab = int(model_config.vocab_size)
-    codecs = default_codecs(vocab, logprobs=config.logprob_codec, step=config.logprob_step,
-                            format_version=config.format_version, mode=config.mode)  # fmt: skip
+    codecs = default_codecs(
+        vocab,
+        logprobs=config.logprob_codec,
+        step=config.logprob_step,
+        format_version=config.format_version,
+        mode=config.mode,
+    )
     seq_len, per_shard = config.corpus.seq_len, config.shard_sequences
     return CacheSpec(
         mode=config.mode,
@@ -203,9 +209,12 @@ def settings_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """
     teacher, corpus, content = spec["teacher"], spec["corpus"], spec["settings"]
     if corpus.get("kind") == "hub":
-        data = {"data": [corpus["name"]], "data_config": corpus.get("config"),
-                "split": corpus.get("split", "train"),
-                "data_revision": corpus.get("revision")}  # fmt: skip
+        data = {
+            "data": [corpus["name"]],
+            "data_config": corpus.get("config"),
+            "split": corpus.get("split", "train"),
+            "data_revision": corpus.get("revision"),
+        }
     else:
         data = {"data": [f["path"] for f in corpus["files"]]}
     dtype = teacher.get("dtype")

@@ -111,8 +111,13 @@ def train(
     barrier(env)
     if env.distributed:
         dist.destroy_process_group()
-    return TrainResult(run.progress.step, run.progress.tokens, time.perf_counter() - start,
-                       final_eval, str(model_dir))  # fmt: skip
+    return TrainResult(
+        run.progress.step,
+        run.progress.tokens,
+        time.perf_counter() - start,
+        final_eval,
+        str(model_dir),
+    )
 
 
 def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: DistillationLoss) -> _Run:
@@ -124,8 +129,14 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: Distillation
     reader, mixed, model = checked.reader, checked.mixed, checked.model
     tokenizer, vocab_rows = checked.tokenizer, checked.vocab_rows
     if config.lora_r:
-        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, seed=config.seed,
-                           targets=config.lora_targets, dropout=config.lora_dropout)  # fmt: skip
+        model = apply_lora(
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            seed=config.seed,
+            targets=config.lora_targets,
+            dropout=config.lora_dropout,
+        )
     sharding.enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
     try:
         check_student_fits(model, config, env, reader.spec.seq_len, warn=reporter.log)
@@ -147,23 +158,41 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: Distillation
         check_ranks_resume_together(progress.step, env, config.out)
     _write_config(config, env, fingerprint, n_steps)
     data = CacheDataset(
-        config.caches, split="train", eval_fraction=config.eval_fraction,
-        vocab_limit=vocab_rows, target=config.target, reader_options=config.reader_options(),
-    )  # fmt: skip
+        config.caches,
+        split="train",
+        eval_fraction=config.eval_fraction,
+        vocab_limit=vocab_rows,
+        target=config.target,
+        reader_options=config.reader_options(),
+    )
     stream = data.stream(
-        batch_size=config.batch_size, seed=config.seed, rank=env.rank,
-        world_size=env.world_size, grad_accum=config.grad_accum,
-        block_shards=config.block_shards, weights=config.cache_weights or None,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        grad_accum=config.grad_accum,
+        block_shards=config.block_shards,
+        weights=config.cache_weights or None,
         start=StreamState(progress.epoch, progress.consumed),
-    )  # fmt: skip
+    )
     wrapped = module if sharding.is_sharded(module) else wrap_ddp(module, env)
-    return _Run(model, tokenizer, wrapped, optimizer, stream,
-                eval_dataset(reader, config, vocab_rows), progress, fingerprint, n_steps,
-                autocast_for(config.precision, env))  # fmt: skip
+    return _Run(
+        model,
+        tokenizer,
+        wrapped,
+        optimizer,
+        stream,
+        eval_dataset(reader, config, vocab_rows),
+        progress,
+        fingerprint,
+        n_steps,
+        autocast_for(config.precision, env),
+    )
 
 
-def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter,
-                 stop: StopOnSignal) -> dict:  # fmt: skip
+def _train_steps(
+    run: _Run, config: TrainConfig, env: Env, reporter: Reporter, stop: StopOnSignal
+) -> dict:
     """The loop: steps until ``total_steps``, evaluating and checkpointing on schedule; on
     SIGTERM / SIGINT, checkpointing after the step and raising ``Interrupted``."""
     progress, total_steps = run.progress, run.total_steps
@@ -182,8 +211,16 @@ def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter,
         progress.epoch, progress.consumed = position.epoch, position.consumed
         progress.tokens += tokens
         rate = tokens / (time.perf_counter() - t0)
-        metrics.write({"step": progress.step, "loss": loss, "lr": lr, "tokens": progress.tokens,
-                       "tokens_per_s": rate, "epoch": progress.epoch})  # fmt: skip
+        metrics.write(
+            {
+                "step": progress.step,
+                "loss": loss,
+                "lr": lr,
+                "tokens": progress.tokens,
+                "tokens_per_s": rate,
+                "epoch": progress.epoch,
+            }
+        )
         bar.set_postfix_str(f"loss {loss:.4f} | {rate:,.0f} tok/s")
         bar.update(1)
         last = progress.step == total_steps
@@ -193,9 +230,16 @@ def _train_steps(run: _Run, config: TrainConfig, env: Env, reporter: Reporter,
             bar.write(_eval_line(progress.step, final_eval)) if reporter.enabled else None
         signum = stop.requested(env.distributed, env.device)  # every rank stops together
         if (config.save_every and progress.step % config.save_every == 0) or last or signum:
-            save_checkpoint(config.out, run.model, run.optimizer, progress, run.fingerprint,
-                            config.keep_checkpoints, sharded=config.fsdp,
-                            rank=env.rank)  # fmt: skip
+            save_checkpoint(
+                config.out,
+                run.model,
+                run.optimizer,
+                progress,
+                run.fingerprint,
+                config.keep_checkpoints,
+                sharded=config.fsdp,
+                rank=env.rank,
+            )
             barrier(env)
         if signum and not last:
             raise stopped(signum, progress.step, total_steps, config.out)
@@ -239,9 +283,16 @@ def _evaluate(run: _Run, config: TrainConfig, env: Env) -> dict[str, float]:
     if run.eval_data is None:
         return {}
     with sharding.unsharded_root(run.wrapped):
-        return evaluate(run.model, run.eval_data, batch_size=config.batch_size,
-                        chunk_size=config.chunk_size, device=env.device, rank=env.rank,
-                        world_size=env.world_size, autocast=run.autocast)  # fmt: skip
+        return evaluate(
+            run.model,
+            run.eval_data,
+            batch_size=config.batch_size,
+            chunk_size=config.chunk_size,
+            device=env.device,
+            rank=env.rank,
+            world_size=env.world_size,
+            autocast=run.autocast,
+        )
 
 
 # -- helpers of the story above ----------------------------------------------------------
@@ -303,8 +354,13 @@ def _write_config(config: TrainConfig, env: Env, fingerprint: dict, total_steps:
         return
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {**config.to_dict(), "world_size": env.world_size, "total_steps": total_steps,
-                "device": str(env.device), "fingerprint": fingerprint}  # fmt: skip
+    resolved = {
+        **config.to_dict(),
+        "world_size": env.world_size,
+        "total_steps": total_steps,
+        "device": str(env.device),
+        "fingerprint": fingerprint,
+    }
     resolved["overwrite"] = False  # read back as a recipe, it never replaces a run unasked
     # never a password or token: a URL that carried one is saved as scheme://***@host/...,
     # so reading the file back with --config needs --cache (or the URL) given again

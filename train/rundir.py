@@ -237,8 +237,10 @@ def settings_differ(
         if before == now or (key in PATH_SETTINGS and _same_path(before, getattr(config, key))):
             continue
         if key == "student_config" and str(before).startswith("sha256:") and now != before:
-            changed.append(f"student_config ({config.student_config} is not the file the run "
-                           "started with: its content differs)")  # fmt: skip
+            changed.append(
+                f"student_config ({config.student_config} is not the file the run "
+                "started with: its content differs)"
+            )
             continue
         changed.append(f"{key} ({before!r} -> {now!r})")
     return changed

@@ -323,8 +323,17 @@ def _walk(cls: type, prefix: tuple[str, ...]):
         default = f.default
         if f.default_factory is not MISSING:
             default = f.default_factory()
-        yield Setting(meta.key or f.name, (*prefix, f.name), kind, item, optional, default, text,
-                      meta, choices)  # fmt: skip
+        yield Setting(
+            meta.key or f.name,
+            (*prefix, f.name),
+            kind,
+            item,
+            optional,
+            default,
+            text,
+            meta,
+            choices,
+        )
 
 
 def _kind(hint: Any, where: str) -> tuple[type, type | None, bool, tuple[str, ...] | None]:
@@ -358,10 +367,12 @@ def _docstrings(cls: type) -> dict[str, str]:
     return {
         node.target.id: nxt.value.value
         for node, nxt in itertools.pairwise(body)
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and isinstance(nxt, ast.Expr)
+        and isinstance(nxt.value, ast.Constant)
         and isinstance(nxt.value.value, str)
-    }  # fmt: skip
+    }
 
 
 def click_options(cls: type):
@@ -392,16 +403,23 @@ def _click_option(s: Setting):
     kw: dict[str, Any] = {"help": s.help, "cls": _SettingOption, "required": s.required}
     default = s.cli_default
     if s.kind is bool:
-        return click.option(f"{s.flag}/--no-{s.flag[2:]}", default=bool(default),
-                            show_default=bool(default), **kw)  # fmt: skip
+        return click.option(
+            f"{s.flag}/--no-{s.flag[2:]}", default=bool(default), show_default=bool(default), **kw
+        )
     if s.meta.rest_into or (s.kind is tuple and s.item is str):
         shown = bool(default) and not s.meta.rest_into
-        return click.option(s.flag, multiple=True, default=default if shown else None,
-                            show_default=", ".join(default) if shown else False, **kw)  # fmt: skip
+        return click.option(
+            s.flag,
+            multiple=True,
+            default=default if shown else None,
+            show_default=", ".join(default) if shown else False,
+            **kw,
+        )
     if s.kind is tuple:
         return click.option(s.flag, default=None, metavar="X,Y,...", **kw)
-    return click.option(s.flag, type=s.click_type(), default=default,
-                        show_default=default is not None, **kw)  # fmt: skip
+    return click.option(
+        s.flag, type=s.click_type(), default=default, show_default=default is not None, **kw
+    )
 
 
 def settings_of(config: Any) -> dict[str, Any]:

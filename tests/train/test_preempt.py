@@ -155,13 +155,15 @@ def test_precompute_on_sigterm_says_its_shards_are_kept(
 
 
 class _WaitingStream(IterableDataset):
-    """Yields 0, 1, 2, each once the file ``go-<i>`` exists: a worker slow to decode."""
+    """Yields 0, 1, 2, each once the file ``go-<i>`` exists: a worker slow to decode. It
+    touches ``waiting-<i>`` when it starts waiting for ``go-<i>``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def __iter__(self):
         for i in range(3):
+            (self.root / f"waiting-{i}").touch()
             while not (self.root / f"go-{i}").exists():
                 time.sleep(0.01)
             yield i
@@ -189,6 +191,11 @@ def test_a_dataloader_worker_outlives_ctrl_c_and_a_foreign_sigterm(tmp_path, mon
     (tmp_path / "go-1").touch()
     assert next(batches) == 1
     assert worker.is_alive()
+    # Only once the worker is stuck before go-2 (not between two requests, where the shutdown
+    # below would end it cleanly: a race the full suite on 2 busy cores lost once)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "waiting-2").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     # The DataLoader's own shutdown, as at exit: it stops watching the worker (its SIGCHLD
     # handler would call this death a failure), waits, then terminates it (SIGTERM from the
     # parent); the worker, stuck before go-2, must die of it or exiting would hang.

@@ -48,10 +48,10 @@ from .evaluation import eval_summary, evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .preempt import StopOnSignal, ignore_stop_signals, stopped
-from .preflight import check_run, total_steps
+from .preflight import check_run, total_steps, with_lora
 from .rundir import path_settings, read_metrics, resume, write_run_file
 from .stream import CacheStream
-from .student import DistillModule, apply_lora
+from .student import DistillModule
 
 __all__ = ["TrainResult", "train"]
 
@@ -128,15 +128,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: Distillation
     )  # meta: filled from rank 0's
     reader, mixed, model = checked.reader, checked.mixed, checked.model
     tokenizer, vocab_rows = checked.tokenizer, checked.vocab_rows
-    if config.lora_r:
-        model = apply_lora(
-            model,
-            r=config.lora_r,
-            alpha=config.lora_alpha,
-            seed=config.seed,
-            targets=config.lora_targets,
-            dropout=config.lora_dropout,
-        )
+    model = with_lora(model, config)
     sharding.enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
     try:
         check_student_fits(model, config, env, reader.spec.seq_len, warn=reporter.log)

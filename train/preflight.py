@@ -34,7 +34,7 @@ from .memory import check_student_fits
 from .rundir import RUN_OUTPUTS, claim_out
 from .student import apply_lora, check_student, load_student
 
-__all__ = ["Checked", "check_out", "check_run", "dry_run", "total_steps"]
+__all__ = ["Checked", "check_out", "check_run", "dry_run", "total_steps", "with_lora"]
 
 
 @dataclass
@@ -103,20 +103,25 @@ def total_steps(readers: list[CacheReader], config: TrainConfig, world: int) -> 
     return max(1, math.ceil(per_epoch * (config.epochs or 1.0) - 1e-9))
 
 
+def with_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """``model`` with the LoRA adapters ``--lora-r`` asks for (as it is without)."""
+    if not config.lora_r:
+        return model
+    return apply_lora(
+        model,
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        seed=config.seed,
+        targets=config.lora_targets,
+        dropout=config.lora_dropout,
+    )
+
+
 def dry_run(config: TrainConfig, env: Env) -> str:
     """Every check of a run's setup, without reading weights or writing anything; returns
     one line saying what the run would do."""
     checked = check_run(config, env, meta=True, dry_run=True)
-    model = checked.model
-    if config.lora_r:
-        model = apply_lora(
-            model,
-            r=config.lora_r,
-            alpha=config.lora_alpha,
-            seed=config.seed,
-            targets=config.lora_targets,
-            dropout=config.lora_dropout,
-        )
+    model = with_lora(checked.model, config)
     if config.optimizer == "adamw8bit":
         from .optim import make_optimizer
 

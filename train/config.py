@@ -279,17 +279,6 @@ class TrainConfig:
         """The ``logitcache train`` flags that make this config."""
         return to_argv(self)
 
-    def loss_kwargs(self) -> dict[str, Any]:
-        if self.loss == "ce":
-            return {"loss": "ce"}
-        return {
-            "loss": self.loss,
-            "tail": self.tail,
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-            "beta": self.beta,
-        }
-
 
 RESUME_MAY_CHANGE = frozenset(
     name for name, meta in resume_policy(TrainConfig).items() if meta.resume != "must-match"

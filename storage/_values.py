@@ -3,12 +3,21 @@ integers. In: a value and where it came from. Out: the value, or a one-line Cach
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Mapping
+from typing import Any
 
 from .errors import CacheError
 
-__all__ = ["MAX_JSON_DEPTH", "check_int", "check_json_depth", "check_relative_path"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "check_int",
+    "check_json_depth",
+    "check_relative_path",
+    "load_json",
+    "load_json_object",
+]
 
 MAX_JSON_DEPTH = 32
 """Nesting a manifest or shard metadata may have (ours: 6); deeper JSON is refused, as code
@@ -55,3 +64,24 @@ def check_json_depth(obj: object, where: str, most: int = MAX_JSON_DEPTH) -> Non
             if depth > most:
                 raise CacheError(f"{where}: JSON nested over {most} levels deep; refusing it")
             stack.extend((child, depth + 1) for child in children)
+
+
+def load_json(data: bytes | str, where: str) -> Any:
+    """``json.loads(data)``, or one CacheError ``{where} is not valid JSON: {reason}``.
+
+    ``json.loads`` recurses once per level, so ``[[[[...]]]]`` from a file raises
+    RecursionError; that is refused here too (reason: nested too deeply), not a traceback."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise CacheError(f"{where} is not valid JSON: {reason}") from None
+
+
+def load_json_object(data: bytes | str, where: str) -> dict[str, Any]:
+    """``load_json``, which must give an object nested at most MAX_JSON_DEPTH levels."""
+    obj = load_json(data, where)
+    if not isinstance(obj, dict):
+        raise CacheError(f"{where} is not a JSON object")
+    check_json_depth(obj, where)
+    return obj

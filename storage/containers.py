@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from ._values import check_json_depth
+from ._values import load_json_object
 from .errors import CacheError, ShardCorruptError
 from .format import ShardInfo
 from .ipc import check_batch_header, read_footer
@@ -180,14 +180,7 @@ def _check_schema(schema: pa.Schema, rel: str) -> None:
 def _json_object(raw: bytes | str, where: str) -> dict[str, Any]:
     """A JSON object from a shard's metadata; anything else is one line naming the shard."""
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-        raise ShardCorruptError(f"{where}: its metadata is not valid JSON: {reason}") from None
-    if not isinstance(obj, dict):
-        raise ShardCorruptError(f"{where}: its metadata is not a JSON object")
-    try:
-        check_json_depth(obj, f"{where}: its metadata")
+        obj = load_json_object(raw, f"{where}: its metadata")
     except CacheError as err:
         raise ShardCorruptError(str(err)) from None
     return obj

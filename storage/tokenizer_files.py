@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ._values import load_json
 from .errors import CacheError, RemoteError, ShardCorruptError, TokenizerError
 from .format import (
     MAX_TOKENIZER_FILE_BYTES,
@@ -99,8 +100,8 @@ def refuse_code(rel: str, data: bytes, what: str) -> None:
     if Path(rel).name != "tokenizer_config.json":
         return
     try:
-        config = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        config = load_json(data, rel)  # [[[[...]]]] too: a RecursionError was a traceback
+    except CacheError:
         raise TokenizerError(f"{what}: {rel} is not valid JSON; refusing it") from None
     if isinstance(config, dict) and "auto_map" in config:
         raise TokenizerError(

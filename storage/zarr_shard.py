@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 import stat
@@ -35,7 +34,7 @@ from typing import Any
 import numcodecs
 import numpy as np
 
-from ._values import check_json_depth
+from ._values import load_json_object
 from .codecs import zstd_declared_size
 from .errors import CacheError, ShardCorruptError
 from .location import Location
@@ -169,17 +168,9 @@ class ZarrShard:
     def _json(self, name: str, limit: int) -> dict[str, Any]:
         data = self._bytes(name, limit)
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as err:
-            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-            raise self._bad(f"{name} is not valid JSON: {reason}") from None
-        if not isinstance(obj, dict):
-            raise self._bad(f"{name} is not a JSON object")
-        try:
-            check_json_depth(obj, name)
+            return load_json_object(data, name)
         except CacheError as err:
             raise self._bad(str(err)) from None
-        return obj
 
     # -- rows ---------------------------------------------------------------------------
     def read(self, row: int) -> tuple[int, dict[str, Any]]:

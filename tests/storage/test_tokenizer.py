@@ -518,3 +518,13 @@ def test_stored_tokenizer_bytes_do_not_depend_on_how_it_was_loaded(tmp_path, tin
     assert stored[False] == stored[True]
     config = json.loads(stored[True]["tokenizer_config.json"])
     assert "local_files_only" not in config and "is_local" not in config
+
+
+def test_a_deeply_nested_tokenizer_config_is_refused_in_one_line():
+    """A stored tokenizer_config.json of 100k ``[``: json.loads recurses once per level; the
+    RecursionError was a traceback, it is a TokenizerError naming the file."""
+    from logitcache.storage.errors import TokenizerError
+    from logitcache.storage.tokenizer_files import refuse_code
+
+    with pytest.raises(TokenizerError, match="tokenizer/tokenizer_config.json is not valid JSON"):
+        refuse_code("tokenizer/tokenizer_config.json", b"[" * 100_000, "the tokenizer stored")

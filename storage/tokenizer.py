@@ -30,7 +30,7 @@ from logitcache.untrusted import read_local
 
 from .cache import MANIFEST, read_manifest
 from .errors import CacheError, NoTokenizerError, TokenizerError
-from .format import Manifest, StoredFile
+from .format import MAX_TOKENIZER_FILE_BYTES, Manifest, StoredFile
 from .location import Location
 from .shardcache import default_local_cache
 from .tokenizer_files import check_tokenizer_files, read_checked, refuse_code, write_tokenizer_files
@@ -150,7 +150,7 @@ def load_stored_tokenizer(directory: str | os.PathLike) -> Any:
     config = Path(directory) / "tokenizer_config.json"
     if config.exists():
         try:
-            data = read_local(config, 1 << 27, "tokenizer config")
+            data = read_local(config, MAX_TOKENIZER_FILE_BYTES, "tokenizer config")
         except LogitcacheError as err:
             raise TokenizerError(str(err)) from None
         refuse_code("tokenizer/tokenizer_config.json", data, f"the tokenizer in {directory}")

@@ -33,7 +33,7 @@ from logitcache.untrusted import redact
 from .cache import MANIFEST, read_manifest
 from .containers import shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
-from .format import Manifest, ShardInfo, diff_specs
+from .format import MANIFEST_BYTES, Manifest, ShardInfo, diff_specs
 from .location import Location
 from .remote import backoff_s, classify, credentials_hint, remote_settings, short
 from .tokenizer_files import check_tokenizer_files
@@ -232,7 +232,11 @@ class _Hub:
                 revision=self.target.revision,
                 local_dir=tmp,
             )
-            existing = Manifest.from_json(Path(path).read_bytes(), where=f"{self.target.url}")
+            # the repository's manifest is another's file: bounded like every manifest read
+            existing = Manifest.from_json(
+                Location(Path(path).parent).read_bytes(Path(path).name, limit=MANIFEST_BYTES),
+                where=f"{self.target.url}",
+            )
         if existing.spec.to_dict() != manifest.spec.to_dict():
             changes = "; ".join(diff_specs(existing.spec, manifest.spec)[:5])
             raise CacheError(

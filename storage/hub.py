@@ -35,7 +35,14 @@ from .containers import shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import MANIFEST_BYTES, Manifest, ShardInfo, diff_specs
 from .location import Location
-from .remote import backoff_s, classify, credentials_hint, remote_settings, short
+from .remote import (
+    backoff_s,
+    classify,
+    credentials_hint,
+    parse_hub_url,
+    remote_settings,
+    short,
+)
 from .tokenizer_files import check_tokenizer_files
 
 __all__ = ["BATCH_BYTES", "BATCH_FILES", "HubTarget", "dataset_card", "push_to_hub"]
@@ -60,12 +67,7 @@ class HubTarget:
 
     @classmethod
     def parse(cls, url: str) -> HubTarget:
-        from huggingface_hub.hf_file_system import parse_hf_uri
-
-        try:
-            uri = parse_hf_uri(url.rstrip("/"))
-        except Exception as err:  # HfUriError, ValueError
-            raise CacheError(f"{redact(url)}: not a Hub URL ({redact(short(err))})") from None
+        uri = parse_hub_url(url)
         if uri.type != "dataset":
             raise CacheError(
                 f"{redact(url)}: caches go in dataset repositories: hf://datasets/ORG/NAME"

@@ -45,6 +45,7 @@ from .remote import (
     credentials_hint,
     default_options,
     merge_options,
+    parse_hub_url,
     remote_settings,
     short,
 )
@@ -105,7 +106,7 @@ class Location:
 
     def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
         if self.protocol == "hf":
-            _check_hub_url(self.url, self.shown)
+            parse_hub_url(self.url)  # malformed: one redacted line, not a traceback
         try:
             fs, root = fsspec.core.url_to_fs(self.url, **self.fs_options)
         except ImportError as err:
@@ -410,19 +411,6 @@ class Location:
                 self.remove(f"{rel_dir}/{name}" if rel_dir else name)
                 count += 1
         return count
-
-
-def _check_hub_url(url: str, shown: str) -> None:
-    """A malformed ``hf://`` URL is one line (redacted), not huggingface_hub's traceback."""
-    from huggingface_hub.hf_file_system import parse_hf_uri
-
-    try:
-        parse_hf_uri(url.rstrip("/"))
-    except Exception as err:  # HfUriError, ValueError
-        raise CacheError(
-            f"{shown}: not a Hub URL ({redact(short(err))}); expected "
-            "hf://datasets/ORG/NAME[@REVISION][/PATH]"
-        ) from None
 
 
 def _fsync_file(path: Path) -> None:

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from logitcache.untrusted import redact
+
 from .errors import CacheError
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "credentials_hint",
     "default_options",
     "merge_options",
+    "parse_hub_url",
     "remote_settings",
     "short",
     "status_of",
@@ -166,6 +169,21 @@ def short(err: BaseException) -> str:
     """``Type: first line of the message`` (at most 200 characters of it)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def parse_hub_url(url: str) -> Any:
+    """huggingface_hub's parse of an ``hf://`` URL (its ``HfFileSystemResolvedPath``-like
+    record: type, id, revision, path_in_repo), or one CacheError naming the URL redacted and
+    what a cache's Hub URL looks like, instead of huggingface_hub's traceback."""
+    from huggingface_hub.hf_file_system import parse_hf_uri
+
+    try:
+        return parse_hf_uri(url.rstrip("/"))
+    except Exception as err:  # HfUriError, ValueError
+        raise CacheError(
+            f"{redact(url)}: not a Hub URL ({redact(short(err))}); expected "
+            "hf://datasets/ORG/NAME[@REVISION][/PATH]"
+        ) from None
 
 
 def credentials_hint(protocol: str) -> str:

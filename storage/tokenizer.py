@@ -61,6 +61,7 @@ def fetch_tokenizer(
     out: str | os.PathLike | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
 ) -> Path:
     """A local directory holding exactly the cache's tokenizer files, each verified.
 
@@ -71,7 +72,7 @@ def fetch_tokenizer(
     ``tokenizer_config.json`` naming remote code, say) is never seen by the loader.
     """
     loc = cache if isinstance(cache, Location) else Location(cache, storage_options)
-    manifest = read_manifest(loc)
+    manifest = read_manifest(loc) if manifest is None else manifest  # (the caller's, if read)
     files = manifest.tokenizer_files
     if not files:
         raise NoTokenizerError(missing_tokenizer_hint(loc.shown, manifest))
@@ -164,16 +165,19 @@ def load_stored_tokenizer(directory: str | os.PathLike) -> Any:
 
 
 def stored_tokenizer(
-    cache: str | os.PathLike | Location, *, storage_options: dict[str, Any] | None = None
+    cache: str | os.PathLike | Location,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
 ) -> tuple[Any, Path]:
     """The cache's stored tokenizer, loaded as data and checked against its record: (the
     tokenizer, the verified local directory it came from). ``NoTokenizerError`` if it stores
     none; ``TokenizerError`` if it is not the cache's; ``ShardCorruptError`` for a bad file."""
     loc = cache if isinstance(cache, Location) else Location(cache, storage_options)
-    directory = fetch_tokenizer(loc)
+    manifest = read_manifest(loc) if manifest is None else manifest  # read once, used twice
+    directory = fetch_tokenizer(loc, manifest=manifest)
     tokenizer = load_stored_tokenizer(directory)
-    record = read_manifest(loc).spec.tokenizer
-    check_tokenizer(tokenizer, record, f"the tokenizer stored in {loc.url}")
+    check_tokenizer(tokenizer, manifest.spec.tokenizer, f"the tokenizer stored in {loc.shown}")
     return tokenizer, directory
 
 
@@ -185,7 +189,7 @@ def tokenizer_problems(loc: Location, manifest: Manifest) -> list[str]:
     if problems:
         return problems
     try:
-        stored_tokenizer(loc)
+        stored_tokenizer(loc, manifest=manifest)
     except CacheError as err:
         return [str(err)]
     return []

@@ -526,5 +526,5 @@ def test_a_deeply_nested_tokenizer_config_is_refused_in_one_line():
     from logitcache.storage.errors import TokenizerError
     from logitcache.storage.tokenizer_files import refuse_code
 
-    with pytest.raises(TokenizerError, match="tokenizer/tokenizer_config.json is not valid JSON"):
+    with pytest.raises(TokenizerError, match=r"tokenizer/tokenizer_config\.json is not valid JSON"):
         refuse_code("tokenizer/tokenizer_config.json", b"[" * 100_000, "the tokenizer stored")

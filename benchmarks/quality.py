@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from logitcache.core.progress import Reporter
 from logitcache.demo import (
     FULL,
     HELDOUT_STORE,
@@ -36,7 +37,6 @@ from logitcache.demo import (
     train_config,
     write_student_config,
 )
-from logitcache.progress import Reporter
 
 __all__ = ["QualityRow", "cache_variants", "run_quality"]
 

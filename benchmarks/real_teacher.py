@@ -30,8 +30,8 @@ from typing import Any
 
 import click
 
-from logitcache.errors import LogitcacheError
-from logitcache.progress import Reporter
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter
 
 __all__ = [
     "CORE",

@@ -4,7 +4,7 @@ In: a teacher (any AutoModelForCausalLM) and a corpus (HF dataset or local files
 Out: a cache (see ``logitcache.storage``) of its top-k or sampled next-token distributions.
 """
 
-from logitcache.lazy import lazy_exports
+from logitcache.core.lazy import lazy_exports
 
 _PUBLIC = {  # name -> its module; imported on first use, so the CLI starts without torch
     "CorpusError": ".corpus",

@@ -50,9 +50,9 @@ from typing import Any, Protocol
 
 import torch
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.storage import CacheSpec, CacheWriter, Location, SequenceRecord, read_manifest
-from logitcache.storage.cache import PARTS, part_names, stored_manifests
+from logitcache.storage.writer import PARTS, part_names, stored_manifests
 
 from .config import PrecomputeConfig
 from .packing import iter_sequences

@@ -1,7 +1,7 @@
 """The teacher pass's settings, typed and checked: ``PrecomputeConfig``.
 
 In: values from the library, a recipe file or flags (``logitcache precompute``'s options are
-made from these fields and their docstrings; see ``logitcache.options``). Out: a frozen,
+made from these fields and their docstrings; see ``logitcache.core.options``). Out: a frozen,
 validated config, and the cache spec it writes with a given teacher (``make_spec``). A cache's
 manifest records every setting that shapes its bytes; read back (``read_recipe``: ``--config
 CACHE``) they make the same cache again.
@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from logitcache.errors import LogitcacheError
-from logitcache.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
-from logitcache.options import check_choices, option, to_argv
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.identity import config_fingerprint, tokenizer_identity, weights_fingerprint
+from logitcache.core.options import check_choices, option, to_argv
+from logitcache.core.untrusted import redact
 from logitcache.storage import FORMAT_VERSION, CacheSpec, default_codecs
 from logitcache.storage.formats import check_format_version, format_class
-from logitcache.untrusted import redact
 
 from .corpus import CorpusSpec, corpus_identity
 from .defaults import DEFAULT_SAMPLES

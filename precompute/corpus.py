@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from logitcache.errors import LogitcacheError
-from logitcache.options import option
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.options import option
 
 __all__ = [
     "SUPPORTED_SUFFIXES",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.models import load_teacher_config, load_tokenizer
 
 from .config import PrecomputeConfig, check_teacher_fits

@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import torch
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.storage import Location, Manifest, merge_parts, read_manifest
 
 __all__ = [

@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter, human_bytes
 from logitcache.models import (
     load_teacher,
     load_teacher_config,
     load_tokenizer,
     split_output_head,
 )
-from logitcache.progress import Reporter, human_bytes
 from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord
 
 from .calibrate import calibrate, check_workers_agree, samples_in_cache

@@ -5,17 +5,17 @@ In: teacher distributions as ``SequenceRecord``s. Out: a cache directory or URL 
 ``manifest.json`` and compressed shards; and back. ``docs/format.md`` is the contract.
 """
 
-from .cache import CacheWriter, merge_parts, read_manifest
 from .convert import ConvertResult, convert_cache
 from .errors import CacheError, NoTokenizerError, RemoteError, ShardCorruptError, TokenizerError
 from .format import CacheSpec, Manifest, ShardInfo, StoredFile
 from .formats import FORMAT_VERSION, READ_VERSIONS, default_codecs
+from .local_copies import DEFAULT_LOCAL_CACHE_BYTES, ShardCache, default_local_cache
 from .location import Location
 from .reader import CacheReader, verify_cache
 from .record import SequenceRecord
-from .shardcache import DEFAULT_LOCAL_CACHE_BYTES, ShardCache, default_local_cache
 from .tokenizer import add_tokenizer, fetch_tokenizer
 from .transfer import TransferResult, copy_cache
+from .writer import CacheWriter, merge_parts, read_manifest
 
 __all__ = [
     "DEFAULT_LOCAL_CACHE_BYTES",

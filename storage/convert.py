@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .cache import MANIFEST, SHARDS, CacheWriter
 from .codecs import LogprobCodec
 from .errors import CacheError
 from .format import MANIFEST_BYTES, TOKENIZER_DIR, CacheSpec, Manifest, StoredFile, diff_specs
@@ -35,6 +34,7 @@ from .reader import CacheReader
 from .record import SequenceRecord
 from .tokenizer_files import read_checked
 from .transfer import Progress, no_progress
+from .writer import MANIFEST, SHARDS, CacheWriter
 
 __all__ = ["ConvertResult", "RecordEdit", "convert_cache", "converted_spec"]
 

@@ -1,6 +1,6 @@
 """Errors raised by the storage layer."""
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 __all__ = [
     "CacheError",

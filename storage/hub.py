@@ -28,9 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from logitcache.untrusted import redact
+from logitcache.core.untrusted import redact
 
-from .cache import MANIFEST, read_manifest
 from .containers import shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import MANIFEST_BYTES, Manifest, ShardInfo, diff_specs
@@ -44,6 +43,7 @@ from .remote import (
     short,
 )
 from .tokenizer_files import check_tokenizer_files
+from .writer import MANIFEST, read_manifest
 
 __all__ = ["BATCH_BYTES", "BATCH_FILES", "HubTarget", "dataset_card", "push_to_hub"]
 

@@ -33,8 +33,8 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
-from logitcache.errors import LogitcacheError
-from logitcache.untrusted import read_local, redact
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.untrusted import read_local, redact
 
 from .errors import CacheError, RemoteError
 from .remote import (

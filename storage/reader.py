@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from .cache import read_manifest, shard_stats
 from .containers import get_container, shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import CacheSpec, Manifest, ShardInfo
 from .formats import codec_for
+from .local_copies import Prefetcher, ShardCache
 from .location import Location
 from .record import SequenceRecord
-from .shardcache import Prefetcher, ShardCache
 from .tokenizer import tokenizer_problems
+from .writer import read_manifest, shard_stats
 
 __all__ = [
     "DEFAULT_PREFETCH",

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from logitcache.untrusted import redact
+from logitcache.core.untrusted import redact
 
 from .errors import CacheError
 

@@ -24,16 +24,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from logitcache.errors import LogitcacheError
-from logitcache.identity import tokenizer_difference
-from logitcache.untrusted import read_local
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.identity import tokenizer_difference
+from logitcache.core.untrusted import read_local
 
-from .cache import MANIFEST, read_manifest
 from .errors import CacheError, NoTokenizerError, TokenizerError
 from .format import MAX_TOKENIZER_FILE_BYTES, Manifest, StoredFile
+from .local_copies import default_local_cache
 from .location import Location
-from .shardcache import default_local_cache
 from .tokenizer_files import check_tokenizer_files, read_checked, refuse_code, write_tokenizer_files
+from .writer import MANIFEST, read_manifest
 
 __all__ = [
     "add_tokenizer",
@@ -134,7 +134,7 @@ def add_tokenizer(cache: str | os.PathLike, tokenizer: Any, *, name: str | None 
 def check_tokenizer(tokenizer: Any, record: Any, what: str) -> None:
     """Refuse ``tokenizer`` (one line, ``TokenizerError``) unless it is the one a cache's
     tokenizer ``record`` (``spec.tokenizer``) names: same ids for every text, same text for
-    every ids (``logitcache.identity.tokenizer_difference``)."""
+    every ids (``logitcache.core.identity.tokenizer_difference``)."""
     difference = tokenizer_difference(tokenizer, record)
     if difference is not None:
         raise TokenizerError(

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .cache import MANIFEST, SHARDS, read_manifest
 from .containers import shard_digest
 from .errors import CacheError, RemoteError, ShardCorruptError
 from .format import MANIFEST_BYTES, Manifest, ShardInfo, diff_specs
 from .location import Location
 from .tokenizer_files import read_checked
+from .writer import MANIFEST, SHARDS, read_manifest
 
 __all__ = [
     "Progress",

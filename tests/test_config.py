@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from logitcache.bench.http_server import StaticServer
 from logitcache.cli import main, precompute_config, train_config
-from logitcache.errors import LogitcacheError
-from logitcache.options import build, click_options, option, settings, settings_of, to_argv
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.options import build, click_options, option, settings, settings_of, to_argv
 from logitcache.precompute.config import PrecomputeConfig
 from logitcache.precompute.corpus import CorpusSpec
 from logitcache.recipes import recipe_yaml, resolve

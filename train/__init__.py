@@ -9,14 +9,14 @@ stream ``CacheStream``), ``DistillCollator`` (records -> a dict of padded tensor
 ``DistillationLoss`` (an ``nn.Module``); ``logitcache train`` (``train``) is built on them.
 """
 
-from logitcache.lazy import lazy_exports
+from logitcache.core.lazy import lazy_exports
 
 _PUBLIC = {  # name -> its module; imported on first use, so the CLI starts without torch
     "CacheDataset": ".dataset",
     "CacheStream": ".stream",
     "DistillCollator": ".collator",
     "DistillationLoss": ".distill_loss",
-    "StreamState": ".data",
+    "StreamState": ".order",
     "TeacherTargets": ".losses",
     "TrainConfig": ".config",
     "TrainResult": ".loop",

@@ -14,7 +14,7 @@ Two formats, told apart by ``state.json``'s ``format``:
   the exact classes DCP's records hold, and its non-tensor values with ``weights_only=True``.
 
 A checkpoint is untrusted input (a teammate hands a run directory over): every file is
-read bounded (``logitcache.untrusted``), must be a regular file inside its step directory,
+read bounded (``logitcache.core.untrusted``), must be a regular file inside its step directory,
 and ``state.json`` is checked field by field (``read_state``) before anything uses it. A
 damaged checkpoint raises ``DamagedCheckpoint``, naming the file.
 """
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.untrusted import is_within, read_local, read_local_text
 from logitcache.storage import Location
-from logitcache.untrusted import is_within, read_local, read_local_text
 
 __all__ = [
     "DamagedCheckpoint",

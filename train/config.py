@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
-from logitcache.errors import LogitcacheError
-from logitcache.options import check_choices, option, resume_policy, to_argv
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.options import check_choices, option, resume_policy, to_argv
 
 __all__ = [
     "LOSSES",
@@ -35,7 +35,7 @@ RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 
 
 # What a resumed run may do with each setting is declared on its field below (``option(...,
-# resume=...)``, default must-match; see ``logitcache.options.OptionMeta``).
+# resume=...)``, default must-match; see ``logitcache.core.options.OptionMeta``).
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""

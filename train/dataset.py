@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from logitcache.identity import FULL_FINGERPRINT, same_tokenizer
+from logitcache.core.identity import FULL_FINGERPRINT, same_tokenizer
+from logitcache.core.untrusted import redact
 from logitcache.storage import CacheReader, CacheSpec, SequenceRecord
-from logitcache.untrusted import redact
 
 from .collator import IGNORE_INDEX
-from .data import heldout_mask
+from .order import heldout_mask
 
 __all__ = [
     "EXAMPLE_KEYS",
@@ -197,7 +197,7 @@ class CacheDataset(Dataset):
 def tokenizer_mismatch(readers: Sequence[CacheReader]) -> tuple[CacheReader, str, str] | None:
     """The first cache made with another tokenizer than ``readers[0]``'s, as (that reader,
     the first's fingerprint, its fingerprint); None when all share one
-    (``logitcache.identity.same_tokenizer``)."""
+    (``logitcache.core.identity.same_tokenizer``)."""
     first = readers[0].spec.tokenizer
     for r in readers[1:]:
         if not same_tokenizer(first, r.spec.tokenizer):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 __all__ = [
     "Env",

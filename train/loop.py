@@ -24,16 +24,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from logitcache.errors import LogitcacheError
-from logitcache.progress import Reporter
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter
+from logitcache.core.untrusted import redact_values
 from logitcache.storage import CacheReader
-from logitcache.untrusted import redact_values
 
 from . import sharding
-from .caches import eval_dataset
+from .cache_checks import eval_dataset
 from .checkpoint import TrainingProgress, is_out_of_space, latest_checkpoint, save_checkpoint
 from .config import TrainConfig, lr_multiplier, resume_settings
-from .data import StreamState
 from .dataset import CacheDataset
 from .distill_loss import DistillationLoss
 from .distributed import (
@@ -47,6 +46,7 @@ from .distributed import (
 from .evaluation import eval_summary, evaluate
 from .memory import check_student_fits
 from .optim import make_optimizer, optimizer_state_classes, set_lr
+from .order import StreamState
 from .preempt import StopOnSignal, ignore_stop_signals, stopped
 from .preflight import check_run, total_steps, with_lora
 from .rundir import path_settings, read_metrics, resume, write_run_file

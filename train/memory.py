@@ -29,8 +29,8 @@ from typing import Any
 
 from torch import nn
 
-from logitcache.errors import LogitcacheError
-from logitcache.progress import human_bytes
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import human_bytes
 
 from .optim import STATE_BYTES_PER_PARAM
 from .sharding import decoder_layers

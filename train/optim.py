@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 from .config import OPTIMIZERS
 

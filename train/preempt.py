@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from logitcache.errors import Interrupted, Terminated, sigterm_raises
+from logitcache.core.errors import Interrupted, Terminated, sigterm_raises
 
 from .checkpoint import latest_checkpoint
 

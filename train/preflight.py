@@ -23,14 +23,14 @@ from typing import Any
 
 from torch import nn
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.storage import CacheReader
 
-from .caches import check_cache, eval_dataset, mixed_readers
+from .cache_checks import check_cache, eval_dataset, mixed_readers
 from .config import TrainConfig
-from .data import count_split
 from .distributed import Env
 from .memory import check_student_fits
+from .order import count_split
 from .rundir import RUN_OUTPUTS, claim_out
 from .student import apply_lora, check_student, load_student
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from logitcache.errors import LogitcacheError
-from logitcache.progress import Reporter
-from logitcache.untrusted import is_within, read_local, read_local_text
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter
+from logitcache.core.untrusted import is_within, read_local, read_local_text
 
 from .checkpoint import (
     DamagedCheckpoint,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 __all__ = [
     "decoder_layers",

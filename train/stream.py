@@ -2,7 +2,7 @@
 
 In: a ``CacheDataset`` (its training split), the micro-batch size, seed, rank, world size
 and gradient accumulation, and a position. Out: collated micro-batches (``DistillCollator``
-dicts) forever, epoch after epoch, in the block-shuffled order of ``logitcache.train.data``.
+dicts) forever, epoch after epoch, in the block-shuffled order of ``logitcache.train.order``.
 
 An optimizer step takes the next ``batch_size * world_size * grad_accum`` sequences of the
 epoch; micro-batch a of rank r is their rows [s*mb, (s+1)*mb) with s = a * world_size + r,
@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .collator import DistillCollator
-from .data import StreamState, epoch_order, heldout_mask, mixture_order
+from .order import StreamState, epoch_order, heldout_mask, mixture_order
 
 
 class StreamSource(Protocol):

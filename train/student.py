@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.settings_file import RECIPE_LIMIT, load_yaml
+from logitcache.core.untrusted import read_local_text
 from logitcache.models import check_model_path, load_tokenizer
-from logitcache.settings_file import RECIPE_LIMIT, load_yaml
 from logitcache.storage import CacheSpec, NoTokenizerError
 from logitcache.storage.errors import TokenizerError
 from logitcache.storage.tokenizer import check_tokenizer, load_stored_tokenizer, stored_tokenizer
-from logitcache.untrusted import read_local_text
 
 from .distill_loss import DistillationLoss, final_hidden
 
@@ -157,7 +157,7 @@ def _cache_tokenizer(cache: Any, spec: CacheSpec, student: str | None) -> tuple[
 
 def _read_config_file(path: str) -> dict[str, Any]:
     """A student config file: read bounded, YAML checked as a recipe is (no aliases; see
-    ``logitcache.settings_file.load_yaml``), one-line errors quoting at most a line of it."""
+    ``logitcache.core.settings_file.load_yaml``), one-line errors quoting at most a line of it."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise LogitcacheError(f"student config {path!r} does not exist")

@@ -8,15 +8,15 @@ The names below are the public API for bringing a cache to your own trainer
 (``docs/api.md``); they are imported on first use, so ``import logitcache`` stays cheap.
 """
 
-from logitcache.lazy import lazy_exports
-from logitcache.version import __version__
+from logitcache.core.lazy import lazy_exports
+from logitcache.core.version import __version__
 
 _PUBLIC = {
     "CacheDataset": "logitcache.train.dataset",
     "CacheStream": "logitcache.train.stream",
     "DistillCollator": "logitcache.train.collator",
     "DistillationLoss": "logitcache.train.distill_loss",
-    "StreamState": "logitcache.train.data",
+    "StreamState": "logitcache.train.order",
     "TrainConfig": "logitcache.train.config",
     "evaluate": "logitcache.train.evaluation",
 }

@@ -14,10 +14,10 @@ import sys
 
 import click
 
-from logitcache.errors import LogitcacheError
-from logitcache.options import QUIET
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.options import QUIET
+from logitcache.core.untrusted import redact
 from logitcache.storage import FORMAT_VERSION, READ_VERSIONS
-from logitcache.untrusted import redact
 
 __all__ = ["CACHE_COMMANDS"]
 
@@ -149,7 +149,7 @@ def pull(
 
 
 def _transfer(src, dst, shards, max_tokens, threads, quiet, verb: str, private=True) -> None:
-    from logitcache.progress import ByteProgress, Reporter, human_bytes
+    from logitcache.core.progress import ByteProgress, Reporter, human_bytes
     from logitcache.storage import copy_cache
 
     with ByteProgress(Reporter(enabled=not quiet)) as progress:
@@ -198,7 +198,7 @@ def convert(
     SRC is a finished cache (directory or URL); DEST a new or empty directory or object store
     URL. Resumable: the same command again keeps the shards DEST already lists.
     """
-    from logitcache.progress import ByteProgress, Reporter, human_bytes
+    from logitcache.core.progress import ByteProgress, Reporter, human_bytes
     from logitcache.storage import convert_cache
 
     with ByteProgress(Reporter(enabled=not quiet), desc="convert") as progress:

@@ -1,7 +1,7 @@
 """The ``logitcache`` command line: thin click commands over the library.
 
 The options of ``precompute`` and ``train`` are made from their config dataclasses
-(``logitcache.options``); ``--config`` reads the same settings from a recipe file
+(``logitcache.core.options``); ``--config`` reads the same settings from a recipe file
 (``logitcache.recipes``). Expected errors (``LogitcacheError``: bad flags, files, models,
 shards) print one line and exit 1; anything else is a bug and keeps its traceback.
 """
@@ -14,8 +14,9 @@ import click
 
 from logitcache.bench.commands import bench
 from logitcache.cache_commands import CACHE_COMMANDS
-from logitcache.errors import one_line_errors, sigterm_raises
-from logitcache.options import QUIET, build, click_options
+from logitcache.core.errors import one_line_errors, sigterm_raises
+from logitcache.core.options import QUIET, build, click_options
+from logitcache.core.untrusted import redact
 from logitcache.precompute.config import PrecomputeConfig, read_recipe
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
 from logitcache.recipes import (
@@ -27,7 +28,6 @@ from logitcache.recipes import (
     resolve,
 )
 from logitcache.train.config import RUN_RECORD_KEYS, TrainConfig
-from logitcache.untrusted import redact
 
 __all__ = ["main", "precompute_config", "render_reference", "train_config"]
 
@@ -103,8 +103,8 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
     """
     from pathlib import Path
 
+    from logitcache.core.progress import Reporter
     from logitcache.demo import FULL, QUICK, default_home, format_summary, run_demo
-    from logitcache.progress import Reporter
 
     summary = run_demo(
         QUICK if quick else FULL,
@@ -123,10 +123,10 @@ def demo(quick: bool, out: str, home: str | None, seed: int, quiet: bool) -> Non
 @recipe_options
 def precompute(recipe: str | None, dry_run: bool, quiet: bool, **params: Any) -> None:
     """Run a teacher over a corpus once and write the cache (resumable)."""
+    from logitcache.core.progress import Reporter
     from logitcache.describe import summary_line, summary_text
     from logitcache.precompute import run_precompute
     from logitcache.precompute.ranks import distributed_worker
-    from logitcache.progress import Reporter
 
     config = precompute_config(params, click.get_current_context(), recipe)
     if dry_run:  # the pass's own checks first (not its weights' hash)

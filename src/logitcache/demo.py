@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter
 from logitcache.precompute.config import PrecomputeConfig
 from logitcache.precompute.corpus import CorpusSpec
 from logitcache.precompute.defaults import DEFAULT_SAMPLES
-from logitcache.progress import Reporter
 from logitcache.train.config import TrainConfig
 
 __all__ = [

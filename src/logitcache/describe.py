@@ -49,7 +49,7 @@ def cache_summary(manifest: Any) -> dict[str, Any]:
 
 
 def summary_text(manifest: Any, url: str) -> str:
-    from logitcache.progress import human_bytes
+    from logitcache.core.progress import human_bytes
 
     s = cache_summary(manifest)
     what = (
@@ -85,7 +85,7 @@ def summary_text(manifest: Any, url: str) -> str:
 
 def summary_line(manifest: Any, url: str) -> str:
     """What --quiet keeps: one line naming the cache, its state and its size."""
-    from logitcache.progress import human_bytes
+    from logitcache.core.progress import human_bytes
 
     n, bpt = len(manifest.shards), manifest.stats()["bytes_per_token"]
     return (

@@ -3,7 +3,7 @@ tokenizer and model paths a student names (train). Above storage, below the stag
 
 In: a hub id, a local directory, or a local GGUF file (``model.gguf``, or a directory
 holding exactly one ``.gguf`` and no ``config.json``), dtype/device choices. Out: the model
-in eval mode and its tokenizer (their fingerprints: ``logitcache.identity``).
+in eval mode and its tokenizer (their fingerprints: ``logitcache.core.identity``).
 
 GGUF teachers load through transformers' GGUF support, which de-quantizes every tensor
 to float (a Q4_1 135M model: 98 MB on disk, 540 MB in float32) and builds the tokenizer
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 __all__ = [
     "SplitTeacher",

@@ -1,7 +1,7 @@
 """Recipe files: a command's settings as YAML or JSON, under its command-line flags.
 
 In: a ``--config`` file, a mapping of recipe keys (a flag's name without the dashes, ``_``
-for ``-``; see ``logitcache.options``) to values, and the command's parsed flags. Out: flat
+for ``-``; see ``logitcache.core.options``) to values, and the command's parsed flags. Out: flat
 settings where a flag given on the command line wins over the file, and the file over the
 defaults (``resolve``); the text of a resolved recipe (``recipe_yaml``), which read back
 with ``--config`` makes the same run.
@@ -20,10 +20,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from logitcache.errors import LogitcacheError
-from logitcache.options import Setting, quoted, settings, settings_of, to_argv
-from logitcache.settings_file import MAX_DEPTH, MAX_NODES, RECIPE_LIMIT, Refused, load_yaml
-from logitcache.untrusted import read_local_text, redact
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.options import Setting, quoted, settings, settings_of, to_argv
+from logitcache.core.settings_file import MAX_DEPTH, MAX_NODES, RECIPE_LIMIT, Refused, load_yaml
+from logitcache.core.untrusted import read_local_text, redact
 
 Reader = Callable[[str], dict[str, Any]]
 

@@ -396,7 +396,7 @@ def _pretrain_steps(
     """``pretrain``'s loop: ``steps`` AdamW steps on random windows; returns the loss EMA."""
     import torch
 
-    from logitcache.progress import Reporter
+    from logitcache.core.progress import Reporter
 
     stream = torch.from_numpy(train_tokens.astype(np.int64))  # [N] int64
     gen = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from logitcache.identity import FULL_FINGERPRINT
+from logitcache.core.identity import FULL_FINGERPRINT
 
 from ..codecs import FieldCodec, FloatCodec, IdsCodec, bits_for_vocab, logprob_codec_config
 from ..errors import CacheError, ShardCorruptError

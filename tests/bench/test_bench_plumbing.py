@@ -28,7 +28,7 @@ from logitcache.bench.train import (
     train_as_dict,
 )
 from logitcache.cli import main
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.toy import ToyModelSpec
 
 TINY = ToyModelSpec(

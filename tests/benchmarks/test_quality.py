@@ -12,8 +12,8 @@ def test_quality_study_plumbing(tmp_path, tiny_teacher_dir, text_corpus):
     from quality import _gap, _Study, cache_variants, format_rows
 
     from logitcache import toy
+    from logitcache.core.progress import Reporter
     from logitcache.demo import QUICK, precompute_config, run_cache, write_student_config
-    from logitcache.progress import Reporter
 
     budget = replace(QUICK, seq_len=32, slice_tokens=300, heldout_tokens=200, student_steps=2,
                      student_batch=2, eval_every=1, student_hidden=16, student_heads=2,

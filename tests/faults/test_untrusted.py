@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.untrusted import is_within, read_local, redact
 from logitcache.storage.errors import CacheError
 from logitcache.storage.location import Location
-from logitcache.untrusted import is_within, read_local, redact
 
 
 def test_read_local_reads_a_regular_file_within_its_limit(tmp_path):

@@ -19,11 +19,11 @@ import yaml
 from click.testing import CliRunner, Result
 
 from logitcache.cli import main
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter
 from logitcache.precompute import CorpusSpec, PrecomputeConfig, iter_sequences, run_precompute
 from logitcache.precompute import calibrate as calibrate_module
 from logitcache.precompute import run as run_module
-from logitcache.progress import Reporter
 from logitcache.storage import CacheReader, CacheWriter, Location, read_manifest
 
 SEQ_LEN = 64

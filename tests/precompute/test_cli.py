@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from logitcache.cli import main
-from logitcache.identity import tokenizer_fingerprint
+from logitcache.core.identity import tokenizer_fingerprint
 from logitcache.storage import (
     FORMAT_VERSION,
     CacheReader,

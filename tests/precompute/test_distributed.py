@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from logitcache.cli import main
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.precompute import ranks
 from logitcache.storage import CacheReader, Location, read_manifest
 

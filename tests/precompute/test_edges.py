@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.cli import main
-from logitcache.errors import LogitcacheError, one_line_errors
-from logitcache.progress import Reporter
+from logitcache.core.errors import LogitcacheError, one_line_errors
+from logitcache.core.progress import Reporter
 
 
 def invoke(*args):

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitcache.errors import LogitcacheError
-from logitcache.identity import weights_fingerprint
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.identity import weights_fingerprint
 from logitcache.models import (
     gguf_file_of,
     load_teacher,

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter
 from logitcache.precompute import CorpusSpec, PrecomputeConfig, PrecomputeResult, run_precompute
 from logitcache.precompute import run as run_module
-from logitcache.progress import Reporter
 from logitcache.storage import CacheReader, Location, SequenceRecord, read_manifest, verify_cache
 
 SEQ_LEN = 64

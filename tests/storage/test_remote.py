@@ -26,8 +26,8 @@ from logitcache.storage import (
     verify_cache,
 )
 from logitcache.storage.format import MANIFEST_BYTES
+from logitcache.storage.local_copies import Prefetcher
 from logitcache.storage.location import Location
-from logitcache.storage.shardcache import Prefetcher
 
 pytestmark = pytest.mark.usefixtures("remote_env")
 

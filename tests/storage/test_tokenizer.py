@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.cli import main
-from logitcache.identity import tokenizer_fingerprint, tokenizer_fingerprint_v1
+from logitcache.core.identity import tokenizer_fingerprint, tokenizer_fingerprint_v1
 from logitcache.storage import (
     CacheError,
     Manifest,

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import logitcache.train.checkpoint as checkpoint
-from logitcache.identity import tokenizer_fingerprint
+from logitcache.core.identity import tokenizer_fingerprint
 from logitcache.storage import CacheReader
 
 
@@ -99,7 +99,7 @@ def test_missing_cache(cli, scratch, tmp_path):
 def test_nothing_left_to_train_on(cli, scratch, topk_cache):
     reader = CacheReader(topk_cache)
     idx = reader.sequence_indices()
-    from logitcache.train.data import heldout_mask
+    from logitcache.train.order import heldout_mask
 
     assert heldout_mask(idx, 0.999).all()  # the precondition: all 55 are held out
     refused(cli(scratch(topk_cache, eval_fraction=0.999)), "--eval-fraction", "55 sequences")

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from logitcache.storage import CacheReader, SequenceRecord
 from logitcache.train import CacheDataset, DistillationLoss, DistillCollator
-from logitcache.train.data import StreamState, count_split, epoch_order, heldout_mask
 from logitcache.train.dataset import example_of
+from logitcache.train.order import StreamState, count_split, epoch_order, heldout_mask
 
 EVAL_FRACTION = 0.2  # holds out 12 of the 55 sequences: 43 train, a prime count
 

@@ -93,7 +93,7 @@ def test_a_student_too_large_for_one_gpu_is_refused_before_training(
 
 RESUME_APART = """
 import torch.distributed as dist
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 import torch
 from logitcache.train.distributed import Env, check_ranks_resume_together
 

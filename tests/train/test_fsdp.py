@@ -22,7 +22,7 @@ import pytest
 import torch
 from elastic import FIRST, STEPS, same_run, torchrun
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 
 @pytest.mark.slow

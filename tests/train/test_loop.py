@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import logitcache.train.loop as loop
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.train import DistillationLoss, TrainConfig, train
 from logitcache.train.checkpoint import latest_checkpoint
-from logitcache.train.data import StreamState
 from logitcache.train.dataset import CacheDataset
+from logitcache.train.order import StreamState
 
 STEPS = 12
 

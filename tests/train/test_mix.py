@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from logitcache.train import CacheDataset, CacheStream
-from logitcache.train.data import epoch_order, mixture_order
+from logitcache.train.order import epoch_order, mixture_order
 
 EVAL_FRACTION = 0.2  # 43 training sequences per session cache
 

@@ -9,7 +9,7 @@ import json
 
 import click
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 __all__ = ["bench"]
 
@@ -189,7 +189,7 @@ def bench_remote(shards, shard_sequences, latency_ms, batches, work, as_json: bo
     import torch
 
     from logitcache.bench.remote import format_remote, run_remote_bench
-    from logitcache.progress import Reporter
+    from logitcache.core.progress import Reporter
 
     torch.set_num_threads(1)
     result = run_remote_bench(

@@ -375,9 +375,9 @@ def _time_split(
 
 def _time_both(config, spec, tokenizer, model, dev):
     """(pipeline, batches, tokens, bare pass times, pipeline time, its start, manifest)."""
+    from logitcache.core.progress import Reporter
     from logitcache.precompute import PrecomputeResult
     from logitcache.precompute.packing import iter_sequences
-    from logitcache.progress import Reporter
     from logitcache.storage import CacheWriter
 
     size = config.shard_sequences

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from logitcache.bench.http_server import StaticServer
 from logitcache.bench.storage import synthetic_records
-from logitcache.progress import Reporter
+from logitcache.core.progress import Reporter
 from logitcache.storage import CacheSpec, Location, Manifest, ShardInfo, default_codecs
-from logitcache.storage.cache import MANIFEST, shard_name, shard_stats
 from logitcache.storage.containers import get_container
 from logitcache.storage.formats.v1 import RecordCodec
+from logitcache.storage.writer import MANIFEST, shard_name, shard_stats
 
 __all__ = ["RemoteRow", "build_cache", "format_remote", "run_remote_bench"]
 

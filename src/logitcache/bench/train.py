@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.toy import ToyModelSpec, llama_config_dict
 
 from .peak import VariantPeak, sync

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 __all__ = ["VariantResult", "build_model", "read_student_config"]
 

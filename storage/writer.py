@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.version import __version__
+from logitcache.core.version import __version__
 
 from .containers import get_container
 from .errors import CacheError

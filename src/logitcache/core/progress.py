@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from logitcache.untrusted import redact
+from logitcache.core.untrusted import redact
 
 __all__ = ["ByteProgress", "Reporter", "human_bytes"]
 

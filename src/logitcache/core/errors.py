@@ -86,7 +86,7 @@ def one_line_errors(
     (143 for SIGTERM).
 
     Every line is passed through ``clean`` last, whatever built the message: the CLI gives
-    ``logitcache.untrusted.redact`` (which imports this module), so a URL's password or token
+    ``logitcache.core.untrusted.redact`` (which imports this module), so a URL's password or token
     never reaches the terminal, or a log that keeps it.
 
     Anything else is a bug and keeps its traceback.

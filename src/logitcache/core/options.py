@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 __all__ = [
     "INT_LIMIT",

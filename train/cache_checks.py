@@ -7,12 +7,12 @@ it and the evaluation dataset, or a one-line ``LogitcacheError`` saying what is 
 
 from __future__ import annotations
 
-from logitcache.errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 from logitcache.storage import CacheReader
 
 from .config import TrainConfig
-from .data import count_split
 from .dataset import CacheDataset, tokenizer_mismatch
+from .order import count_split
 
 __all__ = ["check_cache", "eval_dataset", "mixed_readers"]
 

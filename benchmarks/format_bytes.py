@@ -74,13 +74,24 @@ def truncate_topk(record: Any, k: int) -> Any:
     lp = record.logprobs.reshape(n_pos, width)
     dropped = np.exp(lp[:, k:].astype(np.float64)).sum(1)
     tail = (record.tail_mass + dropped).clip(0, 1).astype(np.float32)
-    return dataclasses.replace(record, ids=ids, logprobs=lp[:, :k].reshape(-1).copy(),
-                               n_entries=np.full(n_pos, k, np.int32), tail_mass=tail)  # fmt: skip
+    return dataclasses.replace(
+        record,
+        ids=ids,
+        logprobs=lp[:, :k].reshape(-1).copy(),
+        n_entries=np.full(n_pos, k, np.int32),
+        tail_mass=tail,
+    )
 
 
-def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None,
-             batch_sequences: int | None = None,
-             shard_sequences: int | None = None) -> float:  # fmt: skip
+def reencode(
+    src: Path,
+    dest: Path,
+    format_version: int,
+    *,
+    k: int | None = None,
+    batch_sequences: int | None = None,
+    shard_sequences: int | None = None,
+) -> float:
     """Write the records of ``src`` (cut to top-``k`` if given; in shards of
     ``shard_sequences`` if given) as a ``format_version`` cache at ``dest`` (replaced) with
     ``convert_cache``; returns the CPU seconds spent encoding and writing shards (one thread)."""
@@ -90,9 +101,15 @@ def reencode(src: Path, dest: Path, format_version: int, *, k: int | None = None
     edit = None if k is None else RecordEdit({"k": k}, lambda r: truncate_topk(r, k))
     if dest.exists():
         shutil.rmtree(dest)
-    result = convert_cache(src, dest, format_version=format_version, edit=edit,
-                           batch_sequences=batch_sequences, shard_sequences=shard_sequences,
-                           encode_threads=1)  # fmt: skip
+    result = convert_cache(
+        src,
+        dest,
+        format_version=format_version,
+        edit=edit,
+        batch_sequences=batch_sequences,
+        shard_sequences=shard_sequences,
+        encode_threads=1,
+    )
     return result.write_cpu_s
 
 
@@ -113,8 +130,15 @@ def decode_rate(cache: Path, repeats: int = 7) -> float:
     return positions / best
 
 
-def measure(src: Path, out: Path, *, k: int | None = None, batch_sequences: int | None = None,
-            shard_sequences: int | None = None, speed: bool = True) -> dict[str, Any]:  # fmt: skip
+def measure(
+    src: Path,
+    out: Path,
+    *,
+    k: int | None = None,
+    batch_sequences: int | None = None,
+    shard_sequences: int | None = None,
+    speed: bool = True,
+) -> dict[str, Any]:
     """Format 1 and 2 copies of ``src`` under ``out``: their components and decode rates."""
     result: dict[str, Any] = {"cache": str(src), "k": k}
     for version in (1, 2):
@@ -124,8 +148,14 @@ def measure(src: Path, out: Path, *, k: int | None = None, batch_sequences: int 
         if shard_sequences:
             name += f"-s{shard_sequences}"
         copy = out / name
-        write_s = reencode(src, copy, version, k=k, batch_sequences=batch_sequences,
-                           shard_sequences=shard_sequences)  # fmt: skip
+        write_s = reencode(
+            src,
+            copy,
+            version,
+            k=k,
+            batch_sequences=batch_sequences,
+            shard_sequences=shard_sequences,
+        )
         row = components(copy)
         row["write_tokens_per_s"] = row["tokens"] / write_s
         if speed:
@@ -140,13 +170,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="scratch directory for copies")
     parser.add_argument("--k", type=int, default=None, help="cut top-k caches to this k")
     parser.add_argument("--batch-sequences", type=int, default=None)
-    parser.add_argument("--shard-sequences", type=int, default=None,
-                        help="reshard the copies (default: the source's shard size)")  # fmt: skip
+    parser.add_argument(
+        "--shard-sequences",
+        type=int,
+        default=None,
+        help="reshard the copies (default: the source's shard size)",
+    )
     parser.add_argument("--no-speed", action="store_true", help="bytes only")
     args = parser.parse_args(argv)
     for cache in args.caches:
-        row = measure(cache, args.out, k=args.k, batch_sequences=args.batch_sequences,
-                      shard_sequences=args.shard_sequences, speed=not args.no_speed)  # fmt: skip
+        row = measure(
+            cache,
+            args.out,
+            k=args.k,
+            batch_sequences=args.batch_sequences,
+            shard_sequences=args.shard_sequences,
+            speed=not args.no_speed,
+        )
         print(json.dumps(row, indent=1), flush=True)
 
 

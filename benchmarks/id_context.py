@@ -127,8 +127,9 @@ def probe(cache: str, batch_sequences: int = 16, level: int = 15) -> dict[str, A
         raise SystemExit(f"{cache}: a sampled cache is needed (ids of top-k keep log-prob order)")
     records = list(reader)
     codecs = v2_codecs(reader.spec.vocab_size, zstd_level=level)
-    spec = dataclasses.replace(reader.spec, shard_sequences=len(records),
-                               batch_sequences=batch_sequences, codecs=codecs)  # fmt: skip
+    spec = dataclasses.replace(
+        reader.spec, shard_sequences=len(records), batch_sequences=batch_sequences, codecs=codecs
+    )
     tokens = sum(r.n_tokens for r in records)
     positions = sum(r.n_positions for r in records)
     out: dict[str, Any] = {

@@ -65,16 +65,23 @@ def cache_variants(quick: bool) -> list[tuple[str, Settings, Settings]]:
     out = [(f"top-{k} {t}", {"top_k": k}, {"tail": t}) for k in ks for t in tails]
     for n in (16,) if quick else (16, 64):
         out.append((f"sampled N={n}", {"samples": n}, {"target": "counts"}))
-        out.append((f"sampled N={n} + log-probs", {"samples": n, "sampled_logprobs": True},
-                    {"target": "probs", "tail": "bucket"}))  # fmt: skip
+        out.append(
+            (
+                f"sampled N={n} + log-probs",
+                {"samples": n, "sampled_logprobs": True},
+                {"target": "probs", "tail": "bucket"},
+            )
+        )
     return out
 
 
 def _shakespeare_docs(path: Path) -> list[tuple[str, str]]:
     paragraphs = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
     # ~40 paragraphs per document, so the held-out split takes whole scenes, not lines
-    return [(f"shakespeare/{i:05d}", "\n\n".join(paragraphs[i : i + 40]))
-            for i in range(0, len(paragraphs), 40)]  # fmt: skip
+    return [
+        (f"shakespeare/{i:05d}", "\n\n".join(paragraphs[i : i + 40]))
+        for i in range(0, len(paragraphs), 40)
+    ]
 
 
 def _corpora(
@@ -85,8 +92,9 @@ def _corpora(
     base = QUICK if quick else FULL
     out: list[tuple[str, Any, DemoBudget]] = [("stdlib", toy.stdlib_documents, base)] * stdlib
     if shakespeare is not None:
-        small = replace(base, slice_tokens=base.slice_tokens // 4,
-                        heldout_tokens=base.heldout_tokens // 2)  # fmt: skip
+        small = replace(
+            base, slice_tokens=base.slice_tokens // 4, heldout_tokens=base.heldout_tokens // 2
+        )
         out.append(("shakespeare", lambda: _shakespeare_docs(shakespeare), small))
     return out
 
@@ -124,25 +132,32 @@ class _Study:
         dest = self.work / "students" / f"{regime}-{name.replace(' ', '_').replace('=', '')}"
         settings = dict(settings)
         teacher = settings.pop("online_teacher", None)  # the reference: not a train setting
-        config = train_config(cache, dest, self.config, self.held, self.budget,
-                              settings)  # fmt: skip
+        config = train_config(cache, dest, self.config, self.held, self.budget, settings)
         done = dest / "model" / "config.json"
         if not done.is_file():  # a finished student of an interrupted study is kept
             self.reporter.log(f"[{self.corpus}/{regime}] {command_line(config)}")
             train(config, loss=OnlineKD.load(teacher, config) if teacher else None)
         final = read_evals(dest / "metrics.jsonl")[-1]
-        row = QualityRow(self.corpus, regime, name, final["eval_ce"], final["eval_kl"], None,
-                         None, time.perf_counter() - t0)  # fmt: skip
-        self.reporter.log(f"[{self.corpus}/{regime}] {name}: CE {row.eval_ce:.4f} "
-                          f"KL {row.eval_kl:.4f}")  # fmt: skip
+        row = QualityRow(
+            self.corpus,
+            regime,
+            name,
+            final["eval_ce"],
+            final["eval_kl"],
+            None,
+            None,
+            time.perf_counter() - t0,
+        )
+        self.reporter.log(
+            f"[{self.corpus}/{regime}] {name}: CE {row.eval_ce:.4f} KL {row.eval_kl:.4f}"
+        )
         return row
 
     def regime(self, variants, tokens: int, regime: str) -> list[QualityRow]:
         """CE only, online KD and each cache variant, on ``tokens`` of data."""
         top8, _ = self.cache({"top_k": 8}, tokens, regime)
         ce = self.student("CE only", top8, {"loss": "ce"}, regime)
-        online = self.student("online full KD", top8, {"online_teacher": str(self.teacher)},
-                              regime)  # fmt: skip
+        online = self.student("online full KD", top8, {"online_teacher": str(self.teacher)}, regime)
         rows = [ce, online]
         for name, store, flags in variants:
             cache, bpt = self.cache(store, tokens, regime)
@@ -174,8 +189,12 @@ def run_quality(
         train_docs, slice_file, held_file = prepare_corpus(load_docs(), budget, work)
         teacher = ensure_teacher(train_docs, budget, home, tag=corpus, reporter=reporter)
         held = work / "heldout-cache"
-        run_cache(precompute_config(teacher, held_file, held, budget, budget.heldout_tokens,
-                                    HELDOUT_STORE), Reporter(enabled=False))  # fmt: skip
+        run_cache(
+            precompute_config(
+                teacher, held_file, held, budget, budget.heldout_tokens, HELDOUT_STORE
+            ),
+            Reporter(enabled=False),
+        )
         config = write_student_config(budget, teacher, work)
         study = _Study(corpus, budget, work, teacher, slice_file, held, config, reporter)
         teacher_ce = teacher_heldout_ce(teacher, held)
@@ -218,13 +237,17 @@ def _best_cache_variant(rows: list[QualityRow]) -> str:
 
 
 def format_rows(rows: list[QualityRow]) -> str:
-    lines = [f"{'corpus':12} {'regime':10} {'student':28} {'held-out CE':>11} {'KL':>8} "
-             f"{'B/token':>8} {'gap closed':>10}"]  # fmt: skip
+    lines = [
+        f"{'corpus':12} {'regime':10} {'student':28} {'held-out CE':>11} {'KL':>8} "
+        f"{'B/token':>8} {'gap closed':>10}"
+    ]
     for r in rows:
         bpt = f"{r.bytes_per_token:8.1f}" if r.bytes_per_token is not None else f"{'-':>8}"
         gap = f"{100 * r.gap_closed:9.0f}%" if r.gap_closed is not None else f"{'-':>10}"
-        lines.append(f"{r.corpus:12} {r.regime:10} {r.student:28} {r.eval_ce:11.4f} "
-                     f"{r.eval_kl:8.4f} {bpt} {gap}")  # fmt: skip
+        lines.append(
+            f"{r.corpus:12} {r.regime:10} {r.student:28} {r.eval_ce:11.4f} "
+            f"{r.eval_kl:8.4f} {bpt} {gap}"
+        )
     return "\n".join(lines)
 
 

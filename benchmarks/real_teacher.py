@@ -74,10 +74,18 @@ class StudyBudget:
 
 FULL_STUDY = StudyBudget(name="full")
 QUICK_STUDY = StudyBudget(
-    name="quick", seq_len=64, slice_tokens=1_024, heldout_tokens=256, steps=4, batch_size=2,
-    student_hidden=32, student_layers=1, student_heads=2, student_kv_heads=1,
+    name="quick",
+    seq_len=64,
+    slice_tokens=1_024,
+    heldout_tokens=256,
+    steps=4,
+    batch_size=2,
+    student_hidden=32,
+    student_layers=1,
+    student_heads=2,
+    student_kv_heads=1,
     student_intermediate=64,
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -149,8 +157,10 @@ def first_pass_variants() -> list[Variant]:
 def shakespeare_documents(path: Path) -> list[tuple[str, str]]:
     """tinyshakespeare as documents of ~40 paragraphs (whole scenes go to one split)."""
     paragraphs = [p.strip() for p in Path(path).read_text().split("\n\n") if p.strip()]
-    return [(f"shakespeare/{i:05d}", "\n\n".join(paragraphs[i : i + 40]))
-            for i in range(0, len(paragraphs), 40)]  # fmt: skip
+    return [
+        (f"shakespeare/{i:05d}", "\n\n".join(paragraphs[i : i + 40]))
+        for i in range(0, len(paragraphs), 40)
+    ]
 
 
 @dataclass(frozen=True)
@@ -185,8 +195,11 @@ def run_study(config: StudyConfig, reporter: Reporter) -> list[dict[str, Any]]:
     # then seed 1 of the best cache modes
     core = [v for v in variants if v.name in CORE]
     twins = sorted((v for v in variants if v.name in TWINS), key=lambda v: TWINS.index(v.name))
-    phases = (core, [Variant(v.name, v.store, v.train, seed=1) for v in twins],
-              [v for v in variants if v.name not in CORE])  # fmt: skip
+    phases = (
+        core,
+        [Variant(v.name, v.store, v.train, seed=1) for v in twins],
+        [v for v in variants if v.name not in CORE],
+    )
     for group in phases:
         for corpus, _ in corpora:
             for variant in group:
@@ -263,16 +276,18 @@ def _teacher_vocab(teacher: str) -> int:
 def _second_seeds(out: Path, corpus: str, variants: list[Variant], n_best: int) -> list[Variant]:
     """Seed 1 of CE-only, online KD and the ``n_best`` cache modes with the lowest CE."""
     rows = [r for r in load_results(out) if r["corpus"] == corpus and r["seed"] == 0]
-    cached = sorted((r for r in rows if r["bytes_per_token"] is not None),
-                    key=lambda r: r["eval_ce"])  # fmt: skip
+    cached = sorted(
+        (r for r in rows if r["bytes_per_token"] is not None), key=lambda r: r["eval_ce"]
+    )
     best = {r["variant"] for r in cached[:n_best]}
     chosen = [v for v in variants if v.name in ("CE only", "online KD") or v.name in best]
     return [Variant(v.name, v.store, v.train, seed=1) for v in chosen]
 
 
 # -- the orchestrator's side: one process per job --------------------------------------
-def _run_variant(out: Path, corpus: str, variant: Variant, config: StudyConfig,
-                 reporter: Reporter) -> None:  # fmt: skip
+def _run_variant(
+    out: Path, corpus: str, variant: Variant, config: StudyConfig, reporter: Reporter
+) -> None:
     if any(r["corpus"] == corpus and r["key"] == variant.key for r in load_results(out)):
         return
     work = out / corpus
@@ -283,14 +298,17 @@ def _run_variant(out: Path, corpus: str, variant: Variant, config: StudyConfig,
     t0 = time.perf_counter()
     done = work / "students" / _slug(variant.key) / "result.json"
     if not done.is_file():  # (a study stopped after a job but before this row kept it)
-        _job(out, {"kind": "variant", "corpus": corpus, "variant": asdict(variant)}, config,
-             reporter)  # fmt: skip
+        _job(
+            out, {"kind": "variant", "corpus": corpus, "variant": asdict(variant)}, config, reporter
+        )
     row = json.loads(done.read_text())
     row.setdefault("wall_s", time.perf_counter() - t0)
     results = [*load_results(out), row]
     write_json(out / "results.json", results)
-    reporter.log(f"[{corpus}] {variant.key}: CE {row['eval_ce']:.4f}, KL {row['eval_kl']:.4f}, "
-                 f"{row['wall_s']:.0f} s")  # fmt: skip
+    reporter.log(
+        f"[{corpus}] {variant.key}: CE {row['eval_ce']:.4f}, KL {row['eval_kl']:.4f}, "
+        f"{row['wall_s']:.0f} s"
+    )
 
 
 def _job(out: Path, job: dict[str, Any], config: StudyConfig, reporter: Reporter) -> None:
@@ -346,8 +364,9 @@ def run_job(job: dict[str, Any]) -> None:
         raise ValueError(f"unknown job kind {job['kind']!r}")
 
 
-def cache_dir(work: Path, teacher: str, budget: StudyBudget, store: dict[str, Any],
-              *, held_out: bool = False) -> Path:  # fmt: skip
+def cache_dir(
+    work: Path, teacher: str, budget: StudyBudget, store: dict[str, Any], *, held_out: bool = False
+) -> Path:
     """The cache of ``store`` over the slice (or the held-out file), written if missing."""
     from real_teacher_eval import cache_components
 
@@ -361,10 +380,19 @@ def cache_dir(work: Path, teacher: str, budget: StudyBudget, store: dict[str, An
     corpus = CorpusSpec(data=(str(data),), max_tokens=tokens, seq_len=budget.seq_len)
     # format 1, as the study's first caches were (a resumed study must match them): the
     # report measures format 2 by converting each (real_teacher_report.format2_bytes)
-    result = run_precompute(PrecomputeConfig(
-        teacher=teacher, out=str(dest), corpus=corpus, shard_sequences=64, device="cpu",
-        batch_tokens=4 * budget.seq_len, format_version=1, **store, **extra,
-    ))  # fmt: skip
+    result = run_precompute(
+        PrecomputeConfig(
+            teacher=teacher,
+            out=str(dest),
+            corpus=corpus,
+            shard_sequences=64,
+            device="cpu",
+            batch_tokens=4 * budget.seq_len,
+            format_version=1,
+            **store,
+            **extra,
+        )
+    )
     stats_file = dest / "study-stats.json"
     if not held_out and not stats_file.is_file():
         stats = cache_components(dest)
@@ -388,26 +416,46 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
     online = flags.pop("online_teacher", False)  # the reference: not a train setting
     steps = budget.steps
     config = TrainConfig(
-        cache=str(cache), out=str(dest), student_config=str(work / "student_config.json"),
-        tokenizer=teacher, eval_cache=str(held), eval_fraction=0.0, steps=steps,
-        batch_size=budget.batch_size, lr=budget.lr, warmup_steps=steps // 10,
-        eval_every=max(1, steps // 4), save_every=max(1, steps // 8), seed=variant.seed,
-        loader_workers=0, device="cpu", resume=True, quiet=True, **flags,
-    )  # fmt: skip
+        cache=str(cache),
+        out=str(dest),
+        student_config=str(work / "student_config.json"),
+        tokenizer=teacher,
+        eval_cache=str(held),
+        eval_fraction=0.0,
+        steps=steps,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        warmup_steps=steps // 10,
+        eval_every=max(1, steps // 4),
+        save_every=max(1, steps // 8),
+        seed=variant.seed,
+        loader_workers=0,
+        device="cpu",
+        resume=True,
+        quiet=True,
+        **flags,
+    )
     result = train(config, loss=OnlineKD.load(teacher, config) if online else None)
     evals = evaluate_student(Path(result.model_dir), held, work / "reference")
     stats_file = cache / "study-stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     on_cache = not (online or flags.get("loss") == "ce")
     row = {
-        "corpus": work.name, "variant": variant.name, "seed": variant.seed, "key": variant.key,
-        "store": variant.store, "train": variant.train, **evals,
+        "corpus": work.name,
+        "variant": variant.name,
+        "seed": variant.seed,
+        "key": variant.key,
+        "store": variant.store,
+        "train": variant.train,
+        **evals,
         "bytes_per_token": stats.get("bytes_per_token") if on_cache else None,
         "entries_per_position": stats.get("entries_per_position") if on_cache else None,
-        "steps": result.steps, "train_tokens": result.tokens, "train_wall_s": result.wall_s,
+        "steps": result.steps,
+        "train_tokens": result.tokens,
+        "train_wall_s": result.wall_s,
         "job_wall_s": time.perf_counter() - t0,
         "loop_eval": result.final_eval,
-    }  # fmt: skip
+    }
     write_json(dest / "result.json", row)
     shutil.rmtree(dest / "checkpoints", ignore_errors=True)  # ~100 MB each; the model is kept
 

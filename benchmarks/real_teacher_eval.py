@@ -39,8 +39,7 @@ def write_reference(teacher: str, held_cache: Path, dest: Path) -> dict[str, Any
     records = list(reader)
     n_positions = sum(len(r.input_ids) - 1 for r in records)
     tmp = dest / ".teacher_logprobs.npy.tmp"
-    table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                      shape=(n_positions, vocab))  # fmt: skip
+    table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_positions, vocab))
     ce, n, offset, layout = 0.0, 0, 0, []
     with torch.inference_mode():
         for record in records:
@@ -55,8 +54,13 @@ def write_reference(teacher: str, held_cache: Path, dest: Path) -> dict[str, Any
     table.flush()
     del table
     os.replace(tmp, dest / "teacher_logprobs.npy")
-    info = {"teacher": teacher, "teacher_ce": ce / max(n, 1), "positions": n,
-            "vocab": vocab, "layout": layout}  # fmt: skip
+    info = {
+        "teacher": teacher,
+        "teacher_ce": ce / max(n, 1),
+        "positions": n,
+        "vocab": vocab,
+        "layout": layout,
+    }
     done.write_text(json.dumps(info))
     return info
 
@@ -89,8 +93,12 @@ def evaluate_student(model_dir: Path, held_cache: Path, reference: Path) -> dict
                 ce -= float(student.gather(1, labels[:, None]).sum())
                 kl += float((teacher.exp() * (teacher - student)).sum())
                 n += int(rows.sum())
-    return {"eval_ce": ce / max(n, 1), "eval_kl": kl / max(n, 1), "eval_positions": n,
-            "teacher_ce": info["teacher_ce"]}  # fmt: skip
+    return {
+        "eval_ce": ce / max(n, 1),
+        "eval_kl": kl / max(n, 1),
+        "eval_positions": n,
+        "teacher_ce": info["teacher_ce"],
+    }
 
 
 def cache_components(cache: Path) -> dict[str, Any]:
@@ -103,10 +111,13 @@ def cache_components(cache: Path) -> dict[str, Any]:
     manifest = read_manifest(Location(str(cache)))
     stats = manifest.stats()
     return {
-        "mode": manifest.spec.mode, "k": manifest.spec.k, "samples": manifest.spec.samples,
-        "n_tokens": manifest.n_tokens, "bytes_per_token": stats["bytes_per_token"],
+        "mode": manifest.spec.mode,
+        "k": manifest.spec.k,
+        "samples": manifest.spec.samples,
+        "n_tokens": manifest.n_tokens,
+        "bytes_per_token": stats["bytes_per_token"],
         "bytes_per_entry": stats["bytes_per_entry"],
         "entries_per_position": stats["entries_per_position"],
         "mean_covered_mass": stats["mean_covered_mass"],
         "components_per_token": components(cache)["per_token"],
-    }  # fmt: skip
+    }

@@ -38,8 +38,9 @@ def format2_bytes(out: Path) -> dict[tuple[str, str], float]:
         if "format2_bytes_per_token" not in stats:
             with tempfile.TemporaryDirectory() as tmp:
                 copy = Path(tmp) / "format2"
-                result = convert_cache(stats_file.parent, copy, format_version=2,
-                                       shard_sequences=per_shard)  # fmt: skip
+                result = convert_cache(
+                    stats_file.parent, copy, format_version=2, shard_sequences=per_shard
+                )
                 stats["format2_bytes_per_token"] = result.bytes_after / result.manifest.n_tokens
                 stats["format2_components_per_token"] = components(copy)["per_token"]
             write_json(stats_file, stats)
@@ -64,15 +65,22 @@ def summarize(
     for (corpus, variant), seeds in groups.items():
         ce = [r["eval_ce"] for r in seeds]
         kl = [r["eval_kl"] for r in seeds]
-        out.append({
-            "corpus": corpus, "variant": variant, "seeds": len(seeds),
-            "eval_ce": sum(ce) / len(ce), "ce_spread": max(ce) - min(ce),
-            "eval_kl": sum(kl) / len(kl), "kl_spread": max(kl) - min(kl),
-            "bytes_per_token": seeds[0]["bytes_per_token"],
-            "bytes_format2": _format2_of(seeds[0], format2 or {}),
-            "entries_per_position": seeds[0]["entries_per_position"],
-            "teacher_ce": seeds[0]["teacher_ce"], "wall_s": max(r.get("wall_s", 0) for r in seeds),
-        })  # fmt: skip
+        out.append(
+            {
+                "corpus": corpus,
+                "variant": variant,
+                "seeds": len(seeds),
+                "eval_ce": sum(ce) / len(ce),
+                "ce_spread": max(ce) - min(ce),
+                "eval_kl": sum(kl) / len(kl),
+                "kl_spread": max(kl) - min(kl),
+                "bytes_per_token": seeds[0]["bytes_per_token"],
+                "bytes_format2": _format2_of(seeds[0], format2 or {}),
+                "entries_per_position": seeds[0]["entries_per_position"],
+                "teacher_ce": seeds[0]["teacher_ce"],
+                "wall_s": max(r.get("wall_s", 0) for r in seeds),
+            }
+        )
     for corpus in {r["corpus"] for r in out}:
         mine = {r["variant"]: r for r in out if r["corpus"] == corpus}
         ref = [mine.get(name) for name in _REFS]
@@ -94,16 +102,20 @@ def _format2_of(row: dict[str, Any], format2: dict[tuple[str, str], float]) -> f
 
 def summary_table(summary: list[dict[str, Any]]) -> str:
     """Markdown: one line per variant, the teacher's own CE first for each corpus."""
-    lines = ["| corpus | student | seeds | held-out CE | KL to teacher | B/token | "
-             "B/token (format 1) | ids/pos | CE gap closed | KL gap closed |",
-             "|---" * 10 + "|"]  # fmt: skip
+    lines = [
+        "| corpus | student | seeds | held-out CE | KL to teacher | B/token | "
+        "B/token (format 1) | ids/pos | CE gap closed | KL gap closed |",
+        "|---" * 10 + "|",
+    ]
     pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
     seen = set()
     for r in summary:
         if r["corpus"] not in seen:
             seen.add(r["corpus"])
-            lines.append(f"| {r['corpus']} | teacher (SmolLM2-135M) | – | {r['teacher_ce']:.3f} "
-                         "| 0 | – | – | – | – | – |")  # fmt: skip
+            lines.append(
+                f"| {r['corpus']} | teacher (SmolLM2-135M) | – | {r['teacher_ce']:.3f} "
+                "| 0 | – | – | – | – | – |"
+            )
         spread = f" ± {r['ce_spread'] / 2:.3f}" if r["seeds"] > 1 else ""
         kspread = f" ± {r['kl_spread'] / 2:.3f}" if r["seeds"] > 1 else ""
         num = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
@@ -120,11 +132,25 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
 def cache_table(out: Path) -> str:
     """Markdown: bytes per token of every cache of the study, by component: as written
     (format 1, 64-sequence shards) and, where ``format2_bytes`` measured it, in format 2."""
-    names = ["ids", "ids_table", "counts", "logprobs", "n_entries", "tail_mass", "input_ids",
-             "lengths", "loss_mask", "doc_starts", "framing"]  # fmt: skip
-    lines = ["| corpus | cache | format | ids/pos | mass stored | B/token | B/entry | "
-             + " | ".join(names) + " | teacher tok/s |",
-             "|---" * (8 + len(names)) + "|"]  # fmt: skip
+    names = [
+        "ids",
+        "ids_table",
+        "counts",
+        "logprobs",
+        "n_entries",
+        "tail_mass",
+        "input_ids",
+        "lengths",
+        "loss_mask",
+        "doc_starts",
+        "framing",
+    ]
+    lines = [
+        "| corpus | cache | format | ids/pos | mass stored | B/token | B/entry | "
+        + " | ".join(names)
+        + " | teacher tok/s |",
+        "|---" * (8 + len(names)) + "|",
+    ]
     for stats_file in sorted(out.glob("*/caches/*/study-stats.json")):
         s = json.loads(stats_file.read_text())
         mode = f"top-{s['k']}" if s["mode"] == "topk" else f"sampled N={s['samples']}"
@@ -139,9 +165,10 @@ def cache_table(out: Path) -> str:
             lines.append(
                 f"| {stats_file.parents[2].name} | {mode} | {version} | "
                 f"{s['entries_per_position']:.1f} | {100 * s['mean_covered_mass']:.0f} % | "
-                f"{total:.1f} | {total / entries:.2f} | " + " | ".join(cells)
+                f"{total:.1f} | {total / entries:.2f} | "
+                + " | ".join(cells)
                 + f" | {'–' if rate is None or version == 2 else f'{rate:.0f}'} |"
-            )  # fmt: skip
+            )
     return "\n".join(lines)
 
 
@@ -160,8 +187,9 @@ def plot_gap(summary: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.ticker
 
     corpora = sorted({r["corpus"] for r in points})
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6.2 * len(corpora), 4.4), dpi=110,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, len(corpora), figsize=(6.2 * len(corpora), 4.4), dpi=110, squeeze=False
+    )
     for ax, corpus in zip(axes[0], corpora):
         mine = [r for r in points if r["corpus"] == corpus]
         refs = {r["variant"]: r for r in summary if r["corpus"] == corpus}
@@ -174,12 +202,20 @@ def plot_gap(summary: list[dict[str, Any]], path: Path) -> bool:
         ax.axvline(16, color="tab:green", linestyle=":", linewidth=1)
         for family, marker in (("sampled", "o"), ("top-", "s")):
             fam = [r for r in mine if r["variant"].startswith(family)]
-            ax.scatter([size(r) for r in fam], [100 * r["gap_ce"] for r in fam],
-                       marker=marker, label=family.rstrip("-"))  # fmt: skip
+            ax.scatter(
+                [size(r) for r in fam],
+                [100 * r["gap_ce"] for r in fam],
+                marker=marker,
+                label=family.rstrip("-"),
+            )
             for r in fam:
-                ax.annotate(r["variant"].replace("sampled ", ""),
-                            (size(r), 100 * r["gap_ce"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    r["variant"].replace("sampled ", ""),
+                    (size(r), 100 * r["gap_ce"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         ax.set_xscale("log")
         ax.set_xlim(5, 400)  # the same scale in every panel
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([5, 10, 16, 25, 50, 100, 200]))

@@ -25,8 +25,10 @@ from logitcache.storage import CacheSpec
 from logitcache.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_settings
 
 RECIPES = Path(__file__).parent.parent / "src" / "logitcache" / "recipe_files"
-COMMANDS = {"precompute": (PrecomputeConfig, precompute_config),
-            "train": (TrainConfig, train_config)}  # fmt: skip
+COMMANDS = {
+    "precompute": (PrecomputeConfig, precompute_config),
+    "train": (TrainConfig, train_config),
+}
 
 
 def invoke(*args):
@@ -81,31 +83,90 @@ def test_data_and_teacher_revisions_are_separate_flags():
 def test_the_command_resolves_the_cache_mode_and_the_worker_split():
     config = parse("precompute", ["--teacher", "t", "--data", "d", "--out", "o"])
     assert (config.top_k, config.samples, config.num_workers, config.worker_index) == (
-        None, 64, 1, 0)  # fmt: skip
-    assert parse("precompute", ["--teacher", "t", "--data", "d", "--out", "o", "--top-k",
-                                "8"]).samples is None  # fmt: skip
+        None,
+        64,
+        1,
+        0,
+    )
+    assert (
+        parse("precompute", ["--teacher", "t", "--data", "d", "--out", "o", "--top-k", "8"]).samples
+        is None
+    )
 
 
 PRECOMPUTE = PrecomputeConfig(
-    teacher="org/teacher", out="s3://bucket/cache",
-    corpus=CorpusSpec(data=("a.txt", "b/*.jsonl"), data_config="cfg", split="validation",
-                      revision="v2", streaming=True, text_field="body", messages_field="chat",
-                      max_tokens=1000, seq_len=512, pack=False),
-    top_k=None, samples=16, sampled_logprobs=True, seed=3, container="zarr",
-    logprob_codec="float16", logprob_step=0.125, shard_sequences=32, dtype="bfloat16",
-    device="cpu", teacher_revision="abc123", trust_remote_code=True, batch_tokens=4096,
-    num_workers=3, worker_index=2,
-)  # fmt: skip
+    teacher="org/teacher",
+    out="s3://bucket/cache",
+    corpus=CorpusSpec(
+        data=("a.txt", "b/*.jsonl"),
+        data_config="cfg",
+        split="validation",
+        revision="v2",
+        streaming=True,
+        text_field="body",
+        messages_field="chat",
+        max_tokens=1000,
+        seq_len=512,
+        pack=False,
+    ),
+    top_k=None,
+    samples=16,
+    sampled_logprobs=True,
+    seed=3,
+    container="zarr",
+    logprob_codec="float16",
+    logprob_step=0.125,
+    shard_sequences=32,
+    dtype="bfloat16",
+    device="cpu",
+    teacher_revision="abc123",
+    trust_remote_code=True,
+    batch_tokens=4096,
+    num_workers=3,
+    worker_index=2,
+)
 TRAIN = TrainConfig(
-    cache="a", out="runs/x", mix_caches=("b", "c d"), cache_weights=(3.0, 1.0, 0.5),
-    student_config="s.json", tokenizer="tok", extended_vocab=True, loss="jsd", tail="label",
-    target="probs", temperature=2.0, alpha=0.25, beta=0.3, epochs=1.5, batch_size=3,
-    grad_accum=2, lr=1e-3, min_lr_ratio=0.0, warmup_steps=7, schedule="wsd",
-    decay_fraction=0.4, weight_decay=0.0, grad_clip=0.0, seed=5, eval_every=9,
-    eval_fraction=0.0, eval_sequences=12, eval_cache="held", save_every=4, keep_checkpoints=3,
-    block_shards=1, chunk_size=64, loader_workers=0, device="cpu", precision="fp32", resume=True,
-    verify=False, local_cache="/tmp/shards", local_cache_gb=1.5, quiet=True,
-)  # fmt: skip
+    cache="a",
+    out="runs/x",
+    mix_caches=("b", "c d"),
+    cache_weights=(3.0, 1.0, 0.5),
+    student_config="s.json",
+    tokenizer="tok",
+    extended_vocab=True,
+    loss="jsd",
+    tail="label",
+    target="probs",
+    temperature=2.0,
+    alpha=0.25,
+    beta=0.3,
+    epochs=1.5,
+    batch_size=3,
+    grad_accum=2,
+    lr=1e-3,
+    min_lr_ratio=0.0,
+    warmup_steps=7,
+    schedule="wsd",
+    decay_fraction=0.4,
+    weight_decay=0.0,
+    grad_clip=0.0,
+    seed=5,
+    eval_every=9,
+    eval_fraction=0.0,
+    eval_sequences=12,
+    eval_cache="held",
+    save_every=4,
+    keep_checkpoints=3,
+    block_shards=1,
+    chunk_size=64,
+    loader_workers=0,
+    device="cpu",
+    precision="fp32",
+    resume=True,
+    verify=False,
+    local_cache="/tmp/shards",
+    local_cache_gb=1.5,
+    quiet=True,
+)
 
 
 @pytest.mark.parametrize("command, config", [("precompute", PRECOMPUTE), ("train", TRAIN)])
@@ -132,13 +193,25 @@ def test_flags_override_the_file_and_the_file_the_defaults(tmp_path):
 
 def test_dry_run_prints_a_recipe_that_reads_back_the_same(tmp_path, tiny_teacher_dir, text_corpus):
     t, x = str(tiny_teacher_dir), str(text_corpus)  # checked: they must exist
-    argv = ["--teacher", t, "--data", x, "--out", "o", "--top-k", "8", "--no-pack",
-            "--seq-len", "32"]  # fmt: skip
+    argv = [
+        "--teacher",
+        t,
+        "--data",
+        x,
+        "--out",
+        "o",
+        "--top-k",
+        "8",
+        "--no-pack",
+        "--seq-len",
+        "32",
+    ]
     result = invoke("precompute", *argv, "--dry-run")
     assert result.exit_code == 0, result.output
     first = result.stdout.splitlines()[0]
-    assert first == (f"# logitcache precompute --teacher {t} --out o --data {x} --seq-len 32 "
-                     "--no-pack --top-k 8")  # fmt: skip
+    assert first == (
+        f"# logitcache precompute --teacher {t} --out o --data {x} --seq-len 32 --no-pack --top-k 8"
+    )
     (tmp_path / "r.yaml").write_text(result.stdout)
     assert parse("precompute", ["--config", tmp_path / "r.yaml"]) == parse("precompute", argv)
 
@@ -208,9 +281,26 @@ def test_a_cache_is_the_recipe_that_makes_it_again(
 ):
     monkeypatch.setenv("LOGITCACHE_HOME", str(tmp_path / "home"))
     first = tmp_path / "first"
-    argv = ["--teacher", tiny_teacher_dir, "--data", text_corpus, "--seq-len", "32",
-            "--shard-sequences", "8", "--samples", "8", "--seed", "4", "--no-pack",
-            "--logprob-step", "0.0625", "--device", "cpu", "--quiet"]  # fmt: skip
+    argv = [
+        "--teacher",
+        tiny_teacher_dir,
+        "--data",
+        text_corpus,
+        "--seq-len",
+        "32",
+        "--shard-sequences",
+        "8",
+        "--samples",
+        "8",
+        "--seed",
+        "4",
+        "--no-pack",
+        "--logprob-step",
+        "0.0625",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert invoke("precompute", *argv, "--out", first, "--batch-tokens", "64").exit_code == 0
     recipe = parse("precompute", ["--config", first, "--out", "x"])
     assert recipe == replace(parse("precompute", [*argv, "--out", "x"]), device="auto")
@@ -218,8 +308,11 @@ def test_a_cache_is_the_recipe_that_makes_it_again(
         again = tmp_path / f"again-{source.name}"
         result = invoke("precompute", "--config", source, "--out", again, "--quiet")
         assert result.exit_code == 0, result.output
-        files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file()
-                       and ".locks" not in p.parts)  # fmt: skip
+        files = sorted(
+            p.relative_to(first)
+            for p in first.rglob("*")
+            if p.is_file() and ".locks" not in p.parts
+        )
         assert len(files) > 3
         for name in files:
             assert (first / name).read_bytes() == (again / name).read_bytes(), name
@@ -239,14 +332,50 @@ def test_a_saved_train_config_reproduces_the_losses(
     tmp_path, sharp_teacher_dir, tiny_teacher_dir, text_corpus, student_config
 ):
     cache = tmp_path / "cache"
-    assert invoke("precompute", "--teacher", sharp_teacher_dir, "--data", text_corpus, "--out",
-                  cache, "--seq-len", "32", "--top-k", "4", "--device", "cpu",
-                  "--quiet").exit_code == 0  # fmt: skip
+    assert (
+        invoke(
+            "precompute",
+            "--teacher",
+            sharp_teacher_dir,
+            "--data",
+            text_corpus,
+            "--out",
+            cache,
+            "--seq-len",
+            "32",
+            "--top-k",
+            "4",
+            "--device",
+            "cpu",
+            "--quiet",
+        ).exit_code
+        == 0
+    )
     first, second = tmp_path / "first", tmp_path / "second"
-    result = invoke("train", "--cache", cache, "--out", first, "--student-config",
-                    student_config, "--tokenizer", tiny_teacher_dir, "--steps", "3",
-                    "--batch-size", "2", "--loader-workers", "0", "--eval-fraction", "0.2",
-                    "--lr", "0.01", "--schedule", "wsd", "--quiet")  # fmt: skip
+    result = invoke(
+        "train",
+        "--cache",
+        cache,
+        "--out",
+        first,
+        "--student-config",
+        student_config,
+        "--tokenizer",
+        tiny_teacher_dir,
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--loader-workers",
+        "0",
+        "--eval-fraction",
+        "0.2",
+        "--lr",
+        "0.01",
+        "--schedule",
+        "wsd",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     result = invoke("train", "--config", first / "train_config.json", "--out", second)
     assert result.exit_code == 0, result.output
@@ -292,9 +421,19 @@ def test_a_new_field_with_a_docstring_is_a_flag():
         click.echo(repr(build(_Example, resolve(_Example, click.get_current_context(), params))))
 
     helptext = CliRunner().invoke(command, ["--help"]).output
-    for needle in ("--name TEXT", "Required text.", "[required]", "--count INTEGER",
-                   "[default: 3]", "--mode [fast|exact]", "--flag / --no-flag", "--paths TEXT",
-                   "--weights X,Y,...", "--level [low|high]", "[default: (x, y)]"):  # fmt: skip
+    for needle in (
+        "--name TEXT",
+        "Required text.",
+        "[required]",
+        "--count INTEGER",
+        "[default: 3]",
+        "--mode [fast|exact]",
+        "--flag / --no-flag",
+        "--paths TEXT",
+        "--weights X,Y,...",
+        "--level [low|high]",
+        "[default: (x, y)]",
+    ):
         assert needle in helptext, needle
     assert "--hidden" not in helptext and "--extra" not in helptext
     example = _Example("n", 4, 0.5, "exact", True, ("a", "b"), (1.0, 2.5), 0, "high", ("z",))

@@ -14,11 +14,25 @@ from click.testing import CliRunner
 from logitcache import demo, toy
 from logitcache.cli import main
 
-TINY = dict(vocab_size=300, teacher_hidden=16, teacher_layers=1, teacher_heads=2,
-            teacher_intermediate=32, teacher_steps=2, teacher_batch=2, slice_tokens=300,
-            heldout_tokens=150, student_hidden=16, student_layers=1, student_heads=2,
-            student_intermediate=32, student_steps=2, student_batch=2, eval_every=1,
-            teacher_text_bytes=5_000)  # fmt: skip
+TINY = dict(
+    vocab_size=300,
+    teacher_hidden=16,
+    teacher_layers=1,
+    teacher_heads=2,
+    teacher_intermediate=32,
+    teacher_steps=2,
+    teacher_batch=2,
+    slice_tokens=300,
+    heldout_tokens=150,
+    student_hidden=16,
+    student_layers=1,
+    student_heads=2,
+    student_intermediate=32,
+    student_steps=2,
+    student_batch=2,
+    eval_every=1,
+    teacher_text_bytes=5_000,
+)
 
 
 @pytest.fixture
@@ -51,8 +65,9 @@ def test_demo_refuses_an_out_it_did_not_write(tiny_demo, tmp_path):
     out = tmp_path / "mine"
     (out / "cache").mkdir(parents=True)
     (out / "cache" / "precious.txt").write_text("not the demo's")
-    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--home",
-                                       str(tmp_path / "home")])  # fmt: skip
+    result = CliRunner().invoke(
+        main, ["demo", "--quick", "--out", str(out), "--home", str(tmp_path / "home")]
+    )
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
         f"error: --out {out} already holds cache, not written by a demo: choose an empty or "

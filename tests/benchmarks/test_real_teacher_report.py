@@ -13,17 +13,29 @@ from real_teacher_report import plot_gap, summarize, summary_table
 
 
 def row(variant: str, seed: int, ce: float, kl: float, bpt: float | None = None) -> dict:
-    return {"corpus": "prose", "variant": variant, "seed": seed, "key": f"{variant} seed={seed}",
-            "eval_ce": ce, "eval_kl": kl,
-            "bytes_per_token": bpt, "entries_per_position": None if bpt is None else 8.0,
-            "teacher_ce": 3.0, "wall_s": 1.0}  # fmt: skip
+    return {
+        "corpus": "prose",
+        "variant": variant,
+        "seed": seed,
+        "key": f"{variant} seed={seed}",
+        "eval_ce": ce,
+        "eval_kl": kl,
+        "bytes_per_token": bpt,
+        "entries_per_position": None if bpt is None else 8.0,
+        "teacher_ce": 3.0,
+        "wall_s": 1.0,
+    }
 
 
 def test_gap_shares_use_the_seed_means_of_both_references():
-    rows = [row("CE only", 0, 6.0, 2.0), row("CE only", 1, 6.2, 2.2),
-            row("online KD", 0, 5.0, 1.0), row("online KD", 1, 5.2, 1.2),
-            row("sampled N=16", 0, 5.55, 1.3, 25.0),
-            row("sampled N=16", 0, 5.55, 1.3, 25.0)]  # the same row kept twice  # fmt: skip
+    rows = [
+        row("CE only", 0, 6.0, 2.0),
+        row("CE only", 1, 6.2, 2.2),
+        row("online KD", 0, 5.0, 1.0),
+        row("online KD", 1, 5.2, 1.2),
+        row("sampled N=16", 0, 5.55, 1.3, 25.0),
+        row("sampled N=16", 0, 5.55, 1.3, 25.0),
+    ]  # the same row kept twice
     by_name = {r["variant"]: r for r in summarize(rows)}
     n16 = by_name["sampled N=16"]
     assert n16["gap_ce"] == pytest.approx((6.1 - 5.55) / (6.1 - 5.1))
@@ -46,9 +58,12 @@ def test_partial_results_give_no_gap_and_no_plot(tmp_path):
 
 
 def test_the_plot_is_written_once_a_cache_variant_has_a_gap_share(tmp_path):
-    rows = [row("CE only", 0, 6.0, 2.0), row("online KD", 0, 5.0, 1.0),
-            row("sampled N=16", 0, 5.5, 1.3, 25.0),
-            row("top-128 label", 0, 5.2, 1.1, 280.0)]  # fmt: skip
+    rows = [
+        row("CE only", 0, 6.0, 2.0),
+        row("online KD", 0, 5.0, 1.0),
+        row("sampled N=16", 0, 5.5, 1.3, 25.0),
+        row("top-128 label", 0, 5.2, 1.1, 280.0),
+    ]
     assert plot_gap(summarize(rows), tmp_path / "gap.png")
     assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -75,10 +90,17 @@ def test_format2_bytes_rewrites_each_cache_once_and_feeds_the_table(
 
     store = {"samples": 8}
     cache = tmp_path / "prose" / "caches" / Variant("", store).cache_key
-    run_precompute(PrecomputeConfig(
-        teacher=str(tiny_teacher_dir), out=str(cache), device="cpu", shard_sequences=2,
-        corpus=CorpusSpec(data=(str(text_corpus),), seq_len=16), format_version=1, **store,
-    ))  # fmt: skip
+    run_precompute(
+        PrecomputeConfig(
+            teacher=str(tiny_teacher_dir),
+            out=str(cache),
+            device="cpu",
+            shard_sequences=2,
+            corpus=CorpusSpec(data=(str(text_corpus),), seq_len=16),
+            format_version=1,
+            **store,
+        )
+    )
     (cache / "study-stats.json").write_text(json.dumps(cache_components(cache)))
     measured = report.format2_bytes(tmp_path)
     written = cache_components(cache)["bytes_per_token"]

@@ -33,9 +33,17 @@ def test_sampled_formulas_match_the_extraction_code():
         rows = Logits(logits, n_rows=3, vocab=12)  # the logits themselves, no head
         t = sampled_targets(rows, n, sample_generator(seed, 0, torch.device("cpu")))
         zeros = np.zeros(4, dtype=np.uint32)
-        r = SequenceRecord(index=0, input_ids=zeros, loss_mask=np.ones(4, dtype=bool),
-                           doc_starts=zeros[:1], ids=t.ids, n_entries=t.n_entries,
-                           tail_mass=t.tail_mass, logprobs=None, counts=t.counts)  # fmt: skip
+        r = SequenceRecord(
+            index=0,
+            input_ids=zeros,
+            loss_mask=np.ones(4, dtype=bool),
+            doc_starts=zeros[:1],
+            ids=t.ids,
+            n_entries=t.n_entries,
+            tail_mass=t.tail_mass,
+            logprobs=None,
+            counts=t.counts,
+        )
         dense = np.zeros(p.shape)
         rows = np.repeat(np.arange(3), r.n_entries)
         np.add.at(dense, (rows, r.ids.astype(np.int64)), r.target_probs())
@@ -96,9 +104,13 @@ def test_allocation_by_entries_is_optimal_among_all_allocations():
     p = _probs(3, 40, seed=3)
     v = sampled_noise(p)
     entries, _ = expected_entries(p, torch.arange(1, 7))  # [3, 6]
-    every = [(sum(float(entries[i, n - 1]) for i, n in enumerate(alloc)),
-              sum(float(v[i]) / n for i, n in enumerate(alloc)))
-             for alloc in itertools.product(range(1, 7), repeat=3)]  # fmt: skip
+    every = [
+        (
+            sum(float(entries[i, n - 1]) for i, n in enumerate(alloc)),
+            sum(float(v[i]) / n for i, n in enumerate(alloc)),
+        )
+        for alloc in itertools.product(range(1, 7), repeat=3)
+    ]
     seen = set()
     for lam in torch.logspace(-4, 1, 60).tolist():
         n_p = allocate_by_entries(v, entries, lam)

@@ -27,10 +27,25 @@ def precompute_args(sharp_teacher_dir, text_corpus):
 
     def make(out: Path, mode: str = "topk", *extra: str) -> list[str]:
         return [
-            "precompute", "--teacher", sharp_teacher_dir, "--data", text_corpus, "--out", out,
-            "--seq-len", "32", "--shard-sequences", "8", "--batch-tokens", "128",
-            "--device", "cpu", "--quiet", *MODES[mode], *extra,
-        ]  # fmt: skip
+            "precompute",
+            "--teacher",
+            sharp_teacher_dir,
+            "--data",
+            text_corpus,
+            "--out",
+            out,
+            "--seq-len",
+            "32",
+            "--shard-sequences",
+            "8",
+            "--batch-tokens",
+            "128",
+            "--device",
+            "cpu",
+            "--quiet",
+            *MODES[mode],
+            *extra,
+        ]
 
     return make
 
@@ -62,9 +77,15 @@ def train_args(student_config, sharp_teacher_dir):
 
     def make(cache: Path, out: Path, **flags) -> list[str]:
         settings = {
-            "student_config": student_config, "tokenizer": sharp_teacher_dir, "batch_size": 4,
-            "lr": 1e-2, "eval_fraction": 0.2, "loader_workers": 0, "steps": 12, **flags,
-        }  # fmt: skip
+            "student_config": student_config,
+            "tokenizer": sharp_teacher_dir,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "eval_fraction": 0.2,
+            "loader_workers": 0,
+            "steps": 12,
+            **flags,
+        }
         args = ["train", "--cache", cache, "--out", out, "--quiet"]
         for key, value in settings.items():
             if value is None or value is False:

@@ -114,8 +114,13 @@ class Lab:
         proc.start()
         return _Running(proc, log)
 
-    def run(self, args: list[str], fault: Fault | None = None, timeout: float = 120,
-            env: dict | None = None) -> Outcome:  # fmt: skip
+    def run(
+        self,
+        args: list[str],
+        fault: Fault | None = None,
+        timeout: float = 120,
+        env: dict | None = None,
+    ) -> Outcome:
         return self.start(args, fault, env).wait(timeout)
 
 

@@ -18,21 +18,54 @@ def inputs(tmp_path, sharp_teacher_dir, text_corpus, student_config, reference_c
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{not json")
     return {
-        "teacher": sharp_teacher_dir, "corpus": text_corpus, "student": student_config,
-        "cache": reference_caches["topk"], "sampled": reference_caches["sampled"],
-        "file": a_file, "bad_json": bad_json, "out": tmp_path / "out", "dir": tmp_path,
-    }  # fmt: skip
+        "teacher": sharp_teacher_dir,
+        "corpus": text_corpus,
+        "student": student_config,
+        "cache": reference_caches["topk"],
+        "sampled": reference_caches["sampled"],
+        "file": a_file,
+        "bad_json": bad_json,
+        "out": tmp_path / "out",
+        "dir": tmp_path,
+    }
 
 
 def precompute(i, *flags):
-    return ["precompute", "--teacher", i["teacher"], "--data", i["corpus"], "--out", i["out"],
-            "--seq-len", "32", "--device", "cpu", "--quiet", *flags]  # fmt: skip
+    return [
+        "precompute",
+        "--teacher",
+        i["teacher"],
+        "--data",
+        i["corpus"],
+        "--out",
+        i["out"],
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+        *flags,
+    ]
 
 
 def train(i, *flags):
-    return ["train", "--cache", i["cache"], "--out", i["out"], "--student-config", i["student"],
-            "--tokenizer", i["teacher"], "--loader-workers", "0", "--steps", "1", "--quiet",
-            *flags]  # fmt: skip
+    return [
+        "train",
+        "--cache",
+        i["cache"],
+        "--out",
+        i["out"],
+        "--student-config",
+        i["student"],
+        "--tokenizer",
+        i["teacher"],
+        "--loader-workers",
+        "0",
+        "--steps",
+        "1",
+        "--quiet",
+        *flags,
+    ]
 
 
 CASES = {  # name: (arguments, what the one line must say)
@@ -152,13 +185,30 @@ CASES = {  # name: (arguments, what the one line must say)
 def test_there_are_at_least_15_cases_over_every_command():
     assert len(CASES) >= 15
     commands = {name.split()[0] for name in CASES}
-    assert commands == {"precompute", "train", "verify", "inspect", "merge", "push", "bench",
-                        "demo"}  # fmt: skip
+    assert commands == {
+        "precompute",
+        "train",
+        "verify",
+        "inspect",
+        "merge",
+        "push",
+        "bench",
+        "demo",
+    }
 
 
-FAST = {"precompute --top-k 0", "precompute --out is a file", "train --device tpu9",
-        "train --keep-checkpoints 0", "verify a file", "inspect missing", "merge without parts",
-        "push to a file", "bench storage --top-k 0", "demo --home is a file"}  # fmt: skip
+FAST = {
+    "precompute --top-k 0",
+    "precompute --out is a file",
+    "train --device tpu9",
+    "train --keep-checkpoints 0",
+    "verify a file",
+    "inspect missing",
+    "merge without parts",
+    "push to a file",
+    "bench storage --top-k 0",
+    "demo --home is a file",
+}
 
 
 @pytest.mark.parametrize(

@@ -36,11 +36,13 @@ def check_cache_left(out, n_listed: int) -> None:
     [
         ("shard", Fault("publish:shards/", at=4, action="limit", arg=SHARD_LIMIT), 3),
         pytest.param(
-            "manifest", Fault("publish:manifest.json", at=3, action="limit", arg=1000), 2,
+            "manifest",
+            Fault("publish:manifest.json", at=3, action="limit", arg=1000),
+            2,
             marks=pytest.mark.slow,
         ),
     ],
-)  # fmt: skip
+)
 def test_disk_full_during_precompute(
     where, fault, n_listed, lab, precompute_args, reference_caches, tmp_path
 ):
@@ -69,28 +71,49 @@ def same_model(a, b) -> bool:
 @pytest.mark.parametrize(
     ("where", "fault", "message"),
     [
-        ("checkpoint",
-         Fault("publish:checkpoints/latest", at=1, when="after", action="limit",
-               arg=CHECKPOINT_LIMIT),
-         ["out of disk while checkpointing step 4", "step-0000002) is intact", "--resume"]),
+        (
+            "checkpoint",
+            Fault(
+                "publish:checkpoints/latest",
+                at=1,
+                when="after",
+                action="limit",
+                arg=CHECKPOINT_LIMIT,
+            ),
+            ["out of disk while checkpointing step 4", "step-0000002) is intact", "--resume"],
+        ),
         pytest.param(  # the weights (120 kB) fit, the optimizer state (260 kB) does not
             "optimizer",
-            Fault("publish:checkpoints/latest", at=1, when="after", action="limit",
-                  arg=OPTIMIZER_LIMIT),
+            Fault(
+                "publish:checkpoints/latest",
+                at=1,
+                when="after",
+                action="limit",
+                arg=OPTIMIZER_LIMIT,
+            ),
             ["out of disk while checkpointing step 4", "step-0000002) is intact", "--resume"],
-            marks=pytest.mark.slow),
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             "final-model",
-            Fault("publish:checkpoints/latest", at=4, when="after", action="limit",
-                  arg=CHECKPOINT_LIMIT),
+            Fault(
+                "publish:checkpoints/latest",
+                at=4,
+                when="after",
+                action="limit",
+                arg=CHECKPOINT_LIMIT,
+            ),
             ["out of disk while saving the final model", "step-0000008", "--resume"],
-            marks=pytest.mark.slow),
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
-            "metrics", Fault("step", at=3, action="limit", arg=500),
+            "metrics",
+            Fault("step", at=3, action="limit", arg=500),
             ["out of disk while writing", "metrics.jsonl", "--resume"],
-            marks=pytest.mark.slow),
+            marks=pytest.mark.slow,
+        ),
     ],
-)  # fmt: skip
+)
 def test_disk_full_during_training(
     where, fault, message, lab, reference_caches, train_args, reference_run, tmp_path
 ):

@@ -34,8 +34,9 @@ def test_a_pickled_student_is_never_unpickled(
     shutil.copytree(sharp_teacher_dir, student)
     (student / "model.safetensors").unlink()
     (student / "pytorch_model.bin").write_bytes(pickle.dumps(Trap(marker)))
-    args = train_args(copy_cache("topk"), tmp_path / "run", student=student,
-                      student_config=None, tokenizer=None)  # fmt: skip
+    args = train_args(
+        copy_cache("topk"), tmp_path / "run", student=student, student_config=None, tokenizer=None
+    )
     outcome = lab.run([*args, "--dry-run"], timeout=60)
     assert outcome.code == 0, outcome.output[-3000:]
     assert "all checks passed" in outcome.output

@@ -189,10 +189,24 @@ def fifo_shard(cache: Path, marker: Path) -> str:
 
 
 CASES = [
-    dotdot_path, absolute_path, huge_shard_bytes, huge_sequence_count, huge_seq_len, huge_total,
-    zstd_bomb, count_as_string, hash_as_number, k_as_string, shards_as_object, newer_manifest,
-    newer_shard, pickled_shard, pickle_codec, endless_shard, fifo_shard,
-]  # fmt: skip
+    dotdot_path,
+    absolute_path,
+    huge_shard_bytes,
+    huge_sequence_count,
+    huge_seq_len,
+    huge_total,
+    zstd_bomb,
+    count_as_string,
+    hash_as_number,
+    k_as_string,
+    shards_as_object,
+    newer_manifest,
+    newer_shard,
+    pickled_shard,
+    pickle_codec,
+    endless_shard,
+    fifo_shard,
+]
 FAST = {dotdot_path, zstd_bomb, newer_shard, pickled_shard, endless_shard}
 
 

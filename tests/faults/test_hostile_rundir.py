@@ -261,9 +261,18 @@ for _name in (".metadata", "__0_0.distcp", "rng.pt"):
     CASES.append((f"{_name}-fifo", "dcp", replace_with(f"{CKPT}/{_name}", fifo), _name))
     CASES.append((f"{_name}-dev-zero", "dcp", replace_with(f"{CKPT}/{_name}", dev_zero), _name))
 
-FAST = {"state-truncated", "step-huge", "latest-dotdot", "optimizer-pickle", "metrics-1mb-line",
-        "metadata-dotted-allowed-module", "metadata-dotted-torch", "metadata-os-system",
-        "state.json-fifo", ".metadata-dev-zero"}  # fmt: skip
+FAST = {
+    "state-truncated",
+    "step-huge",
+    "latest-dotdot",
+    "optimizer-pickle",
+    "metrics-1mb-line",
+    "metadata-dotted-allowed-module",
+    "metadata-dotted-torch",
+    "metadata-os-system",
+    "state.json-fifo",
+    ".metadata-dev-zero",
+}
 
 
 def redirect_storage(run: Path, path: str | None) -> None:

@@ -42,8 +42,12 @@ def kill_plan(seed: int = SEED) -> list[tuple[str, str, Fault]]:
         elif phase == "shard-published":
             fault = Fault("publish:shards/", at=shard, when="after")
         else:  # the manifest is published once per shard, then once more as complete
-            fault = Fault("publish:manifest.json", at=int(rng.integers(1, N_SHARDS + 2)),
-                          when="torn", keep=fraction)  # fmt: skip
+            fault = Fault(
+                "publish:manifest.json",
+                at=int(rng.integers(1, N_SHARDS + 2)),
+                when="torn",
+                keep=fraction,
+            )
         plan.append((phase, mode, fault))
     return plan
 

@@ -45,8 +45,9 @@ class Lines(Reporter):
 def config(teacher: Path, data: Path, out: Path, **settings) -> PrecomputeConfig:
     settings.setdefault("shard_sequences", SHARD_SEQUENCES)
     corpus = CorpusSpec(data=(str(data),), seq_len=SEQ_LEN)
-    return PrecomputeConfig(teacher=str(teacher), out=str(out), corpus=corpus, device="cpu",
-                            **settings)  # fmt: skip
+    return PrecomputeConfig(
+        teacher=str(teacher), out=str(out), corpus=corpus, device="cpu", **settings
+    )
 
 
 def shard_bytes(cache: Path) -> dict[str, bytes]:
@@ -83,8 +84,9 @@ def budget_cache(tmp_path_factory, sharp_teacher_dir, text_corpus):
     reporter = Lines()
     with pytest.MonkeyPatch.context() as patch:
         calibrations = spy_on_calibrate(patch)
-        run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=BUDGET),
-                       reporter)  # fmt: skip
+        run_precompute(
+            config(sharp_teacher_dir, text_corpus, out, bytes_per_token=BUDGET), reporter
+        )
     (calibration,) = calibrations
     return out, calibration, reporter.lines
 
@@ -150,8 +152,9 @@ def test_calibration_writes_in_the_configured_format_and_container(
 ):
     calibrations = spy_on_calibrate(monkeypatch)
     out = tmp_path / "c"
-    result = run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=budget,
-                                   **settings))  # fmt: skip
+    result = run_precompute(
+        config(sharp_teacher_dir, text_corpus, out, bytes_per_token=budget, **settings)
+    )
     (calibration,) = calibrations
     spec, size = result.manifest.spec, dict(calibration.measured)
     assert 1 < calibration.samples < 255 and spec.samples == calibration.samples
@@ -195,8 +198,7 @@ def test_a_budget_cache_is_a_plain_samples_cache_and_its_recipe_remakes_it(tmp_p
     assert read_manifest(Location(str(again))).spec == read_manifest(Location(str(out))).spec
 
 
-def test_a_budget_below_n1_fails_naming_the_smallest_size(tmp_path, sharp_teacher_dir,
-                                                          text_corpus):  # fmt: skip
+def test_a_budget_below_n1_fails_naming_the_smallest_size(tmp_path, sharp_teacher_dir, text_corpus):
     out = tmp_path / "c"
     with pytest.raises(LogitcacheError, match=r"N=1 takes (\d+\.\d\d) bytes per token") as err:
         run_precompute(config(sharp_teacher_dir, text_corpus, out, bytes_per_token=2.0))
@@ -210,33 +212,52 @@ def test_a_budget_for_an_output_holding_a_topk_cache_is_refused(
 ):
     out = tmp_path / "c"
     run_precompute(config(tiny_teacher_dir, text_corpus, out, top_k=4))
-    with pytest.raises(LogitcacheError, match=r"already holds a top-k cache \(k=4\); "
-                       "--bytes-per-token makes a sampled one: use another --out"):  # fmt: skip
+    with pytest.raises(
+        LogitcacheError,
+        match=r"already holds a top-k cache \(k=4\); "
+        "--bytes-per-token makes a sampled one: use another --out",
+    ):
         run_precompute(config(tiny_teacher_dir, text_corpus, out, bytes_per_token=BUDGET))
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--bytes-per-token", "16", "--samples", "8"], "choose exactly one of --top-k K, "
-         "--samples N or --bytes-per-token B"),
+        (
+            ["--bytes-per-token", "16", "--samples", "8"],
+            "choose exactly one of --top-k K, --samples N or --bytes-per-token B",
+        ),
         (["--bytes-per-token", "16", "--top-k", "8"], "choose exactly one of --top-k K"),
         (["--bytes-per-token", "0"], "--bytes-per-token must be > 0, got 0.0"),
         (["--bytes-per-token", "nan"], "--bytes-per-token: expected a finite number, got 'nan'"),
         (["--bytes-per-token", "8", "--top-k", "4", "--sampled-logprobs"], "choose exactly"),
-        (["--top-k", "4", "--sampled-logprobs"], "--sampled-logprobs needs --samples or "
-         "--bytes-per-token"),
+        (
+            ["--top-k", "4", "--sampled-logprobs"],
+            "--sampled-logprobs needs --samples or --bytes-per-token",
+        ),
     ],
-)  # fmt: skip
+)
 def test_flag_conflicts_are_one_line_errors(flags, message):
     result = invoke("precompute", "--teacher", "t", "--data", "d", "--out", "o", *flags)
     assert message in one_line_error(result)
 
 
 def test_bytes_per_token_alone_gets_no_default_samples(tiny_teacher_dir, text_corpus):
-    result = invoke("precompute", "--teacher", tiny_teacher_dir, "--data", text_corpus, "--out",
-                    "o", "--seq-len", "32", "--bytes-per-token", "16", "--sampled-logprobs",
-                    "--dry-run")  # fmt: skip
+    result = invoke(
+        "precompute",
+        "--teacher",
+        tiny_teacher_dir,
+        "--data",
+        text_corpus,
+        "--out",
+        "o",
+        "--seq-len",
+        "32",
+        "--bytes-per-token",
+        "16",
+        "--sampled-logprobs",
+        "--dry-run",
+    )
     recipe = yaml.safe_load(result.stdout)
     assert (recipe["samples"], recipe["top_k"], recipe["bytes_per_token"]) == (None, None, 16.0)
     assert result.stdout.startswith("# logitcache precompute ")
@@ -296,8 +317,11 @@ def test_workers_share_the_n_and_a_disagreement_is_named(
     assert result.manifest.complete and result.manifest.spec.samples == chosen
 
     plain = config(sharp_teacher_dir, text_corpus, out, samples=chosen + 1, num_workers=2)
-    with pytest.raises(LogitcacheError, match=rf"different N \({chosen + 1} here, {chosen} in "
-                       r"parts/worker-00000-of-00002.json\)"):  # fmt: skip
+    with pytest.raises(
+        LogitcacheError,
+        match=rf"different N \({chosen + 1} here, {chosen} in "
+        r"parts/worker-00000-of-00002.json\)",
+    ):
         calibrate_module.check_workers_agree(plain)
 
 
@@ -310,13 +334,38 @@ def test_two_torchrun_ranks_calibrate_alike_and_write_the_single_process_cache(
     one byte for byte (~10 s: two processes import torch)."""
     single, calibration, _ = budget_cache
     out = tmp_path / "ranked"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    args = ["precompute", "--teacher", sharp_teacher_dir, "--data", text_corpus, "--out", out,
-            "--seq-len", SEQ_LEN, "--shard-sequences", SHARD_SEQUENCES, "--bytes-per-token",
-            BUDGET]  # fmt: skip
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "logitcache.cli", *map(str, args)]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    args = [
+        "precompute",
+        "--teacher",
+        sharp_teacher_dir,
+        "--data",
+        text_corpus,
+        "--out",
+        out,
+        "--seq-len",
+        SEQ_LEN,
+        "--shard-sequences",
+        SHARD_SEQUENCES,
+        "--bytes-per-token",
+        BUDGET,
+    ]
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "logitcache.cli",
+        *map(str, args),
+    ]
     proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count(f"; --samples {calibration.samples}\n") == 1  # rank 0 logs

@@ -40,8 +40,22 @@ def invoke(*args: object) -> Result:
 def precompute_args(
     teacher: Path, data: Path, out: Path, *extra: object, shard_sequences: int = SHARD_SEQUENCES
 ) -> list[str]:
-    args = ["precompute", "--teacher", teacher, "--data", data, "--out", out, "--seq-len",
-            SEQ_LEN, "--shard-sequences", shard_sequences, "--device", "cpu", *extra]  # fmt: skip
+    args = [
+        "precompute",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--seq-len",
+        SEQ_LEN,
+        "--shard-sequences",
+        shard_sequences,
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return [str(a) for a in args]
 
 
@@ -147,8 +161,9 @@ def test_rerun_with_other_settings_is_refused(cache_copy, tiny_teacher_dir, text
 
 
 def worker_args(teacher: Path, data: Path, out: Path, index: int) -> list[str]:
-    return precompute_args(teacher, data, out, "--top-k", TOP_K, "--num-workers", 2,
-                           "--worker-index", index)  # fmt: skip
+    return precompute_args(
+        teacher, data, out, "--top-k", TOP_K, "--num-workers", 2, "--worker-index", index
+    )
 
 
 def test_one_of_two_workers_leaves_no_manifest_and_merge_refuses(
@@ -241,10 +256,17 @@ BAD_INPUTS = {  # case: (options replacing the test's defaults; None drops one, 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_error(case, tmp_path, bad_inputs, tiny_teacher_dir, text_corpus):
     overrides, pattern = BAD_INPUTS[case]
-    options = {"--teacher": tiny_teacher_dir, "--data": text_corpus, "--out": tmp_path / "out",
-               "--seq-len": SEQ_LEN, "--top-k": TOP_K, "--device": "cpu"}  # fmt: skip
-    options.update({k: v if v is None else str(v).format(**bad_inputs)
-                    for k, v in overrides.items()})  # fmt: skip
+    options = {
+        "--teacher": tiny_teacher_dir,
+        "--data": text_corpus,
+        "--out": tmp_path / "out",
+        "--seq-len": SEQ_LEN,
+        "--top-k": TOP_K,
+        "--device": "cpu",
+    }
+    options.update(
+        {k: v if v is None else str(v).format(**bad_inputs) for k, v in overrides.items()}
+    )
     args = [part for k, v in options.items() if v is not None for part in (k, v)]
     assert_one_line_error(invoke("precompute", "--quiet", *args), pattern)
 
@@ -270,19 +292,30 @@ def n_listed(cache: Path) -> int:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_uninterrupted_cache(tmp_path, tiny_teacher_dir,
-                                                            long_corpus):  # fmt: skip
+def test_resume_after_sigkill_gives_the_uninterrupted_cache(
+    tmp_path, tiny_teacher_dir, long_corpus
+):
     def args(out: Path) -> list[str]:
-        return precompute_args(tiny_teacher_dir, long_corpus, out, "--top-k", TOP_K,
-                               shard_sequences=1)  # fmt: skip
+        return precompute_args(
+            tiny_teacher_dir, long_corpus, out, "--top-k", TOP_K, shard_sequences=1
+        )
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     log = tmp_path / "killed.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "logitcache.cli", *args(out)],
-                                stdout=sink, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "logitcache.cli", *args(out)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             deadline = time.monotonic() + 120
             while n_listed(out) == 0:

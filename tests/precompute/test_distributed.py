@@ -24,8 +24,22 @@ N_SHARDS = 7  # the fixture text corpus at SEQ_LEN: 28 sequences
 
 
 def precompute_args(teacher: Path, data: Path, out: Path, *extra: object) -> list[str]:
-    args = ["precompute", "--teacher", teacher, "--data", data, "--out", out, "--seq-len",
-            SEQ_LEN, "--shard-sequences", SHARD_SEQUENCES, "--samples", 16, *extra]  # fmt: skip
+    args = [
+        "precompute",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--seq-len",
+        SEQ_LEN,
+        "--shard-sequences",
+        SHARD_SEQUENCES,
+        "--samples",
+        16,
+        *extra,
+    ]
     return [str(a) for a in args]
 
 
@@ -35,10 +49,24 @@ def invoke(*args: object):
 
 def torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m logitcache.cli ARGS`` (a free port)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), "-m", "logitcache.cli", *args]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "logitcache.cli",
+        *args,
+    ]
     return subprocess.run(run, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -86,12 +114,25 @@ def test_torchrun_finishes_a_cache_begun_by_another_worker_count(
     finish the rest, all of it rank 1's (1, 3, 5): rank 0 is done first and gets the complete
     manifest only by waiting for rank 1 at the barrier."""
     single = tmp_path / "single"
-    assert invoke(*precompute_args(tiny_teacher_dir, text_corpus, single, "--device", "cpu")
-                  ).exit_code == 0  # fmt: skip
+    assert (
+        invoke(*precompute_args(tiny_teacher_dir, text_corpus, single, "--device", "cpu")).exit_code
+        == 0
+    )
     out = tmp_path / "mixed"
     for index in (0, 2):
-        task = invoke(*precompute_args(tiny_teacher_dir, text_corpus, out, "--device", "cpu",
-                                       "--num-workers", 4, "--worker-index", index))  # fmt: skip
+        task = invoke(
+            *precompute_args(
+                tiny_teacher_dir,
+                text_corpus,
+                out,
+                "--device",
+                "cpu",
+                "--num-workers",
+                4,
+                "--worker-index",
+                index,
+            )
+        )
         assert task.exit_code == 0, task.stderr
     done = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
     assert sorted(done) == [f"shard-{j:06d}.arrow" for j in (0, 2, 4, 6)]
@@ -117,8 +158,9 @@ def test_under_torchrun_flags_that_contradict_the_ranks_are_refused(
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert ranks.resolve_worker(None, None) == (1, 2)
     assert ranks.resolve_worker(2, 1) == (1, 2)
-    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c",
-                                     "--num-workers", 4))  # fmt: skip
+    result = invoke(
+        *precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c", "--num-workers", 4)
+    )
     assert result.exit_code == 1
     assert "under torchrun the 2 ranks are the workers (this is rank 1)" in result.stderr
     assert not (tmp_path / "c").exists()
@@ -128,8 +170,9 @@ def test_a_job_array_task_names_its_index(monkeypatch, tmp_path, tiny_teacher_di
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert ranks.resolve_worker(None, None) == (0, 1)
     assert ranks.resolve_worker(8, 3) == (3, 8)
-    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c",
-                                     "--num-workers", 4))  # fmt: skip
+    result = invoke(
+        *precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c", "--num-workers", 4)
+    )
     assert result.exit_code == 1
     assert "--num-workers 4 needs --worker-index I (0..3)" in result.stderr
 
@@ -221,8 +264,11 @@ def test_device_map_reaches_from_pretrained_and_inputs_go_to_the_embeddings(
         return model
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", placed)
-    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c",
-                                     "--device-map", "auto", "--quiet"))  # fmt: skip
+    result = invoke(
+        *precompute_args(
+            tiny_teacher_dir, text_corpus, tmp_path / "c", "--device-map", "auto", "--quiet"
+        )
+    )
     assert result.exit_code == 0, result.stderr
     (kw,) = calls
     assert kw["device_map"] == "auto" and kw["max_memory"] == {2: 80 << 30, 3: 80 << 30}
@@ -230,8 +276,17 @@ def test_device_map_reaches_from_pretrained_and_inputs_go_to_the_embeddings(
 
 
 def test_device_map_with_an_explicit_device_is_refused(tmp_path, tiny_teacher_dir, text_corpus):
-    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c",
-                                     "--device-map", "auto", "--device", "cuda:0"))  # fmt: skip
+    result = invoke(
+        *precompute_args(
+            tiny_teacher_dir,
+            text_corpus,
+            tmp_path / "c",
+            "--device-map",
+            "auto",
+            "--device",
+            "cuda:0",
+        )
+    )
     assert result.exit_code == 1
     assert "--device-map auto places the teacher itself: drop --device cuda:0" in result.stderr
 
@@ -240,8 +295,9 @@ def test_device_map_without_accelerate_says_what_to_install(
     monkeypatch, tmp_path, tiny_teacher_dir, text_corpus
 ):
     monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
-    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c",
-                                     "--device-map", "auto"))  # fmt: skip
+    result = invoke(
+        *precompute_args(tiny_teacher_dir, text_corpus, tmp_path / "c", "--device-map", "auto")
+    )
     assert result.exit_code == 1
     assert "needs the accelerate package: pip install accelerate" in result.stderr
 
@@ -255,9 +311,10 @@ def test_device_map_auto_on_a_cpu_machine_writes_the_cpu_cache(
     if torch.cuda.is_available():
         pytest.skip("compares with a CPU run: on a GPU machine auto places on the GPU")
     cpu, mapped = tmp_path / "cpu", tmp_path / "mapped"
-    assert invoke(*precompute_args(tiny_teacher_dir, text_corpus, cpu, "--device", "cpu")
-                  ).exit_code == 0  # fmt: skip
-    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, mapped,
-                                     "--device-map", "auto"))  # fmt: skip
+    assert (
+        invoke(*precompute_args(tiny_teacher_dir, text_corpus, cpu, "--device", "cpu")).exit_code
+        == 0
+    )
+    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, mapped, "--device-map", "auto"))
     assert result.exit_code == 0, result.stderr
     assert shard_bytes(mapped) == shard_bytes(cpu)

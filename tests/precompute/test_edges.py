@@ -18,9 +18,23 @@ def invoke(*args):
 
 def precompute(teacher, data, out, *extra):
     return invoke(
-        "precompute", "--teacher", teacher, "--data", data, "--out", out, "--seq-len", "64",
-        "--shard-sequences", "64", "--top-k", "4", "--device", "cpu", *extra,
-    )  # fmt: skip
+        "precompute",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--seq-len",
+        "64",
+        "--shard-sequences",
+        "64",
+        "--top-k",
+        "4",
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def one_line_error(result) -> str:

@@ -18,9 +18,14 @@ from logitcache.train import CacheDataset, DistillationLoss, DistillCollator
 
 def precompute(teacher, data, out, **settings) -> PrecomputeResult:
     """The teacher pass on CPU, 64-token sequences in shards of 4."""
-    config = PrecomputeConfig(teacher=str(teacher), out=str(out), device="cpu",
-                              corpus=CorpusSpec(data=(str(data),), seq_len=64),
-                              shard_sequences=4, **settings)  # fmt: skip
+    config = PrecomputeConfig(
+        teacher=str(teacher),
+        out=str(out),
+        device="cpu",
+        corpus=CorpusSpec(data=(str(data),), seq_len=64),
+        shard_sequences=4,
+        **settings,
+    )
     return run_precompute(config)
 
 

@@ -100,8 +100,9 @@ def gguf_teacher(tmp_path_factory, tiny_teacher_dir) -> Path:
 
 def _precompute(teacher: Path, data: Path, out: Path, **store) -> Path:
     corpus = CorpusSpec(data=(str(data),), seq_len=64)
-    config = PrecomputeConfig(teacher=str(teacher), out=str(out), corpus=corpus, device="cpu",
-                              shard_sequences=4, **store)  # fmt: skip
+    config = PrecomputeConfig(
+        teacher=str(teacher), out=str(out), corpus=corpus, device="cpu", shard_sequences=4, **store
+    )
     run_precompute(config)
     return out
 
@@ -120,8 +121,11 @@ def test_gguf_teacher_writes_the_cache_of_its_safetensors_twin(
     a = _precompute(tiny_teacher_dir, text_corpus, tmp_path / "safetensors", **store)
     b = _precompute(gguf_teacher, text_corpus, tmp_path / "gguf", **store)
     ma, mb = read_manifest(Location(str(a))), read_manifest(Location(str(b)))
-    assert (ma.n_sequences, ma.n_tokens, ma.n_entries) == (mb.n_sequences, mb.n_tokens,
-                                                           mb.n_entries)  # fmt: skip
+    assert (ma.n_sequences, ma.n_tokens, ma.n_entries) == (
+        mb.n_sequences,
+        mb.n_tokens,
+        mb.n_entries,
+    )
     assert ma.n_sequences > 4  # more than one shard
     for ra, rb in zip(CacheReader(a), CacheReader(b), strict=True):
         for name in ("input_ids", "loss_mask", "doc_starts", "ids", "n_entries"):

@@ -28,9 +28,13 @@ MAX_TOKENS = 2 * SEQ_LEN + 66
 def precompute(teacher: Path, data: Path, out: Path, **settings) -> dict[str, bytes]:
     """Run the pass on CPU; the shards' bytes by file name."""
     config = PrecomputeConfig(
-        teacher=str(teacher), out=str(out), device="cpu", shard_sequences=2,
-        corpus=CorpusSpec(data=(str(data),), seq_len=SEQ_LEN, max_tokens=MAX_TOKENS), **settings,
-    )  # fmt: skip
+        teacher=str(teacher),
+        out=str(out),
+        device="cpu",
+        shard_sequences=2,
+        corpus=CorpusSpec(data=(str(data),), seq_len=SEQ_LEN, max_tokens=MAX_TOKENS),
+        **settings,
+    )
     run_precompute(config)
     return {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())}
 
@@ -100,8 +104,10 @@ def test_cpu_draws_do_not_depend_on_rows_per_multinomial_call():
     gen = torch.Generator().manual_seed(5)
     whole = torch.multinomial(probs, 64, replacement=True, generator=gen)
     gen.manual_seed(5)
-    parts = [torch.multinomial(probs[i : i + 7], 64, replacement=True, generator=gen)
-             for i in range(0, 50, 7)]  # fmt: skip
+    parts = [
+        torch.multinomial(probs[i : i + 7], 64, replacement=True, generator=gen)
+        for i in range(0, 50, 7)
+    ]
     assert torch.equal(whole, torch.cat(parts))
 
 
@@ -110,9 +116,16 @@ def test_a_teacher_that_changes_its_logits_after_the_head_is_not_split(tiny_toke
     probe refuses it and the pass keeps the full forward's logits; a Llama splits."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    shape = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                 head_dim=16, max_position_embeddings=64)  # fmt: skip
+    shape = dict(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     capped = Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=0.5)).eval()
     plain = LlamaForCausalLM(LlamaConfig(**shape)).eval()

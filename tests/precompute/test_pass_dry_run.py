@@ -23,8 +23,14 @@ def refused(result) -> str:
 
 
 def test_dry_run_refuses_what_the_pass_refuses(tiny_teacher_dir, text_corpus, tmp_path):
-    base = {"--teacher": tiny_teacher_dir, "--data": text_corpus, "--top-k": 8,
-            "--seq-len": 32, "--device": "cpu", "--quiet": None}  # fmt: skip
+    base = {
+        "--teacher": tiny_teacher_dir,
+        "--data": text_corpus,
+        "--top-k": 8,
+        "--seq-len": 32,
+        "--device": "cpu",
+        "--quiet": None,
+    }
     cases = [
         ({"--data": tmp_path / "missing.txt"}, "no such file or directory"),
         ({"--top-k": 999}, "--top-k 999 is larger than the teacher's vocabulary (300)"),
@@ -44,8 +50,19 @@ def test_dry_run_reads_no_weights_and_writes_nothing(tiny_teacher_dir, text_corp
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_teacher_dir, teacher)
     (teacher / "model.safetensors").write_bytes(b"not weights")
-    result = invoke("--teacher", teacher, "--data", text_corpus, "--out", tmp_path / "out",
-                    "--top-k", "8", "--seq-len", "32", "--dry-run")  # fmt: skip
+    result = invoke(
+        "--teacher",
+        teacher,
+        "--data",
+        text_corpus,
+        "--out",
+        tmp_path / "out",
+        "--top-k",
+        "8",
+        "--seq-len",
+        "32",
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
     assert "all checks passed" in result.stderr
     assert result.stdout.startswith("# logitcache precompute ")

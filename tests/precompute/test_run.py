@@ -310,8 +310,9 @@ def test_no_pack_stores_each_document_unpadded(
     seq_len = 128
     documents = [tokenize(tiny_tokenizer, t) for t in text_corpus.read_text().splitlines()]
     assert max(map(len, documents)) < seq_len  # none is cut; each gets its EOS
-    precompute(tiny_teacher_dir, text_corpus, tmp_path / "c", top_k=TOP_K, pack=False,
-               seq_len=seq_len)  # fmt: skip
+    precompute(
+        tiny_teacher_dir, text_corpus, tmp_path / "c", top_k=TOP_K, pack=False, seq_len=seq_len
+    )
     records = list(CacheReader(tmp_path / "c"))
     assert len(records) == len(documents)
     for record, ids in zip(records, documents, strict=True):
@@ -364,8 +365,14 @@ def test_chat_loss_mask_covers_only_assistant_turns(tmp_path, tiny_teacher_dir, 
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in CHATS))
     seq_len = 32  # short, so sequences start inside assistant turns
-    precompute(tiny_teacher_dir, data, tmp_path / "c", top_k=TOP_K, messages_field="messages",
-               seq_len=seq_len)  # fmt: skip
+    precompute(
+        tiny_teacher_dir,
+        data,
+        tmp_path / "c",
+        top_k=TOP_K,
+        messages_field="messages",
+        seq_len=seq_len,
+    )
     records = list(CacheReader(tmp_path / "c"))
 
     stream, mask = [], []
@@ -393,17 +400,27 @@ def test_chat_loss_mask_covers_only_assistant_turns(tmp_path, tiny_teacher_dir, 
     [
         {"top_k": TOP_K},
         {"top_k": TOP_K, "pack": False, "seq_len": 128, "logprob_codec": "float32"},
-        {"samples": 16, "sampled_logprobs": True, "pack": False, "seq_len": 100,
-         "logprob_codec": "float32"},
+        {
+            "samples": 16,
+            "sampled_logprobs": True,
+            "pack": False,
+            "seq_len": 100,
+            "logprob_codec": "float32",
+        },
     ],
     ids=["topk-packed-lossy", "topk-nopack-float32", "sampled-nopack-float32"],
-)  # fmt: skip
+)
 def test_shards_are_byte_identical_for_any_batch_size(
     settings, tmp_path, sharp_teacher_dir, text_corpus
 ):
     for batch_tokens in (64, 4096):
-        precompute(sharp_teacher_dir, text_corpus, tmp_path / f"bt{batch_tokens}",
-                   batch_tokens=batch_tokens, **settings)  # fmt: skip
+        precompute(
+            sharp_teacher_dir,
+            text_corpus,
+            tmp_path / f"bt{batch_tokens}",
+            batch_tokens=batch_tokens,
+            **settings,
+        )
     assert listed_hashes(tmp_path / "bt64") == listed_hashes(tmp_path / "bt4096")
     assert shard_bytes(tmp_path / "bt64") == shard_bytes(tmp_path / "bt4096")
 
@@ -449,8 +466,14 @@ def test_the_bar_has_a_total_for_local_files_so_an_eta(max_tokens, tmp_path, tin
     lines = (f"Line {i}: {sentence[: 12 + 6 * (i % 9)]}.\n" for i in range(600))
     data.write_text("".join(lines))
     corpus = CorpusSpec(data=(str(data),), seq_len=SEQ_LEN, max_tokens=max_tokens)
-    config = PrecomputeConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "cache"),
-                              corpus=corpus, top_k=4, shard_sequences=16, device="cpu")  # fmt: skip
+    config = PrecomputeConfig(
+        teacher=str(tiny_teacher_dir),
+        out=str(tmp_path / "cache"),
+        corpus=corpus,
+        top_k=4,
+        shard_sequences=16,
+        device="cpu",
+    )
     reporter = BarReporter()
     result = run_precompute(config, reporter)
     (bar,) = reporter.bars
@@ -520,8 +543,9 @@ def test_a_write_error_while_the_reader_lags_fails_instead_of_hanging(
 
     def target() -> None:
         try:
-            precompute(tiny_teacher_dir, text_corpus, tmp_path / "c", top_k=TOP_K,
-                       shard_sequences=1)  # fmt: skip
+            precompute(
+                tiny_teacher_dir, text_corpus, tmp_path / "c", top_k=TOP_K, shard_sequences=1
+            )
         except BaseException as err:
             raised.append(err)
 

@@ -39,12 +39,19 @@ def round_trip(tmp_path, spec, n_total: int) -> list:
         ("sampled", True, 151936, 2, 40),  # log-probs and tail mass kept
     ],
 )
-def test_round_trip(tmp_path, container, mode, sampled_logprobs, vocab_size, batch_sequences,
-                    samples):  # fmt: skip
+def test_round_trip(
+    tmp_path, container, mode, sampled_logprobs, vocab_size, batch_sequences, samples
+):
     """7 sequences (lengths 2..12, id V-1 at position 0) in shards of 3: partial batches."""
-    spec = make_spec(container=container, mode=mode, sampled_logprobs=sampled_logprobs,
-                     vocab_size=vocab_size, k=min(6, vocab_size), samples=samples,
-                     batch_sequences=batch_sequences)  # fmt: skip
+    spec = make_spec(
+        container=container,
+        mode=mode,
+        sampled_logprobs=sampled_logprobs,
+        vocab_size=vocab_size,
+        k=min(6, vocab_size),
+        samples=samples,
+        batch_sequences=batch_sequences,
+    )
     got = round_trip(tmp_path, spec, 7)
     assert any(int(r.ids.max()) == vocab_size - 1 for r in got)
     assert min(r.n_tokens for r in got) == 2
@@ -178,8 +185,9 @@ def test_random_reads_decode_each_batch_once_within_the_byte_budget(tmp_path, mo
     write_cache(tmp_path, spec, 48)  # 24 batches in 3 shards (more than a count of 16 kept)
     decodes = []
     real = BatchCodec.decode
-    monkeypatch.setattr(BatchCodec, "decode", lambda self, first, *a: decodes.append(first)
-                        or real(self, first, *a))  # fmt: skip
+    monkeypatch.setattr(
+        BatchCodec, "decode", lambda self, first, *a: decodes.append(first) or real(self, first, *a)
+    )
     order = [int(i) for i in np.random.default_rng(0).permutation(48)] * 2
     reader = CacheReader(tmp_path)
     for i in order:

@@ -40,12 +40,22 @@ def assert_same_records(a: CacheReader, b: CacheReader) -> None:
         assert ra.index == rb.index
         if a.spec.mode == "sampled":
             ra, rb = by_id(ra), by_id(rb)
-        for name in ("input_ids", "loss_mask", "doc_starts", "ids", "n_entries", "counts",
-                     "logprobs", "tail_mass"):  # fmt: skip
+        for name in (
+            "input_ids",
+            "loss_mask",
+            "doc_starts",
+            "ids",
+            "n_entries",
+            "counts",
+            "logprobs",
+            "tail_mass",
+        ):
             x, y = getattr(ra, name), getattr(rb, name)
             if x is None or y is None:  # absent from both, or the tail of a format 2
                 assert (x is None and y is None) or (name, b.spec.format_version) == (
-                    "tail_mass", 2), name  # fmt: skip
+                    "tail_mass",
+                    2,
+                ), name
                 continue
             np.testing.assert_array_equal(x, y, err_msg=name)
 
@@ -100,8 +110,7 @@ def test_resharding_keeps_records_and_apportions_the_statistics(tmp_path):
     assert (result.written, result.skipped) == (3, 0)
     assert_only_layout_differs(src, big)
     assert_same_records(src, big)
-    small = convert_cache(tmp_path / "big", tmp_path / "small", format_version=1,
-                          shard_sequences=1)  # fmt: skip
+    small = convert_cache(tmp_path / "big", tmp_path / "small", format_version=1, shard_sequences=1)
     assert len(small.manifest.shards) == 10 and small.manifest.format_version == 1
     assert_same_records(src, CacheReader(tmp_path / "small"))
 
@@ -213,9 +222,17 @@ def test_cli_converts_a_precomputed_cache_that_verifies_and_trains_the_same(
     from logitcache.precompute import CorpusSpec, PrecomputeConfig, run_precompute
 
     src, dest = tmp_path / "v1", tmp_path / "v2"
-    run_precompute(PrecomputeConfig(teacher=str(tiny_teacher_dir), out=str(src), device="cpu",
-                                    corpus=CorpusSpec(data=(str(text_corpus),), seq_len=64),
-                                    shard_sequences=4, top_k=8, format_version=1))  # fmt: skip
+    run_precompute(
+        PrecomputeConfig(
+            teacher=str(tiny_teacher_dir),
+            out=str(src),
+            device="cpu",
+            corpus=CorpusSpec(data=(str(text_corpus),), seq_len=64),
+            shard_sequences=4,
+            top_k=8,
+            format_version=1,
+        )
+    )
     result = invoke("convert", src, dest, "--quiet")
     assert result.exit_code == 0, (result.output, result.exception)
     before, after = (CacheReader(p).manifest for p in (src, dest))
@@ -231,8 +248,16 @@ def test_cli_converts_a_precomputed_cache_that_verifies_and_trains_the_same(
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
     assert first_loss(dest, student) == first_loss(src, student)
-    again = invoke("convert", src, tmp_path / "v1-small", "--format-version", "1",
-                   "--shard-sequences", "2", "--quiet")  # fmt: skip
+    again = invoke(
+        "convert",
+        src,
+        tmp_path / "v1-small",
+        "--format-version",
+        "1",
+        "--shard-sequences",
+        "2",
+        "--quiet",
+    )
     assert again.exit_code == 0 and "in format 1.2," in again.stdout, again.output
     refused = invoke("convert", src, dest, "--shard-sequences", "3")
     assert refused.exit_code == 1 and "Traceback" not in refused.output

@@ -122,8 +122,11 @@ def test_push_commits_in_batches_with_the_manifest_last(fake, cache, monkeypatch
     assert fake.commits[0][1][0] == "tokenizer/tokenizer.json"
     assert fake.commits[-1][1] == ["manifest.json", "README.md"]
     assert all("manifest.json" not in paths for _, paths in fake.commits[:-1])
-    local = {p.relative_to(cache).as_posix(): p.read_bytes() for p in cache.rglob("*")
-             if p.is_file() and ".locks" not in p.parts}  # fmt: skip
+    local = {
+        p.relative_to(cache).as_posix(): p.read_bytes()
+        for p in cache.rglob("*")
+        if p.is_file() and ".locks" not in p.parts
+    }
     assert {k: fake.files[k] for k in local} == local  # every file, byte for byte
     card = fake.files["README.md"].decode()
     assert "toy-teacher" in card and "top-6" in card and "logitcache train --cache " + URL in card

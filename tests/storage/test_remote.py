@@ -129,8 +129,12 @@ def test_ranged_read_still_catches_a_damaged_record(big_shards, remote_env):
 
 
 def test_random_access_to_format_2_is_one_ranged_read_per_batch(big_batches, remote_env):
-    server, url, spec, records = (big_batches.server, big_batches.url, big_batches.spec,
-                                  big_batches.records)  # fmt: skip
+    server, url, spec, records = (
+        big_batches.server,
+        big_batches.url,
+        big_batches.spec,
+        big_batches.records,
+    )
     reader = CacheReader(url)
     size = reader.shards[1].bytes
     assert size > 3 * 65536
@@ -150,8 +154,12 @@ def test_random_access_to_format_2_is_one_ranged_read_per_batch(big_batches, rem
 
 
 def test_format_2_ranged_read_catches_a_damaged_batch(big_batches, remote_env):
-    server, url, spec, records = (big_batches.server, big_batches.url, big_batches.spec,
-                                  big_batches.records)  # fmt: skip
+    server, url, spec, records = (
+        big_batches.server,
+        big_batches.url,
+        big_batches.spec,
+        big_batches.records,
+    )
     path = server.root / "big2" / "shards" / "shard-000001.arrow"
     with pa.ipc.open_file(pa.memory_map(str(path))) as f:
         blob = f.get_batch(1).column("ids")[0].as_py()  # sequences 15..17, zstd-compressed

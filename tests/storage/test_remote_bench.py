@@ -10,8 +10,19 @@ from logitcache.cli import main
 
 
 def test_bench_remote_plumbing(tmp_path):
-    args = ["bench", "remote", "--shards", 12, "--latency-ms", 1, "--batches", 2, "--json",
-            "--work", tmp_path]  # fmt: skip
+    args = [
+        "bench",
+        "remote",
+        "--shards",
+        12,
+        "--latency-ms",
+        1,
+        "--batches",
+        2,
+        "--json",
+        "--work",
+        tmp_path,
+    ]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, (result.output, result.exception)
     out = json.loads(result.stdout)

@@ -67,8 +67,21 @@ def test_an_unreachable_server_is_one_error_line():
 def test_precompute_to_s3_then_train_from_http(s3, tiny_teacher_dir, text_corpus, tmp_path):
     """The whole round: a teacher pass writes to S3, a laptop pulls the cache, serves it over
     HTTP, and a student trains from the URL through the default local shard cache."""
-    common = ["--teacher", tiny_teacher_dir, "--data", text_corpus, "--seq-len", 32,
-              "--shard-sequences", 8, "--top-k", 8, "--device", "cpu", "--quiet"]  # fmt: skip
+    common = [
+        "--teacher",
+        tiny_teacher_dir,
+        "--data",
+        text_corpus,
+        "--seq-len",
+        32,
+        "--shard-sequences",
+        8,
+        "--top-k",
+        8,
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     url = f"{s3}/teacher-pass"
     result = invoke("precompute", *common, "--out", url)
     assert result.exit_code == 0, (result.output, result.exception)
@@ -84,17 +97,42 @@ def test_precompute_to_s3_then_train_from_http(s3, tiny_teacher_dir, text_corpus
     assert pulled.exit_code == 0 and "(complete)" in pulled.stdout
 
     student = tmp_path / "student.json"
-    student.write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "max_position_embeddings": 64, "tie_word_embeddings": False,
-    }))  # fmt: skip
+    student.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 300,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 64,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
     with StaticServer(tmp_path / "www") as server:
         result = invoke(
-            "train", "--cache", f"{server.url}/cache", "--out", tmp_path / "run",
-            "--student-config", student, "--tokenizer", tiny_teacher_dir, "--steps", 3,
-            "--batch-size", 4, "--eval-fraction", 0.2, "--loader-workers", 1, "--quiet",
-        )  # fmt: skip
+            "train",
+            "--cache",
+            f"{server.url}/cache",
+            "--out",
+            tmp_path / "run",
+            "--student-config",
+            student,
+            "--tokenizer",
+            tiny_teacher_dir,
+            "--steps",
+            3,
+            "--batch-size",
+            4,
+            "--eval-fraction",
+            0.2,
+            "--loader-workers",
+            1,
+            "--quiet",
+        )
         assert result.exit_code == 0, (result.output, result.exception)
         assert any("/cache/shards/" in p for p in server.paths("GET"))
     assert (tmp_path / "run" / "model" / "config.json").exists()

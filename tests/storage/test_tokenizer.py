@@ -45,10 +45,23 @@ def made(tmp_path_factory, tiny_teacher_dir, text_corpus) -> Path:
     teacher = root / "teachercopy"
     shutil.copytree(tiny_teacher_dir, teacher)
     result = invoke(
-        "precompute", "--teacher", teacher, "--data", text_corpus, "--out", root / "cache",
-        "--seq-len", "32", "--shard-sequences", "32", "--top-k", "4", "--device", "cpu",
+        "precompute",
+        "--teacher",
+        teacher,
+        "--data",
+        text_corpus,
+        "--out",
+        root / "cache",
+        "--seq-len",
+        "32",
+        "--shard-sequences",
+        "32",
+        "--top-k",
+        "4",
+        "--device",
+        "cpu",
         "--quiet",
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     shutil.rmtree(teacher)
     return root / "cache"
@@ -93,9 +106,21 @@ def test_a_pulled_cache_trains_without_the_teacher(cache, student_config, tmp_pa
     shutil.rmtree(cache)
     assert verify_cache(pulled)[1] == []
     run = invoke(
-        "train", "--cache", pulled, "--student-config", student_config, "--out", tmp_path / "run",
-        "--steps", "2", "--batch-size", "4", "--loader-workers", "0", "--quiet",
-    )  # fmt: skip
+        "train",
+        "--cache",
+        pulled,
+        "--student-config",
+        student_config,
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--loader-workers",
+        "0",
+        "--quiet",
+    )
     assert run.exit_code == 0, run.output
     done = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert max(m.get("step", 0) for m in done) == 2
@@ -118,9 +143,21 @@ def test_an_old_cache_reads_and_says_how_to_add_its_tokenizer(
     shown = invoke("inspect", cache).stdout
     assert "not stored" in shown and f"logitcache tokenizer {cache} --add" in shown
     train = [
-        "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
-        "--steps", "1", "--batch-size", "4", "--loader-workers", "0", "--quiet",
-    ]  # fmt: skip
+        "train",
+        "--cache",
+        cache,
+        "--student-config",
+        student_config,
+        "--out",
+        tmp_path / "r",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--loader-workers",
+        "0",
+        "--quiet",
+    ]
     err = one_line_error(invoke(*train))  # the recorded ./teachercopy is gone
     assert "teachercopy" in err and "--tokenizer" in err and "--add" in err
     missing = one_line_error(invoke(*train, "--tokenizer", tmp_path / "nope"))
@@ -162,9 +199,16 @@ def test_only_listed_files_reach_the_loader(cache):
 
 @pytest.mark.parametrize(
     "path",
-    ["../tokenizer.json", "tokenizer/../../etc/passwd", "/etc/passwd", "shards/shard-000000.arrow",
-     "tokenizer/sub/x.json", "tokenizer\\x.json", "s3://bucket/tokenizer.json"],
-)  # fmt: skip
+    [
+        "../tokenizer.json",
+        "tokenizer/../../etc/passwd",
+        "/etc/passwd",
+        "shards/shard-000000.arrow",
+        "tokenizer/sub/x.json",
+        "tokenizer\\x.json",
+        "s3://bucket/tokenizer.json",
+    ],
+)
 def test_a_tokenizer_path_outside_the_cache_is_refused(cache, path):
     raw = json.loads((cache / "manifest.json").read_text())
     raw["tokenizer_files"][0]["path"] = path
@@ -247,9 +291,19 @@ def test_a_stored_tokenizer_with_another_fingerprint_is_refused_on_load(
     err = one_line_error(invoke("tokenizer", cache, tmp_path / "tok"))
     assert "is not the one the cache was made with" in err and not (tmp_path / "tok").exists()
     run = invoke(
-        "train", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "r",
-        "--steps", "1", "--loader-workers", "0", "--quiet",
-    )  # fmt: skip
+        "train",
+        "--cache",
+        cache,
+        "--student-config",
+        student_config,
+        "--out",
+        tmp_path / "r",
+        "--steps",
+        "1",
+        "--loader-workers",
+        "0",
+        "--quiet",
+    )
     assert "is not the one the cache was made with" in one_line_error(run)
 
 

@@ -105,10 +105,19 @@ def flags(train_args, topk_cache, teacher_dir, student_config):
 
     def make(out: Path, nproc: int, steps: int, **extra) -> list[str]:
         return train_args(
-            topk_cache, out, student_config=student_config, tokenizer=teacher_dir,
-            steps=steps, batch_size=2, grad_accum=2 // nproc, eval_fraction=0.1,
-            schedule="constant", eval_every=4, save_every=4, **extra,
-        )  # fmt: skip
+            topk_cache,
+            out,
+            student_config=student_config,
+            tokenizer=teacher_dir,
+            steps=steps,
+            batch_size=2,
+            grad_accum=2 // nproc,
+            eval_fraction=0.1,
+            schedule="constant",
+            eval_every=4,
+            save_every=4,
+            **extra,
+        )
 
     return make
 

@@ -45,8 +45,9 @@ def training(reader) -> np.ndarray:
 def collate(records, *, vocab_limit, target="auto"):
     """Records -> (input_ids [B, L], attention_mask [B, L], rows [N], TeacherTargets of N),
     through ``example_of`` and ``DistillCollator``; rows are flat b * L + p positions."""
-    batch = DistillCollator()([example_of(r, vocab_limit=vocab_limit, target=target)
-                               for r in records])  # fmt: skip
+    batch = DistillCollator()(
+        [example_of(r, vocab_limit=vocab_limit, target=target) for r in records]
+    )
     return view(batch)
 
 
@@ -105,8 +106,9 @@ class Viewed:
 
 def stream(cache, vocab, **kw) -> Viewed:
     data = CacheDataset(str(cache), eval_fraction=EVAL_FRACTION, vocab_limit=vocab)
-    settings = dict(batch_size=kw.pop("micro_batch", 4), seed=0, start=StreamState(),
-                    block_shards=2)  # fmt: skip
+    settings = dict(
+        batch_size=kw.pop("micro_batch", 4), seed=0, start=StreamState(), block_shards=2
+    )
     settings.update(kw)
     return Viewed(data.stream(**settings))
 
@@ -186,8 +188,9 @@ def test_eval_split_is_the_heldout_split(topk_cache, reader, vocab, training):
     assert [int(data[i]["index"]) for i in range(len(data))] == held.tolist()
     first_tokens = [int(data[i]["input_ids"][0]) for i in range(len(data))]
     assert first_tokens == [int(reader.read(int(i)).input_ids[0]) for i in held]
-    capped = CacheDataset(str(topk_cache), split="eval", eval_fraction=EVAL_FRACTION,
-                          max_sequences=3)  # fmt: skip
+    capped = CacheDataset(
+        str(topk_cache), split="eval", eval_fraction=EVAL_FRACTION, max_sequences=3
+    )
     assert len(capped) == 3
     train = CacheDataset(str(topk_cache), eval_fraction=EVAL_FRACTION)
     assert [int(train[i]["index"]) for i in range(len(train))] == training.tolist()

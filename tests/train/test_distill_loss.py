@@ -100,8 +100,9 @@ def test_loss_and_gradients_equal_the_reference(topk_cache, student, settings):
         "mean": loss_fn(batch, model=student) * n,
     }
     hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    got["hidden+weight"] = loss_fn(batch, hidden=hidden.last_hidden_state,
-                                   head=student.lm_head.weight, reduction="sum")  # fmt: skip
+    got["hidden+weight"] = loss_fn(
+        batch, hidden=hidden.last_hidden_state, head=student.lm_head.weight, reduction="sum"
+    )
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     got["logits"] = loss_fn(batch, logits=logits, reduction="sum")
     for form, loss in got.items():

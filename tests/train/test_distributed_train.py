@@ -27,9 +27,13 @@ def test_two_processes_resume_with_one(cli, flags, metrics, reference, tmp_path)
     out = tmp_path / "run"
     torchrun(flags(out, nproc=2, steps=FIRST, loader_workers=1))  # a DataLoader worker per rank
     state = json.loads((out / "checkpoints" / "step-0000008" / "state.json").read_text())
-    assert state["progress"] == {"step": 8, "epoch": 0, "consumed": 32,
-                                 "tokens": metrics(out)[-2]["tokens"],
-                                 "schedule_steps": FIRST}  # fmt: skip
+    assert state["progress"] == {
+        "step": 8,
+        "epoch": 0,
+        "consumed": 32,
+        "tokens": metrics(out)[-2]["tokens"],
+        "schedule_steps": FIRST,
+    }
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
 
     result = cli([*flags(out, nproc=1, steps=STEPS), "--resume"])
@@ -59,8 +63,17 @@ def test_resume_with_another_global_batch_is_refused(cli, flags, reference, tmp_
     assert result.exit_code == 0, result.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [*flags(out, nproc=1, steps=STEPS), "--resume"]  # grad-accum 2, under 2 processes
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "logitcache.cli", *args]  # fmt: skip
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "logitcache.cli",
+        *args,
+    ]
     proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "global_batch (4 -> 8)" in proc.stderr
@@ -115,8 +128,15 @@ def test_ranks_that_found_different_checkpoints_all_refuse_to_resume(tmp_path):
     script = tmp_path / "apart.py"
     script.write_text(RESUME_APART)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(script)]  # fmt: skip
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+    ]
     proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):

@@ -121,8 +121,16 @@ def test_accelerate_block_two_processes_equal_one(
     spy.write_text(SPY)
     os.makedirs(doc_env["OUT"], exist_ok=True)
     env = {**os.environ, **doc_env, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(spy), str(script)]  # fmt: skip
+    two = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(spy),
+        str(script),
+    ]
     proc = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = lambda text: [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", text)]  # noqa: E731

@@ -43,8 +43,9 @@ def broken_cases(tmp_path, topk_cache, student_config, teacher_dir):
     taken.mkdir()
     (taken / "metrics.jsonl").write_text("")
     short = tmp_path / "short.json"
-    short.write_text(json.dumps({**json.loads(student_config.read_text()),
-                                 "max_position_embeddings": 16}))  # fmt: skip
+    short.write_text(
+        json.dumps({**json.loads(student_config.read_text()), "max_position_embeddings": 16})
+    )
     scratch = {"student_config": student_config, "tokenizer": teacher_dir}
     return [
         ("no student", {}, "give exactly one of --student"),
@@ -94,13 +95,44 @@ def test_the_printed_recipe_has_real_keys_and_reads_back_the_same(
     """Fed back with --config, the printed YAML gives the same YAML (so the same config:
     every setting is printed), and each of its keys is a flag of the command."""
     if command == "train":  # two caches (a repeated flag), a from-scratch student, LoRA
-        argv = ["train", "--cache", topk_cache, "--cache", topk_cache, "--cache-weights", "3,1",
-                "--out", tmp_path / "run", "--student-config", student_config, "--tokenizer",
-                teacher_dir, "--lr", "0.01", "--lora-r", "2", "--lora-targets", "q_proj,v_proj",
-                "--device", "cpu"]  # fmt: skip
+        argv = [
+            "train",
+            "--cache",
+            topk_cache,
+            "--cache",
+            topk_cache,
+            "--cache-weights",
+            "3,1",
+            "--out",
+            tmp_path / "run",
+            "--student-config",
+            student_config,
+            "--tokenizer",
+            teacher_dir,
+            "--lr",
+            "0.01",
+            "--lora-r",
+            "2",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--device",
+            "cpu",
+        ]
     else:
-        argv = ["precompute", "--teacher", teacher_dir, "--data", text_corpus, "--out",
-                tmp_path / "cache", "--top-k", "8", "--seq-len", "32", "--no-pack"]  # fmt: skip
+        argv = [
+            "precompute",
+            "--teacher",
+            teacher_dir,
+            "--data",
+            text_corpus,
+            "--out",
+            tmp_path / "cache",
+            "--top-k",
+            "8",
+            "--seq-len",
+            "32",
+            "--no-pack",
+        ]
     first = cli([*argv, "--dry-run"])
     assert first.exit_code == 0, first.output
     recipe = yaml.safe_load(first.stdout)

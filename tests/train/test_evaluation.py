@@ -144,13 +144,16 @@ def test_each_cache_of_a_list_is_measured_by_what_it_stores(
     """A list of caches: eval_kl over the positions that give a KL, eval_ce_draws over the
     others; ``target="counts"`` on a cache with log-probs reads counts, so it gets no KL."""
     alone = [evaluate(teacher, _heldout(c)) for c in (topk_cache, sampled_cache)]
-    both = evaluate(teacher, CacheDataset([str(topk_cache), str(sampled_cache)], split="eval",
-                                          eval_fraction=0.2))  # fmt: skip
+    both = evaluate(
+        teacher,
+        CacheDataset([str(topk_cache), str(sampled_cache)], split="eval", eval_fraction=0.2),
+    )
     assert both["eval_kl"] == pytest.approx(alone[0]["eval_kl"], rel=1e-3)
     assert both["eval_ce_draws"] == pytest.approx(alone[1]["eval_ce_draws"])
     assert both["eval_positions"] == alone[0]["eval_positions"] + alone[1]["eval_positions"]
-    counts = CacheDataset(str(sampled_logprobs_cache), split="eval", eval_fraction=0.2,
-                          target="counts")  # fmt: skip
+    counts = CacheDataset(
+        str(sampled_logprobs_cache), split="eval", eval_fraction=0.2, target="counts"
+    )
     assert "eval_kl" not in evaluate(teacher, counts)
 
 

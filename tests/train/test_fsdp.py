@@ -41,8 +41,9 @@ def test_fsdp_on_two_processes_resumes_on_one(cli, flags, metrics, reference, tm
     embedding = tensors["model.model.embed_tokens.weight"]
     assert sorted((c.offsets[0], c.sizes[0]) for c in embedding.chunks) == [(0, 150), (150, 150)]
     for key in ("model.model.embed_tokens.weight", "optimizer.state.lm_head.weight.exp_avg"):
-        files = {metadata.storage_data[i].relative_path for i in metadata.storage_data
-                 if i.fqn == key}  # fmt: skip
+        files = {
+            metadata.storage_data[i].relative_path for i in metadata.storage_data if i.fqn == key
+        }
         assert files == {"__0_0.distcp", "__1_0.distcp"}, (key, files)
 
     result = cli([*flags(out, nproc=1, steps=STEPS), "--fsdp", "--resume"])
@@ -85,9 +86,9 @@ main(sys.argv[2:])
 
 @pytest.mark.slow
 @pytest.mark.parametrize("student", ["tied", "pretrained"])
-def test_fsdp_builds_the_student_whole_on_rank_0_only(cli, train_args, topk_cache, metrics,
-                                                       student_config, teacher_dir, tmp_path,
-                                                       student):  # fmt: skip
+def test_fsdp_builds_the_student_whole_on_rank_0_only(
+    cli, train_args, topk_cache, metrics, student_config, teacher_dir, tmp_path, student
+):
     """Rank 1 builds its student on the meta device (no weights in memory) and gets its
     shards, buffers (rotary inv_freq) and RNG state from rank 0: the run equals one
     process without FSDP, tied weights saved once. A from-scratch student with tied
@@ -95,15 +96,27 @@ def test_fsdp_builds_the_student_whole_on_rank_0_only(cli, train_args, topk_cach
     if student == "tied":
         config = {**json.loads(student_config.read_text()), "tie_word_embeddings": True}
         (tmp_path / "tied.json").write_text(json.dumps(config))
-        extra = {"student_config": tmp_path / "tied.json", "gradient_checkpointing": True,
-                 "tokenizer": teacher_dir}  # fmt: skip
+        extra = {
+            "student_config": tmp_path / "tied.json",
+            "gradient_checkpointing": True,
+            "tokenizer": teacher_dir,
+        }
     else:
         extra = {"student": teacher_dir}
 
     def flags(out, nproc, steps, **extra):  # as the fixture's, but any student
-        return train_args(topk_cache, out, steps=steps, batch_size=2, grad_accum=2 // nproc,
-                          eval_fraction=0.1, schedule="constant", eval_every=2, save_every=2,
-                          **extra)  # fmt: skip
+        return train_args(
+            topk_cache,
+            out,
+            steps=steps,
+            batch_size=2,
+            grad_accum=2 // nproc,
+            eval_fraction=0.1,
+            schedule="constant",
+            eval_every=2,
+            save_every=2,
+            **extra,
+        )
 
     one, two, spy = tmp_path / "one", tmp_path / "two", tmp_path / "spy"
     result = cli(flags(one, nproc=1, steps=4, **extra))
@@ -112,10 +125,23 @@ def test_fsdp_builds_the_student_whole_on_rank_0_only(cli, train_args, topk_cach
     (tmp_path / "spy.py").write_text(SPY)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(tmp_path / "spy.py"), str(spy), *flags(two, nproc=2, steps=4, **extra), "--fsdp"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(tmp_path / "spy.py"),
+            str(spy),
+            *flags(two, nproc=2, steps=4, **extra),
+            "--fsdp",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((spy / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["devices"] == ["cpu"] and ranks[0]["bytes"] > 50_000, ranks
@@ -135,8 +161,10 @@ def test_a_meta_student_has_rank_0s_architecture_and_dtype(
     config = {**json.loads(student_config.read_text()), "dtype": dtype}
     (tmp_path / "student.json").write_text(json.dumps(config))
     spec = CacheReader(str(topk_cache)).spec
-    for given in ({"student_config": str(tmp_path / "student.json")},
-                  {"student": str(teacher_dir)}):  # fmt: skip
+    for given in (
+        {"student_config": str(tmp_path / "student.json")},
+        {"student": str(teacher_dir)},
+    ):
         args = (given.get("student"), given.get("student_config"), str(teacher_dir))
         built = [load_student(*args, spec=spec, seed=0, meta=meta)[0] for meta in (False, True)]
         whole, meta = ({n: (p.shape, p.dtype) for n, p in m.named_parameters()} for m in built)
@@ -166,8 +194,11 @@ def test_a_sharded_checkpoint_with_foreign_metadata_is_refused_unread(tmp_path, 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "step-0000001"
     path.mkdir()
-    state = {"format": "dcp", "progress": {"step": 1, "epoch": 0, "consumed": 4, "tokens": 8},
-             "config": {}}  # fmt: skip
+    state = {
+        "format": "dcp",
+        "progress": {"step": 1, "epoch": 0, "consumed": 4, "tokens": 8},
+        "config": {},
+    }
     (path / "state.json").write_text(json.dumps(state))
     (path / ".metadata").write_bytes(pickle.dumps(_Payload()))
     model = torch.nn.Linear(4, 4)
@@ -210,14 +241,16 @@ def test_gradient_checkpointing_keeps_the_loss_and_lowers_peak_memory(tmp_path):
     dwarf the 0.2M parameters. Peaks are the process's RSS high-water mark over a forward
     and backward, freed blocks returned to the system (MALLOC_MMAP_THRESHOLD_)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, "-c", GC_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", GC_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
     plain, checkpointed = runs["False"], runs["True"]
     assert abs(plain["loss"] - checkpointed["loss"]) <= 1e-6
-    assert torch.allclose(torch.tensor(plain["grad"]), torch.tensor(checkpointed["grad"]),
-                          rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert torch.allclose(
+        torch.tensor(plain["grad"]), torch.tensor(checkpointed["grad"]), rtol=1e-5, atol=1e-7
+    )
     assert checkpointed["peak"] < 0.6 * plain["peak"], runs
 
 
@@ -253,8 +286,12 @@ def test_adamw8bit_state_survives_a_checkpoint(tmp_path):
     save_checkpoint(str(tmp_path), model, optimizer, TrainingProgress(step=1), {}, keep=1)
 
     fresh, fresh_optimizer = make()
-    load_checkpoint(tmp_path / "checkpoints" / "step-0000001", fresh, fresh_optimizer,
-                    state_classes=optimizer_state_classes("adamw8bit"))  # fmt: skip
+    load_checkpoint(
+        tmp_path / "checkpoints" / "step-0000001",
+        fresh,
+        fresh_optimizer,
+        state_classes=optimizer_state_classes("adamw8bit"),
+    )
     loaded = fresh_optimizer.state[fresh[0].weight]["exp_avg"]
     assert type(loaded).__name__ == "OptimState8bit"
     assert torch.equal(loaded.dequantize(), moment.dequantize())
@@ -269,10 +306,15 @@ def test_the_arithmetic_of_a_1_5b_student_on_24_gb():
     from logitcache.train.memory import Setup, StudentShape, check_fits, footprint
 
     qwen = AutoConfig.for_model(
-        "qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+        "qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
     with torch.device("meta"):
         shape = StudentShape.of(AutoModelForCausalLM.from_config(qwen))
     assert shape.params == 1_543_714_304 and shape.layers == 28

@@ -57,23 +57,43 @@ class Recorder(DistillationTrainer):
 def trainer(student, cache, out, **args):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    model = student if not isinstance(student, str) else AutoModelForCausalLM.from_pretrained(
-        student
-    )  # fmt: skip
-    settings = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2,
-                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                    disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+    model = (
+        student if not isinstance(student, str) else AutoModelForCausalLM.from_pretrained(student)
+    )
+    settings = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     settings.update(args)
     data = CacheDataset(str(cache), eval_fraction=EVAL_FRACTION, vocab_limit=300)
-    return Recorder(model=model, args=TrainingArguments(**settings), train_dataset=data,
-                    distillation_loss=DistillationLoss("forward-kl"))  # fmt: skip
+    return Recorder(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=data,
+        distillation_loss=DistillationLoss("forward-kl"),
+    )
 
 
 def test_first_loss_equals_logitcache_train(topk_cache, student_dir, tmp_path, metrics):
     out = tmp_path / "cli"
-    config = TrainConfig(cache=str(topk_cache), out=str(out), student=str(student_dir),
-                         steps=1, batch_size=4, eval_fraction=EVAL_FRACTION, loader_workers=0,
-                         quiet=True)  # fmt: skip
+    config = TrainConfig(
+        cache=str(topk_cache),
+        out=str(out),
+        student=str(student_dir),
+        steps=1,
+        batch_size=4,
+        eval_fraction=EVAL_FRACTION,
+        loader_workers=0,
+        quiet=True,
+    )
     train(config)
     (first,) = [r["loss"] for r in metrics(out) if "loss" in r]
     hf = trainer(str(student_dir), topk_cache, tmp_path / "hf", max_steps=2)
@@ -91,16 +111,23 @@ def test_first_loss_equals_logitcache_train(topk_cache, student_dir, tmp_path, m
 def test_resume_from_checkpoint_continues_the_data(topk_cache, student_dir, tmp_path):
     """14 steps (an epoch is 11), checkpoints at 6 and 12: a run resumed from either trains
     on exactly the sequences and losses of the uninterrupted run from there on."""
-    full = trainer(str(student_dir), topk_cache, tmp_path / "full", max_steps=14,
-                   save_strategy="steps", save_steps=6)  # fmt: skip
+    full = trainer(
+        str(student_dir),
+        topk_cache,
+        tmp_path / "full",
+        max_steps=14,
+        save_strategy="steps",
+        save_steps=6,
+    )
     full.train()
     first_epoch = [i for batch in full.seen[:11] for i in batch]
     training = CacheDataset(str(topk_cache), eval_fraction=EVAL_FRACTION)
     assert sorted(first_epoch) == sorted(int(training[i]["index"]) for i in range(len(training)))
     assert len(first_epoch) == len(set(first_epoch)) == 43
     for step in (6, 12):
-        resumed = trainer(str(student_dir), topk_cache, tmp_path / "full", max_steps=14,
-                          save_strategy="no")  # fmt: skip
+        resumed = trainer(
+            str(student_dir), topk_cache, tmp_path / "full", max_steps=14, save_strategy="no"
+        )
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{step}"))
         assert resumed.seen == full.seen[step:]
         assert resumed.losses == pytest.approx(full.losses[step:], rel=1e-6)
@@ -129,8 +156,11 @@ def documented_arguments() -> dict:
     text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
     section = text.split("## Hugging Face `Trainer`", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    (call,) = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)
-               and getattr(n.func, "id", None) == "TrainingArguments"]  # fmt: skip
+    (call,) = [
+        n
+        for n in ast.walk(ast.parse(code))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "TrainingArguments"
+    ]
     literal = lambda node: not isinstance(node, ast.Subscript)  # noqa: E731 (os.environ[...])
     return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if literal(kw.value)}
 
@@ -146,9 +176,19 @@ def test_documented_arguments_give_logitcache_trains_loss_curve(
     floor, weight decay) makes by the second step."""
     args = documented_arguments()
     out = tmp_path / "cli"
-    train(TrainConfig(cache=str(topk_cache), out=str(out), student=str(student_dir), epochs=2,
-                      batch_size=4, lr=1e-2, eval_fraction=EVAL_FRACTION, loader_workers=0,
-                      quiet=True))  # fmt: skip
+    train(
+        TrainConfig(
+            cache=str(topk_cache),
+            out=str(out),
+            student=str(student_dir),
+            epochs=2,
+            batch_size=4,
+            lr=1e-2,
+            eval_fraction=EVAL_FRACTION,
+            loader_workers=0,
+            quiet=True,
+        )
+    )
     cli = [r["loss"] for r in metrics(out) if "loss" in r]
     for key in ("logging_steps", "save_steps", "eval_strategy", "eval_steps"):
         args.pop(key, None)
@@ -166,8 +206,9 @@ def test_eval_loss_is_the_training_loss_on_the_eval_split(topk_cache, student_di
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(student_dir)
-    held_out = CacheDataset(str(topk_cache), split="eval", eval_fraction=EVAL_FRACTION,
-                            vocab_limit=300)  # fmt: skip
+    held_out = CacheDataset(
+        str(topk_cache), split="eval", eval_fraction=EVAL_FRACTION, vocab_limit=300
+    )
     hf = trainer(model, topk_cache, tmp_path / "hf", per_device_eval_batch_size=3)
     got = hf.evaluate(eval_dataset=held_out)["eval_loss"]
     assert got == pytest.approx(evaluate(model, held_out)["eval_kl"], rel=1e-6)

@@ -15,8 +15,16 @@ def test_lora_trains_adapters_only_and_saves_them(
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    flags = train_args(topk_cache, out, student=teacher_dir, steps=2, save_every=1,
-                       lora_r=4, lora_targets="q_proj,v_proj", merge_lora=True)  # fmt: skip
+    flags = train_args(
+        topk_cache,
+        out,
+        student=teacher_dir,
+        steps=2,
+        save_every=1,
+        lora_r=4,
+        lora_targets="q_proj,v_proj",
+        merge_lora=True,
+    )
     result = cli(flags)
     assert result.exit_code == 0, result.output
     assert (out / "model" / "adapter_config.json").is_file()
@@ -31,8 +39,10 @@ def test_lora_trains_adapters_only_and_saves_them(
     changed = {n for n, _ in merged.named_parameters()} - same
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
     with_adapter = peft.PeftModel.from_pretrained(base, out / "model").merge_and_unload()
-    assert all(torch.allclose(p, merged.get_parameter(n), atol=1e-6)
-               for n, p in with_adapter.named_parameters())  # fmt: skip
+    assert all(
+        torch.allclose(p, merged.get_parameter(n), atol=1e-6)
+        for n, p in with_adapter.named_parameters()
+    )
 
 
 def test_lora_resumes_exactly(cli, train_args, metrics, topk_cache, teacher_dir, tmp_path):

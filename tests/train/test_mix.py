@@ -21,9 +21,7 @@ EVAL_FRACTION = 0.2  # 43 training sequences per session cache
 def orders_of(sizes, seed=0):
     """Own epoch orders of synthetic caches: cache c holds ids c*1000 .. c*1000+size-1."""
     shards = [[(c * 1000 + f, min(4, n - f)) for f in range(0, n, 4)] for c, n in enumerate(sizes)]
-    return [
-        lambda e, s=s: epoch_order(s, seed=seed, epoch=e, block_shards=2) for s in shards
-    ]  # fmt: skip
+    return [lambda e, s=s: epoch_order(s, seed=seed, epoch=e, block_shards=2) for s in shards]
 
 
 def test_one_cache_is_its_own_epoch_order():
@@ -56,8 +54,9 @@ def test_mixture_follows_the_weights_and_each_cache_order():
 
 @pytest.fixture(scope="module")
 def mixed(topk_cache, sampled_cache):
-    data = CacheDataset([str(topk_cache), str(sampled_cache)], eval_fraction=EVAL_FRACTION,
-                        vocab_limit=10_000)  # fmt: skip
+    data = CacheDataset(
+        [str(topk_cache), str(sampled_cache)], eval_fraction=EVAL_FRACTION, vocab_limit=10_000
+    )
 
     def make(**kw) -> CacheStream:
         settings = dict(batch_size=3, seed=1, block_shards=2, weights=[1, 2])
@@ -99,9 +98,12 @@ def test_a_mixed_stream_resumes_exactly(mixed):
 def run_args(train_args, student_config, teacher_dir, tmp_path):
     def make(caches, **flags):
         args = train_args(
-            caches[0], tmp_path / "run", student_config=student_config, tokenizer=teacher_dir,
+            caches[0],
+            tmp_path / "run",
+            student_config=student_config,
+            tokenizer=teacher_dir,
             **flags,
-        )  # fmt: skip
+        )
         for extra in caches[1:]:
             args += ["--cache", str(extra)]
         return args
@@ -114,9 +116,12 @@ def test_train_from_two_caches(
     cli, run_args, metrics, topk_cache, sampled_cache, tmp_path, workers
 ):
     args = run_args(
-        [topk_cache, sampled_cache], steps=3, cache_weights="1,3", save_every=1,
+        [topk_cache, sampled_cache],
+        steps=3,
+        cache_weights="1,3",
+        save_every=1,
         loader_workers=workers,
-    )  # fmt: skip
+    )
     result = cli(args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
@@ -134,9 +139,12 @@ def test_train_from_two_caches(
 
 @pytest.mark.parametrize(
     ("weights", "message"),
-    [("1", "expected 2 positive numbers"), ("1,0", "expected 2 positive numbers"),
-     ("a,b", "expected numbers separated by commas")],
-)  # fmt: skip
+    [
+        ("1", "expected 2 positive numbers"),
+        ("1,0", "expected 2 positive numbers"),
+        ("a,b", "expected numbers separated by commas"),
+    ],
+)
 def test_bad_weights(cli, run_args, topk_cache, sampled_cache, weights, message):
     result = cli(run_args([topk_cache, sampled_cache], steps=1, cache_weights=weights))
     assert result.exit_code == 1 and message in result.output, result.output

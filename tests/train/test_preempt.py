@@ -135,10 +135,25 @@ def test_precompute_on_sigterm_says_its_shards_are_kept(
 ):
     out, go = tmp_path / "cache", tmp_path / "go"
     command = [
-        "precompute", "--teacher", sharp_teacher_dir, "--data", text_corpus, "--out", out,
-        "--seq-len", "32", "--shard-sequences", "8", "--batch-tokens", "128", "--top-k", "8",
-        "--device", "cpu", "--quiet",
-    ]  # fmt: skip
+        "precompute",
+        "--teacher",
+        sharp_teacher_dir,
+        "--data",
+        text_corpus,
+        "--out",
+        out,
+        "--seq-len",
+        "32",
+        "--shard-sequences",
+        "8",
+        "--batch-tokens",
+        "128",
+        "--top-k",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     running = lab.start(command, Fault("forward", at=6, action="pause", arg=str(go)))
     deadline = time.monotonic() + 60
     while not list((out / "shards").glob("shard-*")):  # 4 sequences a forward, 8 a shard
@@ -179,9 +194,13 @@ def test_a_dataloader_worker_outlives_ctrl_c_and_a_foreign_sigterm(tmp_path, mon
     from logitcache.train.preempt import ignore_stop_signals
 
     (tmp_path / "go-0").touch()
-    loader = DataLoader(_WaitingStream(tmp_path), batch_size=None, num_workers=1,
-                        multiprocessing_context="fork",
-                        worker_init_fn=ignore_stop_signals)  # fmt: skip
+    loader = DataLoader(
+        _WaitingStream(tmp_path),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="fork",
+        worker_init_fn=ignore_stop_signals,
+    )
     batches = iter(loader)
     assert next(batches) == 0
     (worker,) = batches._workers
@@ -234,10 +253,21 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(lab, args, ref
     script, out, go = tmp_path / "held.py", tmp_path / "run", tmp_path / "go"
     script.write_text(HELD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", str(script), str(go), "3", *args(out, batch_size=2)]  # fmt: skip
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(go),
+        "3",
+        *args(out, batch_size=2),
+    ]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 120
     while not (Path(f"{go}.0").exists() and Path(f"{go}.1").exists()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]

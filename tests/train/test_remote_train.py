@@ -26,9 +26,12 @@ def served(topk_cache, tmp_path, monkeypatch):
 def args(train_args, student_config, teacher_dir, tmp_path):
     def make(cache, **flags):
         return train_args(
-            cache, tmp_path / "run", student_config=student_config, tokenizer=teacher_dir,
+            cache,
+            tmp_path / "run",
+            student_config=student_config,
+            tokenizer=teacher_dir,
             **flags,
-        )  # fmt: skip
+        )
 
     return make
 
@@ -69,8 +72,11 @@ def test_a_map_style_dataset_reads_a_url_by_ranges(served, topk_cache, tmp_path)
 
     from logitcache.train import CacheDataset
 
-    remote = CacheDataset(f"{served.url}/cache", vocab_limit=300,
-                          reader_options={"local_cache": str(tmp_path / "shards")})  # fmt: skip
+    remote = CacheDataset(
+        f"{served.url}/cache",
+        vocab_limit=300,
+        reader_options={"local_cache": str(tmp_path / "shards")},
+    )
     local = CacheDataset(str(topk_cache), vocab_limit=300)
     assert len(remote) == len(local)
     for i in (0, 17, len(local) - 1):

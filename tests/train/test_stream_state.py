@@ -62,8 +62,10 @@ def test_sampler_follows_the_stream(data):
 
 
 def test_distributed_sampler_shards_the_dataset(data):
-    ranks = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0,
-                                     drop_last=True)) for r in (0, 1)]  # fmt: skip
+    ranks = [
+        list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True))
+        for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == 21 and not set(ranks[0]) & set(ranks[1])
     record = data[ranks[1][0]]
     assert record["input_ids"].dtype == torch.int64 and record["teacher_ids"].ndim == 2

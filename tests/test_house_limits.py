@@ -6,6 +6,8 @@ Modules have no line limit: they are split where their concepts part (issue #23)
 from __future__ import annotations
 
 import ast
+import re
+from pathlib import Path
 
 from test_imports import project_modules
 
@@ -22,3 +24,18 @@ def test_no_function_over_the_limit():
                 if n > MAX_FUNCTION_LINES:
                     too_long.append(f"function {name}.{node.name}: {n} lines")
     assert too_long == [], "split these (docs/design.md, house limits): " + "; ".join(too_long)
+
+
+def test_ruff_format_formats_everything():
+    """No `# fmt: skip` / `# fmt: off` in the package, its tests or the benchmarks: the
+    formatter decides the layout (issue #23), so hand-packed lines cannot come back."""
+    root = Path(__file__).parent.parent
+    folders = ["src", "storage", "precompute", "train", "tests", "benchmarks"]
+    marked = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in folders
+        for path in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"#\s*fmt:\s*(skip|off)\s*$", line)
+    ]
+    assert marked == []

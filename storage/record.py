@@ -15,7 +15,7 @@ import numpy as np
 from .errors import CacheError
 
 if TYPE_CHECKING:
-    from .format import CacheSpec
+    from .spec import CacheSpec
 
 __all__ = ["SequenceRecord", "check_record"]
 

@@ -21,7 +21,7 @@ from .v1 import FormatV1
 from .v2 import FormatV2
 
 if TYPE_CHECKING:
-    from ..format import CacheSpec
+    from ..spec import CacheSpec
 
 __all__ = [
     "FORMAT_MINOR",

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..format import CacheSpec, Manifest, ShardInfo
     from ..record import SequenceRecord
+    from ..spec import CacheSpec, ShardInfo
 
 __all__ = ["Mapper", "Rows", "ShardFormat"]
 
@@ -53,7 +53,7 @@ class ShardFormat(Protocol):
     def batch_sequences(seq_len: int, shard_sequences: int) -> int | None: ...
 
     @staticmethod
-    def format_minor(manifest: Manifest) -> int: ...
+    def format_minor(spec: CacheSpec, stores_tokenizer: bool) -> int: ...
 
     @staticmethod
     def version_label(minor: int) -> str: ...

@@ -23,7 +23,7 @@ from ..record import SequenceRecord, check_record
 from .base import Mapper, Rows
 
 if TYPE_CHECKING:
-    from ..format import CacheSpec, Manifest, ShardInfo
+    from ..spec import CacheSpec, ShardInfo
 
 __all__ = ["FIELD_DTYPES", "FormatV1", "RecordCodec", "record_fields", "v1_codecs"]
 
@@ -164,11 +164,11 @@ class FormatV1:
         return None
 
     @staticmethod
-    def format_minor(manifest: Manifest) -> int:
+    def format_minor(spec: CacheSpec, stores_tokenizer: bool) -> int:
         """1.2 with ``fingerprint_full``, 1.1 with stored tokenizer files, else 1.0."""
-        if FULL_FINGERPRINT in manifest.spec.tokenizer:
+        if FULL_FINGERPRINT in spec.tokenizer:
             return 2
-        return int(bool(manifest.tokenizer_files))
+        return int(stores_tokenizer)
 
     @staticmethod
     def version_label(minor: int) -> str:

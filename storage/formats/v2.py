@@ -42,7 +42,7 @@ from ..record import SequenceRecord, check_record
 from .base import Mapper, Rows
 
 if TYPE_CHECKING:
-    from ..format import CacheSpec, Manifest, ShardInfo
+    from ..spec import CacheSpec, ShardInfo
 
 __all__ = [
     "BATCH_TOKENS",
@@ -373,9 +373,9 @@ class FormatV2:
         return default_batch_sequences(seq_len, shard_sequences)
 
     @staticmethod
-    def format_minor(manifest: Manifest) -> int:
-        """2.1 with ``fingerprint_full``, else 2.0."""
-        return int(FULL_FINGERPRINT in manifest.spec.tokenizer)
+    def format_minor(spec: CacheSpec, stores_tokenizer: bool) -> int:
+        """2.1 with ``fingerprint_full``, else 2.0 (2.0 already has ``tokenizer_files``)."""
+        return int(FULL_FINGERPRINT in spec.tokenizer)
 
     @staticmethod
     def version_label(minor: int) -> str:

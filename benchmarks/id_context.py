@@ -13,7 +13,7 @@ the ranks are renumbered per position so that ids the decoder can predict come f
 
 The renumbering is a bijection of the rank space per position (the predicted ids take ranks
 0..m-1, every other rank keeps its order after them), so a decoder could invert it. Each
-variant is encoded by format 2's own ``BatchCodec`` (ids renumbered, every other field as
+variant is encoded by format 2's own ``GroupCodec`` (ids renumbered, every other field as
 stored), so ``baseline`` is exactly the ``ids`` bytes a format 2 writer makes in one shard.
 Results are in docs/benchmarks.md ("Context models for ids").
 """
@@ -50,15 +50,15 @@ def to_front(ranks: np.ndarray, n_entries: np.ndarray, context: np.ndarray) -> n
 def id_bytes(records: list, spec: Any, context: Any = None) -> int:
     """Format 2 ``ids`` bytes of one shard's records (batches of ``spec.batch_sequences``),
     ranks renumbered by ``context(records, id_to_rank) -> [P, m]`` ranks when given."""
-    from logitcache.storage.formats.v2 import BatchCodec
+    from logitcache.storage.formats.v2 import GroupCodec
 
-    codec = BatchCodec(spec)
+    codec = GroupCodec(spec)
     rank_to_id = codec.expand_table(codec.make_table(records)).astype(np.int64)
     id_to_rank = np.empty_like(rank_to_id)
     id_to_rank[rank_to_id] = np.arange(rank_to_id.size)
     total = 0
-    for start in range(0, len(records), codec.batch):
-        batch = records[start : start + codec.batch]
+    for start in range(0, len(records), codec.size):
+        batch = records[start : start + codec.size]
         if context is not None:
             renamed = []
             for r in batch:
@@ -111,10 +111,10 @@ def _label_hits(record: Any) -> int:
 
 
 def _table_bytes(table: dict[int, np.ndarray], spec: Any) -> int:
-    from logitcache.storage.formats.v2 import BatchCodec
+    from logitcache.storage.formats.v2 import GroupCodec
 
     flat = np.concatenate([np.concatenate([[k, v.size], v]) for k, v in sorted(table.items())])
-    return len(BatchCodec(spec).codecs["ids_table"].encode(flat.astype(np.uint32)))
+    return len(GroupCodec(spec).codecs["ids_table"].encode(flat.astype(np.uint32)))
 
 
 def probe(cache: str, batch_sequences: int = 16, level: int = 15) -> dict[str, Any]:

@@ -196,7 +196,7 @@ def make_spec(config: PrecomputeConfig, tokenizer: Any, model_config: Any) -> Ca
         tokenizer=tokenizer_identity(tokenizer, config.teacher),
         corpus=corpus_identity(config.corpus),
         settings=config.content_settings(),
-        batch_sequences=format_class(config.format_version).batch_sequences(seq_len, per_shard),
+        batch_sequences=format_class(config.format_version).group_sequences(seq_len, per_shard),
     )
 
 

@@ -3,7 +3,7 @@
 In: rows of per-field blobs (from a format's row codec) plus the shard's identity metadata.
 Out: one published shard object, its byte size and sha256; and readers that return one
 row by position with a single ranged read (Arrow: one record batch per row; Zarr: one inner
-chunk per row inside a sharded array). A row is one sequence (format 1) or one batch of
+chunk per row inside a sharded array). A row is one sequence (format 1) or one group of
 sequences (format 2); a shard may also carry a few shard-level blobs (format 2's id table).
 
 A shard is opened either from a local file (memory-mapped) or, for random access to a
@@ -53,7 +53,7 @@ class ShardHandle(Protocol):
 
 class ArrowContainer:
     """One IPC file per shard; one record batch of one row per container row (a sequence in
-    format 1, a batch of sequences in format 2).
+    format 1, a group of sequences in format 2).
 
     The blobs are already zstd-compressed by the field codecs, so Arrow's own buffer
     compression is off (it would spend time for no gain).

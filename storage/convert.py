@@ -96,11 +96,11 @@ def converted_spec(
             f"--format-version {target.version}"
         )
     batch = None
-    if target.batch_sequences(spec.seq_len, per_shard) is not None:
+    if target.group_sequences(spec.seq_len, per_shard) is not None:
         kept = spec.batch_sequences
         if kept is not None and kept > per_shard:
             kept = None
-        batch = batch_sequences or kept or target.batch_sequences(spec.seq_len, per_shard)
+        batch = batch_sequences or kept or target.group_sequences(spec.seq_len, per_shard)
     logprobs, step = _logprob_codec(spec)
     codecs = target.default_codecs(
         spec.vocab_size, logprobs=logprobs, step=step, zstd_level=None, mode=spec.mode

@@ -39,10 +39,10 @@ DEFAULT_PREFETCH = 8
 _MAX_OPEN_SHARDS = 64  # open handles kept per reader; a 10,000-shard cache is never all open
 _VERIFY_CACHE_BYTES = 4 * 10**9  # verify's scratch copies: the prefetch window, then deleted
 _DECODED_BYTES = 128 * 2**20
-"""Format 2: decoded batches kept per reader, by their arrays' bytes. A training window
-(--block-shards 4 x 256 sequences) reads its sequences in random order, so each batch is
-decoded once only if the window's batches fit: they do for sampled caches at seq_len 256
-(~0.25 MB per 16-sequence batch at N=16); a top-128 window fits about half."""
+"""Format 2: decoded groups kept per reader, by their arrays' bytes. A training window
+(--block-shards 4 x 256 sequences) reads its sequences in random order, so each group is
+decoded once only if the window's groups fit: they do for sampled caches at seq_len 256
+(~0.25 MB per 16-sequence group at N=16); a top-128 window fits about half."""
 
 
 class CacheReader:
@@ -57,8 +57,8 @@ class CacheReader:
     but checks the shard's identity metadata, the row's index and every blob's zstd
     checksum. ``prefetch`` is the number of shards fetched ahead of the reader. A local
     cache is read in place (``local_cache``, ``prefetch`` do nothing). Format 2 stores
-    sequences in batches: reading one decodes (and a ranged read fetches) its batch, and the
-    most recently read decoded batches are kept (``_DECODED_BYTES``), so neighbours cost
+    sequences in groups: reading one decodes (and a ranged read fetches) its group, and the
+    most recently read decoded groups are kept (``_DECODED_BYTES``), so neighbours cost
     nothing more (a record read twice
     may be the same object: copy its arrays before changing them).
     """
@@ -247,7 +247,7 @@ class CacheReader:
         return table
 
     def _keep_decoded(self, key: tuple[int, int], records: list[SequenceRecord]) -> None:
-        """Keep a decoded batch; forget the least recently read past ``_DECODED_BYTES``."""
+        """Keep a decoded group; forget the least recently read past ``_DECODED_BYTES``."""
         self._decoded[key] = records
         self._decoded_bytes += _nbytes(records)
         while self._decoded_bytes > _DECODED_BYTES and len(self._decoded) > 1:

@@ -2,7 +2,7 @@
 
 In: a ``SequenceRecord`` (numpy arrays) and the cache spec. Out: nothing, or a ``CacheError``
 naming what is wrong (``check_record``). Each format's encoding of records to container rows
-lives in ``storage/formats/`` (``v1.py``: ``RecordCodec``, ``v2.py``: ``BatchCodec``).
+lives in ``storage/formats/`` (``v1.py``: ``RecordCodec``, ``v2.py``: ``GroupCodec``).
 """
 
 from __future__ import annotations

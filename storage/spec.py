@@ -62,7 +62,7 @@ _MAX_SHARD_BYTES = 1 << 40
 _MAX_VOCAB = 1 << 24
 _MAX_SEQ_LEN = 1 << 22
 MAX_ROW_ENTRIES = 1 << 23
-"""Entries one container row may hold (a sequence in format 1, a batch in format 2): 32 MB
+"""Entries one container row may hold (a sequence in format 1, a group in format 2): 32 MB
 of 4-byte ids, so decoding a row (its blobs inflate to at most what the spec allows) stays
 well under 256 MB; seq_len 32768 at k=256 fits (8,388,352)."""
 
@@ -110,7 +110,7 @@ class CacheSpec:
     settings: Mapping[str, Any] = field(default_factory=dict)
     """The precompute settings that shape the content (seed, max_tokens, shard size, ...)."""
     batch_sequences: int | None = None
-    """Format 2: sequences per batch (one container row, one blob per field); None: format 1
+    """Format 2: sequences per group (one container row, one blob per field); None: format 1
     (one row per sequence), and the key is absent from the spec's JSON."""
 
     def __post_init__(self) -> None:

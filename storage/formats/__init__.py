@@ -6,7 +6,7 @@ manifest minor versions, and the encoding of a shard's records to container rows
 The writer (``cache.py``), the reader (``reader.py``) and ``convert`` call it and never
 branch on the version. A new version is one module here and one entry in ``_FORMATS``.
 Each version's module also holds its row codec and default chains (``v1.py``: ``RecordCodec``,
-``v1_codecs``; ``v2.py``: ``BatchCodec``, ``v2_codecs``); what both share stays outside:
+``v1_codecs``; ``v2.py``: ``GroupCodec``, ``v2_codecs``); what both share stays outside:
 ``SequenceRecord`` and ``check_record`` in ``record.py``, the codec classes, zstd framing and
 bounded inflate in ``codecs.py``.
 """

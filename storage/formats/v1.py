@@ -159,7 +159,7 @@ class FormatV1:
         return record_fields(spec)
 
     @staticmethod
-    def batch_sequences(seq_len: int, shard_sequences: int) -> None:
+    def group_sequences(seq_len: int, shard_sequences: int) -> None:
         """Format 1 has no batches: its spec has no ``batch_sequences``."""
         return None
 

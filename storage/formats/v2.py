@@ -1,14 +1,15 @@
 """Format 2: several sequences per blob, ids as per-shard frequency ranks, sorted and gapped.
 
-A container row per batch of ``batch_sequences`` sequences (``BatchCodec``), and one shard
-blob, the id table that maps ranks to ids. In: the ``SequenceRecord``s of one shard (writer),
-or one batch's blobs and its shard's id table (reader). Out: the shard's id table blob and,
-per batch of consecutive sequences, one codec-compressed blob per field; and back, as records.
+A container row per group of ``batch_sequences`` sequences (``GroupCodec``; the spec's key
+keeps its first name), and one shard blob, the id table that maps ranks to ids. In: the
+``SequenceRecord``s of one shard (writer), or one group's blobs and its shard's id table
+(reader). Out: the shard's id table blob and, per group of consecutive sequences, one
+codec-compressed blob per field; and back, as records.
 
 What v2 changes against v1 (``v1.py``), measured on SmolLM2-135M caches in
 docs/benchmarks.md ("Format v2"):
-- one zstd frame per field per batch of sequences (v1: per sequence), and one container row
-  per batch: per-sequence framing and zstd headers were ~3.5 B/token at seq_len 256;
+- one zstd frame per field per group of sequences (v1: per sequence), and one container row
+  per group: per-sequence framing and zstd headers were ~3.5 B/token at seq_len 256;
 - ids (stored and input) are stored as ranks: the shard's ``TABLE_SIZE`` most frequent
   stored ids get ranks 0.., every other id keeps its order after them (a 2 kB table per
   shard; ~2 B/token less at N=16 than raw BPE ids, whose order is only roughly by
@@ -19,7 +20,7 @@ docs/benchmarks.md ("Format v2"):
   stored (N minus the others); topk keeps v1's order by log-prob, which its delta-coded
   log-probs need (sorting by id saves as many bytes on ids as it costs there);
 - sampled mode without log-probs stores no tail mass (the counts target does not read it),
-  and ``doc_starts`` / ``loss_mask`` are bit masks over the batch's tokens.
+  and ``doc_starts`` / ``loss_mask`` are bit masks over the group's tokens.
 
 Its chains are ``v2_codecs`` (byte-shuffled ranks, zstd level by mode), built from the
 generic codecs of ``storage/codecs.py``. Minor version 2.1 adds
@@ -45,27 +46,27 @@ if TYPE_CHECKING:
     from ..spec import CacheSpec, ShardInfo
 
 __all__ = [
-    "BATCH_TOKENS",
+    "GROUP_TOKENS",
     "TABLE_SIZE",
-    "BatchCodec",
     "FormatV2",
-    "batch_fields",
-    "default_batch_sequences",
+    "GroupCodec",
+    "default_group_sequences",
+    "group_fields",
     "id_dtype_for",
     "v2_codecs",
 ]
 
 
-BATCH_TOKENS = 4096
-"""Writers make batches of max(1, BATCH_TOKENS // seq_len) sequences (16 at seq_len 256): a
-random read fetches and decodes one batch (see docs/benchmarks.md for the trade-off)."""
+GROUP_TOKENS = 4096
+"""Writers make groups of max(1, GROUP_TOKENS // seq_len) sequences (16 at seq_len 256): a
+random read fetches and decodes one group (see docs/benchmarks.md for the trade-off)."""
 TABLE_SIZE = 1024
 """Ids in a shard's rank table (fewer if the shard stores fewer distinct ids)."""
 
 
-def default_batch_sequences(seq_len: int, shard_sequences: int) -> int:
+def default_group_sequences(seq_len: int, shard_sequences: int) -> int:
     """The ``batch_sequences`` a writer puts in a format 2 spec (readers read the spec's)."""
-    return max(1, min(shard_sequences, BATCH_TOKENS // seq_len))
+    return max(1, min(shard_sequences, GROUP_TOKENS // seq_len))
 
 
 def id_dtype_for(vocab_size: int) -> str:
@@ -106,8 +107,8 @@ def v2_codecs(
     }
 
 
-def batch_fields(spec: CacheSpec) -> tuple[str, ...]:
-    """The fields a v2 batch of this spec stores, in container column order."""
+def group_fields(spec: CacheSpec) -> tuple[str, ...]:
+    """The fields a v2 group of this spec stores, in container column order."""
     names = ["lengths", "input_ids", "loss_mask", "doc_starts", "ids"]
     if spec.mode == "topk":
         return (*names, "logprobs", "tail_mass")
@@ -115,25 +116,25 @@ def batch_fields(spec: CacheSpec) -> tuple[str, ...]:
     return (*names, "logprobs", "tail_mass") if spec.sampled_logprobs else tuple(names)
 
 
-class BatchCodec:
-    """Encodes and decodes the batches of v2 shards of one spec, and checks their content."""
+class GroupCodec:
+    """Encodes and decodes the groups of v2 shards of one spec, and checks their content."""
 
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
-        self.fields = batch_fields(spec)
+        self.fields = group_fields(spec)
         if spec.batch_sequences is None:
             raise CacheError("a format 2 spec needs 'batch_sequences'")
-        self.batch = spec.batch_sequences
+        self.size = spec.batch_sequences
         self.record_fields = tuple(f for f in self.fields if f != "lengths")
         """The ``SequenceRecord`` fields a writer must give."""
         missing = [f for f in (*self.fields, "ids_table") if f not in spec.codecs]
         if missing:
             raise CacheError(f"cache spec has no codec for fields {missing}")
         per_position = spec.k if spec.mode == "topk" else min(spec.samples, spec.vocab_size)
-        tokens = self.batch * spec.seq_len
-        entries = self.batch * (spec.seq_len - 1) * per_position
+        tokens = self.size * spec.seq_len
+        entries = self.size * (spec.seq_len - 1) * per_position
         values = {
-            "lengths": self.batch,
+            "lengths": self.size,
             "ids_table": min(TABLE_SIZE, spec.vocab_size),
             "ids": entries,
             "counts": entries,
@@ -188,9 +189,9 @@ class BatchCodec:
         listed[table] = True
         return np.concatenate([table, np.flatnonzero(~listed)]).astype(np.uint32)
 
-    # -- batches ----------------------------------------------------------------------------
+    # -- groups ----------------------------------------------------------------------------
     def encode(self, records: Sequence[SequenceRecord], rank_to_id: np.ndarray) -> dict[str, bytes]:
-        """One batch (consecutive records of one shard) -> a blob per field."""
+        """One group (consecutive records of one shard) -> a blob per field."""
         id_to_rank = np.empty_like(rank_to_id)
         id_to_rank[rank_to_id] = np.arange(rank_to_id.size, dtype=rank_to_id.dtype)
         arrays = _concat(records)
@@ -219,7 +220,7 @@ class BatchCodec:
     def decode(
         self, first_index: int, blobs: dict[str, Any], rank_to_id: np.ndarray, where: str
     ) -> list[SequenceRecord]:
-        """One batch's blobs -> its records (indices ``first_index``, ``first_index + 1``...)."""
+        """One group's blobs -> its records (indices ``first_index``, ``first_index + 1``...)."""
         a = {}
         for name in self.fields:
             if name not in blobs:
@@ -232,7 +233,7 @@ class BatchCodec:
                 raise CacheError(f"{where}: field {name!r}: {err}") from None
         spec = self.spec
         lengths = a["lengths"].astype(np.int64)  # [B]
-        if not 1 <= lengths.size <= self.batch or lengths.min() < 2 or lengths.max() > spec.seq_len:
+        if not 1 <= lengths.size <= self.size or lengths.min() < 2 or lengths.max() > spec.seq_len:
             raise CacheError(f"{where}: sequence lengths outside [2, seq_len={spec.seq_len}]")
         n_tok = int(lengths.sum())
         n_pos = n_tok - lengths.size
@@ -273,7 +274,7 @@ class BatchCodec:
 
 
 def _concat(records: Sequence[SequenceRecord]) -> dict[str, np.ndarray]:
-    """The batch's fields, concatenated over its records (doc starts as a token mask)."""
+    """The group's fields, concatenated over its records (doc starts as a token mask)."""
     out: dict[str, Any] = {"lengths": np.array([r.n_tokens for r in records], dtype=np.uint32)}
     for name in ("input_ids", "loss_mask", "ids", "n_entries", "counts", "logprobs", "tail_mass"):
         parts = [getattr(r, name) for r in records]
@@ -340,7 +341,7 @@ def _split(
 
 
 class FormatV2:
-    """Shards of one format 2 spec: batches of sequences, ids as ranks of a per-shard table."""
+    """Shards of one format 2 spec: groups of sequences, ids as ranks of a per-shard table."""
 
     version = 2
     newest_minor = 1
@@ -348,10 +349,10 @@ class FormatV2:
 
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
-        self.batches = BatchCodec(spec)
-        self.fields = self.batches.fields
+        self.groups = GroupCodec(spec)
+        self.fields = self.groups.fields
         """The container's columns."""
-        self.sequences_per_row = self.batches.batch
+        self.sequences_per_row = self.groups.size
 
     # -- what a writer puts in a new spec and manifest ------------------------------------
     @staticmethod
@@ -365,12 +366,12 @@ class FormatV2:
     @staticmethod
     def fields_for(spec: CacheSpec) -> tuple[str, ...]:
         """The container's columns for ``spec`` (``fields`` of a codec of it)."""
-        return batch_fields(spec)
+        return group_fields(spec)
 
     @staticmethod
-    def batch_sequences(seq_len: int, shard_sequences: int) -> int:
+    def group_sequences(seq_len: int, shard_sequences: int) -> int:
         """The writers' ``batch_sequences`` (readers read the spec's)."""
-        return default_batch_sequences(seq_len, shard_sequences)
+        return default_group_sequences(seq_len, shard_sequences)
 
     @staticmethod
     def format_minor(spec: CacheSpec, stores_tokenizer: bool) -> int:
@@ -384,7 +385,7 @@ class FormatV2:
     # -- shards ---------------------------------------------------------------------------
     def rows(self, n_sequences: int) -> int:
         """Container rows of a shard of ``n_sequences``."""
-        return -(-n_sequences // self.batches.batch)
+        return -(-n_sequences // self.groups.size)
 
     def encode_shard(
         self,
@@ -392,35 +393,35 @@ class FormatV2:
         map_: Mapper = map,
     ) -> Rows:
         """(container rows, the first sequence index of each, shard-level blobs)."""
-        codec = self.batches
+        codec = self.groups
         for r in records:
             check_record(self.spec, r, codec.record_fields, encoding=True)
         table = codec.make_table(records)
         rank_to_id = codec.expand_table(table)
-        b = codec.batch
-        batches = [records[i : i + b] for i in range(0, len(records), b)]
-        rows = list(map_(lambda rs: codec.encode(rs, rank_to_id), batches))
-        return rows, [rs[0].index for rs in batches], {"ids_table": codec.encode_table(table)}
+        b = codec.size
+        groups = [records[i : i + b] for i in range(0, len(records), b)]
+        rows = list(map_(lambda rs: codec.encode(rs, rank_to_id), groups))
+        return rows, [rs[0].index for rs in groups], {"ids_table": codec.encode_table(table)}
 
     def shard_table(self, handle: Any, info: ShardInfo) -> np.ndarray:
         """[V] rank -> id of the shard ``handle`` (its stored id table, checked)."""
         blob = handle.shard_blobs.get("ids_table")
         if blob is None:
             raise ShardCorruptError(f"shard {info.path} has no id table")
-        return self.batches.decode_table(blob, f"shard {info.path}")
+        return self.groups.decode_table(blob, f"shard {info.path}")
 
     def decode_row(
         self, handle: Any, info: ShardInfo, row: int, table: Callable[[], np.ndarray]
     ) -> list[SequenceRecord]:
-        """The sequences of batch ``row`` of the shard ``info``; ``table()``: its id table."""
-        size = self.batches.batch
+        """The sequences of group ``row`` of the shard ``info``; ``table()``: its id table."""
+        size = self.groups.size
         first = info.first_sequence + row * size
-        where = f"shard {info.path} batch {row}"
+        where = f"shard {info.path} group {row}"
         stored_index, blobs = handle.read(row)
         if stored_index != first:
             raise ShardCorruptError(f"{where}: starts at sequence {stored_index}, expected {first}")
         try:
-            records = self.batches.decode(first, blobs, table(), where)
+            records = self.groups.decode(first, blobs, table(), where)
         except ShardCorruptError:
             raise
         except CacheError as err:  # the bytes of a listed shard: damaged

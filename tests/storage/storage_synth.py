@@ -33,7 +33,7 @@ def make_spec(
     batch_sequences: int | None = None,
 ) -> CacheSpec:
     """A spec of ``format_version``; format 2 with ``batch_sequences`` (default: the writers')."""
-    writers = format_class(format_version).batch_sequences(seq_len, shard_sequences)
+    writers = format_class(format_version).group_sequences(seq_len, shard_sequences)
     if writers is None:  # a version without batches
         batch_sequences = None
     elif batch_sequences is None:

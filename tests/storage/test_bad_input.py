@@ -370,7 +370,7 @@ def test_sequence_that_is_not_where_the_manifest_says(cache):
         for batch in shifted:
             writer.write_batch(batch)
     vouch_for(cache, 0)
-    assert_refused(cache, "batch 0: starts at sequence 1, expected 0", exc=ShardCorruptError)
+    assert_refused(cache, "group 0: starts at sequence 1, expected 0", exc=ShardCorruptError)
 
 
 # -- records being written --------------------------------------------------------------

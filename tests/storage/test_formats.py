@@ -15,7 +15,7 @@ from logitcache.storage import FORMAT_VERSION, READ_VERSIONS, CacheError
 from logitcache.storage.formats import codec_for, format_class
 
 STORAGE = Path(logitcache.storage.__file__).parent
-_CODEC_CLASSES = {"RecordCodec", "BatchCodec", "FormatV1", "FormatV2"}
+_CODEC_CLASSES = {"RecordCodec", "GroupCodec", "FormatV1", "FormatV2"}
 
 
 def test_the_registry_covers_every_version_read():
@@ -78,6 +78,6 @@ def test_no_storage_module_outside_formats_branches_on_the_version():
 
 def test_the_branch_finder_finds_branches():
     code = "if spec.format_version == 2: pass\nv1 = m.format_version in (1,)\n"
-    code += "isinstance(c, BatchCodec)"
+    code += "isinstance(c, GroupCodec)"
     assert len(version_branches(code, "x.py")) == 3
     assert version_branches("ok = a.format_version != spec.format_version", "x.py") == []

@@ -139,14 +139,14 @@ def test_random_access_to_format_2_is_one_ranged_read_per_batch(big_batches, rem
     size = reader.shards[1].bytes
     assert size > 3 * 65536
     server.clear()
-    assert_records_match(spec, reader.read(13), records[13])  # batch 0 of shard 1: 12..14
+    assert_records_match(spec, reader.read(13), records[13])  # group 0 of shard 1: 12..14
     (tail, row), *_ = [ranges(server)]
     assert tail == (size - 65536, size) and row[1] <= size - 65536
     server.clear()
     for i in (12, 14):  # the same batch: decoded once, no more reads
         assert_records_match(spec, reader.read(i), records[i])
     assert ranges(server) == []
-    assert_records_match(spec, reader.read(16), records[16])  # batch 1: one more read
+    assert_records_match(spec, reader.read(16), records[16])  # group 1: one more read
     (other,) = ranges(server)
     assert other[1] <= row[0] or other[0] >= row[1]
     assert 65536 + (row[1] - row[0]) + (other[1] - other[0]) < size
@@ -166,7 +166,7 @@ def test_format_2_ranged_read_catches_a_damaged_batch(big_batches, remote_env):
     flip_byte(path, path.read_bytes().index(blob) + len(blob) // 2)
     reader = CacheReader(url)
     assert_records_match(spec, reader.read(13), records[13])  # another batch is fine
-    with pytest.raises(ShardCorruptError, match=r"batch 1: field 'ids'.*checksum"):
+    with pytest.raises(ShardCorruptError, match=r"group 1: field 'ids'.*checksum"):
         reader.read(16)
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from logitcache.storage import CacheReader, CacheSpec, CacheWriter, SequenceRecord, default_codecs
-from logitcache.storage.formats.v2 import default_batch_sequences
+from logitcache.storage.formats.v2 import default_group_sequences
 
 __all__ = ["StorageRow", "kl_exact_vs_decoded", "run_storage_bench", "synthetic_records"]
 
@@ -92,7 +92,7 @@ def _spec(container: str, logprobs: str, vocab: int, k: int, seq_len: int, shard
         codecs=default_codecs(vocab, logprobs=logprobs, mode="topk"),
         shard_sequences=shard,
         k=k,
-        batch_sequences=default_batch_sequences(seq_len, shard),  # format 2
+        batch_sequences=default_group_sequences(seq_len, shard),  # format 2
     )
 
 

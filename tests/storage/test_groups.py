@@ -1,5 +1,5 @@
-"""Format 2 (storage/formats/v2.py): round trips over batch sizes and vocabulary edges, the id
-table, the order of entries, format 1 still written and read, and damaged batches."""
+"""Format 2 (storage/formats/v2.py): round trips over group sizes and vocabulary edges, the id
+table, the order of entries, format 1 still written and read, and damaged groups."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from storage_synth import assert_records_match, make_spec, shard_records, write_cache
 
 from logitcache.storage import CacheError, CacheReader, CacheWriter, ShardCorruptError
-from logitcache.storage.formats.v2 import BatchCodec
+from logitcache.storage.formats.v2 import GroupCodec
 
 
 def round_trip(tmp_path, spec, n_total: int) -> list:
@@ -31,7 +31,7 @@ def round_trip(tmp_path, spec, n_total: int) -> list:
 @pytest.mark.parametrize(
     ("mode", "sampled_logprobs", "vocab_size", "batch_sequences", "samples"),
     [
-        ("topk", False, 2, 1, 12),  # batches of one sequence, 1-bit vocabulary
+        ("topk", False, 2, 1, 12),  # groups of one sequence, 1-bit vocabulary
         ("topk", False, 65536, 2, 12),  # the last vocabulary that fits uint16 ranks
         ("topk", False, 65537, 3, 12),  # the first that needs uint32
         ("sampled", False, 300, 2, 1),  # one draw: one entry per position
@@ -42,7 +42,7 @@ def round_trip(tmp_path, spec, n_total: int) -> list:
 def test_round_trip(
     tmp_path, container, mode, sampled_logprobs, vocab_size, batch_sequences, samples
 ):
-    """7 sequences (lengths 2..12, id V-1 at position 0) in shards of 3: partial batches."""
+    """7 sequences (lengths 2..12, id V-1 at position 0) in shards of 3: partial groups."""
     spec = make_spec(
         container=container,
         mode=mode,
@@ -67,7 +67,7 @@ def test_format_1_is_still_written_and_read(tmp_path):
         assert f.num_record_batches == 3  # one per sequence
 
 
-def test_a_shard_of_format_2_has_a_row_per_batch(tmp_path):
+def test_a_shard_of_format_2_has_a_row_per_group(tmp_path):
     spec = make_spec(shard_sequences=5, batch_sequences=2)
     write_cache(tmp_path, spec, 5)
     with pa.ipc.open_file(pa.memory_map(str(tmp_path / "shards/shard-000000.arrow"))) as f:
@@ -85,7 +85,7 @@ def test_topk_keeps_the_order_by_probability_and_sampled_is_sorted_by_rank(tmp_p
             np.testing.assert_array_equal(got.ids, written[1].ids)
             continue
         # within a position: increasing rank, so the table's ids first, in table order
-        codec = BatchCodec(spec)
+        codec = GroupCodec(spec)
         table = codec.expand_table(codec.make_table(written))
         rank = np.argsort(table)[got.ids]
         pos = np.repeat(np.arange(got.n_positions), got.n_entries)
@@ -95,7 +95,7 @@ def test_topk_keeps_the_order_by_probability_and_sampled_is_sorted_by_rank(tmp_p
 def test_id_table_is_the_most_frequent_ids_first(tmp_path):
     spec = make_spec(vocab_size=50)
     records = shard_records(spec, 0, 3)
-    table = BatchCodec(spec).make_table(records)
+    table = GroupCodec(spec).make_table(records)
     freq = np.bincount(np.concatenate([r.ids for r in records]), minlength=50)
     assert list(table) == sorted(np.flatnonzero(freq), key=lambda i: (-freq[i], i))
 
@@ -104,7 +104,7 @@ def test_id_table_is_the_most_frequent_ids_first(tmp_path):
     ("table", "match"), [([3, 3], "repeats"), ([1000], "vocab_size"), ([1, 2, 3], None)]
 )
 def test_decode_table_checks_the_ids(table, match):
-    codec = BatchCodec(make_spec(vocab_size=1000))
+    codec = GroupCodec(make_spec(vocab_size=1000))
     blob = codec.encode_table(np.asarray(table, dtype=np.uint32))
     if match is None:
         full = codec.decode_table(blob, "here")
@@ -114,8 +114,8 @@ def test_decode_table_checks_the_ids(table, match):
             codec.decode_table(blob, "here")
 
 
-def batch_blobs(spec, records):
-    codec = BatchCodec(spec)
+def group_blobs(spec, records):
+    codec = GroupCodec(spec)
     table = codec.expand_table(codec.make_table(records))
     return codec, table, codec.encode(records, table)
 
@@ -129,17 +129,17 @@ def batch_blobs(spec, records):
         ("n_entries", None, "entry counts disagree"),
     ],
 )
-def test_decode_refuses_inconsistent_batches(field, values, match):
+def test_decode_refuses_inconsistent_groups(field, values, match):
     spec = make_spec(mode="sampled", batch_sequences=2)
     records = shard_records(spec, 0, 2)
-    codec, table, blobs = batch_blobs(spec, records)
+    codec, table, blobs = group_blobs(spec, records)
     decoded = {f: codec.codecs[f].decode(b) for f, b in blobs.items()}
     if values is None:
         values = decoded[field].copy()
         values[-1] = {"ids": 1000, "counts": 255, "n_entries": 0}[field]
     blobs[field] = codec.codecs[field].encode(values)
     with pytest.raises(CacheError, match=match):
-        codec.decode(0, blobs, table, "batch")
+        codec.decode(0, blobs, table, "group")
 
 
 def test_writer_refuses_bad_doc_starts(tmp_path):
@@ -150,7 +150,7 @@ def test_writer_refuses_bad_doc_starts(tmp_path):
         writer.write_shard(0, records)
 
 
-def test_a_damaged_batch_is_a_shard_corrupt_error_naming_it(tmp_path):
+def test_a_damaged_group_is_a_shard_corrupt_error_naming_it(tmp_path):
     spec = make_spec(shard_sequences=4, batch_sequences=2, seq_len=64, vocab_size=5000)
     write_cache(tmp_path, spec, 4)
     path = tmp_path / "shards/shard-000000.arrow"
@@ -184,9 +184,9 @@ def test_random_reads_decode_each_batch_once_within_the_byte_budget(tmp_path, mo
     spec = make_spec(shard_sequences=16, batch_sequences=2)
     write_cache(tmp_path, spec, 48)  # 24 batches in 3 shards (more than a count of 16 kept)
     decodes = []
-    real = BatchCodec.decode
+    real = GroupCodec.decode
     monkeypatch.setattr(
-        BatchCodec, "decode", lambda self, first, *a: decodes.append(first) or real(self, first, *a)
+        GroupCodec, "decode", lambda self, first, *a: decodes.append(first) or real(self, first, *a)
     )
     order = [int(i) for i in np.random.default_rng(0).permutation(48)] * 2
     reader = CacheReader(tmp_path)

@@ -160,11 +160,11 @@ def test_a_damaged_group_is_a_shard_corrupt_error_naming_it(tmp_path):
     data[data.index(blob) + len(blob) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     reader = CacheReader(tmp_path, verify=False)
-    reader.read(1)  # batch 0 is intact
+    reader.read(1)  # group 0 is intact
     with pytest.raises(ShardCorruptError) as err:
         reader.read(2)
     message = str(err.value)
-    assert "shard shards/shard-000000.arrow batch 1: field 'logprobs'" in message
+    assert "shard shards/shard-000000.arrow group 1: field 'logprobs'" in message
     assert "\n" not in message
 
 
@@ -176,13 +176,13 @@ def test_resuming_a_format_1_cache_as_format_2_is_refused(tmp_path):
         CacheWriter(tmp_path, make_spec())
 
 
-def test_random_reads_decode_each_batch_once_within_the_byte_budget(tmp_path, monkeypatch):
-    """A training window reads its sequences in random order: each batch is decoded once
-    while the decoded batches fit ``_DECODED_BYTES``; past it the oldest are forgotten."""
+def test_random_reads_decode_each_group_once_within_the_byte_budget(tmp_path, monkeypatch):
+    """A training window reads its sequences in random order: each group is decoded once
+    while the decoded groups fit ``_DECODED_BYTES``; past it the oldest are forgotten."""
     from logitcache.storage import reader as reader_module
 
     spec = make_spec(shard_sequences=16, batch_sequences=2)
-    write_cache(tmp_path, spec, 48)  # 24 batches in 3 shards (more than a count of 16 kept)
+    write_cache(tmp_path, spec, 48)  # 24 groups in 3 shards (more than a count of 16 kept)
     decodes = []
     real = GroupCodec.decode
     monkeypatch.setattr(
@@ -192,9 +192,9 @@ def test_random_reads_decode_each_batch_once_within_the_byte_budget(tmp_path, mo
     reader = CacheReader(tmp_path)
     for i in order:
         reader.read(i)
-    assert sorted(decodes) == list(range(0, 48, 2))  # every batch once
-    one_batch = reader_module._nbytes(reader._decoded[(0, 0)])
-    monkeypatch.setattr(reader_module, "_DECODED_BYTES", one_batch * 3)
+    assert sorted(decodes) == list(range(0, 48, 2))  # every group once
+    one_group = reader_module._nbytes(reader._decoded[(0, 0)])
+    monkeypatch.setattr(reader_module, "_DECODED_BYTES", one_group * 3)
     decodes.clear()
     reader = CacheReader(tmp_path)
     for i in order:

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 from logitcache.errors import LogitcacheError
-from logitcache.options import check_choices, option, resume_policy, to_argv
+from logitcache.options import check_choices, include, option, resume_policy, to_argv
+
+from .loss_options import LOSSES, TAIL_POLICIES, LossOptions, loss_range_checks
 
 __all__ = [
     "LOSSES",
@@ -20,13 +22,9 @@ __all__ = [
     "resume_settings",
 ]
 
-# The named choices of the settings below (train.losses and train.optim implement them); kept
-# here, free of torch, so the CLI builds its options without importing it.
-Loss = Literal["forward-kl", "reverse-kl", "jsd", "tvd"]
-TailPolicy = Literal["renorm", "bucket", "label"]
+# The optimizers of train.optim; kept here, free of torch, so the CLI builds its options
+# without importing it (the losses' choices: train.loss_options).
 Optimizer = Literal["adamw", "adamw8bit"]
-LOSSES: tuple[str, ...] = get_args(Loss)
-TAIL_POLICIES: tuple[str, ...] = get_args(TailPolicy)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 # Keys train_config.json holds besides the settings (written by the training loop): skipped
@@ -37,6 +35,7 @@ RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 # What a resumed run may do with each setting is declared on its field below (``option(...,
 # resume=...)``, default must-match; see ``logitcache.options.OptionMeta``).
 @dataclass(frozen=True)
+@include(LossOptions, after="trust_remote_code")
 class TrainConfig:
     """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""
 
@@ -65,20 +64,9 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Run the Python code a hub student or --tokenizer ships with (only if you trust it);
     never code stored in a cache."""
-    # -- the loss ----------------------------------------------------------------------------------
-    loss: Literal[Loss, "ce"] = "forward-kl"
-    """The distillation loss; ce = cross-entropy on the true next token only (baseline)."""
-    tail: TailPolicy = "bucket"
-    """Top-k caches: where the teacher's missing mass goes."""
+    # -- the loss: LossOptions' fields (loss, tail, temperature, alpha, beta) come here, then --
     target: Literal["auto", "counts", "probs"] = "auto"
     """Sampled caches: counts (unbiased counts/N) or probs (stored log-probs); auto picks."""
-    temperature: float = 1.0
-    """Softmax temperature of teacher and student in the distillation loss."""
-    alpha: float = 0.0
-    """Weight of cross-entropy on the true next token (0 = pure distillation; 0.5 helped on
-    prose and hurt on code in the real-teacher study: measure it on held-out data)."""
-    beta: float = 0.5
-    """JSD mixture weight."""
     # -- how long, batches, optimizer and schedule -------------------------------------------------
     steps: int | None = option(None, resume="may-grow")
     """Optimizer steps (default: one epoch when neither steps nor epochs is given)."""
@@ -188,10 +176,11 @@ class TrainConfig:
     def _range_checks(self) -> list[tuple[bool, str]]:
         """(holds, what to tell the user) for every numeric setting."""
         ef = self.eval_fraction
+        loss = [
+            (ok, f"--{k} {must}, got {getattr(self, k)}") for ok, k, must in loss_range_checks(self)
+        ]
         return [
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}"),
-            (0 < self.beta < 1, f"--beta must be in (0, 1), got {self.beta}"),
+            *loss,
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -254,6 +243,11 @@ class TrainConfig:
                 "gradients or optimizer state for them), so try it without --fsdp",
             ),
         ]
+
+    @property
+    def loss_options(self) -> LossOptions:
+        """The loss settings (``loss``, ``tail``, ``temperature``, ``alpha``, ``beta``)."""
+        return LossOptions.of(self)
 
     @property
     def caches(self) -> list[str]:

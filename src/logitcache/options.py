@@ -37,6 +37,7 @@ __all__ = [
     "build",
     "check_choices",
     "click_options",
+    "include",
     "option",
     "quoted",
     "resume_policy",
@@ -119,6 +120,39 @@ def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: An
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def include(group: type, *, after: str):
+    """Class decorator, under ``@dataclass``: the fields of the dataclass ``group`` become
+    fields of the decorated class, in their order, right after its field ``after``.
+
+    ``group`` declares them once (type, default, ``option`` metadata, docstring: the help);
+    the decorated class has them as its own, flat: its constructor, flags, recipe keys and
+    ``asdict`` take them as if written in its body (``TrainConfig`` includes ``LossOptions``).
+    """
+    hints = typing.get_type_hints(group)
+
+    def decorate(cls: type) -> type:
+        own = dict(inspect.get_annotations(cls))
+        if after not in own:
+            raise TypeError(f"include({group.__name__}): {cls.__name__} has no field {after!r}")
+        added = {f.name: hints[f.name] for f in dataclasses.fields(group)}
+        clash = sorted(added.keys() & own.keys())
+        if clash:
+            raise TypeError(f"include({group.__name__}): {cls.__name__} already has {clash}")
+        at = list(own).index(after) + 1
+        items = list(own.items())
+        cls.__annotations__ = dict(items[:at] + list(added.items()) + items[at:])
+        for f in dataclasses.fields(group):
+            metadata = {**f.metadata, "declared_in": group}  # where its docstring is
+            setattr(
+                cls,
+                f.name,
+                field(default=f.default, default_factory=f.default_factory, metadata=metadata),
+            )
+        return cls
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -303,10 +337,10 @@ def settings(cls: type) -> tuple[Setting, ...]:
 
 def _walk(cls: type, prefix: tuple[str, ...]):
     hints = typing.get_type_hints(cls)
-    docs = _docstrings(cls)
     for f in dataclasses.fields(cls):
         where = f"{cls.__name__}.{f.name}"
         meta = f.metadata.get("option", OptionMeta())
+        docs = _docstrings(f.metadata.get("declared_in", cls))  # ``include``d: its group's
         try:
             kind, item, optional, choices = _kind(hints[f.name], where)
         except TypeError:
@@ -361,6 +395,7 @@ def _kind(hint: Any, where: str) -> tuple[type, type | None, bool, tuple[str, ..
     )
 
 
+@functools.cache
 def _docstrings(cls: type) -> dict[str, str]:
     """Attribute docstrings: the string literal right after each annotated field."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body

@@ -32,30 +32,32 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 
 
-# What a resumed run may do with each setting is declared on its field below (``option(...,
-# resume=...)``, default must-match; see ``logitcache.options.OptionMeta``).
+# What a resumed run may do with each setting, and how it enters the resume fingerprint, is
+# declared on its field below (``option(..., resume=..., added_with=..., fingerprint=...)``,
+# default must-match, as its value; see ``logitcache.options.OptionMeta`` and
+# ``train/resume_rules.py``, which applies them).
 @dataclass(frozen=True)
 @include(LossOptions, after="trust_remote_code")
 class TrainConfig:
     """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""
 
     # -- what to train on, where the run goes ------------------------------------------------------
-    cache: str = option(rest_into="mix_caches")
+    cache: str = option(rest_into="mix_caches", fingerprint="cache_id")
     """Cache directory (or URL) written by precompute; repeat --cache to mix several caches."""
     out: str = option(resume="may-change")
     """Output directory: checkpoints, metrics.jsonl, the final model in ``model/``."""
-    mix_caches: tuple[str, ...] = option((), cli=False)
+    mix_caches: tuple[str, ...] = option((), cli=False, fingerprint="mix_cache_ids")
     """More caches (same tokenizer) mixed into the stream with ``cache`` (the 2nd, 3rd...
     ``--cache`` on the command line)."""
     cache_weights: tuple[float, ...] = ()
     """Mixing weights of the caches, in --cache order, e.g. 3,1 (any positive scale; default:
     by size)."""
     # -- the student -------------------------------------------------------------------------------
-    student: str | None = None
+    student: str | None = option(None, fingerprint="path")
     """Hub id or directory of a pretrained student."""
-    student_config: str | None = None
+    student_config: str | None = option(None, fingerprint="file")
     """A JSON/YAML transformers config (with model_type) for a student from scratch."""
-    tokenizer: str | None = None
+    tokenizer: str | None = option(None, fingerprint="path")
     """The student's tokenizer (default: a pretrained student's own; else, and for a student
     from scratch, the one stored in the cache; caches made before format 1.1 store none: pass
     it, or add it with `logitcache tokenizer CACHE --add`)."""
@@ -72,9 +74,9 @@ class TrainConfig:
     """Optimizer steps (default: one epoch when neither steps nor epochs is given)."""
     epochs: float | None = option(None, resume="may-grow")
     """Epochs over the cache (default 1 when neither steps nor epochs is given)."""
-    batch_size: int = 8
+    batch_size: int = option(8, fingerprint="global_batch")
     """Sequences per micro-batch per process."""
-    grad_accum: int = 1
+    grad_accum: int = option(1, fingerprint="global_batch")
     """Micro-batches per optimizer step."""
     lr: float = 3e-4
     """Peak learning rate (AdamW)."""
@@ -99,7 +101,7 @@ class TrainConfig:
     """Share of the cache's sequences held out (by a stable hash of their index)."""
     eval_sequences: int = 256
     """At most this many held-out sequences per evaluation."""
-    eval_cache: str | None = None
+    eval_cache: str | None = option(None, fingerprint="path")
     """A separate cache (same tokenizer) to evaluate on, all of it, instead of the split."""
     save_every: int = option(0, resume="may-change")
     """Checkpoint every N steps (0: only at the end)."""

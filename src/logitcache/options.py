@@ -112,6 +112,10 @@ class OptionMeta:
     """A must-match setting added after runs that must still resume: left out of the resume
     fingerprint while the setting named here (often itself) is at its default, so those runs
     compare as they did before it existed."""
+    fingerprint: str | None = None
+    """How a must-match setting enters the resume fingerprint when not as its value: the name
+    of a rule of the command that resumes (``TrainConfig``: ``train/resume_rules.py``'s
+    ``RULES``, e.g. ``path``: compared by the file it names)."""
 
 
 def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: Any) -> Any:
@@ -268,7 +272,8 @@ def check_choices(config: Any) -> None:
 
 
 def resume_policy(cls: type) -> dict[str, OptionMeta]:
-    """Each top-level field's ``OptionMeta`` (its ``resume`` and ``added_with``), by name."""
+    """Each top-level field's ``OptionMeta`` (its ``resume``, ``added_with`` and
+    ``fingerprint``), by name."""
     return {f.name: f.metadata.get("option", OptionMeta()) for f in dataclasses.fields(cls)}
 
 

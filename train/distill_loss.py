@@ -21,6 +21,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from logitcache.options import view
+
 from .loss_options import LossOptions
 from .losses import TeacherTargets, chunked_loss, cross_entropy_sum, distill_loss
 
@@ -100,7 +102,7 @@ class DistillationLoss(nn.Module):
     @classmethod
     def from_config(cls, config: Any) -> DistillationLoss:
         """The loss of a ``TrainConfig`` (its ``LossOptions`` and ``chunk_size``)."""
-        return cls(**asdict(LossOptions.of(config)), chunk_size=config.chunk_size)
+        return cls(**asdict(view(LossOptions, config)), chunk_size=config.chunk_size)
 
     def extra_repr(self) -> str:
         settings = {**asdict(self.loss_options), "chunk_size": self.chunk_size}

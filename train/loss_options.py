@@ -50,11 +50,6 @@ class LossOptions:
             if not ok:
                 raise ValueError(f"{key} {requirement}, got {getattr(self, key)}")
 
-    @classmethod
-    def of(cls, config: Any) -> LossOptions:
-        """The loss settings of ``config`` (a ``TrainConfig``, or anything with these fields)."""
-        return cls(**{name: getattr(config, name) for name in LOSS_OPTIONS})
-
 
 LOSS_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(LossOptions))
 """The names of the loss settings, in declaration order."""
@@ -65,7 +60,7 @@ def loss_range_checks(values: Any) -> list[tuple[bool, str, str]]:
     ``LossOptions`` or a ``TrainConfig``): the one statement of their ranges."""
     t = values.temperature
     return [
-        (t > 0 and math.isfinite(t), "temperature", "must be a finite number > 0"),
+        (t > 0 and math.isfinite(t), "temperature", "must be > 0"),
         (0 <= values.alpha <= 1, "alpha", "must be in [0, 1]"),
         (0 < values.beta < 1, "beta", "must be in (0, 1)"),
     ]

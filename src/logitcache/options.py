@@ -44,6 +44,7 @@ __all__ = [
     "settings",
     "settings_of",
     "to_argv",
+    "view",
 ]
 
 Resume = typing.Literal["must-match", "may-change", "may-grow"]
@@ -126,37 +127,40 @@ def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: An
     return field(default=default, metadata=metadata)
 
 
-def include(group: type, *, after: str):
-    """Class decorator, under ``@dataclass``: the fields of the dataclass ``group`` become
-    fields of the decorated class, in their order, right after its field ``after``.
+def include(*groups: type):
+    """Class decorator, under ``@dataclass``: the fields of each dataclass in ``groups``, in
+    order, become fields of the decorated class after its own.
 
-    ``group`` declares them once (type, default, ``option`` metadata, docstring: the help);
-    the decorated class has them as its own, flat: its constructor, flags, recipe keys and
-    ``asdict`` take them as if written in its body (``TrainConfig`` includes ``LossOptions``).
+    A group declares its fields once (type, default, ``option`` metadata, docstring: the
+    help); the decorated class has them as its own, flat: its constructor, flags, recipe keys
+    and ``asdict`` take them as if written in its body (``TrainConfig`` includes
+    ``LossOptions``, ``TrainArgs``...), and ``view(group, config)`` gives a group back.
     """
-    hints = typing.get_type_hints(group)
 
     def decorate(cls: type) -> type:
-        own = dict(inspect.get_annotations(cls))
-        if after not in own:
-            raise TypeError(f"include({group.__name__}): {cls.__name__} has no field {after!r}")
-        added = {f.name: hints[f.name] for f in dataclasses.fields(group)}
-        clash = sorted(added.keys() & own.keys())
-        if clash:
-            raise TypeError(f"include({group.__name__}): {cls.__name__} already has {clash}")
-        at = list(own).index(after) + 1
-        items = list(own.items())
-        cls.__annotations__ = dict(items[:at] + list(added.items()) + items[at:])
-        for f in dataclasses.fields(group):
-            metadata = {**f.metadata, "declared_in": group}  # where its docstring is
-            setattr(
-                cls,
-                f.name,
-                field(default=f.default, default_factory=f.default_factory, metadata=metadata),
-            )
+        names = dict(inspect.get_annotations(cls))
+        for group in groups:
+            hints = typing.get_type_hints(group)
+            for f in dataclasses.fields(group):
+                if f.name in names:
+                    raise TypeError(
+                        f"include({group.__name__}): {cls.__name__} already has {f.name!r}"
+                    )
+                names[f.name] = hints[f.name]
+                metadata = {**f.metadata, "declared_in": group}  # where its docstring is
+                default = field(
+                    default=f.default, default_factory=f.default_factory, metadata=metadata
+                )
+                setattr(cls, f.name, default)
+        cls.__annotations__ = names
         return cls
 
     return decorate
+
+
+def view(group: type, config: Any) -> Any:
+    """The ``group`` (a dataclass that ``config``'s class includes) of ``config``'s values."""
+    return group(**{f.name: getattr(config, f.name) for f in dataclasses.fields(group)})
 
 
 @dataclass(frozen=True)

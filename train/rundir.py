@@ -14,7 +14,6 @@ of a run's own (a FIFO, a link to ``/dev/zero``) is refused with one line naming
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter
-from logitcache.untrusted import is_within, read_local, read_local_text
+from logitcache.untrusted import is_within, load_json_object, read_local, read_local_text
 
 from .checkpoint import (
     DamagedCheckpoint,
@@ -94,12 +93,7 @@ def _check_run_files(out: Path) -> None:
     config = out / "train_config.json"
     if os.path.lexists(config):
         text = read_local_text(config, CONFIG_LIMIT, "run config")
-        try:
-            valid = isinstance(json.loads(text), dict)
-        except (ValueError, RecursionError):
-            valid = False
-        if not valid:
-            raise LogitcacheError(f"run config {config} is not a JSON object; refusing to resume")
+        load_json_object(text, f"run config {config}")  # an object, or one line saying why
 
 
 _RUN_DIRS = ("checkpoints", "model", "model-merged")

@@ -1,12 +1,15 @@
 """Checks of values read from a manifest: paths that must stay inside the cache, bounded
-integers. In: a value and where it came from. Out: the value, or a one-line CacheError."""
+integers, JSON (the foundation's ``untrusted.load_json``, raising storage's error). In: a value
+and where it came from. Out: the value, or a one-line CacheError."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Mapping
 from typing import Any
+
+from logitcache.core import untrusted
+from logitcache.core.untrusted import MAX_JSON_DEPTH
 
 from .errors import CacheError
 
@@ -18,10 +21,6 @@ __all__ = [
     "load_json",
     "load_json_object",
 ]
-
-MAX_JSON_DEPTH = 32
-"""Nesting a manifest or shard metadata may have (ours: 6); deeper JSON is refused, as code
-that walks it (``==``, ``json.dumps`` of the spec for its hash) recurses once per level."""
 
 
 def check_relative_path(path: str) -> str:
@@ -56,32 +55,15 @@ def check_int(obj: Mapping, key: str, where: str, lo: int = 0, hi: int | None = 
 
 def check_json_depth(obj: object, where: str, most: int = MAX_JSON_DEPTH) -> None:
     """Refuse JSON (as ``json.loads`` returns it) nested more than ``most`` levels deep."""
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        if isinstance(value, (dict, list)):
-            if depth > most:
-                raise CacheError(f"{where}: JSON nested over {most} levels deep; refusing it")
-            stack.extend((child, depth + 1) for child in children)
+    untrusted.check_json_depth(obj, where, most, error=CacheError)
 
 
 def load_json(data: bytes | str, where: str) -> Any:
-    """``json.loads(data)``, or one CacheError ``{where} is not valid JSON: {reason}``.
-
-    ``json.loads`` recurses once per level, so ``[[[[...]]]]`` from a file raises
-    RecursionError; that is refused here too (reason: nested too deeply), not a traceback."""
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-        raise CacheError(f"{where} is not valid JSON: {reason}") from None
+    """``json.loads(data)``, or one CacheError ``{where} is not valid JSON: {reason}``
+    (``[[[[...]]]]`` too: nested too deeply); its depth is the caller's to check."""
+    return untrusted.load_json(data, where, error=CacheError, max_depth=None)
 
 
 def load_json_object(data: bytes | str, where: str) -> dict[str, Any]:
     """``load_json``, which must give an object nested at most MAX_JSON_DEPTH levels."""
-    obj = load_json(data, where)
-    if not isinstance(obj, dict):
-        raise CacheError(f"{where} is not a JSON object")
-    check_json_depth(obj, where)
-    return obj
+    return untrusted.load_json_object(data, where, error=CacheError)

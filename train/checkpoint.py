@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.untrusted import is_within, read_local, read_local_text
+from logitcache.core.untrusted import is_within, load_json, read_local, read_local_text
 from logitcache.storage import Location
 
 __all__ = [
@@ -279,10 +279,7 @@ def read_state(path: Path) -> SavedState:
     that step is the caller's to say: ``rundir.resume``.)"""
     file = path / "state.json"
     text = _read_inside(path, "state.json", STATE_LIMIT)
-    try:
-        state = json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise DamagedCheckpoint(f"{file} is not JSON ({_first_line(err)})") from None
+    state = load_json(text, str(file), error=DamagedCheckpoint)
     if not isinstance(state, dict) or not isinstance(state.get("progress"), dict):
         raise DamagedCheckpoint(f"{file} holds no 'progress' object")
     if not isinstance(state.get("config"), dict):

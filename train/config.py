@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.options import check_choices, option, resume_policy, to_argv
+from logitcache.core.options import check_choices, include, option, resume_policy, to_argv, view
+
+from .loss_options import LOSSES, TAIL_POLICIES, LossOptions, loss_range_checks
 
 __all__ = [
     "LOSSES",
@@ -15,18 +17,22 @@ __all__ = [
     "RESUME_MAY_CHANGE",
     "RUN_RECORD_KEYS",
     "TAIL_POLICIES",
+    "ComputeArgs",
+    "EvalArgs",
+    "LoraArgs",
+    "LossOptions",
+    "MemoryArgs",
+    "RunArgs",
+    "StudentArgs",
+    "TrainArgs",
     "TrainConfig",
     "lr_multiplier",
     "resume_settings",
 ]
 
-# The named choices of the settings below (train.losses and train.optim implement them); kept
-# here, free of torch, so the CLI builds its options without importing it.
-Loss = Literal["forward-kl", "reverse-kl", "jsd", "tvd"]
-TailPolicy = Literal["renorm", "bucket", "label"]
+# The optimizers of train.optim; kept here, free of torch, so the CLI builds its options
+# without importing it (the losses' choices: train.loss_options).
 Optimizer = Literal["adamw", "adamw8bit"]
-LOSSES: tuple[str, ...] = get_args(Loss)
-TAIL_POLICIES: tuple[str, ...] = get_args(TailPolicy)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 # Keys train_config.json holds besides the settings (written by the training loop): skipped
@@ -34,29 +40,15 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 RUN_RECORD_KEYS = frozenset(["world_size", "total_steps", "fingerprint"])
 
 
-# What a resumed run may do with each setting is declared on its field below (``option(...,
-# resume=...)``, default must-match; see ``logitcache.core.options.OptionMeta``).
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``."""
+class StudentArgs:
+    """The student: its weights or config, its tokenizer, and what may run."""
 
-    # -- what to train on, where the run goes ------------------------------------------------------
-    cache: str = option(rest_into="mix_caches")
-    """Cache directory (or URL) written by precompute; repeat --cache to mix several caches."""
-    out: str = option(resume="may-change")
-    """Output directory: checkpoints, metrics.jsonl, the final model in ``model/``."""
-    mix_caches: tuple[str, ...] = option((), cli=False)
-    """More caches (same tokenizer) mixed into the stream with ``cache`` (the 2nd, 3rd...
-    ``--cache`` on the command line)."""
-    cache_weights: tuple[float, ...] = ()
-    """Mixing weights of the caches, in --cache order, e.g. 3,1 (any positive scale; default:
-    by size)."""
-    # -- the student -------------------------------------------------------------------------------
-    student: str | None = None
+    student: str | None = option(None, fingerprint="path")
     """Hub id or directory of a pretrained student."""
-    student_config: str | None = None
+    student_config: str | None = option(None, fingerprint="file")
     """A JSON/YAML transformers config (with model_type) for a student from scratch."""
-    tokenizer: str | None = None
+    tokenizer: str | None = option(None, fingerprint="path")
     """The student's tokenizer (default: a pretrained student's own; else, and for a student
     from scratch, the one stored in the cache; caches made before format 1.1 store none: pass
     it, or add it with `logitcache tokenizer CACHE --add`)."""
@@ -65,28 +57,19 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Run the Python code a hub student or --tokenizer ships with (only if you trust it);
     never code stored in a cache."""
-    # -- the loss ----------------------------------------------------------------------------------
-    loss: Literal[Loss, "ce"] = "forward-kl"
-    """The distillation loss; ce = cross-entropy on the true next token only (baseline)."""
-    tail: TailPolicy = "bucket"
-    """Top-k caches: where the teacher's missing mass goes."""
-    target: Literal["auto", "counts", "probs"] = "auto"
-    """Sampled caches: counts (unbiased counts/N) or probs (stored log-probs); auto picks."""
-    temperature: float = 1.0
-    """Softmax temperature of teacher and student in the distillation loss."""
-    alpha: float = 0.0
-    """Weight of cross-entropy on the true next token (0 = pure distillation; 0.5 helped on
-    prose and hurt on code in the real-teacher study: measure it on held-out data)."""
-    beta: float = 0.5
-    """JSD mixture weight."""
-    # -- how long, batches, optimizer and schedule -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """How long, in which batches, with which optimizer settings and schedule."""
+
     steps: int | None = option(None, resume="may-grow")
     """Optimizer steps (default: one epoch when neither steps nor epochs is given)."""
     epochs: float | None = option(None, resume="may-grow")
     """Epochs over the cache (default 1 when neither steps nor epochs is given)."""
-    batch_size: int = 8
+    batch_size: int = option(8, fingerprint="global_batch")
     """Sequences per micro-batch per process."""
-    grad_accum: int = 1
+    grad_accum: int = option(1, fingerprint="global_batch")
     """Micro-batches per optimizer step."""
     lr: float = 3e-4
     """Peak learning rate (AdamW)."""
@@ -104,20 +87,33 @@ class TrainConfig:
     """Clip the gradient norm to this (0: off)."""
     seed: int = 0
     """Seeds a from-scratch student's weights and the data order."""
-    # -- evaluation and checkpoints ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """Evaluation and checkpoints: on what, how often, how many are kept."""
+
     eval_every: int = option(0, resume="may-change")
     """Evaluate every N steps (0: only at the end)."""
     eval_fraction: float = 0.02
     """Share of the cache's sequences held out (by a stable hash of their index)."""
     eval_sequences: int = 256
     """At most this many held-out sequences per evaluation."""
-    eval_cache: str | None = None
+    eval_cache: str | None = option(None, fingerprint="path")
     """A separate cache (same tokenizer) to evaluate on, all of it, instead of the split."""
     save_every: int = option(0, resume="may-change")
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = option(2, resume="may-change")
     """How many of the latest checkpoints are kept."""
-    # -- data loading and compute ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComputeArgs:
+    """Data loading and compute: the teacher targets read, the shuffle window, the
+    loss's chunks, loader workers, device and precision."""
+
+    target: Literal["auto", "counts", "probs"] = "auto"
+    """Sampled caches: counts (unbiased counts/N) or probs (stored log-probs); auto picks."""
     block_shards: int = 4
     """Shuffle window: sequences are shuffled within blocks of this many shards."""
     chunk_size: int = 1024
@@ -128,9 +124,18 @@ class TrainConfig:
     """auto, cuda, cuda:N, cpu or mps."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto (bfloat16 autocast on CUDA, float32 elsewhere), bf16 or fp32."""
-    # -- this invocation: resume, shard verification, the local shard cache, output ----------------
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """This invocation: resume or overwrite, shard verification, the local shard cache,
+    output."""
+
     resume: bool = option(False, resume="may-change")
     """Continue from the newest complete checkpoint in out."""
+    overwrite: bool = option(False, resume="may-change")
+    """Replace the run already in --out (its checkpoints, model, metrics.jsonl and
+    train_config.json; other files stay); without it, or --resume, such an --out is refused."""
     verify: bool = option(True, resume="may-change")
     """Check each shard's sha256 when first opened."""
     local_cache: str | None = option(None, resume="may-change")
@@ -140,7 +145,12 @@ class TrainConfig:
     used shards are evicted."""
     quiet: bool = option(False, resume="may-change")
     """No progress bars or status lines."""
-    # -- LoRA --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """LoRA adapters instead of training all weights."""
+
     lora_r: int = option(0, added_with="lora_r")
     """LoRA rank: train low-rank adapters instead of all weights (0: off; needs ``peft``)."""
     lora_alpha: float | None = option(None, added_with="lora_r")
@@ -152,7 +162,12 @@ class TrainConfig:
     """Dropout on the adapters' input."""
     merge_lora: bool = option(False, resume="may-change")  # only the final save
     """Also save the student with the adapters merged in, to ``OUT/model-merged``."""
-    # -- memory at scale: sharding, recomputation, optimizer state ---------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryArgs:
+    """Memory at scale: sharding, recomputation, optimizer state."""
+
     fsdp: bool = option(False, added_with="fsdp")
     """Shard the student's weights, gradients and optimizer state over the torchrun ranks
     (FSDP2): 1/N of the 16 B per parameter each, so a student too large for one GPU trains
@@ -163,10 +178,35 @@ class TrainConfig:
     optimizer: Literal[Optimizer] = option("adamw", added_with="optimizer")
     """adamw (torch, 8 B of state per parameter) or adamw8bit (torchao's 8-bit AdamW, ~2 B;
     needs torchao installed)."""
-    # -- an existing --out -------------------------------------------------------------------------
-    overwrite: bool = option(False, resume="may-change")
-    """Replace the run already in --out (its checkpoints, model, metrics.jsonl and
-    train_config.json; other files stay); without it, or --resume, such an --out is refused."""
+
+
+# What a resumed run may do with each setting, and how it enters the resume fingerprint, is
+# declared on its field (``option(..., resume=..., added_with=..., fingerprint=...)``, default
+# must-match, as its value; see ``logitcache.core.options.OptionMeta`` and
+# ``train/resume_rules.py``, which applies them).
+@dataclass(frozen=True)
+@include(StudentArgs, LossOptions, TrainArgs, EvalArgs, ComputeArgs, RunArgs, LoraArgs, MemoryArgs)
+class TrainConfig:
+    """Everything ``logitcache train`` needs; saved resolved as ``train_config.json``.
+
+    Its settings are grouped by concern, as litgpt's ``TrainArgs`` / ``EvalArgs``: what to
+    train on and where the run goes are declared here, the rest in the groups it includes,
+    flat (``options.include``): ``TrainConfig(lr=1e-3)``, the flags, the recipe keys and
+    ``train_config.json`` know no groups. Each group is also a read-only view
+    (``config.train_args.lr``).
+    """
+
+    # -- what to train on, where the run goes ------------------------------------------------------
+    cache: str = option(rest_into="mix_caches", fingerprint="cache_id")
+    """Cache directory (or URL) written by precompute; repeat --cache to mix several caches."""
+    out: str = option(resume="may-change")
+    """Output directory: checkpoints, metrics.jsonl, the final model in ``model/``."""
+    mix_caches: tuple[str, ...] = option((), cli=False, fingerprint="mix_cache_ids")
+    """More caches (same tokenizer) mixed into the stream with ``cache`` (the 2nd, 3rd...
+    ``--cache`` on the command line)."""
+    cache_weights: tuple[float, ...] = ()
+    """Mixing weights of the caches, in --cache order, e.g. 3,1 (any positive scale; default:
+    by size)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix_caches", tuple(self.mix_caches))
@@ -188,10 +228,11 @@ class TrainConfig:
     def _range_checks(self) -> list[tuple[bool, str]]:
         """(holds, what to tell the user) for every numeric setting."""
         ef = self.eval_fraction
+        loss = [
+            (ok, f"--{k} {must}, got {getattr(self, k)}") for ok, k, must in loss_range_checks(self)
+        ]
         return [
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}"),
-            (0 < self.beta < 1, f"--beta must be in (0, 1), got {self.beta}"),
+            *loss,
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -254,6 +295,39 @@ class TrainConfig:
                 "gradients or optimizer state for them), so try it without --fsdp",
             ),
         ]
+
+    # -- the groups, as read-only views ---------------------------------------------------------
+    @property
+    def student_args(self) -> StudentArgs:
+        return view(StudentArgs, self)
+
+    @property
+    def loss_options(self) -> LossOptions:
+        return view(LossOptions, self)
+
+    @property
+    def train_args(self) -> TrainArgs:
+        return view(TrainArgs, self)
+
+    @property
+    def eval_args(self) -> EvalArgs:
+        return view(EvalArgs, self)
+
+    @property
+    def compute_args(self) -> ComputeArgs:
+        return view(ComputeArgs, self)
+
+    @property
+    def run_args(self) -> RunArgs:
+        return view(RunArgs, self)
+
+    @property
+    def lora_args(self) -> LoraArgs:
+        return view(LoraArgs, self)
+
+    @property
+    def memory_args(self) -> MemoryArgs:
+        return view(MemoryArgs, self)
 
     @property
     def caches(self) -> list[str]:

@@ -15,20 +15,16 @@ loss with this module; the losses themselves are in ``logitcache.train.losses``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses import (
-    LOSSES,
-    TAIL_POLICIES,
-    TeacherTargets,
-    check_loss_args,
-    chunked_loss,
-    cross_entropy_sum,
-    distill_loss,
-)
+from logitcache.core.options import view
+
+from .loss_options import LossOptions
+from .losses import TeacherTargets, chunked_loss, cross_entropy_sum, distill_loss
 
 __all__ = ["DistillationLoss", "final_hidden", "is_chunkable"]
 
@@ -78,7 +74,8 @@ def final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) ->
 
 
 class DistillationLoss(nn.Module):
-    """``logitcache train``'s loss: ``loss`` is forward-kl, reverse-kl, jsd, tvd or ce
+    """``logitcache train``'s loss. ``loss`` and ``options`` are ``LossOptions``' settings
+    (``train/loss_options.py``): ``loss`` is forward-kl, reverse-kl, jsd, tvd or ce
     (cross-entropy on the true tokens only); ``tail`` renorm, bucket or label;
     ``temperature``, ``alpha`` (weight of cross-entropy) and ``beta`` (JSD mixture weight)
     as in ``logitcache.train.losses.distill_loss``. ``chunk_size``: rows per LM-head chunk.
@@ -92,57 +89,29 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(
-        self,
-        loss: str = "forward-kl",
-        *,
-        tail: str = "bucket",
-        temperature: float = 1.0,
-        alpha: float = 0.0,
-        beta: float = 0.5,
-        chunk_size: int = 1024,
+        self, loss: str = LossOptions.loss, *, chunk_size: int = 1024, **options: Any
     ) -> None:
         super().__init__()
-        if loss not in (*LOSSES, "ce"):  # ce (cross-entropy only) is this module's own
-            raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}, ce")
-        if loss != "ce":
-            check_loss_args(loss, tail, temperature, alpha, beta)
-        elif tail not in TAIL_POLICIES:
-            raise ValueError(f"unknown tail policy {tail!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.loss, self.tail, self.temperature = loss, tail, temperature
-        self.alpha, self.beta, self.chunk_size = alpha, beta, chunk_size
+        self.loss_options = LossOptions(loss, **options)  # checked: ValueError naming it
+        self.chunk_size = chunk_size
+        for name, value in asdict(self.loss_options).items():
+            setattr(self, name, value)  # self.loss, self.tail, self.temperature, ...
 
     @classmethod
     def from_config(cls, config: Any) -> DistillationLoss:
-        """The loss of a ``TrainConfig`` (``loss``, ``tail``, ``temperature``, ...)."""
-        return cls(
-            config.loss,
-            tail=config.tail,
-            temperature=config.temperature,
-            alpha=config.alpha,
-            beta=config.beta,
-            chunk_size=config.chunk_size,
-        )
+        """The loss of a ``TrainConfig`` (its ``LossOptions`` and ``chunk_size``)."""
+        return cls(**asdict(view(LossOptions, config)), chunk_size=config.chunk_size)
 
     def extra_repr(self) -> str:
-        return (
-            f"loss={self.loss}, tail={self.tail}, temperature={self.temperature}, "
-            f"alpha={self.alpha}, chunk_size={self.chunk_size}"
-        )
+        settings = {**asdict(self.loss_options), "chunk_size": self.chunk_size}
+        return ", ".join(f"{name}={value}" for name, value in settings.items())
 
     @property
     def options(self) -> dict[str, Any]:
         """Keyword arguments of ``distill_loss`` (empty for ce)."""
-        if self.loss == "ce":
-            return {}
-        return {
-            "loss": self.loss,
-            "tail": self.tail,
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-            "beta": self.beta,
-        }
+        return {} if self.loss == "ce" else asdict(self.loss_options)
 
     @staticmethod
     def trained(batch: Mapping[str, Tensor]) -> Tensor:

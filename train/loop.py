@@ -32,7 +32,7 @@ from logitcache.storage import CacheReader
 from . import sharding
 from .cache_checks import eval_dataset
 from .checkpoint import TrainingProgress, is_out_of_space, latest_checkpoint, save_checkpoint
-from .config import TrainConfig, lr_multiplier, resume_settings
+from .config import TrainConfig, lr_multiplier
 from .dataset import CacheDataset
 from .distill_loss import DistillationLoss
 from .distributed import (
@@ -49,7 +49,8 @@ from .optim import make_optimizer, optimizer_state_classes, set_lr
 from .order import StreamState
 from .preempt import StopOnSignal, ignore_stop_signals, stopped
 from .preflight import check_run, total_steps, with_lora
-from .rundir import path_settings, read_metrics, resume, write_run_file
+from .resume_rules import resume_fingerprint
+from .rundir import read_metrics, resume, write_run_file
 from .stream import CacheStream
 from .student import DistillModule
 
@@ -291,22 +292,10 @@ def _evaluate(run: _Run, config: TrainConfig, env: Env) -> dict[str, float]:
 def _fingerprint(
     config: TrainConfig, readers: list[CacheReader], world: int, loss: DistillationLoss
 ) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues (caches by identity, not path)."""
-    settings = resume_settings(config)
-    if type(loss) is not DistillationLoss:  # another target source (train's ``loss=``)
-        settings["loss_module"] = repr(loss)
-    settings["cache_id"] = readers[0].spec.cache_id
-    settings.pop("mix_caches")
-    if len(readers) > 1:
-        settings["mix_cache_ids"] = [r.spec.cache_id for r in readers[1:]]
-    settings["global_batch"] = config.batch_size * config.grad_accum * world
-    settings.pop("cache")
-    settings.pop("batch_size")
-    settings.pop("grad_accum")
-    settings.update(path_settings(config))  # resolved paths, the student config by content
-    # saved in checkpoints and train_config.json, so credentials in a URL are left out; a
-    # resumed run computes the same redacted values, so it still compares equal
-    return redact_values(settings)
+    """What a resumed run must share with the run it continues (``train/resume_rules.py``)."""
+    custom = type(loss) is not DistillationLoss  # another target source (train's ``loss=``)
+    cache_ids = [r.spec.cache_id for r in readers]
+    return resume_fingerprint(config, cache_ids, world, repr(loss) if custom else None)
 
 
 def _learning_rate(config: TrainConfig, progress: TrainingProgress) -> float:

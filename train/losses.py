@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .config import LOSSES, TAIL_POLICIES
+from .loss_options import LOSS_OPTIONS, LOSSES, TAIL_POLICIES, LossOptions
 
 __all__ = [
     "LOSSES",
     "TAIL_POLICIES",
+    "LossOptions",
     "TeacherTargets",
-    "check_loss_args",
     "chunked_loss",
     "cross_entropy_sum",
     "distill_loss",
@@ -62,7 +62,6 @@ _REST_FLOOR_EPS = 8
 # Finite stand-in for log 0 on masked entries: exp() gives exactly 0 and, unlike -inf,
 # logsumexp over a fully masked row has finite gradients.
 _NEG = -1e30
-_DISTILL_OPTIONS = frozenset({"loss", "tail", "temperature", "alpha", "beta"})
 
 
 @dataclass
@@ -108,19 +107,15 @@ class TeacherTargets:
         )
 
 
-def check_loss_args(loss: str, tail: str, temperature: float, alpha: float, beta: float) -> None:
+def _distill_options(options: dict[str, Any]) -> LossOptions:
+    """``distill_loss``'s keyword arguments, checked (``LossOptions``; ce is not a divergence)."""
+    unknown = set(options) - set(LOSS_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown distill_loss options {sorted(unknown)}")
+    loss = options.get("loss", LossOptions.loss)
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    if tail not in TAIL_POLICIES:
-        raise ValueError(
-            f"unknown tail policy {tail!r}; expected one of {', '.join(TAIL_POLICIES)}"
-        )
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha (weight of cross-entropy) must be in [0, 1], got {alpha}")
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"beta (JSD mixture weight) must be in (0, 1), got {beta}")
+    return LossOptions(**options)
 
 
 def _compute_dtype(logits: Tensor) -> torch.dtype:
@@ -212,24 +207,18 @@ def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.to(_compute_dtype(logits)), labels, reduction="sum")
 
 
-def distill_loss(
-    logits: Tensor,
-    targets: TeacherTargets,
-    *,
-    loss: str = "forward-kl",
-    tail: str = "bucket",
-    temperature: float = 1.0,
-    alpha: float = 0.0,
-    beta: float = 0.5,
-) -> Tensor:
+def distill_loss(logits: Tensor, targets: TeacherTargets, **options: Any) -> Tensor:
     """(1 - alpha) * T² * divergence(teacher, student at T) + alpha * CE(logits, labels).
 
     ``logits`` [N, V], any float dtype; one row per trained position of ``targets``. Returns
     a scalar summed over rows. ``loss`` is forward-kl (KL(p || q)), reverse-kl (KL(q || p),
     p floored at 1e-12), jsd (beta-weighted, mixture M = beta p + (1 - beta) q) or tvd
     (0.5 * sum |p - q|); ``tail`` is renorm, bucket or label (see the module docstring).
+    ``options``: those of ``LossOptions`` (``loss``, ``tail``, ``temperature``, ``alpha``,
+    ``beta``), its defaults where left out (forward-kl, bucket, T=1, alpha 0, beta 0.5).
     """
-    check_loss_args(loss, tail, temperature, alpha, beta)
+    o = _distill_options(options)
+    loss, tail, temperature, alpha, beta = o.loss, o.tail, o.temperature, o.alpha, o.beta
     logits = logits.to(_compute_dtype(logits))  # [N, V]
     total = logits.new_zeros(())
     logp_t1 = None  # [N, V] log-softmax at T=1, shared with the CE term when T = 1
@@ -262,7 +251,7 @@ def full_vocab_kd(
     ``logits``, ``teacher_logits`` [N, V] (the teacher held in memory, the upper bound every
     cache is compared with); summed over rows.
     """
-    check_loss_args("forward-kl", "bucket", temperature, alpha, 0.5)
+    LossOptions(temperature=temperature, alpha=alpha)  # checked as distill_loss's are
     logits = logits.to(_compute_dtype(logits))  # [N, V]
     logq = torch.log_softmax(logits / temperature, dim=-1)
     logp = torch.log_softmax(teacher_logits.to(logits.dtype) / temperature, dim=-1)
@@ -357,9 +346,8 @@ def chunked_loss(
     (CE-only students); otherwise ``labels`` must be None (they are ``targets.labels``).
     Returns a scalar summed over rows; value and gradients equal the unchunked loss.
     """
-    unknown = set(distill_kwargs) - _DISTILL_OPTIONS
-    if unknown:
-        raise ValueError(f"unknown distill_loss options {sorted(unknown)}")
+    if set(distill_kwargs) - set(LOSS_OPTIONS):
+        _distill_options(distill_kwargs)  # refuses the unknown ones, naming them
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if targets is None:
@@ -378,14 +366,7 @@ def chunked_loss(
             raise ValueError("pass labels inside targets (targets.labels), not separately")
         if len(targets) != hidden.shape[0]:
             raise ValueError(f"targets have {len(targets)} rows, hidden has {hidden.shape[0]}")
-        # Fail here, not inside a checkpointed chunk.
-        check_loss_args(
-            distill_kwargs.get("loss", "forward-kl"),
-            distill_kwargs.get("tail", "bucket"),
-            distill_kwargs.get("temperature", 1.0),
-            distill_kwargs.get("alpha", 0.0),
-            distill_kwargs.get("beta", 0.5),
-        )
+        _distill_options(distill_kwargs)  # fail here, not inside a checkpointed chunk
 
     def chunk_loss(h: Tensor, start: int, stop: int) -> Tensor:
         logits = head(h)  # [n, V]

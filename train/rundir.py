@@ -1,15 +1,11 @@
-"""Which run ``--out`` holds: the ownership check before a run writes there, the
-checkpoint ``--resume`` continues from, and how the paths a run was given enter the
-fingerprint ``--resume`` compares.
+"""Which run ``--out`` holds: the ownership check before a run writes there and the
+checkpoint ``--resume`` continues from (what it compares: ``resume_rules.py``).
 
-In: a ``TrainConfig`` (``out``, ``resume``, ``overwrite`` and its path settings). Out:
+In: a ``TrainConfig`` (``out``, ``resume``, ``overwrite``, the settings it compares). Out:
 ``claim_out`` refuses an ``--out`` holding another run unless ``--resume`` (continue it) or
 ``--overwrite`` (remove what a run writes there, nothing else); ``resume`` loads the newest
-complete checkpoint inside ``--out``, skipping damaged or missing ones with one line;
-``path_settings`` gives the fingerprint's values of the path settings, resolved so that
-``student.json`` and ``/abs/student.json`` are one run; ``settings_differ`` lists what a
-resumed run changed, also accepting the paths as typed by checkpoints written before paths
-were resolved.
+complete checkpoint inside ``--out``, skipping damaged or missing ones with one line, and
+refuses one whose settings differ (``resume_rules.settings_differ``).
 
 A run directory is untrusted input (a teammate hands it over): nothing is read outside
 ``--out`` (links are resolved and checked), every file is read bounded, and a file in place
@@ -18,8 +14,6 @@ of a run's own (a FIFO, a link to ``/dev/zero``) is refused with one line naming
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -30,7 +24,7 @@ import torch
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.progress import Reporter
-from logitcache.core.untrusted import is_within, read_local, read_local_text
+from logitcache.core.untrusted import is_within, load_json_object, read_local, read_local_text
 
 from .checkpoint import (
     DamagedCheckpoint,
@@ -42,17 +36,9 @@ from .checkpoint import (
     read_state,
 )
 from .config import TrainConfig
+from .resume_rules import settings_differ
 
-__all__ = [
-    "PATH_SETTINGS",
-    "RUN_OUTPUTS",
-    "claim_out",
-    "path_settings",
-    "read_metrics",
-    "resume",
-    "settings_differ",
-    "write_run_file",
-]
+__all__ = ["RUN_OUTPUTS", "claim_out", "read_metrics", "resume", "write_run_file"]
 
 # What a resume reads of the run's own files (train_config.json is ~3 KB; metrics.jsonl
 # ~110 B a step, ~2M steps).
@@ -70,9 +56,6 @@ RUN_OUTPUTS = (
     ".tmp-model",
     ".tmp-model-merged",
 )
-
-# Settings naming a local path (or a URL / hub id, kept as typed) that a resumed run must share.
-PATH_SETTINGS = ("student", "student_config", "tokenizer", "eval_cache")
 
 
 def claim_out(config: TrainConfig, rank: int) -> None:
@@ -110,12 +93,7 @@ def _check_run_files(out: Path) -> None:
     config = out / "train_config.json"
     if os.path.lexists(config):
         text = read_local_text(config, CONFIG_LIMIT, "run config")
-        try:
-            valid = isinstance(json.loads(text), dict)
-        except (ValueError, RecursionError):
-            valid = False
-        if not valid:
-            raise LogitcacheError(f"run config {config} is not a JSON object; refusing to resume")
+        load_json_object(text, f"run config {config}")  # an object, or one line saying why
 
 
 _RUN_DIRS = ("checkpoints", "model", "model-merged")
@@ -207,49 +185,3 @@ def _check_resumable(
             f"cannot resume {path / 'state.json'}: the run is at step {progress.step} of "
             f"{end} and this run stops at step {total_steps}; give --steps {end} or more"
         )
-
-
-def path_settings(config: TrainConfig) -> dict[str, str | None]:
-    """The fingerprint's values of ``PATH_SETTINGS``: an existing local path resolved
-    (absolute, normalized), the student config by its content (``sha256:...``); URLs, hub
-    ids and None as given."""
-    return {key: _canonical(key, getattr(config, key)) for key in PATH_SETTINGS}
-
-
-def _canonical(key: str, value: str | None) -> str | None:
-    if value is None or "://" in value or not os.path.exists(value):
-        return value
-    if key == "student_config" and os.path.isfile(value):
-        return "sha256:" + hashlib.sha256(Path(value).read_bytes()).hexdigest()
-    return str(Path(value).resolve())
-
-
-def settings_differ(
-    saved: dict[str, Any], current: dict[str, Any], config: TrainConfig
-) -> list[str]:
-    """What differs between a checkpoint's fingerprint and this run's, one phrase per setting.
-
-    A checkpoint written before paths were resolved holds them as typed; such a value still
-    matches when it is this run's typed value or names the same file."""
-    changed = []
-    for key in sorted(set(saved) | set(current)):
-        before, now = saved.get(key), current.get(key)
-        if before == now or (key in PATH_SETTINGS and _same_path(before, getattr(config, key))):
-            continue
-        if key == "student_config" and str(before).startswith("sha256:") and now != before:
-            changed.append(
-                f"student_config ({config.student_config} is not the file the run "
-                "started with: its content differs)"
-            )
-            continue
-        changed.append(f"{key} ({before!r} -> {now!r})")
-    return changed
-
-
-def _same_path(saved: Any, typed: str | None) -> bool:
-    """A legacy (as typed) path of a checkpoint against this run's typed value."""
-    if not isinstance(saved, str) or typed is None or saved.startswith("sha256:"):
-        return False
-    if saved == typed:
-        return True
-    return os.path.exists(saved) and os.path.exists(typed) and os.path.samefile(saved, typed)

@@ -71,6 +71,14 @@ def set_progress(key, value):
     return lambda run, marker: edit_state(run, lambda s: s["progress"].update({key: value}))
 
 
+def nested(depth: int) -> list:
+    """A list ``depth`` levels deep: [[[...]]]."""
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def write(rel: str, data: bytes):
     return lambda run, marker: (run / rel).write_bytes(data)
 
@@ -124,10 +132,26 @@ HUGE_TENSOR = len(json.dumps(_HEADER)).to_bytes(8, "little") + json.dumps(_HEADE
 META = "torch.distributed.checkpoint.metadata"
 # (name, base run, damage(run, marker), what the one error line must contain)
 CASES = [
-    ("state-truncated", "whole", write(f"{CKPT}/state.json", b'{"progress": {"st'), "not JSON"),
-    ("state-empty", "whole", write(f"{CKPT}/state.json", b""), "state.json is not JSON"),
+    (
+        "state-truncated",
+        "whole",
+        write(f"{CKPT}/state.json", b'{"progress": {"st'),
+        "state.json is not valid JSON: Unterminated string",
+    ),
+    ("state-empty", "whole", write(f"{CKPT}/state.json", b""), "state.json is not valid JSON"),
     ("state-list", "whole", write(f"{CKPT}/state.json", b"[1, 2]"), "no 'progress' object"),
-    ("state-deep", "whole", write(f"{CKPT}/state.json", b"[" * 100_000), "is not JSON"),
+    (
+        "state-deep",
+        "whole",
+        write(f"{CKPT}/state.json", b"[" * 100_000),
+        "state.json is not valid JSON: nested too deeply",
+    ),
+    (
+        "state-nested-40",
+        "whole",
+        lambda run, m: edit_state(run, lambda s: s["config"].update(x=nested(40))),
+        "state.json: JSON nested over 32 levels deep; refusing it",
+    ),
     ("state-1mb", "whole", write(f"{CKPT}/state.json", b" " * (1 << 20) + b"{}"), "1,048,576"),
     ("step-negative", "whole", set_progress("step", -3), "'progress.step' = -3 must be an integer"),
     ("step-string", "whole", set_progress("step", "2"), "'progress.step' = '2' must be"),
@@ -204,6 +228,24 @@ CASES = [
     ),
     ("config-list", "whole", write("train_config.json", b"[]"), "is not a JSON object"),
     ("config-1mb", "whole", write("train_config.json", b" " * (1 << 20) + b"{}"), "1,048,576"),
+    (
+        "config-deep",
+        "whole",
+        write("train_config.json", b"[" * 100_000),
+        "train_config.json is not valid JSON: nested too deeply",
+    ),
+    (
+        "config-nested-40",
+        "whole",
+        write("train_config.json", json.dumps({"x": nested(40)}).encode()),
+        "train_config.json: JSON nested over 32 levels deep; refusing it",
+    ),
+    (
+        "config-python-dict",
+        "whole",
+        write("train_config.json", b"{'lr': 1}"),
+        "train_config.json is not valid JSON: Expecting property name",
+    ),
     (
         "metadata-os-system",
         "dcp",

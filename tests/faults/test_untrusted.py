@@ -1,4 +1,5 @@
-"""The one bounded reader and the one redaction helper every untrusted input goes through."""
+"""The one bounded reader, the one JSON loader and the one redaction helper every untrusted
+input goes through."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import pytest
 
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.untrusted import is_within, read_local, redact
+from logitcache.core.untrusted import is_within, load_json, load_json_object, read_local, redact
 from logitcache.storage.errors import CacheError
 from logitcache.storage.location import Location
 
@@ -74,3 +75,24 @@ def test_is_within(tmp_path):
     assert is_within(tmp_path / "in", tmp_path)
     assert not is_within(tmp_path / "link", tmp_path)
     assert not is_within(tmp_path / ".." / "x", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"[" * 100_000, "is not valid JSON: nested too deeply"),
+        (b"[" * 40 + b"]" * 40, "JSON nested over 32 levels deep"),
+        (b"{'a': 1}", "is not valid JSON: Expecting property name"),
+        (b"\xff{}", "is not valid JSON"),
+    ],
+)
+def test_load_json_refuses_in_one_line_of_the_callers_error(data, reason):
+    class Damaged(LogitcacheError):
+        pass
+
+    with pytest.raises(Damaged, match=reason) as err:
+        load_json(data, "state.json", error=Damaged)
+    assert str(err.value).startswith("state.json") and "\n" not in str(err.value)
+    with pytest.raises(CacheError, match="not a JSON object"):
+        load_json_object(b"[1]", "meta", error=CacheError)
+    assert load_json(b"[" * 40 + b"]" * 40, "x", max_depth=None)  # the caller checks it

@@ -37,12 +37,14 @@ __all__ = [
     "build",
     "check_choices",
     "click_options",
+    "include",
     "option",
     "quoted",
     "resume_policy",
     "settings",
     "settings_of",
     "to_argv",
+    "view",
 ]
 
 Resume = typing.Literal["must-match", "may-change", "may-grow"]
@@ -111,6 +113,10 @@ class OptionMeta:
     """A must-match setting added after runs that must still resume: left out of the resume
     fingerprint while the setting named here (often itself) is at its default, so those runs
     compare as they did before it existed."""
+    fingerprint: str | None = None
+    """How a must-match setting enters the resume fingerprint when not as its value: the name
+    of a rule of the command that resumes (``TrainConfig``: ``train/resume_rules.py``'s
+    ``RULES``, e.g. ``path``: compared by the file it names)."""
 
 
 def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: Any) -> Any:
@@ -119,6 +125,42 @@ def option(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: An
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def include(*groups: type):
+    """Class decorator, under ``@dataclass``: the fields of each dataclass in ``groups``, in
+    order, become fields of the decorated class after its own.
+
+    A group declares its fields once (type, default, ``option`` metadata, docstring: the
+    help); the decorated class has them as its own, flat: its constructor, flags, recipe keys
+    and ``asdict`` take them as if written in its body (``TrainConfig`` includes
+    ``LossOptions``, ``TrainArgs``...), and ``view(group, config)`` gives a group back.
+    """
+
+    def decorate(cls: type) -> type:
+        names = dict(inspect.get_annotations(cls))
+        for group in groups:
+            hints = typing.get_type_hints(group)
+            for f in dataclasses.fields(group):
+                if f.name in names:
+                    raise TypeError(
+                        f"include({group.__name__}): {cls.__name__} already has {f.name!r}"
+                    )
+                names[f.name] = hints[f.name]
+                metadata = {**f.metadata, "declared_in": group}  # where its docstring is
+                default = field(
+                    default=f.default, default_factory=f.default_factory, metadata=metadata
+                )
+                setattr(cls, f.name, default)
+        cls.__annotations__ = names
+        return cls
+
+    return decorate
+
+
+def view(group: type, config: Any) -> Any:
+    """The ``group`` (a dataclass that ``config``'s class includes) of ``config``'s values."""
+    return group(**{f.name: getattr(config, f.name) for f in dataclasses.fields(group)})
 
 
 @dataclass(frozen=True)
@@ -234,7 +276,8 @@ def check_choices(config: Any) -> None:
 
 
 def resume_policy(cls: type) -> dict[str, OptionMeta]:
-    """Each top-level field's ``OptionMeta`` (its ``resume`` and ``added_with``), by name."""
+    """Each top-level field's ``OptionMeta`` (its ``resume``, ``added_with`` and
+    ``fingerprint``), by name."""
     return {f.name: f.metadata.get("option", OptionMeta()) for f in dataclasses.fields(cls)}
 
 
@@ -303,10 +346,10 @@ def settings(cls: type) -> tuple[Setting, ...]:
 
 def _walk(cls: type, prefix: tuple[str, ...]):
     hints = typing.get_type_hints(cls)
-    docs = _docstrings(cls)
     for f in dataclasses.fields(cls):
         where = f"{cls.__name__}.{f.name}"
         meta = f.metadata.get("option", OptionMeta())
+        docs = _docstrings(f.metadata.get("declared_in", cls))  # ``include``d: its group's
         try:
             kind, item, optional, choices = _kind(hints[f.name], where)
         except TypeError:
@@ -361,6 +404,7 @@ def _kind(hint: Any, where: str) -> tuple[type, type | None, bool, tuple[str, ..
     )
 
 
+@functools.cache
 def _docstrings(cls: type) -> dict[str, str]:
     """Attribute docstrings: the string literal right after each annotated field."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body

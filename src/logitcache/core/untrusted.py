@@ -6,12 +6,18 @@ when it is not a regular file (a FIFO would block the open, ``/dev/zero`` never 
 larger than allowed (a sparse multi-GB file is refused by its size before any byte is read),
 or cannot be read. Nothing is read past ``limit + 1`` bytes, whatever ``stat`` claims.
 
+``load_json`` parses what such a file holds: one implementation for every reader, bounded in
+nesting (``json.loads`` recurses once per level: ``[[[[...]]]]`` is a RecursionError, a deep
+value makes every later ``==`` or ``repr`` recurse too), every failure one error of the
+caller's type naming the file.
+
 ``redact`` removes what must never be printed or saved: the ``user:password@`` part of a URL,
 and query values and tokens that look like credentials (``hf_…``, ``token=…``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -20,7 +26,21 @@ from typing import Any
 
 from .errors import LogitcacheError
 
-__all__ = ["is_within", "read_local", "read_local_text", "redact", "redact_values"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "check_json_depth",
+    "is_within",
+    "load_json",
+    "load_json_object",
+    "read_local",
+    "read_local_text",
+    "redact",
+    "redact_values",
+]
+
+MAX_JSON_DEPTH = 32
+"""Nesting a JSON file from outside may have (a manifest: 6, a checkpoint's state.json and
+train_config.json: 3); deeper is refused, as code that walks it recurses once per level."""
 
 
 def read_local(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
@@ -79,6 +99,56 @@ def read_local_text(path: str | os.PathLike, limit: int, what: str = "file") -> 
         raise LogitcacheError(
             f"{what} {redact(os.fspath(path))} is not UTF-8 text (byte {err.start})"
         ) from None
+
+
+def load_json(
+    data: bytes | str,
+    where: str,
+    *,
+    error: type[Exception] = LogitcacheError,
+    max_depth: int | None = MAX_JSON_DEPTH,
+) -> Any:
+    """``json.loads(data)`` (read bounded first: ``read_local``), or one ``error``: ``{where}
+    is not valid JSON: {reason}`` (``nested too deeply`` for what makes json.loads recurse
+    past Python's limit), or, nested deeper than ``max_depth`` (None: unchecked),
+    ``check_json_depth``'s."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise error(f"{where} is not valid JSON: {reason}") from None
+    if max_depth is not None:
+        check_json_depth(value, where, max_depth, error=error)
+    return value
+
+
+def load_json_object(
+    data: bytes | str, where: str, *, error: type[Exception] = LogitcacheError
+) -> dict[str, Any]:
+    """``load_json``, which must give an object (nested at most ``MAX_JSON_DEPTH`` levels)."""
+    value = load_json(data, where, error=error)
+    if not isinstance(value, dict):
+        raise error(f"{where} is not a JSON object")
+    return value
+
+
+def check_json_depth(
+    value: object,
+    where: str,
+    most: int = MAX_JSON_DEPTH,
+    *,
+    error: type[Exception] = LogitcacheError,
+) -> None:
+    """Refuse JSON (as ``json.loads`` returns it) nested more than ``most`` levels deep; the
+    walk keeps its own stack, so a deep value never recurses."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > most:
+                raise error(f"{where}: JSON nested over {most} levels deep; refusing it")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 # scheme://user:password@host -> scheme://***@host (also user@ alone: it can be a token)

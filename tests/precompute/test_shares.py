@@ -1,0 +1,167 @@
+"""Tests for logitcache.precompute.blocks and .shares: each worker tokenizes only its blocks
+and reads only its sequences, which equal one process's reading of the whole corpus."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from logitcache.precompute import blocks, packing
+from logitcache.precompute.blocks import TokenStore, iter_blocks
+from logitcache.precompute.corpus import CorpusError, CorpusSpec
+from logitcache.precompute.packing import iter_sequences
+from logitcache.precompute.shares import plan_share, tokenize_share
+from logitcache.storage import Location
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog",
+    "",
+    "A cache of teacher logits is made once and read by every student",
+    "Shards hold sequences in order",
+    "x",
+]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of ~3 documents: a tiny corpus spans many of them."""
+    monkeypatch.setattr(blocks, "BLOCK_CHARS", 120)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """40 one-line documents of varied length (3 empty ones, some of one token)."""
+    lines = [f"{i} " + SENTENCES[i % 5] * (1 + i % 3) if i % 13 else "  " for i in range(40)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return path
+
+
+def store_at(tmp_path: Path, tokenizer, spec: CorpusSpec) -> TokenStore:
+    eos = tokenizer.eos_token_id
+    return TokenStore(
+        Location(str(tmp_path / "cache")), "cid", seq_len=spec.seq_len, eos_id=eos, vocab=300
+    )
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the documents it encodes."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.calls = tokenizer, 0
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        self.calls += 1
+        return self.inner(text, **kwargs)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def share_of_documents(spec: CorpusSpec, workers: int) -> list[int]:
+    """Non-empty documents of each worker's blocks."""
+    counts = [0] * workers
+    for index, docs, _ in iter_blocks(spec):
+        counts[index % workers] += sum(1 for d in docs if d.text.strip())
+    return counts
+
+
+def as_tuples(seqs):
+    return [(s.input_ids.tolist(), s.loss_mask.tolist(), s.doc_starts.tolist()) for s in seqs]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(seq_len=16),
+        dict(seq_len=7, max_tokens=150),
+        dict(seq_len=16, max_tokens=16 * 9 + 1),  # a one-token remainder is dropped
+        dict(seq_len=12, pack=False),
+        dict(seq_len=12, pack=False, max_tokens=100),
+    ],
+)
+def test_workers_read_their_share_and_the_sequences_of_one_process(
+    tmp_path, small_blocks, corpus, tiny_tokenizer, settings
+):
+    spec = CorpusSpec(data=(str(corpus),), **settings)
+    want = as_tuples(iter_sequences(spec, tiny_tokenizer))
+    assert len(list(iter_blocks(spec))) > 6
+    for workers in (2, 3):
+        store = store_at(tmp_path / str(workers), tiny_tokenizer, spec)
+        counting = [CountingTokenizer(tiny_tokenizer) for _ in range(workers)]
+        for w in range(workers):  # step 1 of every worker (concurrent in a real run)
+            tokenize_share(store, spec, counting[w], w, workers)
+        plans = [plan_share(store, spec, counting[w], w, workers) for w in range(workers)]
+        if spec.max_tokens is None:  # each worker tokenized its blocks, and no others
+            assert [t.calls for t in counting] == share_of_documents(spec, workers)
+        else:  # up to about the budget's block
+            assert 0 < sum(t.calls for t in counting) < 36
+        got = []
+        for first in range(0, len(want), 5):  # shards of 5, each read by its worker
+            worker = (first // 5) % workers
+            count = min(5, len(want) - first)
+            pairs = list(plans[worker].sequences(first, count))
+            assert [i for i, _ in pairs] == list(range(first, first + count))
+            got.extend(seq for _, seq in pairs)
+        assert as_tuples(got) == want
+
+
+def test_a_worker_alone_makes_the_blocks_others_did_not(
+    tmp_path, small_blocks, corpus, tiny_tokenizer
+):
+    """A job-array task that runs before (or without) the others still gets every sequence."""
+    spec = CorpusSpec(data=(str(corpus),), seq_len=16)
+    store = store_at(tmp_path, tiny_tokenizer, spec)
+    lone = CountingTokenizer(tiny_tokenizer)
+    plan = plan_share(store, spec, lone, 1, 3)
+    assert lone.calls == 36  # the 40 documents less the 4 empty ones
+    want = as_tuples(iter_sequences(spec, tiny_tokenizer))
+    assert as_tuples(seq for _, seq in plan.sequences(0, plan.total)) == want
+    later = CountingTokenizer(tiny_tokenizer)
+    plan_share(store, spec, later, 0, 3)
+    assert later.calls == 0  # resumed or late: nothing left to tokenize
+
+
+def test_with_max_tokens_workers_stop_near_the_budget(tmp_path, small_blocks, tiny_tokenizer):
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"{i} {SENTENCES[i % 5]}\n" for i in range(2000)))
+    spec = CorpusSpec(data=(str(path),), seq_len=16, max_tokens=200)
+    store = store_at(tmp_path, tiny_tokenizer, spec)
+    counting = [CountingTokenizer(tiny_tokenizer) for _ in range(2)]
+    plans = [plan_share(store, spec, counting[w], w, 2) for w in range(2)]
+    assert sum(t.calls for t in counting) < 120  # of 2000 documents
+    want = as_tuples(iter_sequences(spec, tiny_tokenizer))
+    assert as_tuples(seq for _, seq in plans[1].sequences(0, plans[1].total)) == want
+
+
+def test_an_empty_corpus_says_so(tmp_path, tiny_tokenizer):
+    path = tmp_path / "empty.txt"
+    path.write_text("\n  \n")
+    spec = CorpusSpec(data=(str(path),), seq_len=16)
+    with pytest.raises(CorpusError, match="corpus is empty"):
+        plan_share(store_at(tmp_path, tiny_tokenizer, spec), spec, tiny_tokenizer, 0, 2)
+
+
+def test_a_damaged_block_is_refused_with_what_to_do(tmp_path, small_blocks, corpus, tiny_tokenizer):
+    spec = CorpusSpec(data=(str(corpus),), seq_len=16)
+    store = store_at(tmp_path, tiny_tokenizer, spec)
+    plan = plan_share(store, spec, tiny_tokenizer, 0, 1)
+    payload = Path(store.loc.path(store._rel(1, ".bin")))
+    payload.write_bytes(payload.read_bytes()[:-1] + b"\xff")
+    with pytest.raises(CorpusError, match=r"token block 1 .* is damaged .*sha256.*delete"):
+        list(plan.sequences(0, plan.total))
+
+
+def test_block_counts_match_packing(tmp_path, small_blocks, corpus, tiny_tokenizer):
+    spec = CorpusSpec(data=(str(corpus),), seq_len=12, pack=False)
+    store = store_at(tmp_path, tiny_tokenizer, spec)
+    for index, docs, last in iter_blocks(spec):
+        summary = store.tokenize(index, docs, last, tiny_tokenizer)
+        pairs = list(store.load(summary))
+        seqs = list(packing.pack_sequences(pairs, seq_len=12, eos_id=0, pack=False))
+        assert summary.sequences == len(seqs)
+        assert summary.sequence_tokens == sum(len(s.input_ids) for s in seqs)
+        assert summary.tokens == sum(len(ids) for ids, _ in pairs)
+        assert np.all([len(ids) > 0 for ids, _ in pairs])

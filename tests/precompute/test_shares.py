@@ -1,18 +1,21 @@
 """Tests for logitcache.precompute.blocks and .shares: each worker tokenizes only its blocks
 and reads only its sequences, which equal one process's reading of the whole corpus."""
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from logitcache.precompute import blocks, packing
+from logitcache.precompute import blocks, packing, run
 from logitcache.precompute.blocks import TokenStore, iter_blocks
 from logitcache.precompute.corpus import CorpusError, CorpusSpec
 from logitcache.precompute.packing import iter_sequences
+from logitcache.precompute.run import PrecomputeConfig
 from logitcache.precompute.shares import plan_share, tokenize_share
-from logitcache.storage import Location
+from logitcache.storage import CacheWriter, Location
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog",
@@ -60,11 +63,11 @@ class CountingTokenizer:
         return len(self.inner)
 
 
-def share_of_documents(spec: CorpusSpec, workers: int) -> list[int]:
-    """Non-empty documents of each worker's blocks."""
+def share_of_documents(spec: CorpusSpec, workers: int, empty: bool = False) -> list[int]:
+    """Documents of each worker's blocks: non-empty ones, or all with ``empty``."""
     counts = [0] * workers
     for index, docs, _ in iter_blocks(spec):
-        counts[index % workers] += sum(1 for d in docs if d.text.strip())
+        counts[index % workers] += sum(1 for d in docs if empty or d.text.strip())
     return counts
 
 
@@ -165,3 +168,107 @@ def test_block_counts_match_packing(tmp_path, small_blocks, corpus, tiny_tokeniz
         assert summary.sequence_tokens == sum(len(s.input_ids) for s in seqs)
         assert summary.tokens == sum(len(ids) for ids, _ in pairs)
         assert np.all([len(ids) > 0 for ids, _ in pairs])
+
+
+# ---------------------------------------------------------------------------------------
+# The teacher pass: workers as threads that meet at a barrier, as torchrun ranks do
+
+
+def pass_config(teacher: Path, data: Path, out: Path, **settings) -> PrecomputeConfig:
+    corpus = CorpusSpec(data=(str(data),), seq_len=16)
+    return PrecomputeConfig(teacher=str(teacher), out=str(out), corpus=corpus, device="cpu",
+                            shard_sequences=3, samples=8, **settings)  # fmt: skip
+
+
+def tree(cache: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(cache)): p.read_bytes()
+        for p in sorted(cache.rglob("*"))
+        if p.is_file() and ".locks" not in p.parts and "parts" not in p.parts
+    }
+
+
+def run_as_ranks(monkeypatch, configs: list[PrecomputeConfig]) -> dict[int, int]:
+    """Run one worker per config in threads that meet at a barrier; documents each tokenized."""
+    barrier = threading.Barrier(len(configs))
+    calls: dict[int, int] = {}
+    owner: dict[int, int] = {}  # id of a worker's tokenizer -> the worker
+    real, real_load = blocks.tokenize_document, run.load_tokenizer
+
+    def load(*args, **kwargs):  # called on the worker's thread, named by its index
+        tokenizer = real_load(*args, **kwargs)
+        owner[id(tokenizer)] = int(threading.current_thread().name)
+        return tokenizer
+
+    def counted(doc, tokenizer):  # called on the worker's reader thread
+        worker = owner[id(tokenizer)]
+        calls[worker] = calls.get(worker, 0) + 1
+        return real(doc, tokenizer)
+
+    @contextlib.contextmanager
+    def group(launched):
+        yield barrier.wait
+
+    monkeypatch.setattr(blocks, "tokenize_document", counted)
+    monkeypatch.setattr(run, "load_tokenizer", load)
+    monkeypatch.setattr(run, "ranks_group", group)
+    errors: list[BaseException] = []
+
+    def work(config):
+        try:
+            run.run_precompute(config)
+        except BaseException as err:
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(c,), name=str(c.worker_index)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return calls
+
+
+def test_one_two_and_three_workers_write_the_same_cache_each_tokenizing_its_share(
+    monkeypatch, tmp_path, small_blocks, corpus, tiny_teacher_dir
+):
+    single = tmp_path / "single"
+    run.run_precompute(pass_config(tiny_teacher_dir, corpus, single))
+    want = tree(single)
+    assert len([n for n in want if n.startswith("shards/")]) > 4
+    spec = CorpusSpec(data=(str(corpus),), seq_len=16)
+    for workers in (2, 3):
+        out = tmp_path / f"workers-{workers}"
+        configs = [pass_config(tiny_teacher_dir, corpus, out, num_workers=workers,
+                               worker_index=w) for w in range(workers)]  # fmt: skip
+        calls = run_as_ranks(monkeypatch, configs)
+        share = share_of_documents(spec, workers, empty=True)
+        assert [calls.get(w, 0) for w in range(workers)] == share
+        assert tree(out) == want  # the token blocks are gone, the rest is byte for byte
+
+
+def test_a_crashed_worker_resumes_without_tokenizing_again(
+    monkeypatch, tmp_path, small_blocks, corpus, tiny_teacher_dir
+):
+    single = tmp_path / "single"
+    run.run_precompute(pass_config(tiny_teacher_dir, corpus, single))
+    out = tmp_path / "split"
+    configs = [pass_config(tiny_teacher_dir, corpus, out, num_workers=2, worker_index=w)
+               for w in range(2)]  # fmt: skip
+    real_write = CacheWriter.write_shard
+
+    def crash_on_worker_1(self, shard, records, stats=None):
+        if self.worker == 1 and self.manifest.shards:
+            raise KeyboardInterrupt  # killed after its first shard
+        return real_write(self, shard, records, stats)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", crash_on_worker_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_as_ranks(monkeypatch, configs)
+    assert not (out / "manifest.json").exists() and (out / "tokens").is_dir()
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
+    calls = run_as_ranks(monkeypatch, configs[1:])  # the task rerun alone
+    assert calls == {}  # its blocks and the others' are in the store
+    assert tree(out) == tree(single)

@@ -21,6 +21,7 @@ the summary declares, then its SHA-256 and its counts checked against the summar
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import suppress
@@ -39,6 +40,7 @@ __all__ = [
     "BLOCK_CHARS",
     "BLOCK_DOCUMENTS",
     "TOKENS_DIR",
+    "Block",
     "BlockSummary",
     "TokenStore",
     "iter_blocks",
@@ -93,6 +95,25 @@ class BlockSummary:
         return self.stream_tokens if pack else self.sequence_tokens
 
 
+@dataclass(frozen=True)
+class Block:
+    """One block's tokenized documents, read back and checked."""
+
+    summary: BlockSummary
+    lengths: np.ndarray  # [D] uint32 tokens of each stored document
+    ids: np.ndarray  # [T] uint32 every document's ids, in order
+    mask: np.ndarray  # [T] bool train mask
+    per_document: dict[str, np.ndarray]
+    """Each document's part of the summary's counts (``stream_tokens``, ``sequences``,
+    ``sequence_tokens``), [D] int64 each."""
+
+    def documents(self, first: int = 0) -> Iterator[tuple[list[int], list[bool]]]:
+        """(ids, train mask) of documents ``first`` on, as ``pack_sequences`` takes them."""
+        ends = np.cumsum(self.lengths.astype(np.int64))
+        for end, length in zip(ends[first:].tolist(), self.lengths[first:].tolist()):
+            yield self.ids[end - length : end].tolist(), self.mask[end - length : end].tolist()
+
+
 def _document_size(doc: Document) -> int:
     """A document's size by the block rule: characters (its ids when pre-tokenized)."""
     if doc.text is not None:
@@ -138,13 +159,16 @@ class TokenStore:
         pairs = [tokenize_document(doc, tokenizer) for doc in docs]
         kept = [p for p in pairs if p is not None]
         lengths = np.asarray([len(ids) for ids, _ in kept], dtype=np.uint32)  # [D]
-        if int(lengths.sum(dtype=np.int64)) > _MAX_TOKENS:
+        if int(lengths.sum(dtype=np.int64)) > _MAX_TOKENS:  # before any copy of the ids
             raise CorpusError(
                 f"block {index} of the corpus ({docs[0].source} on) holds more than "
                 f"{_MAX_TOKENS:,} tokens: split its documents"
             )
-        ids = np.asarray([t for ids, _ in kept for t in ids], dtype=np.uint32)  # [T]
-        mask = np.asarray([m for _, mask in kept for m in mask], dtype=bool)  # [T]
+        total = int(lengths.sum(dtype=np.int64))
+        ids = np.fromiter(
+            itertools.chain.from_iterable(i for i, _ in kept), np.uint32, total
+        )  # [T]
+        mask = np.fromiter(itertools.chain.from_iterable(m for _, m in kept), bool, total)  # [T]
         payload = lengths.tobytes() + ids.tobytes() + np.packbits(mask).tobytes()
         summary = BlockSummary(
             index=index,
@@ -161,23 +185,27 @@ class TokenStore:
         self.loc.publish_bytes(self._rel(index, ".json"), json.dumps(record).encode())
         return summary
 
+    def _per_document(self, lengths: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Per document [D] int64: its stream tokens (pack), whether it is a sequence and that
+        sequence's tokens (not packing), from the document lengths [D] and ids [T]."""
+        lengths = lengths.astype(np.int64)
+        last_ids = ids[np.cumsum(lengths) - 1] if len(ids) else ids[:0]  # [D] last tokens
+        eos = self.eos_id is not None
+        no_eos = (last_ids != self.eos_id) if eos else np.ones(len(lengths), dtype=bool)
+        long = lengths >= 2
+        cut = np.minimum(lengths, self.seq_len)
+        room = (cut < self.seq_len) & no_eos & eos  # an EOS appended when not packing
+        return {
+            "stream_tokens": lengths + no_eos,
+            "sequences": long.astype(np.int64),
+            "sequence_tokens": (cut + room) * long,
+        }
+
     def _counts(self, lengths: np.ndarray, ids: np.ndarray) -> dict[str, int]:
         """A block's counts from its document lengths [D] and ids [T]: the summary's, and
         what a payload read back must give again."""
-        lengths = lengths.astype(np.int64)
-        ends = np.cumsum(lengths)
-        last_ids = ids[ends - 1] if len(ids) else ids[:0]  # [D] each document's last token
-        no_eos = last_ids != self.eos_id if self.eos_id is not None else np.ones_like(last_ids)
-        long = lengths >= 2
-        cut = np.minimum(lengths, self.seq_len)
-        room = (cut < self.seq_len) & no_eos.astype(bool) & (self.eos_id is not None)
-        return {
-            "tokenized": len(lengths),
-            "tokens": int(lengths.sum()),
-            "stream_tokens": int(lengths.sum() + np.count_nonzero(no_eos)),
-            "sequences": int(np.count_nonzero(long)),
-            "sequence_tokens": int((cut + room)[long].sum()),
-        }
+        sums = {k: int(v.sum()) for k, v in self._per_document(lengths, ids).items()}
+        return {"tokenized": len(lengths), "tokens": int(lengths.sum(dtype=np.int64)), **sums}
 
     # -- reading --------------------------------------------------------------------
     def summary(self, index: int) -> BlockSummary | None:
@@ -218,9 +246,9 @@ class TokenStore:
             raise self._damaged(index, "its summary's counts do not add up")
         return summary
 
-    def load(self, summary: BlockSummary) -> Iterator[tuple[list[int], list[bool]]]:
-        """The block's tokenized documents, (ids, train mask) each, checked against
-        ``summary`` and the tokenizer's vocabulary."""
+    def load(self, summary: BlockSummary) -> Block:
+        """The block's tokenized documents, checked against ``summary`` and the tokenizer's
+        vocabulary."""
         index, d, t = summary.index, summary.tokenized, summary.tokens
         try:
             payload = self.loc.read_bytes(self._rel(index, ".bin"), limit=summary.bytes)
@@ -232,17 +260,13 @@ class TokenStore:
         ids = np.frombuffer(payload, dtype=np.uint32, count=t, offset=4 * d)  # [T]
         bits = np.frombuffer(payload, dtype=np.uint8, offset=4 * (d + t))
         mask = np.unpackbits(bits, count=t).astype(bool)  # [T]
-        expected = {k: getattr(summary, k) for k in _COUNTS}
         if (lengths == 0).any() or int(lengths.sum(dtype=np.int64)) != t:
             raise self._damaged(index, "its document lengths do not add up to its tokens")
-        if self._counts(lengths, ids) != expected:
+        if self._counts(lengths, ids) != {k: getattr(summary, k) for k in _COUNTS}:
             raise self._damaged(index, "its payload's counts differ from its summary's")
         if t and int(ids.max()) >= self.vocab:
             raise self._damaged(index, f"it holds token ids outside [0, {self.vocab})")
-        ends = np.cumsum(lengths.astype(np.int64))
-        ids_list, mask_list = ids.tolist(), mask.tolist()
-        for end, length in zip(ends.tolist(), lengths.tolist()):
-            yield ids_list[end - length : end], mask_list[end - length : end]
+        return Block(summary, lengths, ids, mask, self._per_document(lengths, ids))
 
     def _damaged(self, index: int, why: str) -> CorpusError:
         return CorpusError(

@@ -27,7 +27,9 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .blocks import BlockSummary, TokenStore, iter_blocks
+import numpy as np
+
+from .blocks import Block, BlockSummary, TokenStore, iter_blocks
 from .corpus import CorpusError, CorpusSpec
 from .packing import CorpusStats, PackedSequence, pack_sequences
 
@@ -111,6 +113,7 @@ class Layout:
         self, store: TokenStore, spec: CorpusSpec, eos_id: int | None, blocks: list[BlockSummary]
     ):
         self.store, self.spec, self.eos_id, self.blocks = store, spec, eos_id, blocks
+        self._recent: dict[int, Block] = {}  # blocks read back, oldest first
         units = [b.units(spec.pack) for b in blocks]
         spent = [b.budget_tokens(spec.pack) for b in blocks]
         self.starts = [0, *itertools.accumulate(units)][:-1]
@@ -168,15 +171,38 @@ class Layout:
     def _from_block(
         self, block: int, skip: int, stats: CorpusStats | None = None
     ) -> Iterator[PackedSequence]:
-        """The corpus's sequences from ``skip`` units into block ``block`` on."""
+        """The corpus's sequences from ``skip`` units into block ``block`` on.
+
+        The block's documents wholly before ``skip`` are dropped unread (their units and
+        budget tokens taken off), so a shard costs its own tokens, not its block's.
+        """
+        first = self._block(block)
+        units = np.cumsum(first.per_document["stream_tokens" if self.spec.pack else "sequences"])
+        spent = np.cumsum(
+            first.per_document["stream_tokens" if self.spec.pack else "sequence_tokens"]
+        )
+        doc = int(np.searchsorted(units, skip, side="right"))  # first one not wholly skipped
+        if doc:
+            skip -= int(units[doc - 1])
         budget = self.spec.max_tokens
-        docs = itertools.chain.from_iterable(self.store.load(b) for b in self.blocks[block:])
+        if budget is not None:
+            budget -= self.spent[block] + (int(spent[doc - 1]) if doc else 0)
+        rest = (self._block(b).documents() for b in range(block + 1, len(self.blocks)))
         return pack_sequences(
-            docs,
+            itertools.chain(first.documents(doc), itertools.chain.from_iterable(rest)),
             seq_len=self.spec.seq_len,
             eos_id=self.eos_id,
             pack=self.spec.pack,
-            max_tokens=None if budget is None else budget - self.spent[block],
+            max_tokens=budget,
             stats=stats,
             skip=skip,
         )
+
+    def _block(self, position: int) -> Block:
+        """Block ``position`` of the layout, read back (the last two read are kept: a
+        worker's consecutive shards mostly share theirs)."""
+        if position not in self._recent:
+            self._recent[position] = self.store.load(self.blocks[position])
+            while len(self._recent) > 2:
+                del self._recent[next(iter(self._recent))]
+        return self._recent[position]

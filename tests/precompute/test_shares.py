@@ -162,7 +162,7 @@ def test_block_counts_match_packing(tmp_path, small_blocks, corpus, tiny_tokeniz
     store = store_at(tmp_path, tiny_tokenizer, spec)
     for index, docs, last in iter_blocks(spec):
         summary = store.tokenize(index, docs, last, tiny_tokenizer)
-        pairs = list(store.load(summary))
+        pairs = list(store.load(summary).documents())
         seqs = list(packing.pack_sequences(pairs, seq_len=12, eos_id=0, pack=False))
         assert summary.sequences == len(seqs)
         assert summary.sequence_tokens == sum(len(s.input_ids) for s in seqs)

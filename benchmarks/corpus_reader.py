@@ -121,7 +121,8 @@ def main() -> None:
     print(f"load {os.getloadavg()[0]:.1f}, block chars {args.block_chars:,}, "
           f"seq_len {args.seq_len}, {args.shard_sequences} sequences per shard")  # fmt: skip
     print(
-        "| corpus | tokens | blocks | workers | before: CPU s (N x one pass, measured before / after) | now: step 1 "
+        "| corpus | tokens | blocks | workers | before: CPU s (N x one pass, "
+        "before / after) | now: step 1 "
         "(tokenize) | step 2 (plan + read) | total | most of one worker | tokens/CPU s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -203,42 +203,42 @@ class Pipeline:
     # -- stage 1: corpus -> per-shard work (reader thread) --------------------------
     def _read(self, out: queue.Queue) -> None:
         try:
-            share = self.config.num_workers > 1
-            total = self._read_share(out) if share else self._read_all(out)
-            if total is not None:
-                self._put(out, ("total", total))
+            if self.config.num_workers > 1:  # tokenizes its share only (shares.py)
+                total = self._read_share(out)
+                if total is not None:
+                    self._put(out, ("total", total))
+                return
+            writer, size = self.writer, self.spec.shard_sequences
+            current: _ShardWork | None = None
+            total = mine = 0  # sequences read; tokens of those this worker's teacher runs
+            stats = self.result.corpus
+            for index, seq in enumerate(iter_sequences(self.config.corpus, self.tokenizer, stats)):
+                total = index + 1
+                shard = index // size
+                if not writer.owns(shard) or writer.is_done(shard):
+                    if writer.owns(shard) and index % size == 0:
+                        self.result.shards_skipped += 1
+                    continue
+                if current is None or current.shard != shard:
+                    if current is not None:
+                        self._put(out, current)
+                    current = _ShardWork(shard, [])
+                current.sequences.append((index, seq))
+                mine += len(seq.input_ids)
+                rest = stats.tokens_to_come(self.config.corpus.max_tokens)  # this worker's share:
+                self.expected_tokens = (
+                    None if rest is None else mine + rest // self.config.num_workers
+                )
+                if self.stop.is_set():
+                    return
+            self.expected_tokens = mine
+            if current is not None:
+                self._put(out, current)
+            self._put(out, ("total", total))
         except BaseException as err:
             self.errors.append(err)
         finally:
             self._put(out, _END)
-
-    def _read_all(self, out: queue.Queue) -> int | None:
-        """Every sequence of the corpus, this worker's shards sent on; None if stopped."""
-        writer, size = self.writer, self.spec.shard_sequences
-        current: _ShardWork | None = None
-        total = mine = 0  # sequences read; tokens of those this worker's teacher runs
-        stats = self.result.corpus
-        for index, seq in enumerate(iter_sequences(self.config.corpus, self.tokenizer, stats)):
-            total = index + 1
-            shard = index // size
-            if not writer.owns(shard) or writer.is_done(shard):
-                if writer.owns(shard) and index % size == 0:
-                    self.result.shards_skipped += 1
-                continue
-            if current is None or current.shard != shard:
-                if current is not None:
-                    self._put(out, current)
-                current = _ShardWork(shard, [])
-            current.sequences.append((index, seq))
-            mine += len(seq.input_ids)
-            rest = stats.tokens_to_come(self.config.corpus.max_tokens)  # this worker's share:
-            self.expected_tokens = None if rest is None else mine + rest // self.config.num_workers
-            if self.stop.is_set():
-                return None
-        self.expected_tokens = mine
-        if current is not None:
-            self._put(out, current)
-        return total
 
     def _read_share(self, out: queue.Queue) -> int | None:
         """Only this worker's shards, tokenized by all workers once (``shares.py``); None if

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from crashlab import refused, succeeded
+from crashlab import Fault, refused, succeeded, tree_bytes
 
 MAX_GROWTH_MB = 256
 
@@ -124,3 +124,24 @@ def test_a_damaged_token_block_is_refused_in_one_line(
     outcome = lab.run(args, timeout=60)
     line = refused(outcome, "token block 0", needle, "delete", "and rerun")
     assert outcome.rss_growth_mb <= MAX_GROWTH_MB, (outcome.rss_growth_mb, line)
+
+
+@pytest.mark.parametrize("when", ["torn", "after"])
+def test_a_worker_killed_while_publishing_a_block_resumes(
+    tmp_path, lab, precompute_args, reference_caches, when
+):
+    """Killed with a block's payload half written (torn) or written without its summary
+    (after): the rerun makes the block again, and the two workers end with the one-process
+    cache."""
+    out = tmp_path / "cache"
+    worker = [precompute_args(out, "topk", "--num-workers", "2", "--worker-index", str(w))
+              for w in range(2)]  # fmt: skip
+    killed = lab.run(worker[0], Fault("publish:tokens/", when=when, keep=0.5))
+    assert killed.killed, killed.output[-2000:]
+    assert not list((out / "tokens").glob("*/block-*.json"))  # no summary: the block is not made
+    succeeded(lab.run(worker[0]))
+    succeeded(lab.run(worker[1]))
+    assert not (out / "tokens").exists()  # the worker that completed the cache removed them
+    want = tree_bytes(reference_caches["topk"])
+    got = tree_bytes(out, skip=(".locks", "parts"))
+    assert got == want

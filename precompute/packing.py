@@ -176,6 +176,7 @@ def pack_sequences(
     pack: bool,
     max_tokens: int | None = None,
     stats: CorpusStats | None = None,
+    skip: int = 0,
 ) -> Iterator[PackedSequence]:
     """Cut tokenized documents into sequences; see the module docstring for the order.
 
@@ -186,6 +187,10 @@ def pack_sequences(
     eos_id is set, no padding; documents under 2 tokens are skipped.
     max_tokens: the sequence that reaches the budget is cut so exactly max_tokens tokens
     are emitted (a 1-token remainder is dropped instead, as no sequence is that short).
+    skip: where these documents are a later part of a corpus (``max_tokens`` is then the
+    budget left where they begin), what of them earlier sequences hold: stream tokens
+    (pack=True: the first sequence starts ``skip`` tokens into their EOS-separated stream)
+    or whole sequences (pack=False). A worker starts its shards so (``shares.py``).
     """
     if seq_len < 2:
         raise CorpusError(f"seq_len must be >= 2, got {seq_len}")
@@ -197,8 +202,8 @@ def pack_sequences(
         )
     stats = stats if stats is not None else CorpusStats()
     if pack:
-        return _pack(tokenized_docs, seq_len, eos_id, max_tokens, stats)
-    return _no_pack(tokenized_docs, seq_len, eos_id, max_tokens, stats)
+        return _pack(tokenized_docs, seq_len, eos_id, max_tokens, stats, skip)
+    return _no_pack(tokenized_docs, seq_len, eos_id, max_tokens, stats, skip)
 
 
 def _emit(stats: CorpusStats, seq: PackedSequence) -> PackedSequence:
@@ -213,6 +218,7 @@ def _pack(
     eos_id: int,
     max_tokens: int | None,
     stats: CorpusStats,
+    skip: int = 0,
 ) -> Iterator[PackedSequence]:
     budget = max_tokens
     buf_ids: list[int] = []
@@ -240,6 +246,11 @@ def _pack(
         if ids[-1] != eos_id:
             buf_ids.append(eos_id)
             buf_mask.append(mask[-1])
+        if skip:  # earlier sequences hold these tokens: as if emitted
+            dropped = min(skip, len(buf_ids) - pos)
+            pos, skip = pos + dropped, skip - dropped
+            if budget is not None:
+                budget -= dropped
         while True:
             if budget is not None and budget < 2:  # no sequence is shorter than 2 tokens
                 return
@@ -260,6 +271,7 @@ def _no_pack(
     eos_id: int | None,
     max_tokens: int | None,
     stats: CorpusStats,
+    skip: int = 0,
 ) -> Iterator[PackedSequence]:
     budget = max_tokens
     for ids, mask in docs:
@@ -278,7 +290,10 @@ def _no_pack(
             if len(ids) < 2:
                 return
             budget -= len(ids)
-        yield _emit(stats, _sequence(ids, mask, [0]))
+        if skip:  # an earlier sequence
+            skip -= 1
+        else:
+            yield _emit(stats, _sequence(ids, mask, [0]))
         if budget == 0:
             return
 

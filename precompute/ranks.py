@@ -6,14 +6,18 @@ index and count, the device (or GPU slice for ``--device-map``) of this process,
 every rank is done, the complete manifest written by rank 0.
 
 Workers never talk while they work: each owns shards ``j % N == worker`` and publishes its
-own part manifest (``docs/format.md``). Under a job array the last worker to finish (or
-``logitcache merge``) writes ``manifest.json``; under torchrun the ranks also meet at one
-barrier at the end, and rank 0 merges then, so the command returns with the cache complete.
+own part manifest (``docs/format.md``); the corpus's tokens they share through the cache's
+token blocks (``shares.py``), torchrun ranks meeting once when those are made. Under a job
+array the last worker to finish (or ``logitcache merge``) writes ``manifest.json``; under
+torchrun the ranks also meet at one barrier at the end, and rank 0 merges then, so the
+command returns with the cache complete.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -27,6 +31,7 @@ __all__ = [
     "launched_as_ranks",
     "merge_when_all_ranks_are_done",
     "rank_device",
+    "ranks_group",
     "resolve_worker",
 ]
 
@@ -119,6 +124,28 @@ def device_map_memory(device_map: str | None) -> dict[int, int] | None:
         )
     own = range(local * share, (local + 1) * share)
     return {g: torch.cuda.mem_get_info(g)[0] for g in own}  # free bytes, as accelerate's default
+
+
+@contextmanager
+def ranks_group(launched: bool) -> Iterator[Callable[[], None] | None]:
+    """Under torchrun (``launched``): the ranks' barrier, on a gloo group made here unless one
+    exists (then it is destroyed on the way out); else None.
+
+    The ranks meet twice: once their blocks of the corpus are tokenized (``shares.py``), and
+    at the end (``merge_when_all_ranks_are_done``, which uses this group).
+    """
+    if not launched:
+        yield None
+        return
+    dist = torch.distributed
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=_RANKS_WAIT)
+    try:
+        yield dist.barrier
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def merge_when_all_ranks_are_done(url: str, manifest: Manifest | None) -> Manifest:

@@ -18,7 +18,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,8 +33,9 @@ from logitcache.models import (
     load_tokenizer,
     split_output_head,
 )
-from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord
+from logitcache.storage import CacheSpec, CacheWriter, Location, Manifest, SequenceRecord
 
+from .blocks import TokenStore, remove_blocks
 from .calibrate import calibrate, check_workers_agree, samples_in_cache
 from .config import PrecomputeConfig, make_spec
 from .packing import CorpusStats, iter_sequences
@@ -43,7 +44,9 @@ from .ranks import (
     launched_as_ranks,
     merge_when_all_ranks_are_done,
     rank_device,
+    ranks_group,
 )
+from .shares import plan_share
 from .sparse import Logits, SparseTargets, sample_generator, sampled_targets, topk_targets
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
@@ -81,15 +84,25 @@ def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -
     """
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
-    result = _run_worker(config, reporter)
-    if launched_as_ranks(config.worker_index, config.num_workers):
-        result.manifest = merge_when_all_ranks_are_done(config.out, result.manifest)
+    launched = launched_as_ranks(config.worker_index, config.num_workers)
+    with ranks_group(launched) as meet:
+        result = _run_worker(config, reporter, meet)
+        if launched:
+            result.manifest = merge_when_all_ranks_are_done(config.out, result.manifest)
+    complete = result.manifest is not None and result.manifest.complete
+    if complete and config.num_workers > 1 and (config.worker_index == 0 or not launched):
+        remove_blocks(Location(config.out))  # the shards hold every token now
     result.wall_s = time.perf_counter() - start
     return result
 
 
-def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResult:
-    """This worker's shards; the complete manifest if it finished last, else None."""
+def _run_worker(
+    config: PrecomputeConfig, reporter: Reporter, meet: Callable[[], None] | None = None
+) -> PrecomputeResult:
+    """This worker's shards; the complete manifest if it finished last, else None.
+
+    ``meet``: the torchrun ranks' barrier, which every rank reaches once its blocks of the
+    corpus are tokenized (``shares.py``)."""
     tokenizer = load_tokenizer(
         config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
@@ -114,7 +127,9 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
         if done:
             reporter.log(f"resuming: {done} shards of this worker are already complete")
         model, device = teacher or _teacher(config)
-        Pipeline(config, spec, tokenizer, model, device, writer, reporter, result).run()
+        pipeline = Pipeline(config, spec, tokenizer, model, device, writer, reporter, result)
+        pipeline.meet = meet
+        pipeline.run()
     if teacher is not None and config.num_workers > 1:
         check_workers_agree(config)  # workers that calibrated apart chose the same N
     return result
@@ -183,10 +198,16 @@ class Pipeline:
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.expected_tokens: int | None = None  # the bar's total, as the reader estimates it
+        self.meet: Callable[[], None] | None = None  # the torchrun ranks' barrier, if any
 
     # -- stage 1: corpus -> per-shard work (reader thread) --------------------------
     def _read(self, out: queue.Queue) -> None:
         try:
+            if self.config.num_workers > 1:  # tokenizes its share only (shares.py)
+                total = self._read_share(out)
+                if total is not None:
+                    self._put(out, ("total", total))
+                return
             writer, size = self.writer, self.spec.shard_sequences
             current: _ShardWork | None = None
             total = mine = 0  # sequences read; tokens of those this worker's teacher runs
@@ -218,6 +239,32 @@ class Pipeline:
             self.errors.append(err)
         finally:
             self._put(out, _END)
+
+    def _read_share(self, out: queue.Queue) -> int | None:
+        """Only this worker's shards, tokenized by all workers once (``shares.py``); None if
+        stopped."""
+        config, writer, size = self.config, self.writer, self.spec.shard_sequences
+        eos, vocab = self.tokenizer.eos_token_id, len(self.tokenizer)
+        store = TokenStore(
+            writer.loc, self.spec.cache_id, seq_len=self.spec.seq_len, eos_id=eos, vocab=vocab
+        )
+        plan = plan_share(
+            store, config.corpus, self.tokenizer, config.worker_index, config.num_workers, self.meet
+        )
+        plan.stats(self.result.corpus)
+        owned = [j for j in range(-(-plan.total // size)) if writer.owns(j)]
+        todo = [j for j in owned if not writer.is_done(j)]
+        self.result.shards_skipped += len(owned) - len(todo)
+        ranges = [(j * size, min(size, plan.total - j * size)) for j in todo]
+        counts = [plan.tokens(first, count) for first, count in ranges]
+        self.expected_tokens = None if None in counts else sum(counts)
+        for shard, (first, count) in zip(todo, ranges):
+            if self.stop.is_set():
+                return None
+            self._put(
+                out, _ShardWork(shard, list(plan.sequences(first, count, self.result.corpus)))
+            )
+        return plan.total
 
     def _put(self, q: queue.Queue, item: Any) -> None:
         while not self.stop.is_set():

@@ -91,6 +91,7 @@ def test_two_torchrun_ranks_write_the_single_process_cache(tmp_path, tiny_teache
         "worker-00001-of-00002.json",
     ]
     assert proc.stderr.count("cache       ") == 1  # the summary, from rank 0 only
+    assert not (ranked / "tokens").exists()  # rank 0 removed the shared token blocks
 
     assert shard_bytes(ranked) == shard_bytes(single)
     want = read_manifest(Location(str(single)))

@@ -33,7 +33,7 @@ from logitcache.models import (
     split_output_head,
 )
 from logitcache.progress import Reporter, human_bytes
-from logitcache.storage import CacheSpec, CacheWriter, Manifest, SequenceRecord
+from logitcache.storage import CacheSpec, Manifest, SequenceRecord
 
 from .calibrate import calibrate, check_workers_agree, samples_in_cache
 from .config import PrecomputeConfig, make_spec
@@ -45,6 +45,7 @@ from .ranks import (
     rank_device,
 )
 from .sparse import Logits, SparseTargets, sample_generator, sampled_targets, topk_targets
+from .tensor_parallel import TensorParallelGroup, group_writer, tensor_parallel_group
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 
@@ -81,15 +82,20 @@ def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -
     """
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
-    result = _run_worker(config, reporter)
-    if launched_as_ranks(config.worker_index, config.num_workers):
+    tp = config.tensor_parallel
+    with tensor_parallel_group(tp, config.worker_index, config.num_workers) as group:
+        result = _run_worker(config, reporter, group)
+    if launched_as_ranks(config.worker_index, config.num_workers, tp):
         result.manifest = merge_when_all_ranks_are_done(config.out, result.manifest)
     result.wall_s = time.perf_counter() - start
     return result
 
 
-def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResult:
-    """This worker's shards; the complete manifest if it finished last, else None."""
+def _run_worker(
+    config: PrecomputeConfig, reporter: Reporter, group: TensorParallelGroup | None
+) -> PrecomputeResult:
+    """This worker's shards; the complete manifest if it finished last, else None (and None
+    on the ranks of a tensor-parallel group that do not write)."""
     tokenizer = load_tokenizer(
         config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
@@ -102,9 +108,7 @@ def _run_worker(config: PrecomputeConfig, reporter: Reporter) -> PrecomputeResul
     else:
         spec = make_spec(config, tokenizer, model_config)  # hashes the teacher's weights
     result = PrecomputeResult(manifest=None)
-    with CacheWriter(
-        config.out, spec, worker=config.worker_index, num_workers=config.num_workers
-    ) as writer:
+    with group_writer(config.out, spec, group, config.worker_index, config.num_workers) as writer:
         if writer.complete:
             reporter.log(f"{config.out} is already complete: nothing to do")
             result.manifest, result.already_complete = writer.manifest, True
@@ -125,11 +129,14 @@ def _teacher(config: PrecomputeConfig) -> tuple[Any, torch.device]:
     model, _, device = load_teacher(
         config.teacher,
         dtype=config.dtype,
-        device=config.device if config.device_map else rank_device(config.device),
+        device=config.device
+        if config.device_map or config.tensor_parallel > 1  # they place the teacher
+        else rank_device(config.device),
         revision=config.teacher_revision,
         trust_remote_code=config.trust_remote_code,
         device_map=config.device_map,
         max_memory=device_map_memory(config.device_map),
+        tensor_parallel=config.tensor_parallel,
     )
     return model, device
 

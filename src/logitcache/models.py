@@ -114,12 +114,16 @@ def load_teacher(
     trust_remote_code: bool = False,
     device_map: str | None = None,
     max_memory: dict[int, int] | None = None,
+    tensor_parallel: int = 1,
 ):
     """Returns (model, torch dtype, torch device); the model is in eval mode.
 
     With ``device_map`` (``auto``: spread over the GPUs of ``max_memory``, default all) the
     model places itself and the device returned is that of its input embeddings, where the
-    input ids must go.
+    input ids must go. With ``tensor_parallel`` N > 1 every process of an initialized
+    N-process default group calls this: each loads its 1/N of every split layer
+    (transformers' ``tp_plan="auto"``) on this machine's accelerator, ``cuda:LOCAL_RANK``
+    (the CPU where there is none), and the forward gathers the output.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -136,6 +140,8 @@ def load_teacher(
         placement["max_memory"] = max_memory
     if device_map is not None:
         _require_accelerate(device_map)
+    if tensor_parallel > 1:
+        placement.update(_tensor_parallel_placement(tensor_parallel, device))
     try:
         with _gguf_bar_follows_hf_logging(bool(extra)):
             model = AutoModelForCausalLM.from_pretrained(
@@ -148,7 +154,7 @@ def load_teacher(
             )
     except Exception as err:
         raise _load_error("teacher", name, err) from None
-    if device_map is None:
+    if device_map is None and tensor_parallel == 1:
         model.to(dev)
     else:
         dev = model.get_input_embeddings().weight.device
@@ -224,6 +230,31 @@ def _require_accelerate(device_map: str) -> None:
         raise LogitcacheError(
             f"--device-map {device_map} needs the accelerate package: pip install accelerate"
         ) from None
+
+
+def _tensor_parallel_placement(size: int, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for tensor parallelism over the default process group.
+
+    transformers places each rank itself, on the accelerator torch detects (``cuda``, else
+    the CPU), so a ``--device`` naming another kind is refused rather than ignored."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() != size:
+        raise LogitcacheError(
+            f"--tensor-parallel {size} runs under torchrun, one process per GPU of the teacher: "
+            f"torchrun --nproc-per-node {size} -m logitcache.cli precompute ..."
+        )
+    kind = torch._C._get_accelerator().type  # what transformers' mesh uses: cuda, else cpu
+    if device != "auto" and torch.device(device).type != kind:
+        raise LogitcacheError(
+            f"--tensor-parallel {size} runs on this machine's {kind} (one rank per device): "
+            f"drop --device {device}"
+        )
+    try:  # transformers >= 5: the plan and its size in one DistributedConfig
+        from transformers.distributed import DistributedConfig
+    except ImportError:  # 4.5x took them as from_pretrained's own arguments
+        return {"tp_plan": "auto", "tp_size": size}
+    return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=size)}
 
 
 # -- GGUF teachers ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ single-process cache; groups of N ranks are the workers; refusals off torchrun.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_distributed import N_SHARDS, precompute_args, shard_bytes, torchrun
@@ -12,60 +13,63 @@ from logitcache.cli import main
 from logitcache.errors import LogitcacheError
 from logitcache.precompute import ranks
 from logitcache.precompute.tensor_parallel import group_of
-from logitcache.storage import Location, read_manifest
+from logitcache.storage import CacheReader, Location, read_manifest
 
 
 def invoke(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def positions_that_differ(a, b) -> tuple[int, int]:
+    """(positions whose stored ids or counts differ, positions) of two caches of one corpus."""
+    differ = total = 0
+    for x, y in zip(CacheReader(a), CacheReader(b), strict=True):
+        ends_x, ends_y = np.cumsum(x.n_entries), np.cumsum(y.n_entries)
+        for p, (n_x, n_y) in enumerate(zip(x.n_entries, y.n_entries)):
+            here_x, here_y = slice(ends_x[p] - n_x, ends_x[p]), slice(ends_y[p] - n_y, ends_y[p])
+            same = np.array_equal(x.ids[here_x], y.ids[here_y]) and np.array_equal(
+                x.counts[here_x], y.counts[here_y]
+            )
+            differ += not same
+            total += 1
+    return differ, total
+
+
 @pytest.mark.slow
-def test_one_tensor_parallel_group_writes_the_single_process_cache(
+def test_tensor_parallel_groups_write_one_cache_for_any_number_of_groups(
     tmp_path, tiny_teacher_dir, text_corpus
 ):
-    """2 ranks share one copy of the teacher (each holds half of every split layer): rank 0
-    writes, rank 1 runs the same forwards and writes nothing; the cache is the one-process
-    cache byte for byte (sampled, N=16: draws from float32 probabilities whose low bits may
-    differ with the split sums, measured identical here; docs/distributed.md)."""
-    single = tmp_path / "single"
-    assert (
-        invoke(*precompute_args(tiny_teacher_dir, text_corpus, single, "--device", "cpu")).exit_code
-        == 0
-    )
-    split = tmp_path / "tp2"
-    proc = torchrun(
-        2, precompute_args(tiny_teacher_dir, text_corpus, split, "--tensor-parallel", 2)
-    )
+    """2 ranks share one copy of the teacher (half of every split layer each): rank 0 writes,
+    rank 1 runs the same forwards and writes nothing. With 4 ranks, groups {0, 1} and {2, 3}
+    are workers 0 and 1 of 2 and all meet at the end: the same bytes as one group.
+
+    Against one process the split sums round differently (float32 low bits), so a draw can
+    land on the other side of a boundary: at most 1% of positions may differ (0 here;
+    0.85% at N=64 on a peaked teacher, docs/distributed.md)."""
+    one = tmp_path / "tp2"
+    proc = torchrun(2, precompute_args(tiny_teacher_dir, text_corpus, one, "--tensor-parallel", 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = read_manifest(Location(str(split)))
+    manifest = read_manifest(Location(str(one)))
     assert manifest.complete and len(manifest.shards) == N_SHARDS
-    assert not (split / "parts").exists()  # one group: one worker, its own manifest.json
-    assert sorted(p.name for p in (split / ".locks").iterdir()) == ["worker-0-of-1.lock"]
-    assert shard_bytes(split) == shard_bytes(single)
+    assert not (one / "parts").exists()  # one group: one worker, its own manifest.json
+    assert sorted(p.name for p in (one / ".locks").iterdir()) == ["worker-0-of-1.lock"]
 
-
-@pytest.mark.slow
-def test_two_groups_of_two_ranks_are_two_workers(tmp_path, tiny_teacher_dir, text_corpus):
-    """4 ranks, --tensor-parallel 2: groups {0, 1} and {2, 3} are workers 0 and 1 of 2; ranks
-    0 and 2 write; all meet at the end and rank 0 merges."""
-    single = tmp_path / "single"
-    assert (
-        invoke(*precompute_args(tiny_teacher_dir, text_corpus, single, "--device", "cpu")).exit_code
-        == 0
-    )
-    split = tmp_path / "tp2dp2"
-    proc = torchrun(
-        4,
-        precompute_args(tiny_teacher_dir, text_corpus, split, "--tensor-parallel", 2),
-        timeout=240,
-    )
+    two = tmp_path / "tp2dp2"
+    args = precompute_args(tiny_teacher_dir, text_corpus, two, "--tensor-parallel", 2)
+    proc = torchrun(4, args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_manifest(Location(str(split))).complete
-    assert sorted(p.name for p in (split / "parts").iterdir()) == [
+    assert read_manifest(Location(str(two))).complete
+    assert sorted(p.name for p in (two / "parts").iterdir()) == [
         "worker-00000-of-00002.json",
         "worker-00001-of-00002.json",
     ]
-    assert shard_bytes(split) == shard_bytes(single)
+    assert shard_bytes(two) == shard_bytes(one)
+
+    single = tmp_path / "single"
+    result = invoke(*precompute_args(tiny_teacher_dir, text_corpus, single, "--device", "cpu"))
+    assert result.exit_code == 0, result.stderr
+    differ, positions = positions_that_differ(single, one)
+    assert positions > 1000 and differ <= positions // 100
 
 
 @pytest.mark.slow

@@ -50,7 +50,8 @@ def resolve_worker(
 
     Under torchrun the ranks are the workers, or with ``--tensor-parallel T`` the groups of T
     consecutive ranks (worker RANK // T of WORLD_SIZE / T): flags that say otherwise are
-    refused, since they would leave some shards to no one.
+    refused, since they would leave some shards to no one. A torchrun of one group is one
+    task, which a job array's flags may place.
     """
     rank, world = distributed_worker()
     if world > 1:
@@ -59,6 +60,7 @@ def resolve_worker(
                 f"--tensor-parallel {tensor_parallel} must divide torchrun's {world} processes"
             )
         rank, world = rank // tensor_parallel, world // tensor_parallel
+    if world > 1:
         who = "ranks" if tensor_parallel == 1 else "tensor-parallel groups"
         if num_workers not in (None, world) or worker_index not in (None, rank):
             raise LogitcacheError(

@@ -2,7 +2,8 @@
 
 In: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` /
 ``MASTER_PORT``) and ``--tensor-parallel N``. Out: this rank's group (ranks ``[g*N, (g+1)*N)``
-are group ``g``, which is worker ``g`` of ``WORLD_SIZE / N``), the group as torch's default
+are group ``g``, which is worker ``g`` of ``WORLD_SIZE / N``, or, where torchrun started one
+group, the worker that ``--num-workers`` / ``--worker-index`` name), the group as torch's default
 process group for the teacher's load and forwards (transformers' ``tp_plan="auto"`` splits
 the teacher over the default group, so each group gets one of its own), and the writer of
 each rank: the group's first rank writes, the others run the same batches and write nothing.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -85,6 +86,8 @@ def tensor_parallel_group(
         yield None
         return
     group = group_of(size)
+    if group.count == 1:  # one group under torchrun: a task that job-array flags may place
+        group = replace(group, index=worker, count=num_workers)
     if (group.index, group.count) != (worker, num_workers):
         raise LogitcacheError(
             f"--tensor-parallel {size}: this rank is in group {group.index} of {group.count}, "

@@ -108,7 +108,11 @@ def test_groups_of_consecutive_ranks_are_the_workers(monkeypatch):
         ranks.resolve_worker(8, 5, 2)
     with pytest.raises(LogitcacheError, match="--tensor-parallel 3 must divide torchrun's 8"):
         ranks.resolve_worker(None, None, 3)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 4 nodes of 2: a group of 4 spans nodes
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun of one group: a job array's task
+    monkeypatch.setenv("RANK", "3")
+    assert ranks.resolve_worker(16, 7, 4) == (7, 16)
+    assert not ranks.launched_as_ranks(7, 16, 4)  # no barrier: the last task merges
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2: a group of 4 spans nodes
     with pytest.raises(LogitcacheError, match="needs whole groups on each node"):
         group_of(4)
 

@@ -45,7 +45,12 @@ from .ranks import (
     rank_device,
 )
 from .sparse import Logits, SparseTargets, sample_generator, sampled_targets, topk_targets
-from .tensor_parallel import TensorParallelGroup, group_writer, tensor_parallel_group
+from .tensor_parallel import (
+    TensorParallelGroup,
+    from_first_rank,
+    group_writer,
+    tensor_parallel_group,
+)
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 
@@ -106,7 +111,8 @@ def _run_worker(
     if config.bytes_per_token is not None:
         config, spec, teacher = _budget(config, tokenizer, model_config, reporter)
     else:
-        spec = make_spec(config, tokenizer, model_config)  # hashes the teacher's weights
+        # hashes the teacher's weights (one rank of a tensor-parallel group, for all of it)
+        spec = from_first_rank(group, lambda: make_spec(config, tokenizer, model_config))
     result = PrecomputeResult(manifest=None)
     with group_writer(config.out, spec, group, config.worker_index, config.num_workers) as writer:
         if writer.complete:

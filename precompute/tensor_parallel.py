@@ -10,15 +10,16 @@ each rank: the group's first rank writes, the others run the same batches and wr
 
 The ranks of a group must call the teacher in lockstep (every split layer all-reduces or
 gathers), so they must see the same work: each reads the corpus itself (the same sequences
-in the same order), and the first rank hands the others its view of the cache (which shards
-are done) once, before the first forward.
+in the same order), and the first rank hashes the teacher's weights and opens the cache for
+them, handing them the spec and its view of the cache (which shards are done) before the
+first forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -28,7 +29,13 @@ import torch
 from logitcache.errors import LogitcacheError
 from logitcache.storage import CacheSpec, CacheWriter, Manifest
 
-__all__ = ["TensorParallelGroup", "group_of", "group_writer", "tensor_parallel_group"]
+__all__ = [
+    "TensorParallelGroup",
+    "from_first_rank",
+    "group_of",
+    "group_writer",
+    "tensor_parallel_group",
+]
 
 # A group's ranks run the same forwards, so a collective waits only as long as the slowest
 # rank's host work between two forwards (a shard's encoding at most, ~1 min); a rank that
@@ -145,30 +152,47 @@ class _NoWriter:
         return None
 
 
+def from_first_rank(
+    group: TensorParallelGroup | None,
+    make: Callable[[], Any],
+    share: Callable[[Any], Any] = lambda made: made,
+) -> Any:
+    """``make()`` on the group's first rank (every rank without a group), which sends
+    ``share`` of it to the others; they return what it sent. An error of ``make`` is raised
+    on every rank: the others get its message instead of waiting on forwards that never
+    come. For the work one rank does for its group: the weights' hash, opening the cache."""
+    if group is None:
+        return make()
+    dist = torch.distributed
+    if not group.writes:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)  # pickled by our own rank 0: trusted
+        value, error = box[0]
+        if error is not None:
+            raise LogitcacheError(error)
+        return value
+    try:
+        made = make()
+    except Exception as err:
+        dist.broadcast_object_list([(None, str(err) or type(err).__name__)], src=0)
+        raise
+    dist.broadcast_object_list([(share(made), None)], src=0)
+    return made
+
+
 @contextlib.contextmanager
 def group_writer(
     url: str, spec: CacheSpec, group: TensorParallelGroup | None, worker: int, num_workers: int
 ) -> Iterator[CacheWriter | _NoWriter]:
     """The ``CacheWriter`` of a rank that writes; for the others of its group, the writer's
     view of the cache at opening (or its error, raised on every rank alike)."""
-    if group is None:
-        with CacheWriter(url, spec, worker=worker, num_workers=num_workers) as writer:
-            yield writer
+    made = from_first_rank(
+        group,
+        lambda: CacheWriter(url, spec, worker=worker, num_workers=num_workers),
+        share=lambda writer: writer.manifest,
+    )
+    if group is not None and not group.writes:
+        yield _NoWriter(made, worker, num_workers)
         return
-    dist = torch.distributed
-    if not group.writes:
-        shared: list[Any] = [None]
-        dist.broadcast_object_list(shared, src=0)  # from our own rank 0: trusted
-        manifest, error = shared[0]
-        if error is not None:
-            raise LogitcacheError(error)
-        yield _NoWriter(manifest, worker, num_workers)
-        return
-    try:
-        writer = CacheWriter(url, spec, worker=worker, num_workers=num_workers)
-    except Exception as err:  # the others wait on this broadcast: they fail with it
-        dist.broadcast_object_list([(None, str(err) or type(err).__name__)], src=0)
-        raise
-    with writer:
-        dist.broadcast_object_list([(writer.manifest, None)], src=0)
-        yield writer
+    with made:
+        yield made

@@ -141,7 +141,7 @@ def load_teacher(
     if device_map is not None:
         _require_accelerate(device_map)
     if tensor_parallel > 1:
-        placement.update(_tensor_parallel_placement(tensor_parallel, device))
+        placement.update(_tensor_parallel_placement(tensor_parallel, device, config, name))
     try:
         with _gguf_bar_follows_hf_logging(bool(extra)):
             model = AutoModelForCausalLM.from_pretrained(
@@ -232,12 +232,21 @@ def _require_accelerate(device_map: str) -> None:
         ) from None
 
 
-def _tensor_parallel_placement(size: int, device: str) -> dict[str, Any]:
+def _tensor_parallel_placement(size: int, device: str, config: Any, name: str) -> dict[str, Any]:
     """``from_pretrained`` arguments for tensor parallelism over the default process group.
 
     transformers places each rank itself, on the accelerator torch detects (``cuda``, else
-    the CPU), so a ``--device`` naming another kind is refused rather than ignored."""
+    the CPU), so a ``--device`` naming another kind is refused rather than ignored; it splits
+    the layers its config's ``base_model_tp_plan`` names, so a teacher without one is
+    refused here with what to use instead."""
     import torch.distributed as dist
+
+    if not getattr(config, "base_model_tp_plan", None):
+        kind = getattr(config, "model_type", "?")
+        raise LogitcacheError(
+            f"teacher {name!r} ({kind}) has no tensor-parallel plan in transformers: run it "
+            "with --device-map auto instead of --tensor-parallel"
+        )
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() != size:
         raise LogitcacheError(

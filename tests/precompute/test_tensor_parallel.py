@@ -144,3 +144,13 @@ def test_loading_split_needs_the_group(tiny_teacher_dir):
 
     with pytest.raises(LogitcacheError, match=r"torchrun --nproc-per-node 2 -m logitcache\.cli"):
         load_teacher(str(tiny_teacher_dir), tensor_parallel=2, device="cpu")
+
+
+def test_a_teacher_without_a_plan_is_refused_with_what_to_use(tmp_path):
+    from transformers import GPT2Config
+
+    from logitcache.models import load_teacher
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path)  # no base_model_tp_plan
+    with pytest.raises(LogitcacheError, match="has no tensor-parallel plan in transformers: run"):
+        load_teacher(str(tmp_path), tensor_parallel=2, device="cpu")

@@ -37,9 +37,10 @@ __all__ = [
     "tensor_parallel_group",
 ]
 
-# A group's ranks run the same forwards, so a collective waits only as long as the slowest
-# rank's host work between two forwards (a shard's encoding at most, ~1 min); a rank that
-# fails makes torchrun stop the others sooner.
+# How long a rank waits in a collective for the rest of its group: at most the first rank's
+# weights hash before the first one (140 GB at ~1 GB/s: ~2.5 min for a 70B teacher), then
+# the slowest rank's host work between two forwards (bounded by the writer's queue of 2
+# shards); a rank that fails makes torchrun stop the others sooner.
 _GROUP_WAIT = timedelta(minutes=30)
 
 

@@ -247,6 +247,15 @@ def _tensor_parallel_placement(size: int, device: str, config: Any, name: str) -
             f"teacher {name!r} ({kind}) has no tensor-parallel plan in transformers: run it "
             "with --device-map auto instead of --tensor-parallel"
         )
+    heads = [getattr(config, key, None) for key in ("num_attention_heads", "num_key_value_heads")]
+    heads = [h for h in heads if isinstance(h, int)]
+    if any(h % size for h in heads):  # each rank takes whole heads (else: a reshape error)
+        fits = [n for n in range(1, max(heads) + 1) if all(h % n == 0 for h in heads)]
+        raise LogitcacheError(
+            f"--tensor-parallel {size} must divide the teacher's attention heads "
+            f"({' and '.join(map(str, heads))} query and key-value heads): use one of "
+            f"{', '.join(map(str, fits))}"
+        )
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() != size:
         raise LogitcacheError(

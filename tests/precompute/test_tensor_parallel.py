@@ -154,3 +154,19 @@ def test_a_teacher_without_a_plan_is_refused_with_what_to_use(tmp_path):
     GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path)  # no base_model_tp_plan
     with pytest.raises(LogitcacheError, match="has no tensor-parallel plan in transformers: run"):
         load_teacher(str(tmp_path), tensor_parallel=2, device="cpu")
+
+
+def test_a_split_that_cuts_through_heads_is_refused(tmp_path):
+    """SmolLM2-135M's 9 query and 3 key-value heads split over 2 ranks would fail inside
+    the forward with a reshape error; it is refused before loading, with the sizes that fit."""
+    from transformers import LlamaConfig
+
+    from logitcache.models import load_teacher
+
+    LlamaConfig(hidden_size=72, num_attention_heads=9, num_key_value_heads=3).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(
+        LogitcacheError, match=r"\(9 and 3 query and key-value heads\): use one of 1, 3$"
+    ):
+        load_teacher(str(tmp_path), tensor_parallel=2, device="cpu")

@@ -89,7 +89,12 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(
-    seq_len=2048, teacher_sequences=128, batch_tokens=16_384, train_batch=4, train_steps=10, warmup=2
+    seq_len=2048,
+    teacher_sequences=128,
+    batch_tokens=16_384,
+    train_batch=4,
+    train_steps=10,
+    warmup=2,
 )
 CPU_SIZES = Sizes(
     seq_len=64, teacher_sequences=8, batch_tokens=256, train_batch=2, train_steps=2, warmup=1
@@ -343,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device here; --device cpu runs the tiny sizes", file=sys.stderr)
         return 2
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:  # cuda:N; plain cuda is the current device
+            torch.cuda.set_device(device)
     else:  # tiny models: a second intra-op thread only contends (as ``bench``'s --threads 1)
         torch.set_num_threads(1)
     header = f"GPU check on {machine(device)}"

@@ -30,6 +30,7 @@ from logitcache.errors import LogitcacheError
 __all__ = [
     "SplitTeacher",
     "check_model_path",
+    "check_tensor_parallel",
     "gguf_file_of",
     "load_teacher",
     "load_teacher_config",
@@ -232,15 +233,10 @@ def _require_accelerate(device_map: str) -> None:
         ) from None
 
 
-def _tensor_parallel_placement(size: int, device: str, config: Any, name: str) -> dict[str, Any]:
-    """``from_pretrained`` arguments for tensor parallelism over the default process group.
-
-    transformers places each rank itself, on the accelerator torch detects (``cuda``, else
-    the CPU), so a ``--device`` naming another kind is refused rather than ignored; it splits
-    the layers its config's ``base_model_tp_plan`` names, so a teacher without one is
-    refused here with what to use instead."""
-    import torch.distributed as dist
-
+def check_tensor_parallel(config: Any, size: int, name: str) -> None:
+    """Refuse a split transformers cannot make of this teacher: no tensor-parallel plan for
+    its architecture, or ``size`` not dividing its query and key-value heads (each rank
+    takes whole heads; otherwise its forward fails with a reshape error)."""
     if not getattr(config, "base_model_tp_plan", None):
         kind = getattr(config, "model_type", "?")
         raise LogitcacheError(
@@ -257,6 +253,15 @@ def _tensor_parallel_placement(size: int, device: str, config: Any, name: str) -
             f"{', '.join(map(str, fits))}"
         )
 
+
+def _tensor_parallel_placement(size: int, device: str, config: Any, name: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for tensor parallelism over the default process group.
+
+    transformers places each rank itself, on the accelerator torch detects (``cuda``, else
+    the CPU), so a ``--device`` naming another kind is refused rather than ignored."""
+    import torch.distributed as dist
+
+    check_tensor_parallel(config, size, name)
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() != size:
         raise LogitcacheError(
             f"--tensor-parallel {size} runs under torchrun, one process per GPU of the teacher: "

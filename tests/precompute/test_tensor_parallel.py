@@ -170,3 +170,29 @@ def test_a_split_that_cuts_through_heads_is_refused(tmp_path):
         LogitcacheError, match=r"\(9 and 3 query and key-value heads\): use one of 1, 3$"
     ):
         load_teacher(str(tmp_path), tensor_parallel=2, device="cpu")
+
+
+def test_dry_run_says_the_split_does_not_fit_without_torchrun(tmp_path, text_corpus):
+    from transformers import LlamaConfig
+
+    from logitcache.bench.precompute import synthetic_tokenizer
+
+    LlamaConfig(
+        hidden_size=72, num_attention_heads=9, num_key_value_heads=3, vocab_size=64
+    ).save_pretrained(tmp_path)
+    synthetic_tokenizer(64).save_pretrained(str(tmp_path))
+    args = [
+        "precompute",
+        "--teacher",
+        tmp_path,
+        "--data",
+        text_corpus,
+        "--out",
+        tmp_path / "c",
+        "--tensor-parallel",
+        4,
+        "--dry-run",
+    ]
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert "--tensor-parallel 4 must divide the teacher's attention heads" in result.stderr

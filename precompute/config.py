@@ -81,6 +81,11 @@ class PrecomputeConfig:
     device_map: str | None = None
     """``auto`` spreads a teacher larger than one GPU over the visible GPUs (under torchrun,
     over this rank's share of the node's GPUs); needs ``accelerate``."""
+    tensor_parallel: int = option(1, resume="may-change")
+    """Ranks per teacher copy: under torchrun, each group of N consecutive ranks loads one copy
+    of the teacher split over its N GPUs (transformers' tensor parallelism, ``tp_plan="auto"``)
+    and runs the same batches; WORLD_SIZE / N groups are the workers. For a teacher larger
+    than one GPU at every GPU's speed (docs/distributed.md)."""
     batch_tokens: int = 16384
     """Tokens per teacher forward (padding included); halved on out-of-memory. Memory beyond
     the weights grows with it by the forward's activations alone, ~40 KB per token at --seq-len
@@ -125,6 +130,18 @@ class PrecomputeConfig:
         check_format_version(self.format_version)
         if not 0 < self.logprob_step <= 1:
             raise LogitcacheError(f"--logprob-step must be in (0, 1], got {self.logprob_step}")
+        if self.tensor_parallel < 1:
+            raise LogitcacheError(f"--tensor-parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.device_map is not None:
+            raise LogitcacheError(
+                f"--tensor-parallel {self.tensor_parallel} and --device-map {self.device_map} "
+                "each place the teacher: choose one"
+            )
+        if self.tensor_parallel > 1 and self.bytes_per_token is not None:
+            raise LogitcacheError(
+                f"--tensor-parallel {self.tensor_parallel} does not calibrate --bytes-per-token: "
+                "calibrate in one process (--device-map auto), then pass the --samples N it chose"
+            )
         if self.device_map is not None and self.device != "auto":
             raise LogitcacheError(
                 f"--device-map {self.device_map} places the teacher itself: drop --device "

@@ -4,8 +4,9 @@ forward, without loading or hashing the teacher's weights.
 In: a ``PrecomputeConfig``. Out: one line saying what the pass would do, or the one-line
 ``LogitcacheError`` of the run itself: the corpus's local files are missing or of an
 unsupported type, the teacher's tokenizer or config does not load, --top-k or --seq-len
-do not fit the teacher, --out is a file. A hub teacher or dataset is named, not opened
-past its config and tokenizer (as the run does, they are downloaded from the hub).
+do not fit the teacher, --tensor-parallel cannot split it, --out is a file. A hub teacher
+or dataset is named, not opened past its config and tokenizer (as the run does, they are
+downloaded from the hub).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from logitcache.core.errors import LogitcacheError
-from logitcache.models import load_teacher_config, load_tokenizer
+from logitcache.models import check_tensor_parallel, load_teacher_config, load_tokenizer
 
 from .config import PrecomputeConfig, check_teacher_fits
 from .corpus import resolve_files
@@ -30,6 +31,8 @@ def dry_run(config: PrecomputeConfig) -> str:
         config.teacher, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
     )
     check_teacher_fits(config, model_config)
+    if config.tensor_parallel > 1:
+        check_tensor_parallel(model_config, config.tensor_parallel, config.teacher)
     files = resolve_files(config.corpus)
     out = Path(config.out).expanduser()
     if "://" not in config.out and out.exists() and not out.is_dir():

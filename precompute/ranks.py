@@ -47,19 +47,31 @@ def distributed_worker() -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
-def resolve_worker(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
+def resolve_worker(
+    num_workers: int | None, worker_index: int | None, tensor_parallel: int = 1
+) -> tuple[int, int]:
     """(worker, num_workers) of this process: ``--num-workers N --worker-index I`` (a
     job-array task), else torchrun's RANK of WORLD_SIZE, else (0, 1).
 
-    Under torchrun the ranks are the workers: flags that say otherwise are refused, since
-    they would leave some shards to no one.
+    Under torchrun the ranks are the workers, or with ``--tensor-parallel T`` the groups of T
+    consecutive ranks (worker RANK // T of WORLD_SIZE / T): flags that say otherwise are
+    refused, since they would leave some shards to no one. A torchrun of one group is one
+    task, which a job array's flags may place.
     """
     rank, world = distributed_worker()
     if world > 1:
+        if world % tensor_parallel:
+            raise LogitcacheError(
+                f"--tensor-parallel {tensor_parallel} must divide torchrun's {world} processes"
+            )
+        rank, world = rank // tensor_parallel, world // tensor_parallel
+    if world > 1:
+        who = "ranks" if tensor_parallel == 1 else "tensor-parallel groups"
         if num_workers not in (None, world) or worker_index not in (None, rank):
             raise LogitcacheError(
-                f"under torchrun the {world} ranks are the workers (this is rank {rank}): drop "
-                "--num-workers / --worker-index, or run a job array without torchrun"
+                f"under torchrun the {world} {who} are the workers (this is {who[:-1]} "
+                f"{rank}): drop --num-workers / --worker-index, or run a job array without "
+                "torchrun"
             )
         return rank, world
     if num_workers is not None and num_workers > 1 and worker_index is None:
@@ -70,13 +82,15 @@ def resolve_worker(num_workers: int | None, worker_index: int | None) -> tuple[i
     return worker_index or 0, num_workers or 1
 
 
-def launched_as_ranks(worker: int, num_workers: int) -> bool:
-    """Whether this process is rank ``worker`` of ``num_workers`` torchrun processes (rather
-    than one task of a job array, which has no process group to meet in)."""
+def launched_as_ranks(worker: int, num_workers: int, tensor_parallel: int = 1) -> bool:
+    """Whether this process is rank ``worker`` of ``num_workers`` torchrun processes, or in
+    tensor-parallel group ``worker`` of ``num_workers`` (rather than one task of a job
+    array, which has no process group to meet in)."""
+    rank, world = distributed_worker()
     return (
         num_workers > 1
         and torch.distributed.is_torchelastic_launched()
-        and distributed_worker() == (worker, num_workers)
+        and (rank // tensor_parallel, world // tensor_parallel) == (worker, num_workers)
     )
 
 

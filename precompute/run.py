@@ -33,7 +33,7 @@ from logitcache.models import (
     load_tokenizer,
     split_output_head,
 )
-from logitcache.storage import CacheSpec, CacheWriter, Location, Manifest, SequenceRecord
+from logitcache.storage import CacheSpec, Location, Manifest, SequenceRecord
 
 from .blocks import TokenStore, remove_blocks
 from .calibrate import calibrate, check_workers_agree, samples_in_cache
@@ -48,6 +48,12 @@ from .ranks import (
 )
 from .shares import plan_share
 from .sparse import Logits, SparseTargets, sample_generator, sampled_targets, topk_targets
+from .tensor_parallel import (
+    TensorParallelGroup,
+    from_first_rank,
+    group_writer,
+    tensor_parallel_group,
+)
 
 __all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
 
@@ -84,22 +90,32 @@ def run_precompute(config: PrecomputeConfig, reporter: Reporter | None = None) -
     """
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
-    launched = launched_as_ranks(config.worker_index, config.num_workers)
-    with ranks_group(launched) as meet:
-        result = _run_worker(config, reporter, meet)
+    tp = config.tensor_parallel
+    launched = launched_as_ranks(config.worker_index, config.num_workers, tp)
+    # Workers tokenize only their blocks of the corpus and meet once in between (shares.py);
+    # the ranks of a tensor-parallel group read the whole corpus instead (they must see the
+    # same work in the same order), so there the world group is made only for the merge.
+    shares = _reads_its_share(config)
+    with ranks_group(launched and shares) as meet:
+        with tensor_parallel_group(tp, config.worker_index, config.num_workers) as group:
+            result = _run_worker(config, reporter, meet, group)
         if launched:
             result.manifest = merge_when_all_ranks_are_done(config.out, result.manifest)
     complete = result.manifest is not None and result.manifest.complete
-    if complete and config.num_workers > 1 and (config.worker_index == 0 or not launched):
+    if complete and shares and (config.worker_index == 0 or not launched):
         remove_blocks(Location(config.out))  # the shards hold every token now
     result.wall_s = time.perf_counter() - start
     return result
 
 
 def _run_worker(
-    config: PrecomputeConfig, reporter: Reporter, meet: Callable[[], None] | None = None
+    config: PrecomputeConfig,
+    reporter: Reporter,
+    meet: Callable[[], None] | None = None,
+    group: TensorParallelGroup | None = None,
 ) -> PrecomputeResult:
-    """This worker's shards; the complete manifest if it finished last, else None.
+    """This worker's shards; the complete manifest if it finished last, else None (and None
+    on the ranks of a tensor-parallel group that do not write).
 
     ``meet``: the torchrun ranks' barrier, which every rank reaches once its blocks of the
     corpus are tokenized (``shares.py``)."""
@@ -113,11 +129,10 @@ def _run_worker(
     if config.bytes_per_token is not None:
         config, spec, teacher = _budget(config, tokenizer, model_config, reporter)
     else:
-        spec = make_spec(config, tokenizer, model_config)  # hashes the teacher's weights
+        # hashes the teacher's weights (one rank of a tensor-parallel group, for all of it)
+        spec = from_first_rank(group, lambda: make_spec(config, tokenizer, model_config))
     result = PrecomputeResult(manifest=None)
-    with CacheWriter(
-        config.out, spec, worker=config.worker_index, num_workers=config.num_workers
-    ) as writer:
+    with group_writer(config.out, spec, group, config.worker_index, config.num_workers) as writer:
         if writer.complete:
             reporter.log(f"{config.out} is already complete: nothing to do")
             result.manifest, result.already_complete = writer.manifest, True
@@ -135,16 +150,25 @@ def _run_worker(
     return result
 
 
+def _reads_its_share(config: PrecomputeConfig) -> bool:
+    """Whether this worker tokenizes only its blocks of the corpus (``shares.py``): with
+    several workers, unless a tensor-parallel group shares the teacher."""
+    return config.num_workers > 1 and config.tensor_parallel == 1
+
+
 def _teacher(config: PrecomputeConfig) -> tuple[Any, torch.device]:
     """The loaded teacher of ``config`` and the device its inputs go to."""
     model, _, device = load_teacher(
         config.teacher,
         dtype=config.dtype,
-        device=config.device if config.device_map else rank_device(config.device),
+        device=config.device
+        if config.device_map or config.tensor_parallel > 1  # they place the teacher
+        else rank_device(config.device),
         revision=config.teacher_revision,
         trust_remote_code=config.trust_remote_code,
         device_map=config.device_map,
         max_memory=device_map_memory(config.device_map),
+        tensor_parallel=config.tensor_parallel,
     )
     return model, device
 
@@ -203,7 +227,7 @@ class Pipeline:
     # -- stage 1: corpus -> per-shard work (reader thread) --------------------------
     def _read(self, out: queue.Queue) -> None:
         try:
-            if self.config.num_workers > 1:  # tokenizes its share only (shares.py)
+            if _reads_its_share(self.config):  # tokenizes its share only (shares.py)
                 total = self._read_share(out)
                 if total is not None:
                     self._put(out, ("total", total))

@@ -167,7 +167,7 @@ def precompute_config(
     if all(flat.get(key) is None for key in ("top_k", "samples", "bytes_per_token")):
         flat["samples"] = DEFAULT_SAMPLES
     flat["worker_index"], flat["num_workers"] = resolve_worker(
-        flat.get("num_workers"), flat.get("worker_index")
+        flat.get("num_workers"), flat.get("worker_index"), max(1, flat.get("tensor_parallel") or 1)
     )
     return build(PrecomputeConfig, flat)
 

@@ -30,6 +30,7 @@ from logitcache.core.errors import LogitcacheError
 __all__ = [
     "SplitTeacher",
     "check_model_path",
+    "check_tensor_parallel",
     "gguf_file_of",
     "load_teacher",
     "load_teacher_config",
@@ -114,12 +115,16 @@ def load_teacher(
     trust_remote_code: bool = False,
     device_map: str | None = None,
     max_memory: dict[int, int] | None = None,
+    tensor_parallel: int = 1,
 ):
     """Returns (model, torch dtype, torch device); the model is in eval mode.
 
     With ``device_map`` (``auto``: spread over the GPUs of ``max_memory``, default all) the
     model places itself and the device returned is that of its input embeddings, where the
-    input ids must go.
+    input ids must go. With ``tensor_parallel`` N > 1 every process of an initialized
+    N-process default group calls this: each loads its 1/N of every split layer
+    (transformers' ``tp_plan="auto"``) on this machine's accelerator, ``cuda:LOCAL_RANK``
+    (the CPU where there is none), and the forward gathers the output.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -136,6 +141,8 @@ def load_teacher(
         placement["max_memory"] = max_memory
     if device_map is not None:
         _require_accelerate(device_map)
+    if tensor_parallel > 1:
+        placement.update(_tensor_parallel_placement(tensor_parallel, device, config, name))
     try:
         with _gguf_bar_follows_hf_logging(bool(extra)):
             model = AutoModelForCausalLM.from_pretrained(
@@ -148,7 +155,7 @@ def load_teacher(
             )
     except Exception as err:
         raise _load_error("teacher", name, err) from None
-    if device_map is None:
+    if device_map is None and tensor_parallel == 1:
         model.to(dev)
     else:
         dev = model.get_input_embeddings().weight.device
@@ -224,6 +231,53 @@ def _require_accelerate(device_map: str) -> None:
         raise LogitcacheError(
             f"--device-map {device_map} needs the accelerate package: pip install accelerate"
         ) from None
+
+
+def check_tensor_parallel(config: Any, size: int, name: str) -> None:
+    """Refuse a split transformers cannot make of this teacher: no tensor-parallel plan for
+    its architecture, or ``size`` not dividing its query and key-value heads (each rank
+    takes whole heads; otherwise its forward fails with a reshape error)."""
+    if not getattr(config, "base_model_tp_plan", None):
+        kind = getattr(config, "model_type", "?")
+        raise LogitcacheError(
+            f"teacher {name!r} ({kind}) has no tensor-parallel plan in transformers: run it "
+            "with --device-map auto instead of --tensor-parallel"
+        )
+    heads = [getattr(config, key, None) for key in ("num_attention_heads", "num_key_value_heads")]
+    heads = [h for h in heads if isinstance(h, int)]
+    if any(h % size for h in heads):  # each rank takes whole heads (else: a reshape error)
+        fits = [n for n in range(1, max(heads) + 1) if all(h % n == 0 for h in heads)]
+        raise LogitcacheError(
+            f"--tensor-parallel {size} must divide the teacher's attention heads "
+            f"({' and '.join(map(str, heads))} query and key-value heads): use one of "
+            f"{', '.join(map(str, fits))}"
+        )
+
+
+def _tensor_parallel_placement(size: int, device: str, config: Any, name: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for tensor parallelism over the default process group.
+
+    transformers places each rank itself, on the accelerator torch detects (``cuda``, else
+    the CPU), so a ``--device`` naming another kind is refused rather than ignored."""
+    import torch.distributed as dist
+
+    check_tensor_parallel(config, size, name)
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() != size:
+        raise LogitcacheError(
+            f"--tensor-parallel {size} runs under torchrun, one process per GPU of the teacher: "
+            f"torchrun --nproc-per-node {size} -m logitcache.cli precompute ..."
+        )
+    kind = torch._C._get_accelerator().type  # what transformers' mesh uses: cuda, else cpu
+    if device != "auto" and torch.device(device).type != kind:
+        raise LogitcacheError(
+            f"--tensor-parallel {size} runs on this machine's {kind} (one rank per device): "
+            f"drop --device {device}"
+        )
+    try:  # transformers >= 5: the plan and its size in one DistributedConfig
+        from transformers.distributed import DistributedConfig
+    except ImportError:  # 4.5x took them as from_pretrained's own arguments
+        return {"tp_plan": "auto", "tp_size": size}
+    return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=size)}
 
 
 # -- GGUF teachers ---------------------------------------------------------------------

@@ -94,6 +94,14 @@ CASES = {  # name: (arguments, what the one line must say)
         lambda i: precompute(i, "--num-workers", "2", "--worker-index", "5"),
         "0..1",
     ),
+    "precompute --tensor-parallel -3": (
+        lambda i: precompute(i, "--tensor-parallel", "-3"),
+        "--tensor-parallel must be >= 1, got -3",
+    ),
+    "precompute --tensor-parallel without torchrun": (
+        lambda i: precompute(i, "--tensor-parallel", str(2**53)),
+        "runs under torchrun, one process per GPU of the teacher",
+    ),
     "precompute --logprob-step 2": (
         lambda i: precompute(i, "--logprob-step", "2"),
         "--logprob-step must be in (0, 1]",

@@ -105,6 +105,9 @@ class PrecomputeBench:
     """After the last put: the writer finishing its queue, then the manifest."""
     reader_wait_s: float
     """The rest of the wall time: the main thread waiting on the corpus reader."""
+    pipeline_cpu_s: float
+    """CPU seconds of the whole process (every thread) during (b); over ``pipeline_s``, the
+    host cores the pass kept busy (on CUDA the main thread's wait for the GPU may spin)."""
     loadavg_before: tuple[float, float, float]
     loadavg_after: tuple[float, float, float]
 
@@ -190,13 +193,16 @@ def _make_pipeline_class():
 
     class TimedPipeline(Pipeline):
         busy_s = 0.0
+        cpu_s = 0.0
         put_wait_s = 0.0
         last_put_end: float | None = None
         main_thread: threading.Thread | None = None
 
         def run(self) -> None:
             self.main_thread = threading.current_thread()
+            cpu0 = time.process_time()
             super().run()
+            self.cpu_s = time.process_time() - cpu0
 
         def _teacher_shard(self, work: Any, bar: Any) -> Any:
             t0 = time.perf_counter()
@@ -370,6 +376,7 @@ def _time_split(
         "writer_wait_share": pipe.put_wait_s / pipeline_s,
         "drain_s": drain_s,
         "reader_wait_s": max(0.0, pipeline_s - pipe.busy_s - pipe.put_wait_s - drain_s),
+        "pipeline_cpu_s": pipe.cpu_s,
     }
 
 
@@ -429,6 +436,8 @@ def format_precompute(r: PrecomputeBench) -> str:
             f"{r.extract_overhead_s:+.2f} s to the forward), blocked on writer "
             f"{r.writer_wait_s:.2f} s = {r.writer_wait_share:.1%} of wall, "
             f"final drain {r.drain_s:.2f} s, waiting on reader {r.reader_wait_s:.2f} s",
+            f"host CPU    {r.pipeline_cpu_s:.2f} s over (b) = "
+            f"{r.pipeline_cpu_s / r.pipeline_s:.1f} cores busy (all threads)",
             f"load avg    {load(r.loadavg_before)} before, {load(r.loadavg_after)} after",
         ]
     )

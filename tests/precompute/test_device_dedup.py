@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.sparse import Logits, distinct_draws, sampled_targets, topk_targets
+from logitcache.precompute.sparse import Logits, distinct_draws, sampled_targets, topk_targets
 
 
 def _host_dedup(d: np.ndarray, d_lp: np.ndarray, vocab: int):

@@ -1,0 +1,329 @@
+"""``logitcache bench host``: whether the host side of the teacher pass keeps up with a GPU.
+
+In: a vocabulary, a mode (``samples`` N or ``top_k`` K), sequences of ``seq_len`` tokens, the
+writer's encoding threads and zstd level. Out: a ``HostBench`` of measured numbers, nothing
+asserted.
+
+The forward costs nothing: a synthetic output head makes each chunk's logits from one hidden
+state per position, a Zipf unigram over the vocabulary plus 24 boosted ids per position of
+random strength, rounded to bfloat16 like a bf16 teacher's (ties included). At vocabulary
+49,152 that gives ~9 distinct ids per position at N=16 and ~31 at N=64; the real SmolLM2-135M
+caches of docs/benchmarks.md hold 9.4 and 27.1. Everything after the logits is the pass's
+own code: ``sampled_on_device`` / ``topk_on_device`` (log-softmax, draws or top-k, sort,
+dedup, counts), ``DeviceTargets.to_host``, ``sequence_record``, and ``CacheWriter`` (record
+checks, the id table, the zstd-compressed fields, shard statistics, the container file and
+its sha256, the manifest).
+
+Two measurements over the same records:
+- **stages**: each stage alone, one thread, in CPU seconds (``time.process_time``), the
+  synthetic logits' own making subtracted from the device stage. On this CPU the "device"
+  is the CPU; on a GPU that stage runs there. Host tokens per CPU second = tokens / the
+  host stages' CPU seconds: the rate one host core sustains.
+- **pipelined**: the main thread's share (device stage, copy to host, records) feeding the
+  pass's own writer stage (``ShardWriter``, ``encode_threads`` threads) shard by shard, in
+  wall seconds: what this machine's cores give together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from logitcache.precompute.packing import PackedSequence
+from logitcache.precompute.run import sequence_record
+from logitcache.precompute.sparse import (
+    DeviceTargets,
+    Logits,
+    sample_generator,
+    sampled_on_device,
+    topk_on_device,
+)
+from logitcache.precompute.writing import ShardWriter
+from logitcache.storage import CacheSpec, CacheWriter, SequenceRecord, default_codecs
+from logitcache.storage.cache import default_encode_threads, shard_stats
+from logitcache.storage.formats.v2 import FormatV2, default_batch_sequences
+from logitcache.storage.record import check_record
+
+__all__ = ["HostBench", "format_host", "host_as_dict", "run_host_bench", "synthetic_head"]
+
+_TOPICS = 32  # unigrams (random id orders); each position draws one
+_ZIPF_S = 1.0  # each unigram: log-prob -log(1 + rank)
+_STRONG = 24  # ids per position raised far above its unigram (a context's candidates)
+_MAX_BOOST = 12.0  # nats; each position draws its candidates' strength from [0, 12)
+_FLAT_IDS = 104  # further ids raised a little: the top-k tail differs between positions
+_FLAT = 2.5  # nats
+_FLAT_FROM = 64  # their unigram ranks start here
+MAIN_STAGES = ("to_host", "records")
+"""Host stages on the pass's main thread, between forwards."""
+WRITER_STAGES = ("check", "id_table", "encode", "stats", "container")
+"""Host stages in the writer (``CacheWriter.write_shard``), beside the main thread."""
+
+
+@dataclass
+class HostBench:
+    vocab: int
+    mode: str
+    per_position: int
+    """N (sampled) or k (top-k)."""
+    seq_len: int
+    sequences: int
+    tokens: int
+    shard_sequences: int
+    encode_threads: int
+    zstd_level: int
+    distinct_per_position: float
+    bytes_per_token: float
+    logits_s: float
+    """Making the synthetic logits (the forward's stand-in; counted nowhere below)."""
+    device_s: float
+    """Log-softmax, draws or top-k, sort, dedup, counts: on a GPU this runs there."""
+    stage_s: dict[str, float] = field(default_factory=dict)
+    """Host CPU seconds of each stage, one at a time on one thread."""
+    pipelined_s: float = 0.0
+    """Wall seconds of device stage + main-thread host stages + writer stage overlapped."""
+    cpus: int = 0
+    loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def main_s(self) -> float:
+        return sum(self.stage_s.get(s, 0.0) for s in MAIN_STAGES)
+
+    @property
+    def writer_s(self) -> float:
+        return sum(self.stage_s.get(s, 0.0) for s in WRITER_STAGES)
+
+    @property
+    def host_tokens_per_core_s(self) -> float:
+        """Tokens per host CPU second, all host stages: one core's sustained rate."""
+        return self.tokens / max(self.main_s + self.writer_s, 1e-9)
+
+
+def synthetic_head(vocab: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[n, 1] -> [n, V] bfloat16 logits, peaked like a trained LM's (see the module doc)."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randperm(vocab, generator=gen) for _ in range(_TOPICS)])
+    topics = -_ZIPF_S * torch.log1p(ranks.float())  # [M, V] a Zipf unigram per topic
+    by_rank = torch.argsort(ranks, dim=1)  # [M, V] id of each rank, per topic
+    strong = 0.75 ** torch.arange(_STRONG, dtype=torch.float32)  # [S]
+    # log-uniform ranks: the strong candidates anywhere, the flat ones below the head
+    low = torch.full((_STRONG + _FLAT_IDS,), math.log(min(_FLAT_FROM, vocab - 1)))
+    low[:_STRONG] = 0.0
+
+    def head(states: torch.Tensor) -> torch.Tensor:
+        n = states.shape[0]
+        topic = torch.randint(0, _TOPICS, (n,), generator=gen)  # [n]
+        out = topics[topic]  # [n, V] float32, a copy
+        u = torch.rand(n, low.numel(), generator=gen)
+        rank = torch.exp(low + u * (math.log(vocab) - low)).long() - 1  # [n, S + F]
+        ids = by_rank.reshape(-1)[topic[:, None] * vocab + rank.clamp_(0, vocab - 1)]
+        boost = torch.full((n, low.numel()), _FLAT)
+        boost[:, :_STRONG] = torch.rand(n, 1, generator=gen) * _MAX_BOOST * strong
+        out.scatter_add_(1, ids, boost)
+        return out.to(torch.bfloat16)
+
+    return head
+
+
+def _spec(vocab: int, mode: str, per_position: int, seq_len: int, shard: int, level: int):
+    return CacheSpec(
+        mode=mode,
+        vocab_size=vocab,
+        seq_len=seq_len,
+        pack=True,
+        container="arrow",
+        codecs=default_codecs(vocab, mode=mode, zstd_level=level),
+        shard_sequences=shard,
+        k=per_position if mode == "topk" else None,
+        samples=per_position if mode == "sampled" else None,
+        batch_sequences=default_batch_sequences(seq_len, shard),
+    )
+
+
+def _sequence(index: int, seq_len: int, vocab: int) -> PackedSequence:
+    rng = np.random.default_rng(index)
+    ids = np.minimum(rng.zipf(1.2, size=seq_len) - 1, vocab - 1).astype(np.int32)
+    mask = np.ones(seq_len, dtype=bool)
+    mask[0] = False
+    return PackedSequence(input_ids=ids, loss_mask=mask, doc_starts=np.zeros(1, np.int32))
+
+
+class _TimedHead:
+    """The synthetic head, with the CPU seconds spent in it (subtracted from the device's)."""
+
+    def __init__(self, vocab: int) -> None:
+        self.head, self.seconds = synthetic_head(vocab), 0.0
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        t0 = time.process_time()
+        out = self.head(states)
+        self.seconds += time.process_time() - t0
+        return out
+
+
+def _on_device(head: _TimedHead, index: int, bench: HostBench) -> DeviceTargets:
+    """The device stage of one sequence (its logits made by ``head``)."""
+    states = torch.zeros(bench.seq_len, 1)  # [T, 1]: the head ignores them
+    logits = Logits(states, bench.seq_len - 1, bench.vocab, head)
+    if bench.mode == "topk":
+        return topk_on_device(logits, bench.per_position)
+    gen = sample_generator(0, index, states.device)
+    return sampled_on_device(logits, bench.per_position, gen)
+
+
+def _clock(bench: HostBench, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, its CPU seconds added to ``stage``."""
+    t0 = time.process_time()
+    out = fn(*args)
+    bench.stage_s[stage] = bench.stage_s.get(stage, 0.0) + time.process_time() - t0
+    return out
+
+
+def _stages(bench: HostBench, spec: CacheSpec, out: str) -> None:
+    """Every stage alone on one thread; the records written once to ``out`` (their bytes)."""
+    head = _TimedHead(bench.vocab)
+    records = []
+    for index in range(bench.sequences):
+        t0 = time.process_time()
+        on_device = _on_device(head, index, bench)
+        bench.device_s += time.process_time() - t0
+        sparse = _clock(bench, "to_host", on_device.to_host)
+        seq = _sequence(index, bench.seq_len, bench.vocab)
+        keep = bench.mode == "topk"
+        records.append(_clock(bench, "records", _record, index, seq, sparse, keep))
+    bench.logits_s = head.seconds
+    bench.device_s -= head.seconds
+    codec = FormatV2(spec).batches
+    shards = _shards(records, spec.shard_sequences)
+    for shard in shards:
+        for r in shard:
+            _clock(bench, "check", check_record, spec, r, codec.record_fields, None, True)
+        table = _clock(bench, "id_table", codec.make_table, shard)
+        rank_to_id = codec.expand_table(table)
+        for i in range(0, len(shard), codec.batch):
+            _clock(bench, "encode", codec.encode, shard[i : i + codec.batch], rank_to_id)
+        _clock(bench, "stats", shard_stats, shard)
+    whole = 0.0
+    with CacheWriter(out, spec, encode_threads=1) as writer:
+        for j, shard in enumerate(shards):
+            t0 = time.process_time()
+            writer.write_shard(j, shard)
+            whole += time.process_time() - t0
+        manifest = writer.finish(len(records))
+    others = sum(bench.stage_s[s] for s in WRITER_STAGES if s != "container")
+    bench.stage_s["container"] = max(0.0, whole - others)
+    bench.bytes_per_token = manifest.bytes / bench.tokens
+    bench.distinct_per_position = manifest.n_entries / manifest.n_positions
+
+
+def _record(index: int, seq: PackedSequence, sparse: Any, logprobs: bool) -> SequenceRecord:
+    return sequence_record(index, seq, sparse, logprobs=logprobs)
+
+
+def _shards(records: list[SequenceRecord], size: int) -> list[list[SequenceRecord]]:
+    return [records[i : i + size] for i in range(0, len(records), size)]
+
+
+def _pipelined(bench: HostBench, spec: CacheSpec, out: str) -> None:
+    """Device stage and main-thread host stages feeding the pass's writer stage, timed."""
+    head = _TimedHead(bench.vocab)
+    keep = bench.mode == "topk"
+    t0 = time.perf_counter()
+    with CacheWriter(out, spec, encode_threads=bench.encode_threads) as writer:
+        with ShardWriter(writer, out) as stage:
+            shard: list[SequenceRecord] = []
+            for index in range(bench.sequences):
+                sparse = _on_device(head, index, bench).to_host()
+                seq = _sequence(index, bench.seq_len, bench.vocab)
+                shard.append(sequence_record(index, seq, sparse, logprobs=keep))
+                if len(shard) == spec.shard_sequences or index == bench.sequences - 1:
+                    stage.put(index // spec.shard_sequences, shard)
+                    shard = []
+        writer.finish(bench.sequences)
+    bench.pipelined_s = time.perf_counter() - t0 - head.seconds  # the logits' making: no forward
+
+
+def run_host_bench(
+    *,
+    vocab: int = 152_064,
+    samples: int | None = 64,
+    top_k: int | None = None,
+    seq_len: int = 2048,
+    sequences: int = 8,
+    shard_sequences: int | None = None,
+    encode_threads: int | None = None,
+    zstd_level: int | None = None,
+    workdir: str | None = None,
+) -> HostBench:
+    """Measure the host side of the teacher pass on synthetic logits (see the module doc)."""
+    mode = "topk" if top_k is not None else "sampled"
+    per_position = top_k if top_k is not None else samples
+    assert per_position is not None
+    shard = shard_sequences or max(1, sequences // 2)
+    level = zstd_level if zstd_level is not None else (15 if mode == "sampled" else 9)
+    threads = encode_threads or default_encode_threads()
+    spec = _spec(vocab, mode, per_position, seq_len, shard, level)
+    bench = HostBench(
+        vocab=vocab,
+        mode=mode,
+        per_position=per_position,
+        seq_len=seq_len,
+        sequences=sequences,
+        tokens=sequences * seq_len,
+        shard_sequences=shard,
+        encode_threads=threads,
+        zstd_level=level,
+        distinct_per_position=0.0,
+        bytes_per_token=0.0,
+        logits_s=0.0,
+        device_s=0.0,
+        cpus=os.cpu_count() or 1,
+    )
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        _pipelined(bench, spec, os.path.join(tmp, "pipelined"))  # first: it imports pyarrow
+        _stages(bench, spec, os.path.join(tmp, "stages"))
+    bench.loadavg = os.getloadavg()
+    return bench
+
+
+def format_host(b: HostBench) -> str:
+    what = f"top-{b.per_position}" if b.mode == "topk" else f"sampled N={b.per_position}"
+    lines = [
+        f"{what}, vocab {b.vocab:,}, {b.sequences} x {b.seq_len} tokens, zstd level "
+        f"{b.zstd_level}: {b.distinct_per_position:.1f} ids/position, "
+        f"{b.bytes_per_token:.1f} bytes/token",
+        f"{'stage':26} {'CPU s':>8} {'tokens/CPU s':>13}",
+    ]
+
+    def row(name: str, seconds: float) -> str:
+        rate = b.tokens / seconds if seconds > 0 else float("inf")
+        return f"{name:26} {seconds:8.3f} {rate:13,.0f}"
+
+    lines.append(row("(logits, not counted)", b.logits_s))
+    lines.append(row("device (CPU here)", b.device_s))
+    for stage in (*MAIN_STAGES, *WRITER_STAGES):
+        lines.append(row(f"host: {stage}", b.stage_s.get(stage, 0.0)))
+    lines.append(row("host, main thread", b.main_s))
+    lines.append(row("host, writer", b.writer_s))
+    lines.append(row("host, all (one core)", b.main_s + b.writer_s))
+    lines.append(
+        f"pipelined (device + host, {b.encode_threads} encode threads, {b.cpus} CPUs, load "
+        f"{b.loadavg[0]:.1f}): {b.pipelined_s:.2f} s wall = {b.tokens / b.pipelined_s:,.0f} "
+        "tokens/s"
+    )
+    return "\n".join(lines)
+
+
+def host_as_dict(b: HostBench) -> dict[str, Any]:
+    return asdict(b) | {
+        "main_s": b.main_s,
+        "writer_s": b.writer_s,
+        "host_tokens_per_core_s": b.host_tokens_per_core_s,
+    }

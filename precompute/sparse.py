@@ -202,7 +202,8 @@ def distinct_draws(
     _, order = torch.sort(key, dim=1, stable=True)  # [n, N]
     n_entries = first.sum(dim=1, dtype=torch.int32)  # [n]
     kept = torch.arange(draws.shape[1], device=draws.device) < n_entries[:, None]  # [n, N]
-    ids = torch.gather(draws, 1, order)[kept].to(torch.int32)
-    lps = torch.gather(draw_lp, 1, order)[kept]
-    counts = torch.gather(run_counts, 1, torch.gather(run, 1, order))[kept].to(torch.uint8)
-    return ids, lps, counts, n_entries
+    at = kept.reshape(-1).nonzero().squeeze(1)  # [E] flat indices: one device sync
+    ids = torch.gather(draws, 1, order).reshape(-1)[at].to(torch.int32)
+    lps = torch.gather(draw_lp, 1, order).reshape(-1)[at]
+    counts = torch.gather(run_counts, 1, torch.gather(run, 1, order)).reshape(-1)[at]
+    return ids, lps, counts.to(torch.uint8), n_entries

@@ -14,14 +14,15 @@ dedup, counts), ``DeviceTargets.to_host``, ``sequence_record``, and ``CacheWrite
 checks, the id table, the zstd-compressed fields, shard statistics, the container file and
 its sha256, the manifest).
 
-Two measurements over the same records:
-- **stages**: each stage alone, one thread, in CPU seconds (``time.process_time``), the
-  synthetic logits' own making subtracted from the device stage. On this CPU the "device"
-  is the CPU; on a GPU that stage runs there. Host tokens per CPU second = tokens / the
-  host stages' CPU seconds: the rate one host core sustains.
-- **pipelined**: the main thread's share (device stage, copy to host, records) feeding the
-  pass's own writer stage (``ShardWriter``, ``encode_threads`` threads) shard by shard, in
-  wall seconds: what this machine's cores give together.
+Two measurements over the same device results (the device stage runs once, first):
+- **stages**: each host stage alone, one thread, in CPU seconds (``time.process_time``).
+  Host tokens per CPU second = tokens / the host stages' CPU seconds: the rate one host core
+  sustains. The device stage is timed too (the synthetic logits' own making subtracted): on
+  this CPU the "device" is the CPU; on a GPU that stage runs there.
+- **pipelined**: the host side as the pass runs it, in wall seconds: the main thread's copies
+  and records, shard by shard, into the pass's writer stage (``ShardWriter``, a
+  ``CacheWriter`` encoding in 1 and in ``encode_threads`` threads): what this machine's
+  cores give together.
 """
 
 from __future__ import annotations
@@ -79,18 +80,20 @@ class HostBench:
     shard_sequences: int
     encode_threads: int
     zstd_level: int
-    distinct_per_position: float
-    bytes_per_token: float
-    logits_s: float
+    distinct_per_position: float = 0.0
+    bytes_per_token: float = 0.0
+    logits_s: float = 0.0
     """Making the synthetic logits (the forward's stand-in; counted nowhere below)."""
-    device_s: float
+    device_s: float = 0.0
     """Log-softmax, draws or top-k, sort, dedup, counts: on a GPU this runs there."""
     stage_s: dict[str, float] = field(default_factory=dict)
     """Host CPU seconds of each stage, one at a time on one thread."""
-    pipelined_s: float = 0.0
-    """Wall seconds of device stage + main-thread host stages + writer stage overlapped."""
+    pipelined_s: dict[int, float] = field(default_factory=dict)
+    """Encode threads -> wall seconds of the host side as the pass runs it (main thread's
+    copies and records feeding the writer stage), the device stage done beforehand."""
     cpus: int = 0
-    loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    loadavg_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    loadavg_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def main_s(self) -> float:
@@ -186,20 +189,24 @@ def _clock(bench: HostBench, stage: str, fn: Callable[..., Any], *args: Any) -> 
     return out
 
 
-def _stages(bench: HostBench, spec: CacheSpec, out: str) -> None:
-    """Every stage alone on one thread; the records written once to ``out`` (their bytes)."""
+def _device_stage(bench: HostBench) -> list[DeviceTargets]:
+    """Every sequence's device stage, its CPU seconds without the logits' making."""
     head = _TimedHead(bench.vocab)
-    records = []
-    for index in range(bench.sequences):
-        t0 = time.process_time()
-        on_device = _on_device(head, index, bench)
-        bench.device_s += time.process_time() - t0
-        sparse = _clock(bench, "to_host", on_device.to_host)
-        seq = _sequence(index, bench.seq_len, bench.vocab)
-        keep = bench.mode == "topk"
-        records.append(_clock(bench, "records", _record, index, seq, sparse, keep))
+    t0 = time.process_time()
+    out = [_on_device(head, index, bench) for index in range(bench.sequences)]
     bench.logits_s = head.seconds
-    bench.device_s -= head.seconds
+    bench.device_s = time.process_time() - t0 - head.seconds
+    return out
+
+
+def _stages(bench: HostBench, on_device: list[DeviceTargets], spec: CacheSpec, out: str) -> None:
+    """Every host stage alone on one thread; the records written once to ``out``."""
+    keep = bench.mode == "topk"
+    records = []
+    for index, targets in enumerate(on_device):
+        sparse = _clock(bench, "to_host", targets.to_host)
+        seq = _sequence(index, bench.seq_len, bench.vocab)
+        records.append(_clock(bench, "records", _record, index, seq, sparse, keep))
     codec = FormatV2(spec).batches
     shards = _shards(records, spec.shard_sequences)
     for shard in shards:
@@ -210,6 +217,8 @@ def _stages(bench: HostBench, spec: CacheSpec, out: str) -> None:
         for i in range(0, len(shard), codec.batch):
             _clock(bench, "encode", codec.encode, shard[i : i + codec.batch], rank_to_id)
         _clock(bench, "stats", shard_stats, shard)
+    with CacheWriter(f"{out}-warmup", spec, encode_threads=1) as warm:  # lazy imports
+        warm.write_shard(0, shards[0])
     whole = 0.0
     with CacheWriter(out, spec, encode_threads=1) as writer:
         for j, shard in enumerate(shards):
@@ -231,23 +240,26 @@ def _shards(records: list[SequenceRecord], size: int) -> list[list[SequenceRecor
     return [records[i : i + size] for i in range(0, len(records), size)]
 
 
-def _pipelined(bench: HostBench, spec: CacheSpec, out: str) -> None:
-    """Device stage and main-thread host stages feeding the pass's writer stage, timed."""
-    head = _TimedHead(bench.vocab)
+def _pipelined(
+    bench: HostBench, on_device: list[DeviceTargets], spec: CacheSpec, out: str, threads: int
+) -> float:
+    """Wall seconds of the host side as the pass runs it: the main thread's copies and
+    records, shard by shard, into the pass's writer stage encoding in ``threads`` threads."""
     keep = bench.mode == "topk"
     t0 = time.perf_counter()
-    with CacheWriter(out, spec, encode_threads=bench.encode_threads) as writer:
+    with CacheWriter(out, spec, encode_threads=threads) as writer:
         with ShardWriter(writer, out) as stage:
             shard: list[SequenceRecord] = []
-            for index in range(bench.sequences):
-                sparse = _on_device(head, index, bench).to_host()
+            for index, targets in enumerate(on_device):
                 seq = _sequence(index, bench.seq_len, bench.vocab)
-                shard.append(sequence_record(index, seq, sparse, logprobs=keep))
+                shard.append(sequence_record(index, seq, targets.to_host(), logprobs=keep))
                 if len(shard) == spec.shard_sequences or index == bench.sequences - 1:
                     stage.put(index // spec.shard_sequences, shard)
                     shard = []
+        if stage.errors:
+            raise stage.errors[0]
         writer.finish(bench.sequences)
-    bench.pipelined_s = time.perf_counter() - t0 - head.seconds  # the logits' making: no forward
+    return time.perf_counter() - t0
 
 
 def run_host_bench(
@@ -263,6 +275,8 @@ def run_host_bench(
     workdir: str | None = None,
 ) -> HostBench:
     """Measure the host side of the teacher pass on synthetic logits (see the module doc)."""
+    import pyarrow  # noqa: F401  (imported before any clock starts)
+
     mode = "topk" if top_k is not None else "sampled"
     per_position = top_k if top_k is not None else samples
     assert per_position is not None
@@ -280,16 +294,16 @@ def run_host_bench(
         shard_sequences=shard,
         encode_threads=threads,
         zstd_level=level,
-        distinct_per_position=0.0,
-        bytes_per_token=0.0,
-        logits_s=0.0,
-        device_s=0.0,
         cpus=os.cpu_count() or 1,
+        loadavg_before=os.getloadavg(),
     )
+    on_device = _device_stage(bench)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        _pipelined(bench, spec, os.path.join(tmp, "pipelined"))  # first: it imports pyarrow
-        _stages(bench, spec, os.path.join(tmp, "stages"))
-    bench.loadavg = os.getloadavg()
+        _stages(bench, on_device, spec, os.path.join(tmp, "stages"))
+        for n in sorted({1, threads}):
+            path = os.path.join(tmp, f"pipelined-{n}")
+            bench.pipelined_s[n] = _pipelined(bench, on_device, spec, path, n)
+    bench.loadavg_after = os.getloadavg()
     return bench
 
 
@@ -313,10 +327,14 @@ def format_host(b: HostBench) -> str:
     lines.append(row("host, main thread", b.main_s))
     lines.append(row("host, writer", b.writer_s))
     lines.append(row("host, all (one core)", b.main_s + b.writer_s))
+    for n, wall in sorted(b.pipelined_s.items()):
+        lines.append(
+            f"pipelined host side, {n} encode thread{'s' * (n > 1)}: {wall:.3f} s wall = "
+            f"{b.tokens / wall:,.0f} tokens/s"
+        )
     lines.append(
-        f"pipelined (device + host, {b.encode_threads} encode threads, {b.cpus} CPUs, load "
-        f"{b.loadavg[0]:.1f}): {b.pipelined_s:.2f} s wall = {b.tokens / b.pipelined_s:,.0f} "
-        "tokens/s"
+        f"({b.cpus} CPUs; load average {b.loadavg_before[0]:.1f} before, "
+        f"{b.loadavg_after[0]:.1f} after)"
     )
     return "\n".join(lines)
 

@@ -88,6 +88,9 @@ class HostBench:
     """Log-softmax, draws or top-k, sort, dedup, counts: on a GPU this runs there."""
     stage_s: dict[str, float] = field(default_factory=dict)
     """Host CPU seconds of each stage, one at a time on one thread."""
+    write_shard_s: float = 0.0
+    """CPU seconds of ``CacheWriter.write_shard`` with one encode thread (the writer's
+    stages above, measured again together: their sum differs by the noise)."""
     pipelined_s: dict[int, float] = field(default_factory=dict)
     """Encode threads -> wall seconds of the host side as the pass runs it (main thread's
     copies and records feeding the writer stage), the device stage done beforehand."""
@@ -101,7 +104,8 @@ class HostBench:
 
     @property
     def writer_s(self) -> float:
-        return sum(self.stage_s.get(s, 0.0) for s in WRITER_STAGES)
+        """``write_shard``'s own CPU seconds (one encode thread), all writer stages."""
+        return self.write_shard_s
 
     @property
     def host_tokens_per_core_s(self) -> float:
@@ -227,7 +231,8 @@ def _stages(bench: HostBench, on_device: list[DeviceTargets], spec: CacheSpec, o
             whole += time.process_time() - t0
         manifest = writer.finish(len(records))
     others = sum(bench.stage_s[s] for s in WRITER_STAGES if s != "container")
-    bench.stage_s["container"] = max(0.0, whole - others)
+    bench.stage_s["container"] = max(0.0, whole - others)  # the rest of write_shard
+    bench.write_shard_s = whole
     bench.bytes_per_token = manifest.bytes / bench.tokens
     bench.distinct_per_position = manifest.n_entries / manifest.n_positions
 
@@ -246,7 +251,7 @@ def _pipelined(
     """Wall seconds of the host side as the pass runs it: the main thread's copies and
     records, shard by shard, into the pass's writer stage encoding in ``threads`` threads."""
     keep = bench.mode == "topk"
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with CacheWriter(out, spec, encode_threads=threads) as writer:
         with ShardWriter(writer, out) as stage:
             shard: list[SequenceRecord] = []
@@ -259,6 +264,7 @@ def _pipelined(
         if stage.errors:
             raise stage.errors[0]
         writer.finish(bench.sequences)
+    bench.pipelined_cpu_s[threads] = time.process_time() - cpu0
     return time.perf_counter() - t0
 
 
@@ -325,12 +331,13 @@ def format_host(b: HostBench) -> str:
     for stage in (*MAIN_STAGES, *WRITER_STAGES):
         lines.append(row(f"host: {stage}", b.stage_s.get(stage, 0.0)))
     lines.append(row("host, main thread", b.main_s))
-    lines.append(row("host, writer", b.writer_s))
+    lines.append(row("host, writer (write_shard)", b.writer_s))
     lines.append(row("host, all (one core)", b.main_s + b.writer_s))
     for n, wall in sorted(b.pipelined_s.items()):
+        cpu = b.pipelined_cpu_s.get(n, 0.0)
         lines.append(
             f"pipelined host side, {n} encode thread{'s' * (n > 1)}: {wall:.3f} s wall = "
-            f"{b.tokens / wall:,.0f} tokens/s"
+            f"{b.tokens / wall:,.0f} tokens/s ({cpu / wall:.2f} CPU s per wall s)"
         )
     lines.append(
         f"({b.cpus} CPUs; load average {b.loadavg_before[0]:.1f} before, "

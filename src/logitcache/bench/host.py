@@ -94,6 +94,8 @@ class HostBench:
     pipelined_s: dict[int, float] = field(default_factory=dict)
     """Encode threads -> wall seconds of the host side as the pass runs it (main thread's
     copies and records feeding the writer stage), the device stage done beforehand."""
+    pipelined_cpu_s: dict[int, float] = field(default_factory=dict)
+    """The same runs' CPU seconds (all threads of the process)."""
     cpus: int = 0
     loadavg_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     loadavg_after: tuple[float, float, float] = (0.0, 0.0, 0.0)

@@ -42,6 +42,9 @@ def test_bench_host_refuses_bad_flags():
         (["--samples", "256"], "--samples must be in 1..255"),
         (["--vocab", "100", "--top-k", "101"], "--top-k must be in 1..100"),
         (["--zstd-level", "0"], "--zstd-level must be in 1..22"),
+        (["--vocab", str(1 << 31)], "--vocab must be in 2..1048576"),
+        (["--seq-len", "0"], "--seq-len must be in 2..131072"),
+        (["--seq-len", "2048", "--sequences", "4096"], "--sequences must be in 1..2048"),
     ):
         out = runner.invoke(main, ["bench", "host", *args])
         assert out.exit_code != 0 and needle in out.output, (args, out.output)

@@ -152,12 +152,12 @@ def bench_host(
     if top_k is None and samples is None:
         samples = 64
     for flag, value, low, high in (
-        ("--vocab", vocab, 2, 1 << 31),
+        ("--vocab", vocab, 2, 1 << 20),
         ("--samples", samples, 1, 255),
         ("--top-k", top_k, 1, vocab),
-        ("--seq-len", seq_len, 2, 1 << 20),
-        ("--sequences", sequences, 1, 1 << 20),
-        ("--shard-sequences", shard_sequences, 1, 1 << 20),
+        ("--seq-len", seq_len, 2, 1 << 17),
+        ("--sequences", sequences, 1, (1 << 22) // max(seq_len, 2)),  # the results stay in memory
+        ("--shard-sequences", shard_sequences, 1, sequences),
         ("--threads", threads, 1, 256),
         ("--zstd-level", zstd_level, 1, 22),
     ):

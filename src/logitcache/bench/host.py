@@ -5,14 +5,17 @@ writer's encoding threads and zstd level. Out: a ``HostBench`` of measured numbe
 asserted.
 
 The forward costs nothing: a synthetic output head makes each chunk's logits from one hidden
-state per position, a Zipf unigram over the vocabulary plus 24 boosted ids per position of
-random strength, rounded to bfloat16 like a bf16 teacher's (ties included). At vocabulary
-49,152 that gives ~9 distinct ids per position at N=16 and ~31 at N=64; the real SmolLM2-135M
-caches of docs/benchmarks.md hold 9.4 and 27.1. Everything after the logits is the pass's
-own code: ``sampled_on_device`` / ``topk_on_device`` (log-softmax, draws or top-k, sort,
-dedup, counts), ``DeviceTargets.to_host``, ``sequence_record``, and ``CacheWriter`` (record
-checks, the id table, the zstd-compressed fields, shard statistics, the container file and
-its sha256, the manifest).
+state per position: one of 32 Zipf unigrams (random id orders), 24 candidate ids raised by
+up to 12 nats and 104 more by 2.5 nats, rounded to bfloat16 like a bf16 teacher's (ties
+included). At vocabulary 49,152 that gives 8.2 distinct ids per position at N=16 and 25.6 at
+N=64, 17.7 / 45.7 / 247 B/token at N=16 / N=64 / top-128; the real SmolLM2-135M caches of
+docs/benchmarks.md hold 9.4 and 27.1 ids, 16.0 / 39.9 / 242.6 B/token.
+
+Everything after the logits is the pass's own code: ``sampled_on_device`` /
+``topk_on_device`` (log-softmax, draws or top-k, sort, dedup, counts),
+``DeviceTargets.to_host``, ``sequence_record``, and ``CacheWriter`` (record checks, the id
+table, the zstd-compressed fields, shard statistics, the container file and its sha256, the
+manifest).
 
 Two measurements over the same device results (the device stage runs once, first):
 - **stages**: each host stage alone, one thread, in CPU seconds (``time.process_time``).
@@ -22,7 +25,7 @@ Two measurements over the same device results (the device stage runs once, first
 - **pipelined**: the host side as the pass runs it, in wall seconds: the main thread's copies
   and records, shard by shard, into the pass's writer stage (``ShardWriter``, a
   ``CacheWriter`` encoding in 1 and in ``encode_threads`` threads): what this machine's
-  cores give together.
+  cores give together, and its CPU seconds per wall second (above 1: threads ran at once).
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ same cache.
 
 from __future__ import annotations
 
-import errno
 import functools
 import queue
 import threading
@@ -54,8 +53,16 @@ from .tensor_parallel import (
     group_writer,
     tensor_parallel_group,
 )
+from .writing import ShardWriter
 
-__all__ = ["Pipeline", "PrecomputeConfig", "PrecomputeResult", "make_spec", "run_precompute"]
+__all__ = [
+    "Pipeline",
+    "PrecomputeConfig",
+    "PrecomputeResult",
+    "make_spec",
+    "run_precompute",
+    "sequence_record",
+]
 
 
 @dataclass
@@ -298,39 +305,13 @@ class Pipeline:
             except queue.Full:
                 continue
 
-    # -- stage 3: records -> published shard (writer thread) ------------------------
-    def _write(self, inbox: queue.Queue) -> None:
-        while True:
-            item = inbox.get()
-            if item is _END:
-                return
-            shard, records = item
-            try:
-                info = self.writer.write_shard(shard, records)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    err = LogitcacheError(
-                        f"disk full while writing shard {shard} to {self.config.out}: the partial "
-                        "shard was discarded; free space and rerun the same command to resume"
-                    )
-                self.errors.append(err)
-                self.stop.set()
-                return
-            except BaseException as err:
-                self.errors.append(err)
-                self.stop.set()
-                return
-            self.result.shards_written += 1
-            self.result.bytes_written += info.bytes
-
     # -- stage 2: teacher (main thread) ---------------------------------------------
     def run(self) -> None:
         work: queue.Queue = queue.Queue(maxsize=2)
-        outbox: queue.Queue = queue.Queue(maxsize=2)
         reader = threading.Thread(target=self._read, args=(work,), daemon=True, name="corpus")
-        writer = threading.Thread(target=self._write, args=(outbox,), daemon=True, name="write")
+        # stage 3: records -> published shards, in a writer thread
+        written = ShardWriter(self.writer, self.config.out, stop=self.stop, errors=self.errors)
         reader.start()
-        writer.start()
         total = None
         budget = self.config.corpus.max_tokens
         if self.split is None:
@@ -340,23 +321,24 @@ class Pipeline:
             )
         bar = self.reporter.bar(total=budget, desc="teacher pass")
         try:
-            while True:
-                item = _get(work, reader)
-                if item is _END:
-                    break
-                if isinstance(item, tuple):
-                    total = item[1]
-                    continue
-                if self.stop.is_set():
-                    break
-                records = self._teacher_shard(item, bar)
-                self._put(outbox, (item.shard, records))
-                bar.set_postfix_str(f"cache {human_bytes(self.result.bytes_written)}")
+            with written:
+                while True:
+                    item = _get(work, reader)
+                    if item is _END:
+                        break
+                    if isinstance(item, tuple):
+                        total = item[1]
+                        continue
+                    if self.stop.is_set():
+                        break
+                    self._send(written, item.shard, self._teacher_shard(item, bar))
+                    bar.set_postfix_str(f"cache {human_bytes(written.bytes_written)}")
         except BaseException:
             self.stop.set()
             raise
         finally:
-            _close(outbox, writer)
+            self.result.shards_written += written.shards_written
+            self.result.bytes_written += written.bytes_written
             bar.set_postfix_str(f"cache {human_bytes(self.result.bytes_written)}")  # all written
             bar.close()
             self.stop.set()
@@ -367,6 +349,10 @@ class Pipeline:
             raise LogitcacheError("the corpus reader stopped before the end of the corpus")
         self.result.manifest = self.writer.finish(total)
         self._summary(total)
+
+    def _send(self, written: ShardWriter, shard: int, records: list[SequenceRecord]) -> None:
+        """Hand a finished shard to the writer stage (waits while its queue is full)."""
+        written.put(shard, records)
 
     def _teacher_shard(self, work: _ShardWork, bar: Any) -> list[SequenceRecord]:
         """Run the teacher over one shard's sequences; records come back in index order."""
@@ -480,19 +466,8 @@ class Pipeline:
         ]
 
     def _record(self, index: int, seq: Any, sparse: SparseTargets) -> SequenceRecord:
-        return SequenceRecord(
-            index=index,
-            input_ids=seq.input_ids.astype(np.uint32),
-            loss_mask=seq.loss_mask.astype(bool),
-            doc_starts=seq.doc_starts.astype(np.uint32),
-            ids=sparse.ids,
-            n_entries=sparse.n_entries,
-            tail_mass=sparse.tail_mass,
-            logprobs=sparse.logprobs
-            if (self.config.top_k is not None or self.config.sampled_logprobs)
-            else None,
-            counts=sparse.counts,
-        )
+        keep = self.config.top_k is not None or self.config.sampled_logprobs
+        return sequence_record(index, seq, sparse, logprobs=keep)
 
     def _summary(self, total_sequences: int) -> None:
         r, stats = self.result, self.result.corpus
@@ -515,6 +490,24 @@ class Pipeline:
             self.reporter.log(line)
 
 
+def sequence_record(
+    index: int, seq: Any, sparse: SparseTargets, *, logprobs: bool
+) -> SequenceRecord:
+    """The cache record of a ``PackedSequence`` and its sparse targets (``logprobs``: keep
+    the log-probs, which top-k and ``--sampled-logprobs`` store)."""
+    return SequenceRecord(
+        index=index,
+        input_ids=seq.input_ids.astype(np.uint32),
+        loss_mask=seq.loss_mask.astype(bool),
+        doc_starts=seq.doc_starts.astype(np.uint32),
+        ids=sparse.ids,
+        n_entries=sparse.n_entries,
+        tail_mass=sparse.tail_mass,
+        logprobs=sparse.logprobs if logprobs else None,
+        counts=sparse.counts,
+    )
+
+
 def _get(inbox: queue.Queue, producer: threading.Thread) -> Any:
     """The next item from a producer thread, or _END if it died without sending one.
 
@@ -530,14 +523,3 @@ def _get(inbox: queue.Queue, producer: threading.Thread) -> Any:
                     return inbox.get_nowait()  # it may have put an item just before exiting
                 except queue.Empty:
                     return _END
-
-
-def _close(inbox: queue.Queue, thread: threading.Thread) -> None:
-    """Tell a consumer thread to finish its queue and wait for it (it may have died)."""
-    while thread.is_alive():
-        try:
-            inbox.put(_END, timeout=0.2)
-            break
-        except queue.Full:
-            continue
-    thread.join()

@@ -32,6 +32,7 @@ from .containers import get_container
 from .errors import CacheError
 from .format import MANIFEST_BYTES, CacheSpec, Manifest, ShardInfo, diff_specs
 from .formats import codec_for
+from .formats.base import Mapper
 from .location import Location
 from .record import SequenceRecord
 
@@ -39,6 +40,7 @@ __all__ = [
     "MANIFEST",
     "PARTS",
     "CacheWriter",
+    "default_encode_threads",
     "merge_parts",
     "part_names",
     "read_manifest",
@@ -49,6 +51,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 PARTS = "parts"
 SHARDS = "shards"
+MAX_ENCODE_THREADS = 8
 _PART_RE = re.compile(r"^worker-(\d+)-of-(\d+)\.json$")
 
 
@@ -74,14 +77,15 @@ def read_manifest(loc: Location, rel: str = MANIFEST) -> Manifest:
     return manifest
 
 
-def shard_stats(records: Sequence[SequenceRecord]) -> dict[str, float | int]:
+def shard_stats(records: Sequence[SequenceRecord], map_: Mapper = map) -> dict[str, float | int]:
+    """A shard's manifest statistics; ``map_`` (an executor's) computes each record's in
+    parallel, summed in record order (the same floats as one loop)."""
     n_tokens = sum(r.n_tokens for r in records)
     covered = entropy = 0.0
-    for r in records:
-        if r.tail_mass is not None:  # (a format 2 sampled record read back stores none)
-            covered += float(np.sum(1.0 - r.tail_mass, dtype=np.float64))
-        p = r.target_probs().astype(np.float64)
-        entropy += float(-np.sum(p * np.log(np.where(p > 0, p, 1.0))))
+    for record_covered, record_entropy in map_(_record_stats, records):
+        if record_covered is not None:
+            covered += record_covered
+        entropy += record_entropy
     return {
         "n_sequences": len(records),
         "n_tokens": n_tokens,
@@ -90,6 +94,26 @@ def shard_stats(records: Sequence[SequenceRecord]) -> dict[str, float | int]:
         "covered_mass": covered,
         "entropy": entropy,
     }
+
+
+def _record_stats(r: SequenceRecord) -> tuple[float | None, float]:
+    """(covered mass, entropy of the stored entries) of one record; covered is None where
+    it stores no tail mass (a format 2 sampled record read back)."""
+    covered = None
+    if r.tail_mass is not None:
+        covered = float(np.sum(1.0 - r.tail_mass, dtype=np.float64))
+    p = r.target_probs().astype(np.float64)
+    return covered, float(-np.sum(p * np.log(np.where(p > 0, p, 1.0))))
+
+
+def default_encode_threads() -> int:
+    """Threads a writer encodes with: this process's CPUs, at most 8 (zstd and numpy run
+    outside the GIL; one thread sustains ~60 k tokens/s at N=64, docs/benchmarks.md)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 2
+    return max(2, min(MAX_ENCODE_THREADS, cpus))
 
 
 class CacheWriter:
@@ -106,7 +130,7 @@ class CacheWriter:
         worker: int = 0,
         num_workers: int = 1,
         storage_options: dict[str, Any] | None = None,
-        encode_threads: int = 2,
+        encode_threads: int | None = None,
     ) -> None:
         if not 0 <= worker < num_workers:
             raise CacheError(f"worker index {worker} is outside 0..{num_workers - 1}")
@@ -117,7 +141,8 @@ class CacheWriter:
         self.worker, self.num_workers = worker, num_workers
         self.container = get_container(spec.container)
         self.format = codec_for(spec)
-        self._pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode")
+        threads = default_encode_threads() if encode_threads is None else max(1, encode_threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
         self._lock_fd: int | None = None
         self._tokenizer: Any = None
         # A run that fails before its first shard (an empty corpus) removes what it made.
@@ -253,7 +278,7 @@ class CacheWriter:
             first_sequence=first,
             bytes=size,
             sha256=digest,
-            **(shard_stats(records) | dict(stats or {})),
+            **(shard_stats(records, self._pool.map) | dict(stats or {})),
         )
         self.manifest = self.manifest.with_shard(info)
         self._publish_manifest()

@@ -394,8 +394,8 @@ class FormatV2:
     ) -> Rows:
         """(container rows, the first sequence index of each, shard-level blobs)."""
         codec = self.groups
-        for r in records:
-            check_record(self.spec, r, codec.record_fields, encoding=True)
+        fields = codec.record_fields
+        list(map_(lambda r: check_record(self.spec, r, fields, encoding=True), records))
         table = codec.make_table(records)
         rank_to_id = codec.expand_table(table)
         b = codec.size

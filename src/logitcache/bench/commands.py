@@ -117,6 +117,66 @@ def bench_precompute(
         click.echo(format_precompute(result))
 
 
+@bench.command("host")
+@click.option("--vocab", type=int, default=152_064, show_default=True)
+@click.option("--samples", type=int, default=None, help="Sampled mode with N draws (default 64).")
+@click.option("--top-k", type=int, default=None, help="Top-k mode.")
+@click.option("--seq-len", type=int, default=2048, show_default=True)
+@click.option("--sequences", type=int, default=8, show_default=True)
+@click.option(
+    "--shard-sequences", type=int, default=None, help="Sequences per shard (default: half)."
+)
+@click.option(
+    "--threads", type=int, default=None, help="Writer encode threads (default: the writer's)."
+)
+@click.option("--zstd-level", type=int, default=None, help="Default: the format's (15 / 9).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_host(
+    vocab: int,
+    samples: int | None,
+    top_k: int | None,
+    seq_len: int,
+    sequences: int,
+    shard_sequences: int | None,
+    threads: int | None,
+    zstd_level: int | None,
+    as_json: bool,
+) -> None:
+    """The teacher pass's host side (after the forward) on synthetic logits: tokens/s per core."""
+    import torch
+
+    from logitcache.bench.host import format_host, host_as_dict, run_host_bench
+
+    if top_k is not None and samples is not None:
+        raise LogitcacheError("choose one of --top-k K or --samples N")
+    if top_k is None and samples is None:
+        samples = 64
+    for flag, value, low, high in (
+        ("--vocab", vocab, 2, 1 << 20),
+        ("--samples", samples, 1, 255),
+        ("--top-k", top_k, 1, vocab),
+        ("--seq-len", seq_len, 2, 1 << 17),
+        ("--sequences", sequences, 1, (1 << 22) // max(seq_len, 2)),  # the results stay in memory
+        ("--shard-sequences", shard_sequences, 1, sequences),
+        ("--threads", threads, 1, 256),
+        ("--zstd-level", zstd_level, 1, 22),
+    ):
+        if value is not None and not low <= value <= high:
+            raise LogitcacheError(f"{flag} must be in {low}..{high}, got {value}")
+    torch.set_num_threads(1)  # the device stage on this CPU: one core, as the host stages
+    result = run_host_bench(
+        vocab=vocab,
+        samples=samples,
+        top_k=top_k,
+        seq_len=seq_len,
+        sequences=sequences,
+        shard_sequences=shard_sequences,
+        encode_threads=threads,
+        zstd_level=zstd_level,
+    )
+    click.echo(json.dumps(host_as_dict(result), indent=1) if as_json else format_host(result))
+
+
 @bench.command("train")
 @click.option(
     "--student-config",

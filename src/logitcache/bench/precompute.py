@@ -15,7 +15,7 @@ corpus, grouped by shard and batched by the pipeline's own ``_batches``.
   Its wall time is ``Pipeline.run()`` alone: no model loading, no weight hashing.
 
 The teacher thread's time inside (b) is split into busy (forward + extraction + copy to
-host, per shard), blocked on the writer (the outbox put), the final drain (writer finishing
+host, per shard), blocked on the writer (handing it a shard), the final drain (writer finishing
 the last shards, manifest) and the rest, which is waiting on the corpus reader.
 """
 
@@ -210,12 +210,9 @@ def _make_pipeline_class():
             self.busy_s += time.perf_counter() - t0
             return records
 
-        def _put(self, q: Any, item: Any) -> None:
-            if threading.current_thread() is not self.main_thread:  # the corpus reader
-                super()._put(q, item)
-                return
+        def _send(self, written: Any, shard: int, records: Any) -> None:
             t0 = time.perf_counter()
-            super()._put(q, item)
+            super()._send(written, shard, records)
             self.last_put_end = time.perf_counter()
             self.put_wait_s += self.last_put_end - t0
 

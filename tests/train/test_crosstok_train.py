@@ -53,3 +53,52 @@ def test_trains_and_reports_bits_per_byte(
     assert losses[-1] < losses[0]
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["cross_tokenizer"] == method and saved["fingerprint"]["cross_tokenizer"] == method
+
+
+def test_another_tokenizer_without_the_flag_is_refused(
+    cli, train_args, topk_cache, sp_student, tmp_path
+):
+    """By accident (no --cross-tokenizer) a student of another tokenizer fails as before,
+    and the message names the flag that makes it work."""
+    from test_cli_train import refused
+
+    args = cross_args(train_args, topk_cache, tmp_path / "run", sp_student, cross_tokenizer=None)
+    refused(cli(args), "the student's tokenizer", "--extended-vocab", "--cross-tokenizer exact")
+    args = cross_args(
+        train_args,
+        topk_cache,
+        tmp_path / "run",
+        sp_student,
+        cross_tokenizer=None,
+        student_seq_len=40,
+    )
+    refused(cli(args), "--student-seq-len needs --cross-tokenizer")
+
+
+def test_resume_is_exact(
+    monkeypatch, cli, train_args, metrics, sampled_cache, sp_student, tmp_path
+):
+    """Killed after step 3 (checkpoint at 2), --resume ends with the weights, losses and
+    evaluations of an uninterrupted run (a DataLoader worker converts the records)."""
+    from test_loop import Crash, crash_after, in_process, same_run
+
+    from logitcache.train import train
+
+    def flags(out):
+        return cross_args(
+            train_args, sampled_cache, out, sp_student, cross_tokenizer="prefix", steps=5,
+            save_every=2, eval_every=2, loader_workers=1, batch_size=3,
+        )  # fmt: skip
+
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    assert cli(flags(ref)).exit_code == 0
+    crash_after(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train(in_process(flags(out)))
+    monkeypatch.undo()
+    result = cli([*flags(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    same_run(ref, out, metrics)
+    assert all("eval_bits_per_byte" in r for r in metrics(out) if "eval_ce" in r)
+    refused_change = cli([*flags(out), "--resume", "--steps", "6", "--cross-tokenizer", "exact"])
+    assert refused_change.exit_code == 1 and "cross_tokenizer" in refused_change.stderr

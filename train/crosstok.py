@@ -76,7 +76,10 @@ def map_ids(
     if method not in METHODS:
         raise ValueError(f"cross-tokenizer method {method!r}: expected one of {', '.join(METHODS)}")
     by_bytes = student.by_bytes()
-    longest = max((len(p) for p in by_bytes), default=0)
+    # Every proper prefix of a student token: the walk along a teacher token stops at the
+    # first byte no student token continues with, so it costs at most the student's longest
+    # token in lookups whatever the (outside) teacher vocabulary holds.
+    starts = {p[:n] for p in by_bytes for n in range(1, len(p))} if method == "prefix" else set()
     out = np.full(len(teacher), -1, dtype=np.int64)
     exact = np.zeros(len(teacher), dtype=bool)
     for t, piece in enumerate(teacher.pieces):
@@ -89,12 +92,19 @@ def map_ids(
         if s is not None:
             out[t], exact[t] = s, True
         elif method == "prefix":
-            for size in range(min(len(piece) - 1, longest), 0, -1):
-                s = by_bytes.get(piece[:size])
-                if s is not None:
-                    out[t] = s
-                    break
+            out[t] = _longest_prefix(piece, by_bytes, starts)
     return out, exact
+
+
+def _longest_prefix(piece: bytes, by_bytes: dict[bytes, int], starts: set[bytes]) -> int:
+    """The student id of the longest token that is a proper prefix of ``piece``, or -1."""
+    best = -1
+    for size in range(1, len(piece)):
+        head = piece[:size]
+        best = by_bytes.get(head, best)
+        if head not in starts:
+            break
+    return best
 
 
 class CrossTokenizer:

@@ -73,6 +73,27 @@ def test_alignment_by_hand(teacher, student):
     assert (a.n_bytes, a.cut_bytes) == (15, 0)
 
 
+def test_a_student_that_writes_bos_gets_it_first(teacher):
+    """A tokenizer that starts every text with <s> (Llama, Gemma): the row starts with it,
+    untrained and aligned with nothing; the rest is the hand alignment one token later."""
+    from tokenizers import processors
+
+    student = hand_student()
+    student.add_special_tokens({"bos_token": "<s>"})
+    bos = student.bos_token_id
+    student.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    row = ids_of(teacher, "na", "Ã¯v", "e", "ĠæĹ", "¥æľ¬", "<|eos|>", "na")
+    st = StudentTokenizer(student, token_bytes(student))
+    table = token_bytes(teacher)
+    mask = np.arange(7) > 0  # a cache never trains its row's first token
+    a = align_row(row, mask, np.array([0, 6]), table, st, special_map(table, st.table), 64)
+    assert a.input_ids[0] == bos and len(a.input_ids) == 10
+    assert a.teacher_row.tolist() == [-1, -1, 1, -1, 3, -1, -1, -1, 5, 6]
+    assert not a.trained[:2].any()
+
+
 def test_alignment_of_a_special_token_the_student_lacks(teacher, student):
     """<|user|> has no student token: it is dropped, and the token after it (predicted by
     the teacher from after <|user|>) is not aligned."""

@@ -163,7 +163,8 @@ def align_row(
             out_ids.append(sids)
             out_keys.append(p * _PIECE + run_start + begins)
             out_trained.append(trained)
-    if student.bos is not None:  # the student's BOS first, as its tokenizer writes a text
+    starts_bos = bool(out_ids) and out_ids[0][0] == student.bos  # the teacher's own BOS
+    if student.bos is not None and not starts_bos:  # as the student's tokenizer writes text
         out_ids.insert(0, np.array([student.bos]))
         out_keys.insert(0, np.array([-2]))  # never a teacher key
         out_trained.insert(0, np.array([False]))

@@ -92,6 +92,17 @@ def test_a_student_that_writes_bos_gets_it_first(teacher):
     assert a.input_ids[0] == bos and len(a.input_ids) == 10
     assert a.teacher_row.tolist() == [-1, -1, 1, -1, 3, -1, -1, -1, 5, 6]
     assert not a.trained[:2].any()
+    # a row that starts with the teacher's own BOS (here <|user|>, the student's too) keeps one
+    other = hand_student()
+    other.add_special_tokens({"bos_token": "<|user|>"})
+    other.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|user|> $A", special_tokens=[("<|user|>", other.bos_token_id)]
+    )
+    st = StudentTokenizer(other, token_bytes(other))
+    row = ids_of(teacher, "<|user|>", "na", "e")
+    a = align_row(row, mask[:3], np.array([0]), table, st, special_map(table, st.table), 64)
+    assert other.convert_ids_to_tokens(a.input_ids.tolist()) == ["<|user|>", "na", "e"]
+    assert a.teacher_row.tolist() == [-1, 1, 2]
 
 
 def test_alignment_of_a_special_token_the_student_lacks(teacher, student):

@@ -168,14 +168,17 @@ def align_row(
         out_ids.insert(0, np.array([student.bos]))
         out_keys.insert(0, np.array([-2]))  # never a teacher key
         out_trained.insert(0, np.array([False]))
-    s_ids = np.concatenate(out_ids) if out_ids else np.zeros(0, dtype=np.int64)
-    s_keys = np.concatenate(out_keys) if out_keys else np.zeros(0, dtype=np.int64)
-    s_trained = np.concatenate(out_trained) if out_trained else np.zeros(0, dtype=bool)
+    if not out_ids:  # nothing the student can spell: one untrained token keeps batches valid
+        out_ids.append(np.array([student.table.eos_id or 0]))
+        out_keys.append(np.array([-2]))
+        out_trained.append(np.array([False]))
+    s_ids = np.concatenate(out_ids)
+    s_keys = np.concatenate(out_keys)
+    s_trained = np.concatenate(out_trained)
     kept = min(len(s_ids), max_tokens)
     covered = int(student.table.lengths[s_ids[:kept]].sum())
     s_ids, s_keys, s_trained = s_ids[:kept], s_keys[:kept], s_trained[:kept].copy()
-    if kept:
-        s_trained[0] = False  # nothing in the row predicts its first token
+    s_trained[0] = False  # nothing in the row predicts its first token
     teacher_row = np.full(kept, -1, dtype=np.int64)
     t_ok = np.ones(n, dtype=bool)
     t_ok[0] = False

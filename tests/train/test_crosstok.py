@@ -114,6 +114,11 @@ def test_alignment_of_a_special_token_the_student_lacks(teacher, student):
     a = align_row(row, np.ones(4, bool), np.array([0]), table, st, special_map(table, st.table), 64)
     assert student.convert_ids_to_tokens(a.input_ids.tolist()) == ["na", "na", "e"]
     assert a.teacher_row.tolist() == [-1, -1, 3]
+    # a row of nothing the student can spell is one untrained token (batches stay valid)
+    row = ids_of(teacher, "<|user|>", "<|user|>")
+    a = align_row(row, np.ones(2, bool), np.array([0]), table, st, special_map(table, st.table), 9)
+    assert student.convert_ids_to_tokens(a.input_ids.tolist()) == ["</s>"]
+    assert not a.trained.any() and a.teacher_row.tolist() == [-1]
 
 
 def test_alignment_of_a_row_cut_inside_a_character(teacher, student):

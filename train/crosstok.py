@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from logitcache.errors import LogitcacheError
 from logitcache.storage import SequenceRecord
 
 from .alignment import StudentTokenizer, align_row, special_map
 from .collator import IGNORE_INDEX
-from .token_bytes import TokenBytes, token_bytes
+from .token_bytes import MAX_TOKENS, TokenBytes, token_bytes
 
 __all__ = ["METHODS", "CrossStats", "CrossTokenizer", "map_ids"]
 
@@ -67,6 +68,21 @@ class CrossStats:
         out["bytes_per_student_token"] = self.text_bytes / max(self.student_tokens, 1)
         out["bytes_per_teacher_token"] = self.text_bytes / max(self.teacher_tokens, 1)
         return out
+
+
+def _padded(table: TokenBytes, rows: int | None) -> TokenBytes:
+    """``table`` with empty, non-special entries up to ``rows`` ids."""
+    extra = (rows or 0) - len(table)
+    if extra <= 0:
+        return table
+    if len(table) + extra > MAX_TOKENS:
+        raise LogitcacheError(
+            f"the cache's vocabulary has {rows:,} rows, more than {MAX_TOKENS:,} (not a text "
+            "model's)"
+        )
+    special = np.concatenate([table.special, np.zeros(extra, dtype=bool)])
+    pieces = table.pieces + (b"",) * extra
+    return TokenBytes(pieces, special, table.name, table.content, table.eos_id, table.byte_pieces)
 
 
 def map_ids(
@@ -113,6 +129,9 @@ class CrossTokenizer:
     ``teacher_tokenizer``: the cache's (``logitcache.storage.tokenizer.stored_tokenizer``).
     ``student_tokenizer``: the student's. ``method``: ``exact`` or ``prefix`` (module
     docstring). ``max_tokens``: student tokens kept per row (longer rows are cut there).
+    ``teacher_rows``: the cache's vocabulary size where it exceeds its tokenizer's (Qwen2.5:
+    152,064 logit rows for 151,665 tokens): ids past the tokenizer have no bytes, and their
+    mass joins the tail.
     """
 
     def __init__(
@@ -122,11 +141,13 @@ class CrossTokenizer:
         *,
         method: str = "exact",
         max_tokens: int,
+        teacher_rows: int | None = None,
     ) -> None:
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         self.method, self.max_tokens = method, max_tokens
-        self.teacher = token_bytes(teacher_tokenizer, "the cache's tokenizer")
+        teacher = token_bytes(teacher_tokenizer, "the cache's tokenizer")
+        self.teacher = _padded(teacher, teacher_rows)
         table = token_bytes(student_tokenizer, "the student's tokenizer")
         self.student = StudentTokenizer(student_tokenizer, table)
         self.specials = special_map(self.teacher, table)

@@ -15,6 +15,7 @@ from crosstok_tokenizers import (
     hand_teacher,
 )
 
+from logitcache.errors import LogitcacheError
 from logitcache.storage import SequenceRecord
 from logitcache.train import DistillationLoss
 from logitcache.train.alignment import StudentTokenizer, align_row, special_map
@@ -314,3 +315,22 @@ def test_loss_and_gradients_match_a_slow_reference(tiny_tokenizer, alpha):
     )
     plain = DistillationLoss("forward-kl", alpha=alpha)(batch, logits=head(hidden))
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_teacher_ids_past_the_tokenizer_join_the_tail(tiny_tokenizer):
+    """A cache whose vocabulary has more rows than its tokenizer has tokens (Qwen2.5: 152,064
+    for 151,665): a support id past the tokenizer carries its mass to the tail."""
+    rows = len(tiny_tokenizer) + 10
+    cross = CrossTokenizer(
+        tiny_tokenizer, hand_student(), method="prefix", max_tokens=256, teacher_rows=rows
+    )
+    r = random_record(tiny_tokenizer, np.random.default_rng(2))
+    r.ids[::6] = rows - 1  # the first id of every position's support
+    view, out = example_of(r), cross.example(r, example_of(r))
+    aligned = out["teacher_aligned"].numpy()
+    assert aligned.any() and (view["teacher_ids"] >= len(tiny_tokenizer)).any()
+    total = out["teacher_probs"].sum(1) + out["teacher_tail"]
+    assert (out["teacher_tail"][aligned] > 0).all()
+    assert torch.allclose(total[aligned], torch.ones(int(aligned.sum())), atol=1e-5)
+    with pytest.raises(LogitcacheError, match="more than 2,097,152"):
+        CrossTokenizer(tiny_tokenizer, hand_student(), max_tokens=8, teacher_rows=1 << 24)

@@ -33,6 +33,8 @@ FLAT_KEYS = {
     "student_config",
     "tokenizer",
     "extended_vocab",
+    "cross_tokenizer",
+    "student_seq_len",
     "trust_remote_code",
     "loss",
     "tail",

@@ -14,7 +14,7 @@ from .config import TrainConfig
 from .data import count_split
 from .dataset import CacheDataset, tokenizer_mismatch
 
-__all__ = ["check_cache", "eval_dataset", "mixed_readers"]
+__all__ = ["check_cache", "cross_options", "eval_dataset", "mixed_readers"]
 
 
 def check_cache(reader: CacheReader, config: TrainConfig) -> None:
@@ -60,8 +60,9 @@ def mixed_readers(reader: CacheReader, config: TrainConfig) -> list[CacheReader]
     return readers
 
 
-def eval_dataset(reader: CacheReader, config: TrainConfig, vocab_rows: int):
-    """The training cache's held-out split, or all of a separate evaluation cache."""
+def eval_dataset(reader: CacheReader, config: TrainConfig, vocab_rows: int, tokenizer=None):
+    """The training cache's held-out split, or all of a separate evaluation cache
+    (``tokenizer``: the student's, retokenizing it with --cross-tokenizer)."""
     url, fraction = config.cache, config.eval_fraction
     if config.eval_cache:
         other = CacheReader(config.eval_cache, **config.reader_options())
@@ -82,4 +83,16 @@ def eval_dataset(reader: CacheReader, config: TrainConfig, vocab_rows: int):
         vocab_limit=vocab_rows,
         max_sequences=config.eval_sequences,
         reader_options=config.reader_options(),
+        **cross_options(config, tokenizer),
     )
+
+
+def cross_options(config: TrainConfig, tokenizer) -> dict:
+    """``CacheDataset`` keywords of a student with another tokenizer (none without one)."""
+    if config.cross_tokenizer is None:
+        return {}
+    return {
+        "cross_tokenizer": config.cross_tokenizer,
+        "student_tokenizer": tokenizer,
+        "student_seq_len": config.student_seq_len,
+    }

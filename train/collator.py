@@ -4,7 +4,8 @@ In: a list of records (``CacheDataset`` items: ``input_ids`` [T], ``labels`` [T]
 targets [T, K] ...) of different lengths T and support sizes K. Out: one dict with the same
 keys, right-padded to the longest sequence L and the widest support K, plus
 ``attention_mask`` [B, L] int64. Padding is never trained: ``labels`` -100,
-``teacher_valid`` False.
+``teacher_valid`` False. Records of a student with another tokenizer also carry
+``teacher_aligned``, padded with False.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ BATCH_KEYS = (
     "teacher_tail",  # [B, L] float32
     "index",  # [B] int64 global sequence index (-1: a padding row)
     "source",  # [B] int64 which cache of the dataset's list
+    "teacher_aligned",  # [B, L] bool, only for a student of another tokenizer
 )
 
 
@@ -69,6 +71,10 @@ class DistillCollator:
             for key in ("teacher_ids", "teacher_probs", "teacher_valid"):
                 batch[key][i, :n, :kk] = e[key]
             batch["teacher_tail"][i, :n] = e["teacher_tail"]
+        if "teacher_aligned" in examples[0]:  # a student of another tokenizer
+            batch["teacher_aligned"] = torch.zeros((b, width), dtype=torch.bool)
+            for i, e in enumerate(examples):
+                batch["teacher_aligned"][i, : e["input_ids"].shape[0]] = e["teacher_aligned"]
         for key in ("index", "source"):
             batch[key] = torch.stack([torch.as_tensor(e.get(key, -1)) for e in examples])
         return batch

@@ -62,6 +62,17 @@ class TrainConfig:
     it, or add it with `logitcache tokenizer CACHE --add`)."""
     extended_vocab: bool = False
     """Accept a student tokenizer that differs from the cache's (it must extend it)."""
+    cross_tokenizer: Literal["exact", "prefix"] | None = option(
+        None, none="off", added_with="cross_tokenizer"
+    )
+    """Train a student whose tokenizer differs from the cache's (any family): the cache's
+    rows are retokenized by the student's tokenizer (--tokenizer, or the student's own) and
+    the teacher's targets are moved onto its vocabulary where both tokenizations meet.
+    exact: teacher tokens that are exactly a student token keep their mass, the rest goes
+    to the tail; prefix: the rest goes to the student's longest token that starts it."""
+    student_seq_len: int | None = option(None, added_with="cross_tokenizer")
+    """--cross-tokenizer: student tokens kept per cache row (default the cache's sequence
+    length); a row the student spells in more tokens is cut there."""
     trust_remote_code: bool = False
     """Run the Python code a hub student or --tokenizer ships with (only if you trust it);
     never code stored in a cache."""
@@ -219,6 +230,18 @@ class TrainConfig:
                 f"--decay-fraction must be in (0, 1], got {self.decay_fraction}",
             ),
             (self.eval_sequences >= 1, f"--eval-sequences must be >= 1, got {self.eval_sequences}"),
+            (
+                self.student_seq_len is None or self.student_seq_len >= 2,
+                f"--student-seq-len must be >= 2, got {self.student_seq_len}",
+            ),
+            (
+                self.cross_tokenizer is not None or self.student_seq_len is None,
+                "--student-seq-len needs --cross-tokenizer",
+            ),
+            (
+                not (self.cross_tokenizer and self.extended_vocab),
+                "give --cross-tokenizer or --extended-vocab, not both",
+            ),
             (
                 self.local_cache_gb is None or self.local_cache_gb > 0,
                 f"--local-cache-gb must be > 0, got {self.local_cache_gb}",

@@ -16,7 +16,11 @@ like ``labels`` in Hugging Face: the student predicts token t at position t - 1)
   ``teacher_tail`` [T] float32 (teacher mass outside the ids; 0 for counts): the teacher's
   distribution of token t. Row 0 is empty;
 - ``index`` int64 (the sequence's global index in its cache) and ``source`` int64 (which
-  cache of the list it came from).
+  cache of the list it came from);
+- with a student of another tokenizer (``cross_tokenizer``), the record is the student's:
+  its ids, its length S (at most ``student_seq_len``), the teacher's targets mapped onto its
+  vocabulary (``logitcache.train.crosstok``), and ``teacher_aligned`` [S] bool, False where
+  a trained position has no teacher target (cross-entropy only).
 
 Records are read one at a time: a remote cache answers ``ds[i]`` with a ranged read of one
 sequence (``CacheReader.read``), and no shard is downloaded whole unless a stream schedules it.
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from logitcache.errors import LogitcacheError
 from logitcache.identity import FULL_FINGERPRINT, same_tokenizer
 from logitcache.storage import CacheReader, CacheSpec, SequenceRecord
 from logitcache.untrusted import redact
@@ -71,6 +76,12 @@ class CacheDataset(Dataset):
     into the tail (default: keep all). ``target``: ``auto`` (stored log-probs, else counts
     / N), ``counts`` or ``probs``. ``max_sequences``: keep only the first N of the split.
     ``reader_options``: keyword arguments of every ``CacheReader`` (``local_cache``, ...).
+
+    A student with another tokenizer than the cache's: ``cross_tokenizer`` (``exact`` or
+    ``prefix``: how teacher ids that are no student token are mapped, see
+    ``logitcache.train.crosstok``), ``student_tokenizer`` (its transformers tokenizer) and
+    ``student_seq_len`` (student tokens kept per row; default the cache's sequence length).
+    The cache's tokenizer is read from the cache (``teacher_tokenizer`` overrides it).
     """
 
     def __init__(
@@ -84,6 +95,10 @@ class CacheDataset(Dataset):
         max_sequences: int | None = None,
         verify: bool = True,
         reader_options: dict[str, Any] | None = None,
+        cross_tokenizer: str | None = None,
+        student_tokenizer: Any = None,
+        student_seq_len: int | None = None,
+        teacher_tokenizer: Any = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -112,6 +127,53 @@ class CacheDataset(Dataset):
             [np.full(len(p), c, dtype=np.int64) for c, p in enumerate(parts)]
         )
         self._index = np.concatenate(parts).astype(np.int64)  # [n] global index in its cache
+        self._byte_lengths: np.ndarray | None = None
+        self._of: Any = None  # the tokenizer _byte_lengths was read from
+        self.cross = None
+        """The ``CrossTokenizer`` converting records for a student of another tokenizer."""
+        if cross_tokenizer is not None:
+            self.cross = self._cross(
+                cross_tokenizer, student_tokenizer, student_seq_len, teacher_tokenizer
+            )
+        elif student_tokenizer is not None or student_seq_len is not None:
+            raise ValueError("student_tokenizer and student_seq_len need cross_tokenizer")
+
+    def byte_lengths(self, tokenizer: Any = None) -> np.ndarray | None:
+        """[V] int64 bytes of each id of the records' labels (0: special tokens), for bits
+        per byte: the student's tokenizer with ``cross_tokenizer``, else ``tokenizer`` (the
+        cache's, or one that extends it), else the one stored in the cache; None when the
+        cache stores none (written before format 1.1) and none is given."""
+        if self._byte_lengths is None or (tokenizer is not None and tokenizer is not self._of):
+            self._of = tokenizer
+            from .token_bytes import token_bytes
+
+            if self.cross is not None:
+                table = self.cross.student_bytes
+            else:
+                try:
+                    if tokenizer is None:
+                        from .student import cache_tokenizer
+
+                        tokenizer, _ = cache_tokenizer(self.readers()[0].loc, self.spec, None)
+                    table = token_bytes(tokenizer, "the cache's tokenizer")
+                except LogitcacheError:  # no tokenizer (an old cache): no bits per byte
+                    return None
+            rows = max(len(table), self.spec.vocab_size)
+            self._byte_lengths = np.zeros(rows, dtype=np.int64)
+            self._byte_lengths[: len(table)] = table.lengths
+        return self._byte_lengths
+
+    def _cross(self, method: str, student: Any, seq_len: int | None, teacher: Any):
+        from .crosstok import CrossTokenizer
+
+        if student is None:
+            raise ValueError("cross_tokenizer needs student_tokenizer (the student's tokenizer)")
+        if teacher is None:
+            from .student import cache_tokenizer
+
+            teacher, _ = cache_tokenizer(self.readers()[0].loc, self.spec, None)
+        max_tokens = seq_len if seq_len is not None else self.spec.seq_len
+        return CrossTokenizer(teacher, student, method=method, max_tokens=max_tokens)
 
     # -- readers (reopened lazily after pickling into a DataLoader worker) -----------------
     def readers(self) -> list[CacheReader]:
@@ -160,6 +222,9 @@ class CacheDataset(Dataset):
     def read(self, source: int, index: int) -> dict[str, torch.Tensor]:
         """The record of sequence ``index`` of cache ``source`` (any split)."""
         record = self.readers()[source].read(index)
+        if self.cross is not None:
+            view = example_of(record, source=source, target=self.target)
+            return self.cross.example(record, view, vocab_limit=self.vocab_limit)
         return example_of(record, source=source, vocab_limit=self.vocab_limit, target=self.target)
 
     def positions(self, source: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ In: a ``DistillCollator`` batch (``labels`` [B, L], teacher targets [B, L, K]) a
 student's output in one of three forms: the model itself, its final hidden states [B, L, H]
 with its LM head, or its logits [B, L, V]. Out: a scalar, the mean over trained positions
 (``reduction="mean"``) or their sum (``"sum"``, for callers that normalize across
-micro-batches and ranks themselves).
+micro-batches and ranks themselves). A batch of a student with another tokenizer
+(``teacher_aligned``) trains its positions without a teacher target on cross-entropy.
 
 The hidden-state forms never build [B, L, V]: the trained rows go through the LM head and
 the loss ``chunk_size`` rows at a time under activation checkpointing (``chunked_loss``),
@@ -209,7 +210,16 @@ class DistillationLoss(nn.Module):
         targets = self.targets(batch, mask)
         if self.loss == "ce":
             return chunked_loss(rows, head, None, labels=targets.labels, chunk_size=self.chunk_size)
-        return chunked_loss(rows, head, targets, chunk_size=self.chunk_size, **self.options)
+        aligned = self.aligned(batch, mask)
+        if aligned is None:
+            return chunked_loss(rows, head, targets, chunk_size=self.chunk_size, **self.options)
+        kd = chunked_loss(
+            rows[aligned], head, targets[aligned], chunk_size=self.chunk_size, **self.options
+        )
+        ce = chunked_loss(
+            rows[~aligned], head, None, labels=targets.labels[~aligned], chunk_size=self.chunk_size
+        )
+        return kd + ce
 
     def _on_logits(self, rows: Tensor, batch, mask: Tensor) -> Tensor:
         targets = self.targets(batch, mask)
@@ -217,7 +227,22 @@ class DistillationLoss(nn.Module):
             return rows.sum() * 0.0
         if self.loss == "ce":
             return cross_entropy_sum(rows, targets.labels)
-        return distill_loss(rows, targets, **self.options)
+        aligned = self.aligned(batch, mask)
+        if aligned is None:
+            return distill_loss(rows, targets, **self.options)
+        total = cross_entropy_sum(rows[~aligned], targets.labels[~aligned])
+        if aligned.any():
+            total = total + distill_loss(rows[aligned], targets[aligned], **self.options)
+        return total
+
+    @staticmethod
+    def aligned(batch: Mapping[str, Tensor], mask: Tensor) -> Tensor | None:
+        """[N] bool: trained rows with a teacher target; None when every row has one (a
+        student of the cache's tokenizer). A student of another tokenizer trains the rest on
+        cross-entropy only."""
+        if "teacher_aligned" not in batch:
+            return None
+        return batch["teacher_aligned"][:, 1:][mask]
 
 
 def _too_few_rows(batch: Mapping[str, Tensor], model: nn.Module) -> str:

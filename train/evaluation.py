@@ -12,13 +12,24 @@ over the trained positions (nats), each present only when the cache gives it:
   cross-entropy of the student on the teacher's N draws, an unbiased estimate of H(teacher)
   + KL(teacher || student). It falls as the student nears the teacher but not to 0: counts
   do not give the teacher's entropy, so no KL is reported for such a cache;
+- ``eval_bits_per_byte``: the cross-entropy summed over the evaluated positions, in bits,
+  divided by the bytes of the text they predict (``eval_bytes``; a special token such as
+  EOS has none). It does not depend on the tokenizer, so students of different tokenizers
+  compare on it (over the same held-out sequences, the bytes differ only by each row's
+  first token, which nothing predicts). Present when the tokenizer of the labels is known:
+  the student's with another tokenizer, else the one given or stored in the cache;
 - ``eval_positions``: trained positions evaluated.
+
+A student of another tokenizer is evaluated on its own retokenized rows: CE and bits per
+byte over all its trained positions, KL only over those aligned with a teacher position.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,8 +51,9 @@ __all__ = ["eval_summary", "evaluate"]
 
 # What one cache's targets measure (see the module docstring).
 _TOPK, _SAMPLED, _DRAWS = 0, 1, 2
-# Sums of a batch, all-reduced as one float64 vector: CE, KL, KL rows, CE-draws, its rows, rows.
-_SUMS = 6
+# Sums of a batch, all-reduced as one float64 vector: CE, KL, KL rows, CE-draws, its rows,
+# rows, bytes of the predicted tokens.
+_SUMS = 7
 
 
 @torch.no_grad()
@@ -55,8 +67,11 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     autocast=None,
+    tokenizer: Any = None,
 ) -> dict[str, float]:
-    """Held-out ``eval_ce``, ``eval_kl`` or ``eval_ce_draws``, ``eval_positions`` (see above).
+    """Held-out ``eval_ce``, ``eval_kl`` or ``eval_ce_draws``, ``eval_bits_per_byte``,
+    ``eval_positions`` (see above). ``tokenizer``: the one of the labels, for bits per byte
+    (default: the student's with another tokenizer, else the cache's stored one).
 
     Under DDP rank r evaluates micro-batches r, r + world, ... and the sums are all-reduced,
     so every rank returns what one process evaluating all of them would (up to the order of
@@ -65,6 +80,8 @@ def evaluate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
     kinds, samples = (x.to(device) for x in _measures(dataset))  # [C] per cache of the list
+    lengths = dataset.byte_lengths(tokenizer)
+    byte_lengths = None if lengths is None else torch.from_numpy(lengths).to(device)  # [V]
     collate = DistillCollator()
     was_training = model.training
     model.eval()
@@ -75,14 +92,14 @@ def evaluate(
             continue
         items = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) for k, v in collate(items).items()}
-        sums += _sums(model, batch, chunk_size, autocast, kinds, samples)
+        sums += _sums(model, batch, chunk_size, autocast, kinds, samples, byte_lengths)
     pad_sharded_forwards(model, len(starts), rank, world_size, device)
     model.train(was_training)
     if world_size > 1:
         sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()
-    ce, kl, n_kl, ce_draws, n_draws, n = sums.tolist()
+    ce, kl, n_kl, ce_draws, n_draws, n, n_bytes = sums.tolist()
     if n == 0:
         return {}
     out = {"eval_ce": ce / n}
@@ -90,6 +107,9 @@ def evaluate(
         out["eval_kl"] = kl / n_kl
     if n_draws:
         out["eval_ce_draws"] = ce_draws / n_draws
+    if byte_lengths is not None and n_bytes:
+        out["eval_bits_per_byte"] = ce / math.log(2) / n_bytes
+        out["eval_bytes"] = int(n_bytes)
     return {**out, "eval_positions": int(n)}
 
 
@@ -100,6 +120,8 @@ def eval_summary(ev: Mapping[str, float]) -> str:
         parts.append(f"KL to teacher {ev['eval_kl']:.4f}")
     if "eval_ce_draws" in ev:
         parts.append(f"CE to teacher's draws {ev['eval_ce_draws']:.4f} (teacher entropy + KL)")
+    if "eval_bits_per_byte" in ev:
+        parts.append(f"{ev['eval_bits_per_byte']:.4f} bits/byte")
     return ", ".join(parts)
 
 
@@ -124,12 +146,16 @@ def _sums(
     autocast,
     kinds: Tensor,
     samples: Tensor,
+    byte_lengths: Tensor | None,
 ) -> Tensor:
     """[_SUMS] float64 sums of one batch, ``chunk_size`` rows at a time."""
     mask = DistillationLoss.trained(batch)  # [B, L-1]
     targets = DistillationLoss.targets(batch, mask)
     source = batch["source"][:, None].expand_as(mask)[mask]  # [N] cache of each row
     kind, n_samples = kinds[source], samples[source]  # [N], [N]
+    aligned = DistillationLoss.aligned(batch, mask)  # [N] bool, or None: all
+    if aligned is not None:  # positions without a teacher target measure CE only
+        kind = torch.where(aligned, kind, torch.full_like(kind, -1))
     with autocast:
         if is_chunkable(model):
             hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
@@ -152,6 +178,8 @@ def _sums(
                     sums[at] += value.sum().item()
                     sums[at + 1] += int(sel.sum())
         sums[5] = rows.shape[0]
+        if byte_lengths is not None:
+            sums[6] = int(byte_lengths[targets.labels].sum())
     return sums
 
 

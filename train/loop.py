@@ -30,7 +30,7 @@ from logitcache.storage import CacheReader
 from logitcache.untrusted import redact_values
 
 from . import sharding
-from .caches import eval_dataset
+from .caches import cross_options, eval_dataset
 from .checkpoint import TrainingProgress, is_out_of_space, latest_checkpoint, save_checkpoint
 from .config import TrainConfig, lr_multiplier, resume_settings
 from .data import StreamState
@@ -131,7 +131,8 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: Distillation
     model = with_lora(model, config)
     sharding.enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
     try:
-        check_student_fits(model, config, env, reader.spec.seq_len, warn=reporter.log)
+        seq_len = config.student_seq_len or reader.spec.seq_len
+        check_student_fits(model, config, env, seq_len, warn=reporter.log)
         if not sharded:  # fully_shard moves each rank's shard
             model.to(env.device)
     except (AssertionError, RuntimeError):  # what torch raises for CUDA on a CPU-only machine
@@ -156,6 +157,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: Distillation
         vocab_limit=vocab_rows,
         target=config.target,
         reader_options=config.reader_options(),
+        **cross_options(config, tokenizer),
     )
     stream = data.stream(
         batch_size=config.batch_size,
@@ -174,7 +176,7 @@ def _setup(config: TrainConfig, env: Env, reporter: Reporter, loss: Distillation
         wrapped,
         optimizer,
         stream,
-        eval_dataset(reader, config, vocab_rows),
+        eval_dataset(reader, config, vocab_rows, tokenizer),
         progress,
         fingerprint,
         n_steps,
@@ -284,6 +286,7 @@ def _evaluate(run: _Run, config: TrainConfig, env: Env) -> dict[str, float]:
             rank=env.rank,
             world_size=env.world_size,
             autocast=run.autocast,
+            tokenizer=run.tokenizer,
         )
 
 

@@ -74,7 +74,14 @@ def check_run(
         meta=meta,
         log=log,
     )
-    vocab_rows = check_student(model, tokenizer, reader.spec, extended_vocab=config.extended_vocab)
+    vocab_rows = check_student(
+        model,
+        tokenizer,
+        reader.spec,
+        extended_vocab=config.extended_vocab,
+        cross_tokenizer=config.cross_tokenizer is not None,
+        seq_len=config.student_seq_len,
+    )
     return Checked(reader, mixed, model, tokenizer, vocab_rows)
 
 
@@ -133,7 +140,7 @@ def dry_run(config: TrainConfig, env: Env) -> str:
         if not torch.cuda.is_available():
             raise LogitcacheError(f"--device {config.device}: CUDA is not available")
         check_student_fits(model, config, env, checked.reader.spec.seq_len, warn=warnings.append)
-    eval_dataset(checked.reader, config, checked.vocab_rows)
+    eval_dataset(checked.reader, config, checked.vocab_rows, checked.tokenizer)
     readers = [checked.reader, *checked.mixed]
     steps = total_steps(readers, config, env.world_size)
     params = sum(p.numel() for p in model.parameters())
@@ -141,9 +148,15 @@ def dry_run(config: TrainConfig, env: Env) -> str:
     return (
         f"dry run: all checks passed. {steps} steps of {config.batch_size * config.grad_accum} "
         f"sequences per process from {n_train:,} training sequences; a student of {params:,} "
-        f"parameters ({checked.vocab_rows:,} vocabulary rows, its tokenizer fits the cache); "
+        f"parameters ({checked.vocab_rows:,} vocabulary rows, {_fits(config)}); "
         f"--out {config.out}: {_out_state(config)}" + "".join(f"\n{w}" for w in warnings)
     )
+
+
+def _fits(config: TrainConfig) -> str:
+    if config.cross_tokenizer is None:
+        return "its tokenizer fits the cache"
+    return f"its own tokenizer, the teacher's targets mapped {config.cross_tokenizer}"
 
 
 def _out_state(config: TrainConfig) -> str:

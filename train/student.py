@@ -26,7 +26,7 @@ from logitcache.untrusted import read_local_text
 
 from .distill_loss import DistillationLoss, final_hidden
 
-__all__ = ["DistillModule", "apply_lora", "check_student", "load_student"]
+__all__ = ["DistillModule", "apply_lora", "cache_tokenizer", "check_student", "load_student"]
 
 
 def load_student(
@@ -93,7 +93,7 @@ def load_student(
                 "with `logitcache tokenizer CACHE DIR`"
             ) from None
         return model, tokenizer, tokenizer_name
-    tokenizer, name = _cache_tokenizer(cache, spec, student)
+    tokenizer, name = cache_tokenizer(cache, spec, student)
     if student is not None and log is not None:
         log(
             f"--student {student} has no tokenizer files: it gets the cache's ({name}), "
@@ -132,7 +132,7 @@ def _from_config(config: Any, trust_remote_code: bool, meta: bool, **kwargs: Any
         )
 
 
-def _cache_tokenizer(cache: Any, spec: CacheSpec, student: str | None) -> tuple[Any, str]:
+def cache_tokenizer(cache: Any, spec: CacheSpec, student: str | None) -> tuple[Any, str]:
     """(the cache's stored tokenizer, where it is), checked; or one clear line saying how to
     give one. Caches written before format 1.1 only name the teacher's path: that directory,
     if it is on this machine, is loaded as data and checked like a stored tokenizer."""
@@ -174,16 +174,27 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab: bool) -> int:
-    """Refuse a student that cannot learn from this cache; returns its vocabulary rows."""
-    if not extended_vocab:
+def check_student(
+    model: Any,
+    tokenizer: Any,
+    spec: CacheSpec,
+    *,
+    extended_vocab: bool,
+    cross_tokenizer: bool = False,
+    seq_len: int | None = None,
+) -> int:
+    """Refuse a student that cannot learn from this cache; returns its vocabulary rows.
+    ``cross_tokenizer``: its tokenizer may be any (rows retokenized to at most ``seq_len``
+    tokens, default the cache's sequence length)."""
+    if not (extended_vocab or cross_tokenizer):
         try:
             check_tokenizer(tokenizer, spec.tokenizer, "the student's tokenizer")
         except TokenizerError as err:
             raise TokenizerError(
                 f"{err}. Omit --tokenizer (a student from scratch, or one without tokenizer "
                 "files, gets the cache's; `logitcache tokenizer CACHE DIR` exports it), or "
-                "pass --extended-vocab if the student's vocabulary extends the teacher's"
+                "pass --extended-vocab if the student's vocabulary extends the teacher's, or "
+                "--cross-tokenizer exact to distill across tokenizers"
             ) from None
     rows = model.get_output_embeddings().weight.shape[0]
     if extended_vocab and rows < spec.vocab_size:
@@ -193,17 +204,19 @@ def check_student(model: Any, tokenizer: Any, spec: CacheSpec, *, extended_vocab
         )
     inputs = model.get_input_embeddings().weight.shape[0]
     if min(rows, inputs) < len(tokenizer):
+        whose = "its" if cross_tokenizer else "the cache's"
         raise LogitcacheError(
             f"the student has {min(rows, inputs)} vocabulary rows, fewer than the "
-            f"{len(tokenizer)} tokens of the cache's tokenizer (vocabulary {spec.vocab_size}): "
+            f"{len(tokenizer)} tokens of {whose} tokenizer (vocabulary {spec.vocab_size}): "
             "give it at least as many (vocab_size in --student-config), or use a student made "
             "for this tokenizer"
         )
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and max_pos < spec.seq_len:
+    length = seq_len if seq_len is not None else spec.seq_len
+    if max_pos is not None and max_pos < length:
+        which = "--student-seq-len" if seq_len is not None else "the cache's sequence length"
         raise LogitcacheError(
-            f"the student's max_position_embeddings ({max_pos}) is below the cache's sequence "
-            f"length ({spec.seq_len})"
+            f"the student's max_position_embeddings ({max_pos}) is below {which} ({length})"
         )
     return rows
 

@@ -1,0 +1,204 @@
+"""Cache records for a student with another tokenizer: the teacher's targets moved onto the
+student's vocabulary at the positions where both tokenizations meet.
+
+In: the cache's tokenizer, the student's, a mapping method, and cache records
+(``SequenceRecord``). Out: records with the keys of ``logitcache.train.dataset.example_of``,
+in the student's ids and length, plus ``teacher_aligned`` [S] bool: True where the row holds
+the teacher's distribution mapped onto student ids; a trained position without it is
+trained on cross-entropy only.
+
+Mapping a teacher id to a student id (``METHODS``):
+
+- ``exact``: a teacher token whose bytes are exactly a student token carries its mass to
+  that token (special tokens by their text, EOS to EOS); every other id's mass joins the
+  tail (the ``--tail`` policy then decides: ``bucket`` keeps it as one "rest" category,
+  ``renorm`` drops it). Unbiased for sampled caches on the mapped ids.
+- ``prefix``: as ``exact``, and every other teacher token carries its mass to the
+  student's longest token that is a prefix of its bytes (the first step of that
+  continuation for the student); only tokens no student token starts (bytes the student
+  cannot spell) join the tail.
+
+Several teacher ids mapping to one student id add up; the mass of a row (support plus
+tail) is conserved exactly. Alignment itself is ``logitcache.train.alignment``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from logitcache.storage import SequenceRecord
+
+from .alignment import StudentTokenizer, align_row, special_map
+from .collator import IGNORE_INDEX
+from .token_bytes import TokenBytes, token_bytes
+
+__all__ = ["METHODS", "CrossStats", "CrossTokenizer", "map_ids"]
+
+METHODS = ("exact", "prefix")
+
+
+@dataclass
+class CrossStats:
+    """Counts over the records converted so far (in this process)."""
+
+    rows: int = 0
+    student_tokens: int = 0
+    teacher_tokens: int = 0
+    trained: int = 0  # trained student positions
+    aligned: int = 0  # of them, with a teacher distribution
+    teacher_mass: float = 0.0  # teacher mass (support + tail) at aligned trained positions
+    exact_mass: float = 0.0  # of it, carried by teacher ids that are a student token exactly
+    mapped_mass: float = 0.0  # of it, carried to a student id by any rule (the rest: tail)
+    text_bytes: int = 0
+    cut_bytes: int = 0  # text bytes no kept student token covers
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["aligned_share"] = self.aligned / max(self.trained, 1)
+        out["exact_mass_share"] = self.exact_mass / max(self.teacher_mass, 1e-30)
+        out["mapped_mass_share"] = self.mapped_mass / max(self.teacher_mass, 1e-30)
+        out["bytes_per_student_token"] = self.text_bytes / max(self.student_tokens, 1)
+        out["bytes_per_teacher_token"] = self.text_bytes / max(self.teacher_tokens, 1)
+        return out
+
+
+def map_ids(
+    teacher: TokenBytes, student: TokenBytes, method: str, specials: dict[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """([Vt] int64 student id of each teacher id, -1: the tail; [Vt] bool mapped exactly)."""
+    if method not in METHODS:
+        raise ValueError(f"cross-tokenizer method {method!r}: expected one of {', '.join(METHODS)}")
+    by_bytes = student.by_bytes()
+    longest = max((len(p) for p in by_bytes), default=0)
+    out = np.full(len(teacher), -1, dtype=np.int64)
+    exact = np.zeros(len(teacher), dtype=bool)
+    for t, piece in enumerate(teacher.pieces):
+        if not piece:
+            mapped = specials.get(t)
+            if mapped is not None:
+                out[t], exact[t] = mapped, True
+            continue
+        s = by_bytes.get(piece)
+        if s is not None:
+            out[t], exact[t] = s, True
+        elif method == "prefix":
+            for size in range(min(len(piece) - 1, longest), 0, -1):
+                s = by_bytes.get(piece[:size])
+                if s is not None:
+                    out[t] = s
+                    break
+    return out, exact
+
+
+class CrossTokenizer:
+    """Converts cache records into records of a student with another tokenizer.
+
+    ``teacher_tokenizer``: the cache's (``logitcache.storage.tokenizer.stored_tokenizer``).
+    ``student_tokenizer``: the student's. ``method``: ``exact`` or ``prefix`` (module
+    docstring). ``max_tokens``: student tokens kept per row (longer rows are cut there).
+    """
+
+    def __init__(
+        self,
+        teacher_tokenizer: Any,
+        student_tokenizer: Any,
+        *,
+        method: str = "exact",
+        max_tokens: int,
+    ) -> None:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+        self.method, self.max_tokens = method, max_tokens
+        self.teacher = token_bytes(teacher_tokenizer, "the cache's tokenizer")
+        table = token_bytes(student_tokenizer, "the student's tokenizer")
+        self.student = StudentTokenizer(student_tokenizer, table)
+        self.specials = special_map(self.teacher, table)
+        self.id_map, self.exact = map_ids(self.teacher, table, method, self.specials)  # [Vt]
+        self.stats = CrossStats()
+
+    @property
+    def student_bytes(self) -> TokenBytes:
+        return self.student.table
+
+    def example(
+        self,
+        r: SequenceRecord,
+        teacher_view: dict[str, torch.Tensor],
+        *,
+        vocab_limit: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The student's record of ``r``; ``teacher_view``: ``example_of(r)`` (teacher ids)."""
+        a = align_row(
+            r.input_ids,
+            r.loss_mask.astype(bool),
+            np.asarray(r.doc_starts, dtype=np.int64),
+            self.teacher,
+            self.student,
+            self.specials,
+            self.max_tokens,
+        )
+        n = len(a.input_ids)
+        at = np.flatnonzero((a.teacher_row >= 0) & a.trained)  # [A] student rows with a target
+        rows = a.teacher_row[at]  # [A] their teacher rows
+        t_ids = teacher_view["teacher_ids"].numpy()[rows]  # [A, K]
+        t_probs = teacher_view["teacher_probs"].numpy()[rows]
+        t_valid = teacher_view["teacher_valid"].numpy()[rows]
+        t_tail = teacher_view["teacher_tail"].numpy()[rows]  # [A]
+        ids, probs, valid, tail = self._mapped(t_ids, t_probs, t_valid, t_tail, n, at, vocab_limit)
+        aligned = np.zeros(n, dtype=bool)
+        aligned[at] = True
+        self._count(a, r, at, t_ids, t_probs, t_valid, t_tail)
+        labels = np.where(a.trained, a.input_ids, IGNORE_INDEX)
+        return {
+            "input_ids": torch.from_numpy(a.input_ids),  # [S] int64
+            "labels": torch.from_numpy(labels),  # [S] int64
+            "teacher_ids": torch.from_numpy(ids),  # [S, K'] int64 student ids
+            "teacher_probs": torch.from_numpy(probs),  # [S, K'] float32
+            "teacher_valid": torch.from_numpy(valid),  # [S, K'] bool
+            "teacher_tail": torch.from_numpy(tail),  # [S] float32
+            "teacher_aligned": torch.from_numpy(aligned),  # [S] bool
+            "index": teacher_view["index"],
+            "source": teacher_view["source"],
+        }
+
+    def _mapped(self, t_ids, t_probs, t_valid, t_tail, n, at, vocab_limit):
+        """[n, K'] student-space support of rows ``at`` (others empty) and [n] tails."""
+        sid = self.id_map[t_ids]  # [A, K]
+        if vocab_limit is not None:
+            sid = np.where(sid >= vocab_limit, -1, sid)
+        ok = t_valid & (sid >= 0)
+        tail = np.zeros(n, dtype=np.float32)
+        tail[at] = t_tail + np.where(t_valid & ~ok, t_probs, 0).sum(1)
+        row, col = np.nonzero(ok)
+        width = int(sid.max()) + 1 if sid.size else 1
+        keys = row.astype(np.int64) * width + sid[row, col]  # row-major: sorted by row
+        unique, inverse = np.unique(keys, return_inverse=True)
+        mass = np.bincount(inverse, weights=t_probs[row, col], minlength=len(unique))
+        u_row = unique // width
+        first = np.searchsorted(u_row, u_row, side="left")
+        u_col = np.arange(len(unique)) - first
+        k = int(u_col.max()) + 1 if len(unique) else 1
+        ids = np.zeros((n, k), dtype=np.int64)
+        probs = np.zeros((n, k), dtype=np.float32)
+        valid = np.zeros((n, k), dtype=bool)
+        ids[at[u_row], u_col] = unique % width
+        probs[at[u_row], u_col] = mass
+        valid[at[u_row], u_col] = True
+        return ids, probs, valid, tail
+
+    def _count(self, a, r, at, t_ids, t_probs, t_valid, t_tail) -> None:
+        s = self.stats
+        s.rows += 1
+        s.student_tokens += len(a.input_ids)
+        s.teacher_tokens += r.n_tokens
+        s.trained += int(a.trained.sum())
+        s.aligned += len(at)
+        s.teacher_mass += float(np.where(t_valid, t_probs, 0).sum() + t_tail.sum())
+        s.exact_mass += float(np.where(t_valid & self.exact[t_ids], t_probs, 0).sum())
+        s.mapped_mass += float(np.where(t_valid & (self.id_map[t_ids] >= 0), t_probs, 0).sum())
+        s.text_bytes += a.n_bytes
+        s.cut_bytes += a.cut_bytes

@@ -29,20 +29,30 @@ from pathlib import Path
 from typing import Any
 
 import click
-from real_teacher import StudyBudget, Variant, load_results, shakespeare_documents, write_json
+from real_teacher import StudyBudget, Variant, shakespeare_documents, write_json
 
 from logitcache.errors import LogitcacheError
 from logitcache.progress import Reporter
 
-__all__ = ["CROSS_STUDY", "QUICK_CROSS", "CrossConfig", "study_variants", "run_study"]
+__all__ = ["CROSS_STUDY", "QUICK_CROSS", "CrossConfig", "run_study", "study_variants"]
 
-CROSS_STUDY = StudyBudget(name="cross", slice_tokens=20_480, heldout_tokens=4_096, steps=150)
+CROSS_STUDY = StudyBudget(
+    name="cross", slice_tokens=20_480, heldout_tokens=4_096, steps=120, threads=1
+)
 """Sized for a shared 2-core CPU (benchmarks/README.md, "Cross-tokenizer study")."""
 QUICK_CROSS = replace(
-    StudyBudget(name="quick"), seq_len=64, slice_tokens=1_024, heldout_tokens=256, steps=4,
-    batch_size=2, student_hidden=32, student_layers=1, student_heads=2, student_kv_heads=1,
+    StudyBudget(name="quick"),
+    seq_len=64,
+    slice_tokens=1_024,
+    heldout_tokens=256,
+    steps=4,
+    batch_size=2,
+    student_hidden=32,
+    student_layers=1,
+    student_heads=2,
+    student_kv_heads=1,
     student_intermediate=64,
-)  # fmt: skip
+)
 
 CORPUS = "shakespeare"
 N16, N64, TOP = {"samples": 16}, {"samples": 64}, {"top_k": 32}
@@ -83,7 +93,10 @@ def prepare(work: Path, config: CrossConfig) -> None:
         order = lambda ds: sorted(ds, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())  # noqa: E731
         toy.write_jsonl(_take_bytes(order(held_docs), b.heldout_tokens * 6), work / "heldout.jsonl")
         toy.write_jsonl(_take_bytes(order(train_docs), b.slice_tokens * 6), work / "slice.jsonl")
-    for name, vocab in (("same", _vocab(config.teacher)), ("cross", _vocab(config.student_tokenizer))):
+    for name, vocab in (
+        ("same", _vocab(config.teacher)),
+        ("cross", _vocab(config.student_tokenizer)),
+    ):
         path = work / f"student_config_{name}.json"
         if not path.is_file():
             write_json(path, student_config(b, vocab))
@@ -93,12 +106,19 @@ def student_config(b: StudyBudget, vocab: int) -> dict[str, Any]:
     """The real-teacher study's shrunk SmolLM2 body with ``vocab`` ids (tied embeddings)."""
     from logitcache import toy
 
-    shape = toy.ToyModelSpec(hidden=b.student_hidden, layers=b.student_layers,
-                             heads=b.student_heads, intermediate=b.student_intermediate,
-                             max_positions=2 * b.seq_len, vocab_size=vocab)  # fmt: skip
+    shape = toy.ToyModelSpec(
+        hidden=b.student_hidden,
+        layers=b.student_layers,
+        heads=b.student_heads,
+        intermediate=b.student_intermediate,
+        max_positions=2 * b.seq_len,
+        vocab_size=vocab,
+    )
     return toy.llama_config_dict(shape) | {
-        "num_key_value_heads": b.student_kv_heads, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-    }  # fmt: skip
+        "num_key_value_heads": b.student_kv_heads,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+    }
 
 
 def _take_bytes(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, str]]:
@@ -113,7 +133,7 @@ def _take_bytes(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, st
 
 def _vocab(name: str) -> int:
     """Ids a student needs for tokenizer (or teacher) ``name``: the largest id + 1."""
-    from logitcache.models import load_teacher_config, gguf_file_of
+    from logitcache.models import gguf_file_of, load_teacher_config
 
     if gguf_file_of(name) is not None:
         return int(load_teacher_config(name).vocab_size)
@@ -123,45 +143,55 @@ def _vocab(name: str) -> int:
     return max(len(tok), int(getattr(tok, "vocab_size", 0) or 0))
 
 
-def run_study(config: CrossConfig, reporter: Reporter, *, caches_only: bool = False) -> list[dict[str, Any]]:
+def run_study(config: CrossConfig, reporter: Reporter, *, caches_only: bool = False) -> None:
     """Every unfinished job: the teacher passes first, then the students in order."""
     out = Path(config.out)
     work = out / CORPUS
     prepare(work, config)
+    variants = [v for v in study_variants() if not config.only or v.name in config.only]
     if not (work / "caches" / "heldout-top_k64" / "manifest.json").is_file():
         _job(out, {"kind": "cache", "store": HELD, "held_out": True}, config, reporter)
-    for store in CACHES:
-        if not (work / "caches" / Variant("", store).cache_key / "study-stats.json").is_file():
+    for store in CACHES:  # only those the chosen variants read (parallel runs: --only)
+        done = work / "caches" / Variant("", store).cache_key / "study-stats.json"
+        if any(v.store == store for v in variants) and not done.is_file():
             _job(out, {"kind": "cache", "store": store}, config, reporter)
     if caches_only:
-        return load_results(out)
-    variants = [v for v in study_variants() if not config.only or v.name in config.only]
+        return
     for variant in variants:
         _run_variant(out, variant, config, reporter)
-    return load_results(out)
+    best = best_cross_n16(load_rows(out))
+    for variant in variants:  # seed 1 of the best cross N=16 mapping, once seed 0 has one
+        if best and variant.name == best:
+            _run_variant(
+                out, Variant(variant.name, variant.store, variant.train, seed=1), config, reporter
+            )
 
 
 def _run_variant(out: Path, variant: Variant, config: CrossConfig, reporter: Reporter) -> None:
-    if any(r["key"] == variant.key for r in load_results(out)):
-        return
     done = out / CORPUS / "students" / _slug(variant.key) / "result.json"
-    if not done.is_file():  # (a study stopped after a job but before this row kept it)
-        _job(out, {"kind": "variant", "variant": asdict(variant)}, config, reporter)
+    if done.is_file():
+        return
+    _job(out, {"kind": "variant", "variant": asdict(variant)}, config, reporter)
     row = json.loads(done.read_text())
-    write_json(out / "results.json", [*load_results(out), row])
     reporter.log(f"{variant.key}: {row['bits_per_byte']:.4f} bits/byte, {row['job_wall_s']:.0f} s")
 
 
 def _job(out: Path, job: dict[str, Any], config: CrossConfig, reporter: Reporter) -> None:
-    job = {**job, "out": str(out), "teacher": config.teacher,
-           "student_tokenizer": config.student_tokenizer, "budget": asdict(config.budget)}  # fmt: skip
+    job = {
+        **job,
+        "out": str(out),
+        "teacher": config.teacher,
+        "student_tokenizer": config.student_tokenizer,
+        "budget": asdict(config.budget),
+    }
     path = out / "jobs" / f"{job['kind']}-{os.getpid()}.json"
     write_json(path, job)
     env = {**os.environ, "OMP_NUM_THREADS": str(config.budget.threads)}
     what = job.get("variant", {}).get("name") or job.get("store") or ""
     reporter.log(f"{time.strftime('%H:%M:%S')} job {job['kind']} {what}")
-    code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--job", str(path)],
-                           env=env)  # fmt: skip
+    code = subprocess.call(
+        [sys.executable, str(Path(__file__).resolve()), "--job", str(path)], env=env
+    )
     if code != 0:
         raise LogitcacheError(f"study job {path} failed with exit code {code}; rerun to resume")
 
@@ -246,32 +276,55 @@ def train_variant(work: Path, job: dict[str, Any], budget: StudyBudget, variant:
         flags["student_seq_len"] = budget.seq_len + budget.seq_len // 4  # no row is cut
     steps = budget.steps
     config = TrainConfig(
-        cache=str(cache), out=str(dest), student_config=str(work / f"student_config_{side}.json"),
-        tokenizer=job["student_tokenizer"] if cross else job["teacher"], eval_cache=str(held),
-        eval_fraction=0.0, steps=steps, batch_size=budget.batch_size, lr=budget.lr,
-        warmup_steps=steps // 10, eval_every=max(1, steps // 4), save_every=max(1, steps // 8),
-        seed=variant.seed, loader_workers=0, device="cpu", resume=True, quiet=True, **flags,
-    )  # fmt: skip
+        cache=str(cache),
+        out=str(dest),
+        student_config=str(work / f"student_config_{side}.json"),
+        tokenizer=job["student_tokenizer"] if cross else job["teacher"],
+        eval_cache=str(held),
+        eval_fraction=0.0,
+        steps=steps,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        warmup_steps=steps // 10,
+        eval_every=max(1, steps // 4),
+        save_every=max(1, steps // 8),
+        seed=variant.seed,
+        loader_workers=0,
+        device="cpu",
+        resume=True,
+        quiet=True,
+        **flags,
+    )
     result = train(config)
     ev = result.final_eval
     stats = json.loads((cache / "study-stats.json").read_text())
     row = {
-        "variant": variant.name, "seed": variant.seed, "key": variant.key, "side": side,
-        "cache": variant.cache_key, "store": variant.store, "train": variant.train,
-        "bits_per_byte": ev.get("eval_bits_per_byte"), "eval_ce": ev.get("eval_ce"),
-        "eval_kl": ev.get("eval_kl"), "eval_bytes": ev.get("eval_bytes"),
+        "variant": variant.name,
+        "seed": variant.seed,
+        "key": variant.key,
+        "side": side,
+        "cache": variant.cache_key,
+        "store": variant.store,
+        "train": variant.train,
+        "bits_per_byte": ev.get("eval_bits_per_byte"),
+        "eval_ce": ev.get("eval_ce"),
+        "eval_kl": ev.get("eval_kl"),
+        "eval_bytes": ev.get("eval_bytes"),
         "eval_positions": ev.get("eval_positions"),
         "cache_bytes_per_token": stats.get("bytes_per_token"),
-        "steps": result.steps, "train_tokens": result.tokens, "train_wall_s": result.wall_s,
+        "steps": result.steps,
+        "train_tokens": result.tokens,
+        "train_wall_s": result.wall_s,
         **alignment_stats(cache, job, cross, flags.get("student_seq_len")),
         "job_wall_s": time.perf_counter() - t0,
-    }  # fmt: skip
+    }
     write_json(dest / "result.json", row)
     shutil.rmtree(dest / "checkpoints", ignore_errors=True)  # the model is kept
 
 
-def alignment_stats(cache: Path, job: dict[str, Any], cross: str | None,
-                    seq_len: int | None) -> dict[str, Any]:  # fmt: skip
+def alignment_stats(
+    cache: Path, job: dict[str, Any], cross: str | None, seq_len: int | None
+) -> dict[str, Any]:
     """Over the whole training cache: text bytes per teacher and per student token, and for
     a cross student the share of trained positions aligned and of teacher mass mapped
     exactly / by any rule (``CrossStats``)."""
@@ -280,9 +333,13 @@ def alignment_stats(cache: Path, job: dict[str, Any], cross: str | None,
     from logitcache.train import CacheDataset
 
     tok = job["student_tokenizer"] if cross else None
-    ds = CacheDataset(str(cache), split="all", cross_tokenizer=cross or "exact",
-                      student_tokenizer=AutoTokenizer.from_pretrained(job["student_tokenizer"]),
-                      student_seq_len=seq_len or 2 * job["budget"]["seq_len"])  # fmt: skip
+    ds = CacheDataset(
+        str(cache),
+        split="all",
+        cross_tokenizer=cross or "exact",
+        student_tokenizer=AutoTokenizer.from_pretrained(job["student_tokenizer"]),
+        student_seq_len=seq_len or 2 * job["budget"]["seq_len"],
+    )
     for i in range(len(ds)):
         ds[i]
     s = ds.cross.stats.as_dict()
@@ -292,34 +349,134 @@ def alignment_stats(cache: Path, job: dict[str, Any], cross: str | None,
     return {k: s[k] for k in keep}
 
 
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per variant (seed means): bits per byte, and the gap arithmetic.
+
+    ``gap``: the bits per byte this student saves against the CE-only student of its own
+    tokenizer; ``share``: a cross student's gap over the same-tokenizer student's gap from
+    the same cache (the issue's goal: >= 80 %)."""
+    import statistics
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("bits_per_byte") is not None:
+            by.setdefault(r["variant"], []).append(r)
+
+    def mean(name):
+        return statistics.fmean(r["bits_per_byte"] for r in by[name]) if name in by else None
+
+    lines = []
+    for name, group in sorted(by.items(), key=lambda kv: _order(kv[0])):
+        first = group[0]
+        base = mean(f"{first['side']} CE only")
+        bpb = mean(name)
+        gap = None if base is None or "CE only" in name else base - bpb
+        same = f"same {_cache_label(first['cache'])}"
+        same_gap = (
+            None
+            if mean(same) is None or mean("same CE only") is None
+            else mean("same CE only") - mean(same)
+        )
+        share = (
+            gap / same_gap if first["side"] == "cross" and gap is not None and same_gap else None
+        )
+        spread = max(r["bits_per_byte"] for r in group) - min(r["bits_per_byte"] for r in group)
+        lines.append(
+            {
+                **{k: first.get(k) for k in _STATS},
+                "variant": name,
+                "seeds": len(group),
+                "bits_per_byte": bpb,
+                "spread": spread,
+                "gap": gap,
+                "share": share,
+                "wall_s": statistics.fmean(r["job_wall_s"] for r in group),
+            }
+        )
+    return lines
+
+
+_STATS = (
+    "side",
+    "cache",
+    "cache_bytes_per_token",
+    "bytes_per_teacher_token",
+    "bytes_per_student_token",
+    "aligned_share",
+    "exact_mass_share",
+    "mapped_mass_share",
+)
+
+
+def _cache_label(key: str) -> str:
+    return {"samples16": "N=16", "samples64": "N=64", "top_k32": "top-32"}.get(key, key)
+
+
+def _order(name: str) -> int:
+    names = [v.name for v in study_variants()]
+    return names.index(name) if name in names else len(names)
+
+
+def table(lines: list[dict[str, Any]]) -> str:
+    """The markdown table of ``summarize``'s lines."""
+    pct = lambda x: "–" if x is None else f"{100 * x:.0f} %"  # noqa: E731
+    num = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
+    out = [
+        "| variant | seeds | bits/byte | spread | gap (bits/byte) | share of same-tokenizer "
+        "gap | student bytes/token | aligned | teacher mass exact | mapped | min/job |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in lines:
+        cross = x["side"] == "cross"
+        bpt = x["bytes_per_student_token"] if cross else x["bytes_per_teacher_token"]
+        out.append(
+            f"| {x['variant']} | {x['seeds']} | {x['bits_per_byte']:.4f} | {x['spread']:.4f} | "
+            f"{num(x['gap'], '+.4f')} | {pct(x['share'])} | {num(bpt, '.2f')} | "
+            f"{pct(x['aligned_share']) if cross else '–'} | "
+            f"{pct(x['exact_mass_share']) if cross else '–'} | "
+            f"{pct(x['mapped_mass_share']) if cross else '–'} | {x['wall_s'] / 60:.1f} |"
+        )
+    return "\n".join(out)
+
+
 @click.command()
 @click.option("--teacher", help="The teacher's .gguf file or model directory.")
 @click.option("--student-tokenizer", help="A tokenizer directory of another family.")
 @click.option("--shakespeare", help="tinyshakespeare.txt.")
-@click.option("--out", default="logitcache-cross-tokenizer", show_default=True,
-              help="Work directory; rerunning with the same --out resumes the study.")  # fmt: skip
+@click.option(
+    "--out",
+    default="logitcache-cross-tokenizer",
+    show_default=True,
+    help="Work directory; rerunning with the same --out resumes the study.",
+)
 @click.option("--quick", is_flag=True, help="Toy sizes (plumbing check).")
 @click.option("--only", multiple=True, help="Only these variants (repeatable).")
 @click.option("--caches-only", is_flag=True, help="Run the teacher passes only.")
 @click.option("--report", "report_only", is_flag=True, help="Run nothing: print the table.")
 @click.option("--job", "job_file", default=None, hidden=True, help="Run one job (internal).")
-def main(teacher, student_tokenizer, shakespeare, out, quick, only, caches_only, report_only,
-         job_file) -> None:  # fmt: skip
+def main(
+    teacher, student_tokenizer, shakespeare, out, quick, only, caches_only, report_only, job_file
+) -> None:
     """The cross-tokenizer study on a real teacher; resumable."""
     if job_file is not None:
         run_job(json.loads(Path(job_file).read_text()))
         return
     if not report_only and not (teacher and student_tokenizer and shakespeare):
         raise click.UsageError("--teacher, --student-tokenizer and --shakespeare are required")
-    config = CrossConfig(teacher=teacher, student_tokenizer=student_tokenizer,
-                         shakespeare=shakespeare, out=out,
-                         budget=QUICK_CROSS if quick else CROSS_STUDY, only=tuple(only))  # fmt: skip
+    config = CrossConfig(
+        teacher=teacher,
+        student_tokenizer=student_tokenizer,
+        shakespeare=shakespeare,
+        out=out,
+        budget=QUICK_CROSS if quick else CROSS_STUDY,
+        only=tuple(only),
+    )
     try:
-        rows = load_results(Path(out)) if report_only else run_study(config, Reporter(),
-                                                                     caches_only=caches_only)
+        if not report_only:
+            run_study(config, Reporter(), caches_only=caches_only)
     except LogitcacheError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(rows, indent=1))
+    click.echo(table(summarize(load_rows(Path(out)))))
 
 
 if __name__ == "__main__":

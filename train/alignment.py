@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from logitcache.errors import LogitcacheError
+
 from .token_bytes import TokenBytes
 
 __all__ = ["Alignment", "StudentTokenizer", "align_row", "special_map"]
@@ -65,19 +67,24 @@ class StudentTokenizer:
         """([n] int64 ids, [n] int64 byte ends in ``raw``) of ``text`` (``raw`` its UTF-8)."""
         if self.backend is not None:
             enc = self.backend.encode(text, add_special_tokens=False)
-            ids, offsets = enc.ids, enc.offsets
+            ids = enc.ids
         else:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            ids = enc["input_ids"]
+        if ids and not 0 <= min(ids) <= max(ids) < len(self.table):
+            raise LogitcacheError(
+                f"the student's tokenizer gave token id {max(ids)} outside its "
+                f"{len(self.table)} tokens"
+            )
+        spelled = b"".join(map(self.table.pieces.__getitem__, ids))
         ids = np.asarray(ids, dtype=np.int64)
         lengths = self.table.lengths[ids]
-        total = int(lengths.sum())
-        if total == len(raw) and b"".join(self.table.pieces[i] for i in ids) == raw:
+        if spelled == raw:
             return ids, np.cumsum(lengths)
-        dummy_prefix = total == len(raw) + 1 and len(ids) and self.table.pieces[ids[0]][:1] == b" "
-        if dummy_prefix and b"".join(self.table.pieces[i] for i in ids)[1:] == raw:
+        if spelled[:1] == b" " and spelled[1:] == raw:
             return ids, np.cumsum(lengths) - 1  # SentencePiece's space before the text
         self.fallbacks += 1  # a normalizing tokenizer: its character offsets, in bytes
+        offsets = enc.offsets if self.backend is not None else enc["offset_mapping"]
         char_end = np.cumsum([0, *(len(c.encode("utf-8", "surrogatepass")) for c in text)])
         ends = np.asarray([char_end[min(e, len(text))] for _, e in offsets], dtype=np.int64)
         return ids, np.maximum.accumulate(ends) if len(ends) else ends
@@ -131,7 +138,7 @@ def align_row(
             out_keys.append(np.array([p * _PIECE]))
             out_trained.append(np.array([bool(loss_mask[lo])]))
             continue
-        raw = b"".join(teacher.pieces[i] for i in ids[lo:hi])
+        raw = b"".join(map(teacher.pieces.__getitem__, ids[lo:hi].tolist()))
         row_start = int(starts[lo])
         for run_start, text, run_raw in _utf8_runs(raw):
             sids, ends = student.encode(text, run_raw)

@@ -51,6 +51,7 @@ class CrossStats:
     trained: int = 0  # trained student positions
     aligned: int = 0  # of them, with a teacher distribution
     teacher_mass: float = 0.0  # teacher mass (support + tail) at aligned trained positions
+    support_mass: float = 0.0  # of it, on the stored ids (top-k's or the draws; no tail)
     exact_mass: float = 0.0  # of it, carried by teacher ids that are a student token exactly
     mapped_mass: float = 0.0  # of it, carried to a student id by any rule (the rest: tail)
     text_bytes: int = 0
@@ -61,6 +62,8 @@ class CrossStats:
         out["aligned_share"] = self.aligned / max(self.trained, 1)
         out["exact_mass_share"] = self.exact_mass / max(self.teacher_mass, 1e-30)
         out["mapped_mass_share"] = self.mapped_mass / max(self.teacher_mass, 1e-30)
+        out["exact_support_share"] = self.exact_mass / max(self.support_mass, 1e-30)
+        out["mapped_support_share"] = self.mapped_mass / max(self.support_mass, 1e-30)
         out["bytes_per_student_token"] = self.text_bytes / max(self.student_tokens, 1)
         out["bytes_per_teacher_token"] = self.text_bytes / max(self.teacher_tokens, 1)
         return out
@@ -197,7 +200,9 @@ class CrossTokenizer:
         s.teacher_tokens += r.n_tokens
         s.trained += int(a.trained.sum())
         s.aligned += len(at)
-        s.teacher_mass += float(np.where(t_valid, t_probs, 0).sum() + t_tail.sum())
+        support = float(np.where(t_valid, t_probs, 0).sum())
+        s.support_mass += support
+        s.teacher_mass += support + float(t_tail.sum())
         s.exact_mass += float(np.where(t_valid & self.exact[t_ids], t_probs, 0).sum())
         s.mapped_mass += float(np.where(t_valid & (self.id_map[t_ids] >= 0), t_probs, 0).sum())
         s.text_bytes += a.n_bytes

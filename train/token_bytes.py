@@ -64,6 +64,7 @@ class TokenBytes:
     name: str = ""
     content: dict[int, str] = field(default_factory=dict)  # special id -> its text, e.g. <|eos|>
     eos_id: int | None = None
+    byte_pieces: frozenset[int] = frozenset()  # ids of <0xNN> byte-fallback pieces
     lengths: np.ndarray = field(init=False)  # [V] int64 bytes of each token (0: special)
     _by_bytes: dict[bytes, int] | None = field(default=None, init=False, repr=False)
 
@@ -75,12 +76,16 @@ class TokenBytes:
         return len(self.pieces)
 
     def by_bytes(self) -> dict[bytes, int]:
-        """bytes -> the lowest id spelling them (non-special, non-empty tokens only)."""
+        """bytes -> the lowest id spelling them (non-special, non-empty tokens only), a
+        byte-fallback piece only where no ordinary token spells the byte (the tokenizer
+        writes "e" as [e], never [<0x65>])."""
         if self._by_bytes is None:
             out: dict[bytes, int] = {}
             for i, piece in enumerate(self.pieces):
-                if piece and not self.special[i]:
+                if piece and not self.special[i] and i not in self.byte_pieces:
                     out.setdefault(piece, i)
+            for i in sorted(self.byte_pieces):
+                out.setdefault(self.pieces[i], i)
             self._by_bytes = out
         return self._by_bytes
 
@@ -99,6 +104,7 @@ def token_bytes(tokenizer: Any, name: str = "the tokenizer") -> TokenBytes:
     byte_level, sentencepiece = _spelling(tokenizer)
     decoder = byte_decoder()
     pieces: list[bytes] = []
+    byte_pieces: set[int] = set()
     special = np.zeros(n, dtype=bool)
     content: dict[int, str] = {}
     for i, tok in enumerate(tokens):
@@ -115,6 +121,7 @@ def token_bytes(tokenizer: Any, name: str = "the tokenizer") -> TokenBytes:
             piece = bytes(decoder[c] for c in tok)
         elif sentencepiece and (m := _BYTE_PIECE.fullmatch(tok)):
             piece = bytes([int(m.group(1), 16)])
+            byte_pieces.add(i)
         elif sentencepiece:
             piece = tok.replace(_SP_SPACE, " ").encode("utf-8")
         else:
@@ -126,7 +133,8 @@ def token_bytes(tokenizer: Any, name: str = "the tokenizer") -> TokenBytes:
             )
         pieces.append(piece)
     eos = getattr(tokenizer, "eos_token_id", None)
-    return TokenBytes(tuple(pieces), special, name, content, eos if isinstance(eos, int) else None)
+    eos = eos if isinstance(eos, int) else None
+    return TokenBytes(tuple(pieces), special, name, content, eos, frozenset(byte_pieces))
 
 
 def _spelling(tokenizer: Any) -> tuple[bool, bool]:

@@ -70,3 +70,45 @@ def build_other_bpe_tokenizer(vocab_size: int = 400):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>"
     )
+
+
+# -- tokenizers spelled out by hand, for alignments checked by hand -----------------------
+def hand_teacher():
+    """A byte-level BPE whose tokens are chosen for the hand-checked rows: the bytes of each
+    are spelled in the comments (GPT-2's table: Ġ = space, Ã¯ = ï = C3 AF, æĹ¥ = 日 = E6 97
+    A5, æľ¬ = 本 = E6 9C AC)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    merged = [
+        "na",  # 6E 61
+        "Ã¯v",  # C3 AF 76: ï and v
+        "ĠæĹ",  # 20 E6 97: a space and the first two bytes of 日
+        "¥æľ¬",  # A5 E6 9C AC: the last byte of 日, and 本
+    ]
+    vocab = {tok: i for i, tok in enumerate(["<|eos|>", "<|user|>", *sorted(alphabet), *merged])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    return fast
+
+
+def hand_student():
+    """SentencePiece-style BPE with byte fallback: "naïve 日本" is [na][ï][ve][▁日] and 本 as
+    its three byte pieces [<0xE6>][<0x9C>][<0xAC>]."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    pieces += ["\u2581", "n", "a", "ï", "v", "e", "日", "na", "ve", "\u2581日"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [("n", "a"), ("v", "e"), ("\u2581", "日")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")

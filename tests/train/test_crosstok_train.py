@@ -5,8 +5,10 @@ student is refused as before."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 from crosstok_tokenizers import build_sentencepiece_tokenizer
 
 
@@ -53,3 +55,121 @@ def test_trains_and_reports_bits_per_byte(
     assert losses[-1] < losses[0]
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["cross_tokenizer"] == method and saved["fingerprint"]["cross_tokenizer"] == method
+
+
+def test_another_tokenizer_without_the_flag_is_refused(
+    cli, train_args, topk_cache, sp_student, tmp_path
+):
+    """By accident (no --cross-tokenizer) a student of another tokenizer fails as before,
+    and the message names the flag that makes it work."""
+    from test_cli_train import refused
+
+    args = cross_args(train_args, topk_cache, tmp_path / "run", sp_student, cross_tokenizer=None)
+    refused(cli(args), "the student's tokenizer", "--extended-vocab", "--cross-tokenizer exact")
+    args = cross_args(
+        train_args,
+        topk_cache,
+        tmp_path / "run",
+        sp_student,
+        cross_tokenizer=None,
+        student_seq_len=40,
+    )
+    refused(cli(args), "--student-seq-len needs --cross-tokenizer")
+
+
+def test_resume_is_exact(
+    monkeypatch, cli, train_args, metrics, sampled_cache, sp_student, tmp_path
+):
+    """Killed after step 3 (checkpoint at 2), --resume ends with the weights, losses and
+    evaluations of an uninterrupted run (a DataLoader worker converts the records)."""
+    from test_loop import Crash, crash_after, in_process, same_run
+
+    from logitcache.train import train
+
+    def flags(out):
+        return cross_args(
+            train_args, sampled_cache, out, sp_student, cross_tokenizer="prefix", steps=5,
+            save_every=2, eval_every=2, loader_workers=1, batch_size=3,
+        )  # fmt: skip
+
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    assert cli(flags(ref)).exit_code == 0
+    crash_after(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train(in_process(flags(out)))
+    monkeypatch.undo()
+    result = cli([*flags(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    same_run(ref, out, metrics)
+    assert all("eval_bits_per_byte" in r for r in metrics(out) if "eval_ce" in r)
+    refused_change = cli([*flags(out), "--resume", "--steps", "6", "--cross-tokenizer", "exact"])
+    assert refused_change.exit_code == 1 and "cross_tokenizer" in refused_change.stderr
+
+
+def test_hf_trainer_and_evaluate_with_another_tokenizer(topk_cache, sp_student, tmp_path, metrics):
+    """DistillationTrainer on a CacheDataset with cross_tokenizer: its first loss is
+    `logitcache train`'s; evaluate() of the trained student gives bits per byte."""
+    from test_hf import Recorder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from logitcache.train import CacheDataset, DistillationLoss, TrainConfig, evaluate, train
+
+    config = json.loads((sp_student / "student.json").read_text())
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(config.pop("model_type"), **config)
+    )
+    student = tmp_path / "student"
+    model.save_pretrained(student)
+    tokenizer = AutoTokenizer.from_pretrained(sp_student / "tokenizer")
+    tokenizer.save_pretrained(student)
+    out = tmp_path / "cli"
+    train(TrainConfig(cache=str(topk_cache), out=str(out), student=str(student), steps=1,
+                      batch_size=4, eval_fraction=0.2, loader_workers=0, quiet=True,
+                      cross_tokenizer="exact"))  # fmt: skip
+    (first,) = [r["loss"] for r in metrics(out) if "loss" in r]
+    data = CacheDataset(str(topk_cache), eval_fraction=0.2, cross_tokenizer="exact",
+                        student_tokenizer=tokenizer)  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4,
+                             learning_rate=1e-2, max_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0)  # fmt: skip
+    hf = Recorder(model=AutoModelForCausalLM.from_pretrained(student), args=args,
+                  train_dataset=data, distillation_loss=DistillationLoss())  # fmt: skip
+    hf.train()
+    assert hf.losses[0] == pytest.approx(first, rel=1e-6)
+    held = CacheDataset(str(topk_cache), split="eval", eval_fraction=0.2, cross_tokenizer="exact",
+                        student_tokenizer=tokenizer)  # fmt: skip
+    ev = evaluate(hf.model, held)
+    assert ev["eval_bits_per_byte"] == pytest.approx(
+        ev["eval_ce"] * ev["eval_positions"] / math.log(2) / ev["eval_bytes"]
+    )
+    stats = data.cross.stats.as_dict()
+    assert 0.5 < stats["aligned_share"] <= 1 and 0 < stats["exact_support_share"] <= 1
+
+
+def test_cross_mode_with_the_caches_own_tokenizer_is_plain_distillation(
+    cli, train_args, metrics, topk_cache, teacher_dir, student_config, tiny_tokenizer, tmp_path
+):
+    """Every position aligned and every id exact: the same losses and evaluations as the
+    same-tokenizer path; its bits per byte count the bytes of the predicted tokens."""
+    runs = {}
+    for mode in ("off", "exact"):
+        out = tmp_path / mode
+        args = train_args(topk_cache, out, student_config=student_config, tokenizer=teacher_dir,
+                          steps=3, eval_every=3, cross_tokenizer=mode)  # fmt: skip
+        assert cli(args).exit_code == 0
+        runs[mode] = metrics(out)
+    for a, b in zip(runs["off"], runs["exact"]):
+        for key in ("loss", "eval_ce", "eval_kl", "eval_bits_per_byte"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5)
+    from logitcache.train import CacheDataset
+
+    held = CacheDataset(str(topk_cache), split="eval", eval_fraction=0.2)
+    labels = [int(t) for i in range(len(held)) for t in held[i]["labels"] if t != -100]
+    special = set(tiny_tokenizer.all_special_ids)
+    spelled = [tiny_tokenizer.convert_tokens_to_string([tiny_tokenizer.convert_ids_to_tokens(t)])
+               for t in labels if t not in special]  # fmt: skip
+    assert runs["off"][-1]["eval_bytes"] == sum(len(s.encode()) for s in spelled)

@@ -229,7 +229,7 @@ def study_variants() -> list[Variant]:
         Variant("cross CE only", N16, cross("exact", **ce)),
         Variant("cross N=16 exact", N16, cross("exact", **counts)),
         Variant("cross N=16 prefix", N16, cross("prefix", **counts)),
-        Variant("cross N=16 exact tail=label", N16, cross("exact", **counts, tail="label")),
+        Variant("cross N=16 exact renorm", N16, cross("exact", **counts, tail="renorm")),
         Variant("same N=64", N64, counts),
         Variant("cross N=64 exact", N64, cross("exact", **counts)),
         Variant("cross N=64 prefix", N64, cross("prefix", **counts)),

@@ -159,6 +159,8 @@ def run_study(config: CrossConfig, reporter: Reporter, *, caches_only: bool = Fa
         return
     for variant in variants:
         _run_variant(out, variant, config, reporter)
+    if not (work / "teacher.json").is_file():  # the floor: the teacher's own bits per byte
+        _job(out, {"kind": "teacher"}, config, reporter)
     best = best_cross_n16(load_rows(out))
     for variant in variants:  # seed 1 of the best cross N=16 mapping, once seed 0 has one
         if best and variant.name == best:
@@ -211,10 +213,23 @@ def run_job(job: dict[str, Any]) -> None:
     work = Path(job["out"]) / CORPUS
     if job["kind"] == "cache":
         cache_dir(work, job["teacher"], budget, job["store"], held_out=job.get("held_out", False))
+    elif job["kind"] == "teacher":
+        teacher_bits_per_byte(work, job["teacher"])
     elif job["kind"] == "variant":
         train_variant(work, job, budget, Variant(**job["variant"]))
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}")
+
+
+def teacher_bits_per_byte(work: Path, teacher: str) -> None:
+    """The teacher's own held-out bits per byte (``teacher.json``), on the rows the students
+    are scored on."""
+    from logitcache.models import load_teacher
+    from logitcache.train import CacheDataset, evaluate
+
+    model, _, _ = load_teacher(teacher, dtype="float32", device="cpu")
+    held = CacheDataset(str(work / "caches" / "heldout-top_k64"), split="all")
+    write_json(work / "teacher.json", {"teacher": Path(teacher).name, **evaluate(model, held)})
 
 
 def study_variants() -> list[Variant]:
@@ -477,6 +492,10 @@ def main(
     except LogitcacheError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(table(summarize(load_rows(Path(out)))))
+    floor = Path(out) / CORPUS / "teacher.json"
+    if floor.is_file():
+        ev = json.loads(floor.read_text())
+        click.echo(f"\nteacher: {ev['eval_bits_per_byte']:.4f} bits/byte on the same held-out rows")
 
 
 if __name__ == "__main__":

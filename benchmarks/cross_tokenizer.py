@@ -470,6 +470,26 @@ _STATS = (
 )
 
 
+def curves(out: Path) -> str:
+    """Held-out bits per byte at each evaluation step of every student, finished or not
+    (``metrics.jsonl``): equal steps compare students that the stop cut short."""
+    found: dict[str, dict[int, float]] = {}
+    for path in sorted((out / CORPUS / "students").glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        evals = {r["step"]: r["eval_bits_per_byte"] for r in rows if "eval_bits_per_byte" in r}
+        if evals:
+            found[path.parent.name.replace("_", " ")] = evals
+    steps = sorted({step for evals in found.values() for step in evals})
+    out_lines = [
+        "| student | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for name, evals in found.items():
+        cells = " | ".join(f"{evals[s]:.4f}" if s in evals else "–" for s in steps)
+        out_lines.append(f"| {name} | {cells} |")
+    return "\n".join(out_lines)
+
+
 def _cache_label(key: str) -> str:
     return {"samples16": "N=16", "samples64": "N=64", "top_k32": "top-32"}.get(key, key)
 
@@ -554,6 +574,7 @@ def main(
     except LogitcacheError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(table(summarize(load_rows(Path(out)))))
+    click.echo("\nheld-out bits per byte by step (unfinished students too):\n" + curves(Path(out)))
     floor = Path(out) / CORPUS / "teacher.json"
     if floor.is_file():
         ev = json.loads(floor.read_text())

@@ -254,8 +254,12 @@ def target_probe(cache: Path, student_tokenizer: str, method: str) -> dict[str, 
     same = CacheDataset(str(cache), split="all")
     pieces = cross.cross.student_bytes.pieces
     sums = np.zeros(4)
+    kinds = np.zeros(
+        3
+    )  # aligned positions whose next student token is the teacher's, longer, shorter
     for i in range(len(cross)):
         ex, tx = cross[i], same[i]
+        kinds += _next_tokens(cross, i)
         rows = np.flatnonzero((ex["teacher_aligned"] & (ex["labels"] >= 0)).numpy())
         for t in rows:
             label = pieces[int(ex["labels"][t])]
@@ -269,10 +273,34 @@ def target_probe(cache: Path, student_tokenizer: str, method: str) -> dict[str, 
         hit = (tx["teacher_ids"] == tx["labels"][:, None]) & tx["teacher_valid"]
         sums[3] += float((tx["teacher_probs"] * hit).sum(1).numpy()[trained].mean())
     return {
+        **dict(zip(("same_next", "student_longer", "student_shorter"), kinds / kinds.sum())),
         "on_label": sums[0] / sums[2],
         "on_shorter": sums[1] / sums[2],
         "teacher_on_label": sums[3] / len(cross),
     }
+
+
+def _next_tokens(ds: Any, i: int) -> Any:
+    """[3] counts over row ``i``'s aligned trained student positions: the student's next
+    token spells the same bytes as the teacher's, more bytes, fewer."""
+    import numpy as np
+
+    from logitcache.train.alignment import align_row
+
+    x, r = ds.cross, ds.readers()[0].read(i)
+    a = align_row(
+        r.input_ids,
+        r.loss_mask.astype(bool),
+        np.asarray(r.doc_starts, dtype=np.int64),
+        x.teacher,
+        x.student,
+        x.specials,
+        x.max_tokens,
+    )
+    at = np.flatnonzero((a.teacher_row >= 0) & a.trained)
+    s_len = x.student_bytes.lengths[a.input_ids[at]]
+    t_len = x.teacher.lengths[np.asarray(r.input_ids, dtype=np.int64)[a.teacher_row[at]]]
+    return np.array([(s_len == t_len).sum(), (s_len > t_len).sum(), (s_len < t_len).sum()])
 
 
 def study_variants() -> list[Variant]:
@@ -298,6 +326,7 @@ def study_variants() -> list[Variant]:
         # targets put mass on shorter tokens than the student's tokenizer uses (target_probe);
         # cross-entropy on the true token pulls it back
         Variant("cross N=16 exact alpha=0.5", N16, cross("exact", **counts, alpha=0.5)),
+        Variant("same N=16 alpha=0.5", N16, {**counts, "alpha": 0.5}),  # its reference
     ]
     return first + [Variant(v.name, v.store, v.train, seed=1) for v in first if v.name in TWINS]
 
@@ -433,7 +462,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = mean(f"{first['side']} CE only")
         bpb = mean(name)
         gap = None if base is None or "CE only" in name else base - bpb
-        same = f"same {_cache_label(first['cache'])}"
+        same = _reference(first)
         same_gap = (
             None
             if mean(same) is None or mean("same CE only") is None
@@ -488,6 +517,12 @@ def curves(out: Path) -> str:
         cells = " | ".join(f"{evals[s]:.4f}" if s in evals else "–" for s in steps)
         out_lines.append(f"| {name} | {cells} |")
     return "\n".join(out_lines)
+
+
+def _reference(row: dict[str, Any]) -> str:
+    """The same-tokenizer student a cross one is compared with: the same cache and alpha."""
+    alpha = row.get("train", {}).get("alpha")
+    return f"same {_cache_label(row['cache'])}" + (f" alpha={alpha}" if alpha else "")
 
 
 def _cache_label(key: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 from cross_tokenizer import best_cross_n16, study_variants, summarize, table
 
 
-def row(variant: str, seed: int, bpb: float, cache: str = "samples16") -> dict:
+def row(variant: str, seed: int, bpb: float, cache: str = "samples16", train=None) -> dict:
     side = variant.split()[0]
     stats = {"aligned_share": 0.9, "exact_mass_share": 0.8, "mapped_mass_share": 0.85}
     return {
@@ -20,6 +20,7 @@ def row(variant: str, seed: int, bpb: float, cache: str = "samples16") -> dict:
         "seed": seed,
         "side": side,
         "cache": cache,
+        "train": train or {},
         "bits_per_byte": bpb,
         "job_wall_s": 60.0,
         "cache_bytes_per_token": 26.0,
@@ -37,6 +38,8 @@ def test_a_cross_students_share_is_its_gap_over_the_same_caches_same_tokenizer_g
         row("cross CE only", 0, 2.9),
         row("cross N=16 exact", 0, 2.5),  # gap 0.4: 80 %
         row("cross N=64 exact", 0, 2.7, "samples64"),  # no same N=64 yet: no share
+        row("same N=16 alpha=0.5", 0, 2.1, train={"alpha": 0.5}),  # gap 1.0
+        row("cross N=16 exact alpha=0.5", 0, 2.4, train={"alpha": 0.5}),  # gap 0.5: 50 %
     ]
     lines = {x["variant"]: x for x in summarize(rows)}
     assert lines["same CE only"]["bits_per_byte"] == pytest.approx(3.1)
@@ -47,6 +50,7 @@ def test_a_cross_students_share_is_its_gap_over_the_same_caches_same_tokenizer_g
     assert lines["cross N=16 exact"]["gap"] == pytest.approx(0.4)
     assert lines["cross N=16 exact"]["share"] == pytest.approx(0.8)
     assert lines["cross N=64 exact"]["share"] is None
+    assert lines["cross N=16 exact alpha=0.5"]["share"] == pytest.approx(0.5)  # its own reference
     text = table(summarize(rows))
     assert (
         "| cross N=16 exact | 1 | 2.5000 | 0.0000 | +0.4000 | 80 % | 3.50 | 90 % | 80 % |" in text

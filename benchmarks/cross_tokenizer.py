@@ -14,7 +14,10 @@ student tokenizer's (cross-tokenizer students). All train the same steps over th
 text in the same order; each is scored on held-out text in bits per byte, the metric that
 does not depend on the tokenizer. Each cache and student runs in its own process
 (``--job JOB.json``), so a killed study loses at most one job, and a killed student
-resumes from its last checkpoint.
+resumes from its last checkpoint. Rows are each student's own ``result.json``, so several
+orchestrators may run at once with disjoint ``--only`` lists. ``--report`` prints the table
+and every student's held-out bits per byte by step; ``--probe`` measures where the mapped
+teacher mass lands against the student's true next token (``target_probe``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ How (docs/api.md, "Students with another tokenizer"):
 - A student token is trained when every teacher token its bytes overlap is trained (chat
   masks carry over by bytes: a student token straddling an assistant turn's edge is not
   trained); a special one when the teacher's special token is.
+- A student whose tokenizer starts a text with BOS by default (Llama, Gemma) gets its BOS
+  first in every row (never trained, aligned with nothing).
 - The student row is cut to ``max_tokens`` (the rest of the row's text is lost).
 """
 
@@ -62,6 +64,7 @@ class StudentTokenizer:
         self.tokenizer, self.table = tokenizer, table
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.fallbacks = 0  # pieces whose token bytes did not spell the text (offsets used)
+        self.bos = _default_bos(tokenizer)
 
     def encode(self, text: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         """([n] int64 ids, [n] int64 byte ends in ``raw``) of ``text`` (``raw`` its UTF-8)."""
@@ -88,6 +91,18 @@ class StudentTokenizer:
         char_end = np.cumsum([0, *(len(c.encode("utf-8", "surrogatepass")) for c in text)])
         ends = np.asarray([char_end[min(e, len(text))] for _, e in offsets], dtype=np.int64)
         return ids, np.maximum.accumulate(ends) if len(ends) else ends
+
+
+def _default_bos(tokenizer: Any) -> int | None:
+    """The BOS id the tokenizer puts before a text by default (Llama, Gemma), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return None
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # a tokenizer that cannot encode: alignment will say so
+        return None
+    return bos if ids and ids[0] == bos else None
 
 
 def special_map(teacher: TokenBytes, student: TokenBytes) -> dict[int, int]:
@@ -148,14 +163,22 @@ def align_row(
             out_ids.append(sids)
             out_keys.append(p * _PIECE + run_start + begins)
             out_trained.append(trained)
-    s_ids = np.concatenate(out_ids) if out_ids else np.zeros(0, dtype=np.int64)
-    s_keys = np.concatenate(out_keys) if out_keys else np.zeros(0, dtype=np.int64)
-    s_trained = np.concatenate(out_trained) if out_trained else np.zeros(0, dtype=bool)
+    starts_bos = bool(out_ids) and out_ids[0][0] == student.bos  # the teacher's own BOS
+    if student.bos is not None and not starts_bos:  # as the student's tokenizer writes text
+        out_ids.insert(0, np.array([student.bos]))
+        out_keys.insert(0, np.array([-2]))  # never a teacher key
+        out_trained.insert(0, np.array([False]))
+    if not out_ids:  # nothing the student can spell: one untrained token keeps batches valid
+        out_ids.append(np.array([student.table.eos_id or 0]))
+        out_keys.append(np.array([-2]))
+        out_trained.append(np.array([False]))
+    s_ids = np.concatenate(out_ids)
+    s_keys = np.concatenate(out_keys)
+    s_trained = np.concatenate(out_trained)
     kept = min(len(s_ids), max_tokens)
     covered = int(student.table.lengths[s_ids[:kept]].sum())
     s_ids, s_keys, s_trained = s_ids[:kept], s_keys[:kept], s_trained[:kept].copy()
-    if kept:
-        s_trained[0] = False  # nothing in the row predicts its first token
+    s_trained[0] = False  # nothing in the row predicts its first token
     teacher_row = np.full(kept, -1, dtype=np.int64)
     t_ok = np.ones(n, dtype=bool)
     t_ok[0] = False

@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from logitcache.errors import LogitcacheError
 from logitcache.storage import SequenceRecord
 
 from .alignment import StudentTokenizer, align_row, special_map
 from .collator import IGNORE_INDEX
-from .token_bytes import TokenBytes, token_bytes
+from .token_bytes import MAX_TOKENS, TokenBytes, token_bytes
 
 __all__ = ["METHODS", "CrossStats", "CrossTokenizer", "map_ids"]
 
@@ -69,6 +70,21 @@ class CrossStats:
         return out
 
 
+def _padded(table: TokenBytes, rows: int | None) -> TokenBytes:
+    """``table`` with empty, non-special entries up to ``rows`` ids."""
+    extra = (rows or 0) - len(table)
+    if extra <= 0:
+        return table
+    if len(table) + extra > MAX_TOKENS:
+        raise LogitcacheError(
+            f"the cache's vocabulary has {rows:,} rows, more than {MAX_TOKENS:,} (not a text "
+            "model's)"
+        )
+    special = np.concatenate([table.special, np.zeros(extra, dtype=bool)])
+    pieces = table.pieces + (b"",) * extra
+    return TokenBytes(pieces, special, table.name, table.content, table.eos_id, table.byte_pieces)
+
+
 def map_ids(
     teacher: TokenBytes, student: TokenBytes, method: str, specials: dict[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +92,10 @@ def map_ids(
     if method not in METHODS:
         raise ValueError(f"cross-tokenizer method {method!r}: expected one of {', '.join(METHODS)}")
     by_bytes = student.by_bytes()
-    longest = max((len(p) for p in by_bytes), default=0)
+    # Every proper prefix of a student token: the walk along a teacher token stops at the
+    # first byte no student token continues with, so it costs at most the student's longest
+    # token in lookups whatever the (outside) teacher vocabulary holds.
+    starts = {p[:n] for p in by_bytes for n in range(1, len(p))} if method == "prefix" else set()
     out = np.full(len(teacher), -1, dtype=np.int64)
     exact = np.zeros(len(teacher), dtype=bool)
     for t, piece in enumerate(teacher.pieces):
@@ -89,12 +108,19 @@ def map_ids(
         if s is not None:
             out[t], exact[t] = s, True
         elif method == "prefix":
-            for size in range(min(len(piece) - 1, longest), 0, -1):
-                s = by_bytes.get(piece[:size])
-                if s is not None:
-                    out[t] = s
-                    break
+            out[t] = _longest_prefix(piece, by_bytes, starts)
     return out, exact
+
+
+def _longest_prefix(piece: bytes, by_bytes: dict[bytes, int], starts: set[bytes]) -> int:
+    """The student id of the longest token that is a proper prefix of ``piece``, or -1."""
+    best = -1
+    for size in range(1, len(piece)):
+        head = piece[:size]
+        best = by_bytes.get(head, best)
+        if head not in starts:
+            break
+    return best
 
 
 class CrossTokenizer:
@@ -103,6 +129,9 @@ class CrossTokenizer:
     ``teacher_tokenizer``: the cache's (``logitcache.storage.tokenizer.stored_tokenizer``).
     ``student_tokenizer``: the student's. ``method``: ``exact`` or ``prefix`` (module
     docstring). ``max_tokens``: student tokens kept per row (longer rows are cut there).
+    ``teacher_rows``: the cache's vocabulary size where it exceeds its tokenizer's (Qwen2.5:
+    152,064 logit rows for 151,665 tokens): ids past the tokenizer have no bytes, and their
+    mass joins the tail.
     """
 
     def __init__(
@@ -112,11 +141,13 @@ class CrossTokenizer:
         *,
         method: str = "exact",
         max_tokens: int,
+        teacher_rows: int | None = None,
     ) -> None:
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         self.method, self.max_tokens = method, max_tokens
-        self.teacher = token_bytes(teacher_tokenizer, "the cache's tokenizer")
+        teacher = token_bytes(teacher_tokenizer, "the cache's tokenizer")
+        self.teacher = _padded(teacher, teacher_rows)
         table = token_bytes(student_tokenizer, "the student's tokenizer")
         self.student = StudentTokenizer(student_tokenizer, table)
         self.specials = special_map(self.teacher, table)

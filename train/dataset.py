@@ -173,7 +173,10 @@ class CacheDataset(Dataset):
 
             teacher, _ = cache_tokenizer(self.readers()[0].loc, self.spec, None)
         max_tokens = seq_len if seq_len is not None else self.spec.seq_len
-        return CrossTokenizer(teacher, student, method=method, max_tokens=max_tokens)
+        rows = self.spec.vocab_size
+        return CrossTokenizer(
+            teacher, student, method=method, max_tokens=max_tokens, teacher_rows=rows
+        )
 
     # -- readers (reopened lazily after pickling into a DataLoader worker) -----------------
     def readers(self) -> list[CacheReader]:

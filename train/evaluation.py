@@ -21,7 +21,10 @@ over the trained positions (nats), each present only when the cache gives it:
 - ``eval_positions``: trained positions evaluated.
 
 A student of another tokenizer is evaluated on its own retokenized rows: CE and bits per
-byte over all its trained positions, KL only over those aligned with a teacher position.
+byte over all its trained positions, KL only over those aligned with a teacher position;
+``eval_aligned_share`` is the share of them aligned, ``eval_exact_mass_share`` and
+``eval_mapped_mass_share`` the share of the teacher's stored mass there (top-k's, or the
+draws') carried to student ids exactly and by any rule.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(_SUMS, dtype=torch.float64)
+    cross = getattr(dataset, "cross", None)  # a student of another tokenizer
+    before = _cross_counts(cross)
     starts = range(0, len(dataset), batch_size)
     for i, start in enumerate(starts):
         if i % world_size != rank:
@@ -95,11 +100,12 @@ def evaluate(
         sums += _sums(model, batch, chunk_size, autocast, kinds, samples, byte_lengths)
     pad_sharded_forwards(model, len(starts), rank, world_size, device)
     model.train(was_training)
+    sums = torch.cat([sums, _cross_counts(cross) - before])
     if world_size > 1:
         sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()
-    ce, kl, n_kl, ce_draws, n_draws, n, n_bytes = sums.tolist()
+    ce, kl, n_kl, ce_draws, n_draws, n, n_bytes = sums[:_SUMS].tolist()
     if n == 0:
         return {}
     out = {"eval_ce": ce / n}
@@ -110,7 +116,31 @@ def evaluate(
     if byte_lengths is not None and n_bytes:
         out["eval_bits_per_byte"] = ce / math.log(2) / n_bytes
         out["eval_bytes"] = int(n_bytes)
+    if cross is not None:
+        out.update(_cross_shares(sums[_SUMS:]))
     return {**out, "eval_positions": int(n)}
+
+
+_CROSS_COUNTS = ("trained", "aligned", "support_mass", "exact_mass", "mapped_mass")
+
+
+def _cross_counts(cross: Any) -> Tensor:
+    """[5] float64 running counts of a ``CrossTokenizer`` (zeros without one)."""
+    if cross is None:
+        return torch.zeros(len(_CROSS_COUNTS), dtype=torch.float64)
+    values = [getattr(cross.stats, name) for name in _CROSS_COUNTS]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _cross_shares(counts: Tensor) -> dict[str, float]:
+    """A student of another tokenizer: the share of its evaluated positions aligned with a
+    teacher position, and of the teacher's stored mass there mapped exactly / by any rule."""
+    trained, aligned, support, exact, mapped = counts.tolist()
+    return {
+        "eval_aligned_share": aligned / max(trained, 1.0),
+        "eval_exact_mass_share": exact / max(support, 1e-30),
+        "eval_mapped_mass_share": mapped / max(support, 1e-30),
+    }
 
 
 def eval_summary(ev: Mapping[str, float]) -> str:

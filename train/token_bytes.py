@@ -28,12 +28,16 @@ import numpy as np
 
 from logitcache.errors import LogitcacheError
 
-__all__ = ["MAX_TOKEN_BYTES", "TokenBytes", "byte_decoder", "token_bytes"]
+__all__ = ["MAX_TOKENS", "MAX_TOKEN_BYTES", "TokenBytes", "byte_decoder", "token_bytes"]
 
 MAX_TOKEN_BYTES = 1024
 """Longest token accepted, in bytes. Real vocabularies stop near 128 (runs of spaces or
 dashes in code tokenizers; Gemma's longest piece is 93 bytes); 1024 bounds a 2048-token row
 at 2 MiB of text whatever a stored tokenizer says."""
+
+MAX_TOKENS = 1 << 21
+"""Largest vocabulary accepted (2,097,152; the largest real ones hold ~262k): its table costs
+~50 B a token."""
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SP_SPACE = "\u2581"  # ▁, SentencePiece's space
@@ -97,6 +101,10 @@ class TokenBytes:
 def token_bytes(tokenizer: Any, name: str = "the tokenizer") -> TokenBytes:
     """The ``TokenBytes`` of ``tokenizer`` (see the module docstring); ids 0..len-1."""
     n = len(tokenizer)
+    if n > MAX_TOKENS:
+        raise LogitcacheError(
+            f"{name} has {n:,} tokens, more than {MAX_TOKENS:,} (not a text tokenizer's vocabulary)"
+        )
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])

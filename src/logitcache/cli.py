@@ -203,6 +203,59 @@ def train(recipe: str | None, dry_run: bool, **params: Any) -> None:
         )
 
 
+@main.command()
+@click.argument("run")
+@click.option(
+    "--cache",
+    default=None,
+    help="Evaluate on all of this cache instead of the "
+    "run's held-out sequences (its --eval-fraction split, or its --eval-cache).",
+)
+@click.option(
+    "--max-sequences",
+    type=int,
+    default=None,
+    help="At most this many sequences (default: the run's --eval-sequences).",
+)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measures as one JSON object.")
+def evaluate(
+    run: str,
+    cache: str | None,
+    max_sequences: int | None,
+    batch_size: int,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Held-out CE, bits per byte and KL to the teacher of a finished run (RUN: its --out).
+
+    Bits per byte do not depend on the tokenizer: students of any tokenizers (--cross-tokenizer
+    runs too) compare on them over the same held-out sequences.
+    """
+    import json
+
+    from logitcache.train.evaluation import eval_summary
+    from logitcache.train.run_eval import evaluate_run
+
+    if batch_size < 1 or (max_sequences is not None and max_sequences < 1):
+        raise click.BadParameter("--batch-size and --max-sequences must be >= 1")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = evaluate_run(
+        run, cache=cache, device=device, batch_size=batch_size, max_sequences=max_sequences
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+    elif "eval_ce" not in result:
+        click.echo(f"{redact(result['cache'])}: no trained positions to evaluate")
+    else:
+        shown = f"{redact(result['cache'])}, {result['sequences']} sequences"
+        click.echo(f"{shown}: {eval_summary(result)} ({result['eval_positions']:,} positions)")
+
+
 def train_config(
     params: dict[str, Any], ctx: click.Context | None = None, recipe: str | None = None
 ) -> TrainConfig:

@@ -4,6 +4,7 @@ space, ``<0xNN>`` byte fallback) and a byte-level BPE with other merges."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ def _paragraph() -> str:
 PARAGRAPH = _paragraph()
 
 
+@functools.cache  # trained once per session; callers only read it
 def build_sentencepiece_tokenizer(vocab_size: int = 160):
     """BPE over ``▁``-joined words with byte fallback (Llama 2 / Gemma style)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -50,6 +52,7 @@ def build_sentencepiece_tokenizer(vocab_size: int = 160):
     return PreTrainedTokenizerFast(tokenizer_object=built, eos_token="</s>", unk_token="<unk>")
 
 
+@functools.cache
 def build_other_bpe_tokenizer(vocab_size: int = 400):
     """Byte-level BPE like the caches' but trained on the paragraph's words in reverse
     order, with a larger vocabulary: other merges, other ids."""

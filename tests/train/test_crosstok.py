@@ -15,6 +15,7 @@ from crosstok_tokenizers import (
     hand_teacher,
 )
 
+from logitcache.errors import LogitcacheError
 from logitcache.storage import SequenceRecord
 from logitcache.train import DistillationLoss
 from logitcache.train.alignment import StudentTokenizer, align_row, special_map
@@ -73,6 +74,38 @@ def test_alignment_by_hand(teacher, student):
     assert (a.n_bytes, a.cut_bytes) == (15, 0)
 
 
+def test_a_student_that_writes_bos_gets_it_first(teacher):
+    """A tokenizer that starts every text with <s> (Llama, Gemma): the row starts with it,
+    untrained and aligned with nothing; the rest is the hand alignment one token later."""
+    from tokenizers import processors
+
+    student = hand_student()
+    student.add_special_tokens({"bos_token": "<s>"})
+    bos = student.bos_token_id
+    student.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    row = ids_of(teacher, "na", "Ã¯v", "e", "ĠæĹ", "¥æľ¬", "<|eos|>", "na")
+    st = StudentTokenizer(student, token_bytes(student))
+    table = token_bytes(teacher)
+    mask = np.arange(7) > 0  # a cache never trains its row's first token
+    a = align_row(row, mask, np.array([0, 6]), table, st, special_map(table, st.table), 64)
+    assert a.input_ids[0] == bos and len(a.input_ids) == 10
+    assert a.teacher_row.tolist() == [-1, -1, 1, -1, 3, -1, -1, -1, 5, 6]
+    assert not a.trained[:2].any()
+    # a row that starts with the teacher's own BOS (here <|user|>, the student's too) keeps one
+    other = hand_student()
+    other.add_special_tokens({"bos_token": "<|user|>"})
+    other.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|user|> $A", special_tokens=[("<|user|>", other.bos_token_id)]
+    )
+    st = StudentTokenizer(other, token_bytes(other))
+    row = ids_of(teacher, "<|user|>", "na", "e")
+    a = align_row(row, mask[:3], np.array([0]), table, st, special_map(table, st.table), 64)
+    assert other.convert_ids_to_tokens(a.input_ids.tolist()) == ["<|user|>", "na", "e"]
+    assert a.teacher_row.tolist() == [-1, 1, 2]
+
+
 def test_alignment_of_a_special_token_the_student_lacks(teacher, student):
     """<|user|> has no student token: it is dropped, and the token after it (predicted by
     the teacher from after <|user|>) is not aligned."""
@@ -82,6 +115,11 @@ def test_alignment_of_a_special_token_the_student_lacks(teacher, student):
     a = align_row(row, np.ones(4, bool), np.array([0]), table, st, special_map(table, st.table), 64)
     assert student.convert_ids_to_tokens(a.input_ids.tolist()) == ["na", "na", "e"]
     assert a.teacher_row.tolist() == [-1, -1, 3]
+    # a row of nothing the student can spell is one untrained token (batches stay valid)
+    row = ids_of(teacher, "<|user|>", "<|user|>")
+    a = align_row(row, np.ones(2, bool), np.array([0]), table, st, special_map(table, st.table), 9)
+    assert student.convert_ids_to_tokens(a.input_ids.tolist()) == ["</s>"]
+    assert not a.trained.any() and a.teacher_row.tolist() == [-1]
 
 
 def test_alignment_of_a_row_cut_inside_a_character(teacher, student):
@@ -276,4 +314,23 @@ def test_loss_and_gradients_match_a_slow_reference(tiny_tokenizer, alpha):
         batch, hidden=hidden, head=head
     )
     plain = DistillationLoss("forward-kl", alpha=alpha)(batch, logits=head(hidden))
-    assert float(chunked) == pytest.approx(float(plain), rel=1e-5)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_teacher_ids_past_the_tokenizer_join_the_tail(tiny_tokenizer):
+    """A cache whose vocabulary has more rows than its tokenizer has tokens (Qwen2.5: 152,064
+    for 151,665): a support id past the tokenizer carries its mass to the tail."""
+    rows = len(tiny_tokenizer) + 10
+    cross = CrossTokenizer(
+        tiny_tokenizer, hand_student(), method="prefix", max_tokens=256, teacher_rows=rows
+    )
+    r = random_record(tiny_tokenizer, np.random.default_rng(2))
+    r.ids[::6] = rows - 1  # the first id of every position's support
+    view, out = example_of(r), cross.example(r, example_of(r))
+    aligned = out["teacher_aligned"].numpy()
+    assert aligned.any() and (view["teacher_ids"] >= len(tiny_tokenizer)).any()
+    total = out["teacher_probs"].sum(1) + out["teacher_tail"]
+    assert (out["teacher_tail"][aligned] > 0).all()
+    assert torch.allclose(total[aligned], torch.ones(int(aligned.sum())), atol=1e-5)
+    with pytest.raises(LogitcacheError, match="more than 2,097,152"):
+        CrossTokenizer(tiny_tokenizer, hand_student(), max_tokens=8, teacher_rows=1 << 24)

@@ -55,6 +55,14 @@ def test_trains_and_reports_bits_per_byte(
     assert losses[-1] < losses[0]
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["cross_tokenizer"] == method and saved["fingerprint"]["cross_tokenizer"] == method
+    # `logitcache evaluate RUN` measures the final model as the run's last evaluation did
+    result = cli(["evaluate", out, "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    for key in ("eval_ce", "eval_kl", "eval_bits_per_byte", "eval_bytes", "eval_aligned_share"):
+        assert again[key] == pytest.approx(evals[-1][key], rel=1e-5), key
+    whole = cli(["evaluate", out, "--cache", topk_cache, "--max-sequences", "20"])
+    assert whole.exit_code == 0 and "20 sequences" in whole.stdout and "bits/byte" in whole.stdout
 
 
 def test_another_tokenizer_without_the_flag_is_refused(
@@ -144,6 +152,7 @@ def test_hf_trainer_and_evaluate_with_another_tokenizer(topk_cache, sp_student, 
     assert ev["eval_bits_per_byte"] == pytest.approx(
         ev["eval_ce"] * ev["eval_positions"] / math.log(2) / ev["eval_bytes"]
     )
+    assert 0.5 < ev["eval_aligned_share"] <= 1 and 0 < ev["eval_exact_mass_share"] <= 1
     stats = data.cross.stats.as_dict()
     assert 0.5 < stats["aligned_share"] <= 1 and 0 < stats["exact_support_share"] <= 1
 
@@ -165,6 +174,11 @@ def test_cross_mode_with_the_caches_own_tokenizer_is_plain_distillation(
             assert (key in a) == (key in b)
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5)
+    result = cli(["evaluate", tmp_path / "off", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    assert again["eval_bits_per_byte"] == pytest.approx(runs["off"][-1]["eval_bits_per_byte"])
+    assert "eval_aligned_share" not in again
     from logitcache.train import CacheDataset
 
     held = CacheDataset(str(topk_cache), split="eval", eval_fraction=0.2)
@@ -173,3 +187,15 @@ def test_cross_mode_with_the_caches_own_tokenizer_is_plain_distillation(
     spelled = [tiny_tokenizer.convert_tokens_to_string([tiny_tokenizer.convert_ids_to_tokens(t)])
                for t in labels if t not in special]  # fmt: skip
     assert runs["off"][-1]["eval_bytes"] == sum(len(s.encode()) for s in spelled)
+
+
+def test_evaluate_refuses_what_is_no_finished_run(cli, tmp_path):
+    from test_cli_train import refused
+
+    refused(cli(["evaluate", tmp_path]), "is not a training run")
+    (tmp_path / "train_config.json").write_text("[1, 2]")
+    refused(cli(["evaluate", tmp_path]), "is not a JSON object")
+    (tmp_path / "train_config.json").write_text('{"cache": "c", "out": "o", "lr": -1}')
+    refused(cli(["evaluate", tmp_path]), "--lr must be > 0")
+    (tmp_path / "train_config.json").write_text('{"cache": "c", "out": "o"}')
+    refused(cli(["evaluate", tmp_path]), "holds no final model")

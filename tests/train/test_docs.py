@@ -1,7 +1,8 @@
 """Every Python block of docs/api.md and of the README's "Bring your own trainer" runs.
 
-The blocks read ``CACHE``, ``STUDENT`` and ``OUT`` from the environment; here they are the
-session's top-k cache, a saved 1-layer student and a temporary directory. The Accelerate
+The blocks read ``CACHE``, ``STUDENT``, ``OTHER_TOKENIZER`` and ``OUT`` from the environment;
+here they are the session's top-k cache, a saved 1-layer student, a SentencePiece-style
+tokenizer and a temporary directory. The Accelerate
 block runs as written under torchrun with two gloo processes and as one process, and must
 print the same losses and see every training sequence once.
 """
@@ -54,9 +55,24 @@ def student_dir(tmp_path_factory, student_config, teacher_dir) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory) -> Path:
+    """A SentencePiece-style tokenizer (another family than the cache's byte-level BPE)."""
+    from crosstok_tokenizers import build_sentencepiece_tokenizer
+
+    path = tmp_path_factory.mktemp("other-tokenizer")
+    build_sentencepiece_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
-def doc_env(monkeypatch, topk_cache, student_dir, tmp_path) -> dict[str, str]:
-    env = {"CACHE": str(topk_cache), "STUDENT": str(student_dir), "OUT": str(tmp_path / "out")}
+def doc_env(monkeypatch, topk_cache, student_dir, other_tokenizer, tmp_path) -> dict[str, str]:
+    env = {
+        "CACHE": str(topk_cache),
+        "STUDENT": str(student_dir),
+        "OUT": str(tmp_path / "out"),
+        "OTHER_TOKENIZER": str(other_tokenizer),
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env

@@ -34,8 +34,8 @@ from typing import Any
 import click
 from real_teacher import StudyBudget, Variant, shakespeare_documents, write_json
 
-from logitcache.errors import LogitcacheError
-from logitcache.progress import Reporter
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.progress import Reporter
 
 __all__ = ["CROSS_STUDY", "QUICK_CROSS", "CrossConfig", "run_study", "study_variants"]
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from real_teacher import StudyBudget, Variant, shakespeare_documents, write_json
+from real_teacher import StudyBudget, Variant, shakespeare_documents, study_train_config, write_json
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.progress import Reporter
@@ -288,18 +288,8 @@ def _next_tokens(ds: Any, i: int) -> Any:
     token spells the same bytes as the teacher's, more bytes, fewer."""
     import numpy as np
 
-    from logitcache.train.alignment import align_row
-
     x, r = ds.cross, ds.readers()[0].read(i)
-    a = align_row(
-        r.input_ids,
-        r.loss_mask.astype(bool),
-        np.asarray(r.doc_starts, dtype=np.int64),
-        x.teacher,
-        x.student,
-        x.specials,
-        x.max_tokens,
-    )
+    a = x.align(r)
     at = np.flatnonzero((a.teacher_row >= 0) & a.trained)
     s_len = x.student_bytes.lengths[a.input_ids[at]]
     t_len = x.teacher.lengths[np.asarray(r.input_ids, dtype=np.int64)[a.teacher_row[at]]]
@@ -358,7 +348,7 @@ def train_variant(work: Path, job: dict[str, Any], budget: StudyBudget, variant:
 
     from real_teacher import cache_dir
 
-    from logitcache.train import TrainConfig, train
+    from logitcache.train import train
 
     t0 = time.perf_counter()
     cache = cache_dir(work, job["teacher"], budget, variant.store)
@@ -369,25 +359,14 @@ def train_variant(work: Path, job: dict[str, Any], budget: StudyBudget, variant:
     side = "cross" if cross else "same"
     if cross:
         flags["student_seq_len"] = budget.seq_len + budget.seq_len // 4  # no row is cut
-    steps = budget.steps
-    config = TrainConfig(
-        cache=str(cache),
-        out=str(dest),
-        student_config=str(work / f"student_config_{side}.json"),
+    config = study_train_config(
+        budget,
+        variant,
+        cache=cache,
+        out=dest,
+        student_config=work / f"student_config_{side}.json",
         tokenizer=job["student_tokenizer"] if cross else job["teacher"],
-        eval_cache=str(held),
-        eval_fraction=0.0,
-        steps=steps,
-        batch_size=budget.batch_size,
-        lr=budget.lr,
-        warmup_steps=steps // 10,
-        eval_every=max(1, steps // 4),
-        save_every=max(1, steps // 8),
-        seed=variant.seed,
-        loader_workers=0,
-        device="cpu",
-        resume=True,
-        quiet=True,
+        held=held,
         **flags,
     )
     result = train(config)

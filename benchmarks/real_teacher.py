@@ -402,24 +402,28 @@ def cache_dir(
     return dest
 
 
-def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Variant) -> None:
-    from online_kd import OnlineKD
-    from real_teacher_eval import evaluate_student
+def study_train_config(
+    budget: StudyBudget,
+    variant: Variant,
+    *,
+    cache: Path,
+    out: Path,
+    student_config: Path,
+    tokenizer: str,
+    held: Path,
+    **flags: Any,
+) -> Any:
+    """The ``TrainConfig`` of one study student: the budget's steps, batch and schedule, the
+    held-out cache as its evaluation, resumable, on the CPU (shared by the cross-tokenizer
+    study)."""
+    from logitcache.train import TrainConfig
 
-    from logitcache.train import TrainConfig, train
-
-    t0 = time.perf_counter()
-    cache = cache_dir(work, teacher, budget, variant.store)
-    held = work / "caches" / "heldout-top_k64"
-    dest = work / "students" / _slug(variant.key)
-    flags = dict(variant.train)
-    online = flags.pop("online_teacher", False)  # the reference: not a train setting
     steps = budget.steps
-    config = TrainConfig(
+    return TrainConfig(
         cache=str(cache),
-        out=str(dest),
-        student_config=str(work / "student_config.json"),
-        tokenizer=teacher,
+        out=str(out),
+        student_config=str(student_config),
+        tokenizer=tokenizer,
         eval_cache=str(held),
         eval_fraction=0.0,
         steps=steps,
@@ -433,6 +437,30 @@ def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Varia
         device="cpu",
         resume=True,
         quiet=True,
+        **flags,
+    )
+
+
+def _train_variant(work: Path, teacher: str, budget: StudyBudget, variant: Variant) -> None:
+    from online_kd import OnlineKD
+    from real_teacher_eval import evaluate_student
+
+    from logitcache.train import train
+
+    t0 = time.perf_counter()
+    cache = cache_dir(work, teacher, budget, variant.store)
+    held = work / "caches" / "heldout-top_k64"
+    dest = work / "students" / _slug(variant.key)
+    flags = dict(variant.train)
+    online = flags.pop("online_teacher", False)  # the reference: not a train setting
+    config = study_train_config(
+        budget,
+        variant,
+        cache=cache,
+        out=dest,
+        student_config=work / "student_config.json",
+        tokenizer=teacher,
+        held=held,
         **flags,
     )
     result = train(config, loss=OnlineKD.load(teacher, config) if online else None)

@@ -28,6 +28,7 @@ import torch
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.storage import CacheSpec, CacheWriter, Manifest
+from logitcache.storage.writer import WorkerView
 
 __all__ = [
     "TensorParallelGroup",
@@ -127,21 +128,11 @@ class _Written:
     bytes: int = 0
 
 
-class _NoWriter:
+class _NoWriter(WorkerView):
     """The writer of a group's other ranks: the first rank's view of the cache, no output."""
 
     def __init__(self, manifest: Manifest, worker: int, num_workers: int) -> None:
         self.manifest, self.worker, self.num_workers = manifest, worker, num_workers
-
-    @property
-    def complete(self) -> bool:
-        return self.manifest.complete
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.num_workers == self.worker
-
-    def is_done(self, shard: int) -> bool:
-        return any(s.index == shard for s in self.manifest.shards)
 
     def attach_tokenizer(self, tokenizer: Any) -> None:
         pass

@@ -40,6 +40,7 @@ __all__ = [
     "MANIFEST",
     "PARTS",
     "CacheWriter",
+    "WorkerView",
     "default_encode_threads",
     "merge_parts",
     "part_names",
@@ -116,7 +117,25 @@ def default_encode_threads() -> int:
     return max(2, min(MAX_ENCODE_THREADS, cpus))
 
 
-class CacheWriter:
+class WorkerView:
+    """Which shards one worker owns and which of them the manifest it holds lists as done."""
+
+    manifest: Manifest
+    worker: int
+    num_workers: int
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.num_workers == self.worker
+
+    def is_done(self, shard: int) -> bool:
+        return any(s.index == shard for s in self.manifest.shards)
+
+
+class CacheWriter(WorkerView):
     """Publishes the shards of one worker and keeps the manifest (or its part) current.
 
     Use as a context manager; ``write_shard`` may be called from a writer thread.
@@ -224,15 +243,6 @@ class CacheWriter:
             self.loc.remove_stale_temporaries(PARTS, prefix=part)
 
     # -- state ----------------------------------------------------------------------
-    @property
-    def complete(self) -> bool:
-        return self.manifest.complete
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.num_workers == self.worker
-
-    def is_done(self, shard: int) -> bool:
-        return any(s.index == shard for s in self.manifest.shards)
 
     def shard_of(self, sequence_index: int) -> int:
         return sequence_index // self.shard_sequences

@@ -33,7 +33,7 @@ import torch
 from logitcache.core.errors import LogitcacheError
 from logitcache.storage import SequenceRecord
 
-from .alignment import StudentTokenizer, align_row, special_map
+from .alignment import Alignment, StudentTokenizer, align_row, special_map
 from .collator import IGNORE_INDEX
 from .token_bytes import MAX_TOKENS, TokenBytes, token_bytes
 
@@ -158,15 +158,9 @@ class CrossTokenizer:
     def student_bytes(self) -> TokenBytes:
         return self.student.table
 
-    def example(
-        self,
-        r: SequenceRecord,
-        teacher_view: dict[str, torch.Tensor],
-        *,
-        vocab_limit: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The student's record of ``r``; ``teacher_view``: ``example_of(r)`` (teacher ids)."""
-        a = align_row(
+    def align(self, r: SequenceRecord) -> Alignment:
+        """The student's tokenization of the cache row ``r`` and where it meets the teacher's."""
+        return align_row(
             r.input_ids,
             r.loss_mask.astype(bool),
             np.asarray(r.doc_starts, dtype=np.int64),
@@ -175,6 +169,16 @@ class CrossTokenizer:
             self.specials,
             self.max_tokens,
         )
+
+    def example(
+        self,
+        r: SequenceRecord,
+        teacher_view: dict[str, torch.Tensor],
+        *,
+        vocab_limit: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The student's record of ``r``; ``teacher_view``: ``example_of(r)`` (teacher ids)."""
+        a = self.align(r)
         n = len(a.input_ids)
         at = np.flatnonzero((a.teacher_row >= 0) & a.trained)  # [A] student rows with a target
         rows = a.teacher_row[at]  # [A] their teacher rows

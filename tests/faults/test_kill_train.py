@@ -131,7 +131,7 @@ def delete_step(path) -> str:
 
 def truncate_state(path) -> str:
     (path / "state.json").write_bytes((path / "state.json").read_bytes()[:20])
-    return f"{path / 'state.json'} is not JSON"
+    return f"{path / 'state.json'} is not valid JSON"
 
 
 def garbage_optimizer(path) -> str:

@@ -216,9 +216,20 @@ def run_as_ranks(monkeypatch, configs: list[PrecomputeConfig]) -> dict[int, int]
     def group(launched):
         yield barrier.wait
 
+    # Loading a model swaps class attributes for its duration (transformers' no_tie_weights
+    # and no_init_weights are not thread-safe): two loads at once would leave
+    # PreTrainedModel.tie_weights a no-op for the rest of the process. Real workers are
+    # processes; these threads load their teachers one at a time.
+    loading, real_teacher = threading.Lock(), run._teacher
+
+    def one_load_at_a_time(config):
+        with loading:
+            return real_teacher(config)
+
     monkeypatch.setattr(blocks, "tokenize_document", counted)
     monkeypatch.setattr(run, "load_tokenizer", load)
     monkeypatch.setattr(run, "ranks_group", group)
+    monkeypatch.setattr(run, "_teacher", one_load_at_a_time)
     errors: list[BaseException] = []
 
     def work(config):

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from real_teacher import StudyBudget, Variant, shakespeare_documents, study_train_config, write_json
+from real_teacher import (
+    StudyBudget,
+    Variant,
+    shakespeare_documents,
+    student_config,
+    study_train_config,
+    write_json,
+    write_slice,
+)
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.progress import Reporter
@@ -84,54 +92,17 @@ def prepare(work: Path, config: CrossConfig) -> None:
     their names) is held out; the slice is other documents in hash order, ~6 bytes of text
     per wanted token (cut to the exact count by the teacher pass's ``max_tokens``).
     """
-    import hashlib
-
-    from logitcache import toy
-
     work.mkdir(parents=True, exist_ok=True)
     b = config.budget
     if not (work / "slice.jsonl").is_file():
-        docs = shakespeare_documents(Path(config.shakespeare))
-        train_docs, held_docs = toy.split_heldout(docs, 0.05)
-        order = lambda ds: sorted(ds, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())  # noqa: E731
-        toy.write_jsonl(_take_bytes(order(held_docs), b.heldout_tokens * 6), work / "heldout.jsonl")
-        toy.write_jsonl(_take_bytes(order(train_docs), b.slice_tokens * 6), work / "slice.jsonl")
+        write_slice(work, shakespeare_documents(Path(config.shakespeare)), b)
     for name, vocab in (
         ("same", _vocab(config.teacher)),
         ("cross", _vocab(config.student_tokenizer)),
     ):
         path = work / f"student_config_{name}.json"
         if not path.is_file():
-            write_json(path, student_config(b, vocab))
-
-
-def student_config(b: StudyBudget, vocab: int) -> dict[str, Any]:
-    """The real-teacher study's shrunk SmolLM2 body with ``vocab`` ids (tied embeddings)."""
-    from logitcache import toy
-
-    shape = toy.ToyModelSpec(
-        hidden=b.student_hidden,
-        layers=b.student_layers,
-        heads=b.student_heads,
-        intermediate=b.student_intermediate,
-        max_positions=2 * b.seq_len,
-        vocab_size=vocab,
-    )
-    return toy.llama_config_dict(shape) | {
-        "num_key_value_heads": b.student_kv_heads,
-        "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5,
-    }
-
-
-def _take_bytes(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, str]]:
-    taken, size = [], 0
-    for doc in docs:
-        if size >= n_bytes:
-            break
-        taken.append(doc)
-        size += len(doc[1].encode())
-    return taken
+            write_json(path, student_config(b, vocab, 2 * b.seq_len))
 
 
 def _vocab(name: str) -> int:

@@ -228,33 +228,47 @@ def _prepare(work: Path, docs: list[tuple[str, str]], config: StudyConfig) -> No
     documents in hash order, ~6 bytes of text per wanted token (cut to the exact count by
     the teacher pass's max_tokens).
     """
-    import hashlib
-
-    from logitcache import toy
 
     work.mkdir(parents=True, exist_ok=True)
     b = config.budget
     if not (work / "slice.jsonl").is_file():
-        train_docs, held_docs = toy.split_heldout(docs, 0.05)
-        order = lambda ds: sorted(ds, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())  # noqa: E731
-        toy.write_jsonl(_take_bytes(order(held_docs), b.heldout_tokens * 6), work / "heldout.jsonl")
-        toy.write_jsonl(_take_bytes(order(train_docs), b.slice_tokens * 6), work / "slice.jsonl")
+        write_slice(work, docs, b)
+    student = student_config(b, _teacher_vocab(config.teacher), b.seq_len)
+    (work / "student_config.json").write_text(json.dumps(student, indent=1))
+
+
+def write_slice(work: Path, docs: list[tuple[str, str]], b: StudyBudget) -> None:
+    """heldout.jsonl (a stable 5 % of ``docs`` by a hash of their names) and slice.jsonl
+    (other documents in hash order), ~6 bytes of text per wanted token."""
+    import hashlib
+
+    from logitcache import toy
+
+    train_docs, held_docs = toy.split_heldout(docs, 0.05)
+    order = lambda ds: sorted(ds, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())  # noqa: E731
+    toy.write_jsonl(_take_bytes(order(held_docs), b.heldout_tokens * 6), work / "heldout.jsonl")
+    toy.write_jsonl(_take_bytes(order(train_docs), b.slice_tokens * 6), work / "slice.jsonl")
+
+
+def student_config(b: StudyBudget, vocab: int, max_positions: int) -> dict[str, Any]:
+    """The study's shrunk SmolLM2 body with ``vocab`` ids (tied embeddings)."""
+    from logitcache import toy
+
     shape = toy.ToyModelSpec(
         hidden=b.student_hidden,
         layers=b.student_layers,
         heads=b.student_heads,
         intermediate=b.student_intermediate,
-        max_positions=b.seq_len,
-        vocab_size=_teacher_vocab(config.teacher),
+        max_positions=max_positions,
+        vocab_size=vocab,
     )
     # grouped-query attention and SmolLM2-135M's rope_theta and norm eps (SmolLM2-135M:
     # hidden 576, 30 layers, 9/3 heads, intermediate 1536)
-    student = toy.llama_config_dict(shape) | {
+    return toy.llama_config_dict(shape) | {
         "num_key_value_heads": b.student_kv_heads,
         "rope_theta": 100000.0,
         "rms_norm_eps": 1e-5,
     }
-    (work / "student_config.json").write_text(json.dumps(student, indent=1))
 
 
 def _take_bytes(docs: list[tuple[str, str]], n_bytes: int) -> list[tuple[str, str]]:

@@ -54,7 +54,7 @@ class StudentArgs:
     it, or add it with `logitcache tokenizer CACHE --add`)."""
     extended_vocab: bool = False
     """Accept a student tokenizer that differs from the cache's (it must extend it)."""
-    cross_tokenizer: Literal["exact", "prefix"] | None = option(
+    cross_tokenizer: Literal["exact", "prefix", "chain"] | None = option(
         None, none="off", added_with="cross_tokenizer"
     )
     """Train a student whose tokenizer differs from the cache's (any family): the cache's

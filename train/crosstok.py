@@ -17,6 +17,18 @@ Mapping a teacher id to a student id (``METHODS``):
   student's longest token that is a prefix of its bytes (the first step of that
   continuation for the student); only tokens no student token starts (bytes the student
   cannot spell) join the tail.
+- ``chain``: as ``exact``, and where the student's true next token spans several teacher
+  tokens (Llama-3's ``:\n`` for SmolLM2's ``:`` then ``\n``), that token gets the chained
+  probability of the true continuation, p(``:``) x p(``\n`` | ``:``): the teacher's
+  probability of each of its tokens in the span, each read from the teacher's row of that
+  token (all stored in the cache; for a sampled cache the product of independent
+  estimates, so still unbiased). The chained mass is taken off the student token the first
+  teacher token maps to (``:``, or the tail), which keeps p(``:``)(1 - p(``\n`` | ``:``)):
+  ``:`` followed by something else. Where a factor is not stored (a top-k miss, a token no
+  draw hit) the chain is 0 and the row stays as ``exact`` makes it. Only the true
+  continuation is chained (the cache holds no row after the teacher's other tokens), and
+  only where the student's token ends where a teacher token ends (a student token ending
+  inside a teacher token keeps the ``exact`` row).
 
 Several teacher ids mapping to one student id add up; the mass of a row (support plus
 tail) is conserved exactly. Alignment itself is ``logitcache.train.alignment``.
@@ -24,7 +36,7 @@ tail) is conserved exactly. Alignment itself is ``logitcache.train.alignment``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -39,7 +51,7 @@ from .token_bytes import MAX_TOKENS, TokenBytes, token_bytes
 
 __all__ = ["METHODS", "CrossStats", "CrossTokenizer", "map_ids"]
 
-METHODS = ("exact", "prefix")
+METHODS = ("exact", "prefix", "chain")
 
 
 @dataclass
@@ -55,6 +67,9 @@ class CrossStats:
     support_mass: float = 0.0  # of it, on the stored ids (top-k's or the draws; no tail)
     exact_mass: float = 0.0  # of it, carried by teacher ids that are a student token exactly
     mapped_mass: float = 0.0  # of it, carried to a student id by any rule (the rest: tail)
+    longer: int = 0  # aligned trained positions whose student token spans several teacher's
+    chained: int = 0  # of them, given a chained probability (``chain``; > 0)
+    chained_mass: float = 0.0  # teacher mass moved onto those student tokens by the chain
     text_bytes: int = 0
     cut_bytes: int = 0  # text bytes no kept student token covers
 
@@ -65,9 +80,23 @@ class CrossStats:
         out["mapped_mass_share"] = self.mapped_mass / max(self.teacher_mass, 1e-30)
         out["exact_support_share"] = self.exact_mass / max(self.support_mass, 1e-30)
         out["mapped_support_share"] = self.mapped_mass / max(self.support_mass, 1e-30)
+        out["longer_share"] = self.longer / max(self.aligned, 1)
+        out["chained_share"] = self.chained / max(self.longer, 1)
         out["bytes_per_student_token"] = self.text_bytes / max(self.student_tokens, 1)
         out["bytes_per_teacher_token"] = self.text_bytes / max(self.teacher_tokens, 1)
         return out
+
+
+@dataclass
+class Chains:
+    """The ``chain`` method's moves in one row: at ``rows`` (indices into the aligned trained
+    student rows), ``mass`` moves from student id ``source`` (-1: the tail) to ``to``."""
+
+    longer: int  # aligned trained rows whose student token is longer than the teacher's
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    source: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    to: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    mass: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def _padded(table: TokenBytes, rows: int | None) -> TokenBytes:
@@ -127,7 +156,7 @@ class CrossTokenizer:
     """Converts cache records into records of a student with another tokenizer.
 
     ``teacher_tokenizer``: the cache's (``logitcache.storage.tokenizer.stored_tokenizer``).
-    ``student_tokenizer``: the student's. ``method``: ``exact`` or ``prefix`` (module
+    ``student_tokenizer``: the student's. ``method``: ``exact``, ``prefix`` or ``chain`` (module
     docstring). ``max_tokens``: student tokens kept per row (longer rows are cut there).
     ``teacher_rows``: the cache's vocabulary size where it exceeds its tokenizer's (Qwen2.5:
     152,064 logit rows for 151,665 tokens): ids past the tokenizer have no bytes, and their
@@ -186,10 +215,13 @@ class CrossTokenizer:
         t_probs = teacher_view["teacher_probs"].numpy()[rows]
         t_valid = teacher_view["teacher_valid"].numpy()[rows]
         t_tail = teacher_view["teacher_tail"].numpy()[rows]  # [A]
-        ids, probs, valid, tail = self._mapped(t_ids, t_probs, t_valid, t_tail, n, at, vocab_limit)
+        chain = self._chains(a, r, teacher_view, at, vocab_limit)
+        ids, probs, valid, tail = self._mapped(
+            t_ids, t_probs, t_valid, t_tail, n, at, vocab_limit, chain
+        )
         aligned = np.zeros(n, dtype=bool)
         aligned[at] = True
-        self._count(a, r, at, t_ids, t_probs, t_valid, t_tail)
+        self._count(a, r, at, t_ids, t_probs, t_valid, t_tail, chain)
         labels = np.where(a.trained, a.input_ids, IGNORE_INDEX)
         return {
             "input_ids": torch.from_numpy(a.input_ids),  # [S] int64
@@ -203,7 +235,41 @@ class CrossTokenizer:
             "source": teacher_view["source"],
         }
 
-    def _mapped(self, t_ids, t_probs, t_valid, t_tail, n, at, vocab_limit):
+    def _chains(self, a, r, teacher_view, at, vocab_limit) -> Chains:
+        """The ``chain`` method's moves at the student rows ``at`` (module docstring)."""
+        t_row = a.teacher_row
+        first = t_row[at]  # [A] the teacher row aligned with each student row
+        nxt = np.append(t_row, -1)[at + 1]  # [A] ... with the next student row, -1: none
+        t_true = np.asarray(r.input_ids, dtype=np.int64)  # [T] the teacher's true tokens
+        t_len = self.teacher.lengths[t_true]  # [T]
+        s_true = a.input_ids[at]  # [A] the student's true tokens
+        s_len = self.student_bytes.lengths[s_true]
+        longer = s_len > t_len[first]
+        if self.method != "chain" or not longer.any():
+            return Chains(int(longer.sum()))
+        span = nxt - first  # [A] teacher tokens the student's token spans, where whole
+        t_end = np.cumsum(t_len)
+        whole = (nxt >= 0) & (span >= 2)
+        whole &= t_end[np.maximum(nxt - 1, 0)] - (t_end[first] - t_len[first]) == s_len
+        if vocab_limit is not None:
+            whole &= s_true < vocab_limit
+        pick = np.flatnonzero(longer & whole)  # [C] indices into ``at``
+        if not len(pick):
+            return Chains(int(longer.sum()))
+        ids = teacher_view["teacher_ids"].numpy()
+        hit = (ids == t_true[:, None]) & teacher_view["teacher_valid"].numpy()
+        p_true = np.where(hit, teacher_view["teacher_probs"].numpy(), 0).sum(1)  # [T]
+        mass = np.ones(len(pick))
+        for j in range(int(span[pick].max())):  # spans are a few tokens (Llama-3: <= 3)
+            inside = j < span[pick]
+            mass *= np.where(inside, p_true[np.where(inside, first[pick] + j, 0)], 1.0)
+        src = self.id_map[t_true[first[pick]]]  # the student id the first token maps to
+        if vocab_limit is not None:
+            src = np.where(src >= vocab_limit, -1, src)
+        keep = mass > 0
+        return Chains(int(longer.sum()), pick[keep], src[keep], s_true[pick][keep], mass[keep])
+
+    def _mapped(self, t_ids, t_probs, t_valid, t_tail, n, at, vocab_limit, chain: Chains):
         """[n, K'] student-space support of rows ``at`` (others empty) and [n] tails."""
         sid = self.id_map[t_ids]  # [A, K]
         if vocab_limit is not None:
@@ -212,10 +278,23 @@ class CrossTokenizer:
         tail = np.zeros(n, dtype=np.float32)
         tail[at] = t_tail + np.where(t_valid & ~ok, t_probs, 0).sum(1)
         row, col = np.nonzero(ok)
-        width = int(sid.max()) + 1 if sid.size else 1
+        width = max(int(sid.max()) + 1 if sid.size else 1, int(chain.to.max(initial=0)) + 1)
         keys = row.astype(np.int64) * width + sid[row, col]  # row-major: sorted by row
+        weights = t_probs[row, col].astype(np.float64)
+        if len(chain.rows):  # the chained mass: onto the true token, off the first's map
+            from_tail = chain.source < 0
+            np.subtract.at(tail, at[chain.rows[from_tail]], chain.mass[from_tail])
+            np.maximum(tail, 0, out=tail)
+            moved = chain.rows[~from_tail]
+            keys = np.concatenate(
+                [keys, chain.rows * width + chain.to, moved * width + chain.source[~from_tail]]
+            )
+            weights = np.concatenate([weights, chain.mass, -chain.mass[~from_tail]])
         unique, inverse = np.unique(keys, return_inverse=True)
-        mass = np.bincount(inverse, weights=t_probs[row, col], minlength=len(unique))
+        mass = np.bincount(inverse, weights=weights, minlength=len(unique))
+        if len(chain.rows):  # a source whose whole mass moved (p(\n | :) = 1) leaves no entry
+            emptied = (mass <= 1e-12) & np.isin(unique, keys[len(keys) - len(moved) :])
+            unique, mass = unique[~emptied], np.maximum(mass[~emptied], 0)
         u_row = unique // width
         first = np.searchsorted(u_row, u_row, side="left")
         u_col = np.arange(len(unique)) - first
@@ -228,9 +307,12 @@ class CrossTokenizer:
         valid[at[u_row], u_col] = True
         return ids, probs, valid, tail
 
-    def _count(self, a, r, at, t_ids, t_probs, t_valid, t_tail) -> None:
+    def _count(self, a, r, at, t_ids, t_probs, t_valid, t_tail, chain: Chains) -> None:
         s = self.stats
         s.rows += 1
+        s.longer += chain.longer
+        s.chained += len(chain.rows)
+        s.chained_mass += float(chain.mass.sum())
         s.student_tokens += len(a.input_ids)
         s.teacher_tokens += r.n_tokens
         s.trained += int(a.trained.sum())

@@ -182,6 +182,77 @@ def test_map_ids_by_hand(teacher, student):
     assert is_exact[rows].tolist() == [True, False, True, False, False, True, False]
 
 
+def record_of(teacher, tokens: list[str], support: list[dict[str, float]]) -> SequenceRecord:
+    """A top-k row of ``teacher``'s ``tokens`` whose position p stores ``support[p]`` (the
+    teacher's view of token p + 1); the tail holds the rest of each position's mass."""
+    ids = [ids_of(teacher, *row) for row in support]
+    probs = [np.asarray(list(row.values()), dtype=np.float64) for row in support]
+    mask = np.ones(len(tokens), dtype=bool)
+    mask[0] = False
+    return SequenceRecord(
+        index=0,
+        input_ids=ids_of(teacher, *tokens).astype(np.uint32),
+        loss_mask=mask,
+        doc_starts=np.array([0]),
+        ids=np.concatenate(ids).astype(np.uint32),
+        n_entries=np.array([len(x) for x in ids], dtype=np.int32),
+        tail_mass=np.array([1 - x.sum() for x in probs], dtype=np.float32),
+        logprobs=np.log(np.concatenate(probs)).astype(np.float32),
+    )
+
+
+def target_of(student, out, s: int) -> dict[str | None, float]:
+    """Student row ``s``'s target as {token: mass}, the tail under None."""
+    valid = out["teacher_valid"][s]
+    tokens = student.convert_ids_to_tokens(out["teacher_ids"][s][valid].tolist())
+    found = dict(zip(tokens, out["teacher_probs"][s][valid].tolist()))
+    return {**found, None: float(out["teacher_tail"][s])}
+
+
+@pytest.mark.parametrize(
+    ("second", "chained"),
+    [
+        ({"a": 0.6, "e": 0.3}, 0.3),  # p(n) x p(a | n) = 0.5 x 0.6
+        ({"e": 0.9}, 0.0),  # "a" not in the top-k: no chain
+    ],
+)
+def test_chain_by_hand(teacher, student, second, chained):
+    """Text "enae": teacher tokens [e][n][a][e], the student's [e][na][e]. The student's
+    [na] spans the teacher's [n][a]: ``chain`` gives it p(n) x p(a | n) (rows 1 and 2), off
+    the student's [n]; ``exact`` leaves [n] all of p(n). Mass is conserved either way, and
+    the last row (aligned one to one) is the same."""
+    support = [{"n": 0.5, "na": 0.2, "e": 0.1}, second, {"e": 0.9}]
+    r = record_of(teacher, ["e", "n", "a", "e"], support)
+    outs = {}
+    for method in ("exact", "chain"):
+        cross = CrossTokenizer(teacher, student, method=method, max_tokens=64)
+        outs[method] = cross.example(r, example_of(r))
+        assert student.convert_ids_to_tokens(outs[method]["input_ids"].tolist()) == ["e", "na", "e"]
+        assert outs[method]["teacher_aligned"].tolist() == [False, True, True]
+    exact, chain = (target_of(student, outs[m], 1) for m in ("exact", "chain"))
+    assert exact == pytest.approx({"n": 0.5, "na": 0.2, "e": 0.1, None: 0.2})
+    assert chain["na"] == pytest.approx(0.2 + chained)
+    assert chain.get("n", 0.0) == pytest.approx(0.5 - chained)
+    assert sum(chain.values()) == pytest.approx(1.0)
+    assert target_of(student, outs["chain"], 2) == pytest.approx(
+        target_of(student, outs["exact"], 2)
+    )
+    assert cross.stats.longer == 1 and cross.stats.chained == (1 if chained else 0)
+    assert cross.stats.chained_mass == pytest.approx(chained)
+
+
+def test_chain_takes_an_unmapped_first_token_off_the_tail(teacher, student):
+    """Text "e 日e": teacher [e][ 日₁₂][日₃][e], the student's [e][▁日][e]. The teacher's
+    [ 日₁₂] is no student token (its mass is in the tail); the student's [▁日] spans it and
+    [日₃], so the chain moves p( 日₁₂) x p(日₃ | ...) = 0.4 x 0.5 off the tail."""
+    support = [{"ĠæĹ": 0.4, "e": 0.1}, {"¥": 0.5}, {"e": 0.9}]
+    r = record_of(teacher, ["e", "ĠæĹ", "¥", "e"], support)
+    cross = CrossTokenizer(teacher, student, method="chain", max_tokens=64)
+    out = cross.example(r, example_of(r))
+    assert student.convert_ids_to_tokens(out["input_ids"].tolist()) == ["e", "▁日", "e"]
+    assert target_of(student, out, 1) == pytest.approx({"▁日": 0.2, "e": 0.1, None: 0.7})
+
+
 def random_record(tokenizer, rng, *, k: int = 6, counts: bool = False) -> SequenceRecord:
     """Two documents of the paragraph, with a random teacher support at every position
     (top-k log-probs and a tail, or the counts of 16 draws)."""
@@ -216,7 +287,7 @@ def random_record(tokenizer, rng, *, k: int = 6, counts: bool = False) -> Sequen
 STUDENTS = {"sentencepiece": build_sentencepiece_tokenizer, "hand": hand_student}
 
 
-@pytest.mark.parametrize("method", ["exact", "prefix"])
+@pytest.mark.parametrize("method", ["exact", "prefix", "chain"])
 @pytest.mark.parametrize("counts", [False, True])
 @pytest.mark.parametrize("which", list(STUDENTS))
 def test_mapping_conserves_mass(tiny_tokenizer, method, counts, which):

@@ -61,7 +61,9 @@ class StudentArgs:
     rows are retokenized by the student's tokenizer (--tokenizer, or the student's own) and
     the teacher's targets are moved onto its vocabulary where both tokenizations meet.
     exact: teacher tokens that are exactly a student token keep their mass, the rest goes
-    to the tail; prefix: the rest goes to the student's longest token that starts it."""
+    to the tail; prefix: the rest goes to the student's longest token that starts it;
+    chain: as exact, and a student token spanning several teacher tokens (":\n" for ":"
+    then "\n") gets the chained probability of the true text, p(":") x p("\n" | ":")."""
     student_seq_len: int | None = option(None, added_with="cross_tokenizer")
     """--cross-tokenizer: student tokens kept per cache row (default the cache's sequence
     length); a row the student spells in more tokens is cut there."""

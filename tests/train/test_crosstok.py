@@ -253,14 +253,21 @@ def test_chain_takes_an_unmapped_first_token_off_the_tail(teacher, student):
     assert target_of(student, out, 1) == pytest.approx({"▁日": 0.2, "e": 0.1, None: 0.7})
 
 
-def random_record(tokenizer, rng, *, k: int = 6, counts: bool = False) -> SequenceRecord:
+def random_record(
+    tokenizer, rng, *, k: int = 6, counts: bool = False, with_true: bool = False
+) -> SequenceRecord:
     """Two documents of the paragraph, with a random teacher support at every position
-    (top-k log-probs and a tail, or the counts of 16 draws)."""
+    (top-k log-probs and a tail, or the counts of 16 draws); ``with_true``: every support
+    holds the row's true next token."""
     text = "The teacher runs once over the corpus. Small students then learn from those shards."
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     row = np.asarray([*ids[:12], tokenizer.eos_token_id, *ids[12:]], dtype=np.uint32)
     t, v = len(row), len(tokenizer)
     support = np.stack([rng.choice(v, size=k, replace=False) for _ in range(t - 1)])
+    if with_true:
+        for p in range(t - 1):
+            if row[p + 1] not in support[p]:
+                support[p, rng.integers(k)] = row[p + 1]
     mask = rng.random(t) < 0.8
     mask[0] = False
     common = dict(index=0, input_ids=row, loss_mask=mask, doc_starts=np.array([0, 13]))
@@ -331,6 +338,57 @@ def test_mapping_conserves_mass(tiny_tokenizer, method, counts, which):
         assert not out["teacher_valid"][~aligned].any()
         ce_only += int((out["labels"][~aligned] != -100).sum())
     assert ce_only > 0 or which == "sentencepiece"  # trained without a teacher target
+
+
+@pytest.mark.parametrize("counts", [False, True])
+@pytest.mark.parametrize("which", ["other_bpe", "sentencepiece"])
+def test_chain_matches_a_slow_reference(tiny_tokenizer, counts, which):
+    """``chain``'s rows against the obvious loop over the ``exact`` rows: where the
+    student's true token is spelled by teacher tokens t .. t+m-1 (m >= 2, the next student
+    token aligned with t+m), the product of the teacher's probabilities of its own tokens
+    moves from the first token's student id (or the tail) onto the student's token."""
+    student = {
+        "other_bpe": build_other_bpe_tokenizer,
+        "sentencepiece": build_sentencepiece_tokenizer,
+    }[which]()
+    exact = CrossTokenizer(tiny_tokenizer, student, method="exact", max_tokens=256)
+    chain = CrossTokenizer(tiny_tokenizer, student, method="chain", max_tokens=256)
+    rng = np.random.default_rng(1)
+    chained = 0
+    for _ in range(4):
+        r = random_record(tiny_tokenizer, rng, counts=counts, with_true=True)
+        view = example_of(r)
+        want, got = exact.example(r, view), chain.example(r, view)
+        a = exact.align(r)
+        t_ids = np.asarray(r.input_ids, dtype=np.int64)
+        for s in np.flatnonzero(want["teacher_aligned"].numpy()):
+            target = target_dict(want, s)
+            t = int(a.teacher_row[s])
+            nxt = int(a.teacher_row[s + 1]) if s + 1 < len(a.teacher_row) else -1
+            spelled = b"".join(exact.teacher.pieces[i] for i in t_ids[t:nxt])
+            label = int(a.input_ids[s])
+            if nxt - t >= 2 and spelled == exact.student_bytes.pieces[label]:
+                mass = 1.0
+                for row in range(t, nxt):
+                    hit = (view["teacher_ids"][row] == int(t_ids[row])) & view["teacher_valid"][row]
+                    mass *= float(view["teacher_probs"][row][hit].sum())
+                source = int(exact.id_map[t_ids[t]])
+                target[source] = target.get(source, 0.0) - mass
+                target[label] = target.get(label, 0.0) + mass
+                chained += mass > 0
+            assert target_dict(got, s) == pytest.approx(
+                {k: v for k, v in target.items() if abs(v) > 1e-9 or k == -1}, abs=1e-6
+            )
+    assert chained > 0 and chain.stats.chained == chained
+
+
+def target_dict(out, s: int) -> dict[int, float]:
+    """Row ``s``'s target as {student id: mass}, the tail under -1."""
+    valid = out["teacher_valid"][s]
+    found = dict(
+        zip(out["teacher_ids"][s][valid].tolist(), out["teacher_probs"][s][valid].tolist())
+    )
+    return {**found, -1: float(out["teacher_tail"][s])}
 
 
 def ids_index(out, s, sid) -> int:

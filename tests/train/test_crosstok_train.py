@@ -36,7 +36,7 @@ def cross_args(train_args, cache, out, student, **flags):
     )
 
 
-@pytest.mark.parametrize("method", ["exact", "prefix"])
+@pytest.mark.parametrize("method", ["exact", "prefix", "chain"])
 def test_trains_and_reports_bits_per_byte(
     cli, train_args, metrics, topk_cache, sp_student, tmp_path, method
 ):
@@ -100,7 +100,7 @@ def test_resume_is_exact(
             sampled_cache,
             out,
             sp_student,
-            cross_tokenizer="prefix",
+            cross_tokenizer="chain",
             steps=5,
             save_every=2,
             eval_every=2,

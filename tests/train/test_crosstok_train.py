@@ -245,3 +245,70 @@ def test_evaluate_refuses_what_is_no_finished_run(cli, tmp_path):
     refused(cli(["evaluate", tmp_path]), "--lr must be > 0")
     (tmp_path / "train_config.json").write_text('{"cache": "c", "out": "o"}')
     refused(cli(["evaluate", tmp_path]), "holds no final model")
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one(cli, train_args, metrics, topk_cache, sp_student, tmp_path):
+    """DDP (torchrun, 2 gloo processes, a DataLoader worker each) trains a student of
+    another tokenizer as one process with the same global batch does: the same losses,
+    evaluations (bits per byte included) and weights."""
+    from elastic import same_run, torchrun
+
+    def flags(out, nproc):
+        return cross_args(
+            train_args,
+            topk_cache,
+            out,
+            sp_student,
+            cross_tokenizer="chain",
+            student_seq_len=48,
+            steps=6,
+            batch_size=2,
+            grad_accum=2 // nproc,
+            schedule="constant",
+            eval_every=3,
+            eval_fraction=0.1,
+            loader_workers=1,
+        )
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = cli(flags(one, 1))
+    assert result.exit_code == 0, result.output
+    torchrun(flags(two, 2))
+    same_run(one, two, metrics, close=lambda x, y: y == pytest.approx(x, rel=1e-4))
+    bpb = [
+        (r["eval_bits_per_byte"], s["eval_bits_per_byte"])
+        for r, s in zip(metrics(one), metrics(two))
+        if "eval_ce" in r
+    ]
+    assert bpb and all(y == pytest.approx(x, rel=1e-4) for x, y in bpb)
+
+
+def test_an_eval_cache_is_retokenized_too(
+    cli, train_args, metrics, topk_cache, sampled_cache, sp_student, tmp_path
+):
+    """--eval-cache (another cache of the same teacher tokenizer) is read as the student's
+    records too: its evaluation reports bits per byte and the share of positions aligned,
+    the numbers `logitcache evaluate RUN --cache` gives for the same rows."""
+    out = tmp_path / "run"
+    args = cross_args(
+        train_args,
+        sampled_cache,
+        out,
+        sp_student,
+        cross_tokenizer="chain",
+        student_seq_len=48,
+        steps=2,
+        eval_cache=topk_cache,
+    )
+    result = cli(args)
+    assert result.exit_code == 0, result.output
+    final = [r for r in metrics(out) if "eval_ce" in r][-1]
+    assert final["eval_bits_per_byte"] > 0 and 0 < final["eval_aligned_share"] <= 1
+    again = cli(["evaluate", out, "--json", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["eval_bits_per_byte"] == pytest.approx(
+        final["eval_bits_per_byte"], rel=1e-5
+    )
+    whole = cli(["evaluate", out, "--cache", topk_cache, "--json", "--device", "cpu"])
+    assert json.loads(whole.stdout)["eval_positions"] == final["eval_positions"]  # all of it

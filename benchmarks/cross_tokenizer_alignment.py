@@ -98,19 +98,21 @@ def main() -> None:
     )
     print(
         "| student tokenizer | V | method | pos/s wall | pos/CPU-s | bytes/tok student, "
-        "teacher | aligned (corpus) | aligned (cache) | stored mass exact | mapped |"
+        "teacher | aligned (corpus) | aligned (cache) | stored mass exact | mapped | "
+        "student token longer (cache) | of them chained |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.student_tokenizer:
         student = AutoTokenizer.from_pretrained(name)
-        for method in ("exact", "prefix"):
+        for method in ("exact", "prefix", "chain"):
             m = measure(teacher, student, method, records, cached)
             s, r = m["speed"], m["real"]
             print(
                 f"| {name} | {len(student):,} | {method} | {m['wall']:,.0f} | {m['cpu']:,.0f} | "
                 f"{s['bytes_per_student_token']:.2f}, {s['bytes_per_teacher_token']:.2f} | "
                 f"{s['aligned_share']:.3f} | {r['aligned_share']:.3f} | "
-                f"{r['exact_support_share']:.3f} | {r['mapped_support_share']:.3f} |",
+                f"{r['exact_support_share']:.3f} | {r['mapped_support_share']:.3f} | "
+                f"{r['longer_share']:.3f} | {r['chained_share']:.3f} |",
                 flush=True,
             )
 

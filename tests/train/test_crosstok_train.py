@@ -312,3 +312,29 @@ def test_an_eval_cache_is_retokenized_too(
     )
     whole = cli(["evaluate", out, "--cache", topk_cache, "--json", "--device", "cpu"])
     assert json.loads(whole.stdout)["eval_positions"] == final["eval_positions"]  # all of it
+
+
+def test_mixed_caches_train_a_student_of_another_tokenizer(
+    cli, train_args, metrics, topk_cache, sampled_cache, sp_student, tmp_path
+):
+    """Two caches of one teacher tokenizer (top-k and sampled) mixed into one stream: both
+    are retokenized for the student, and a checkpoint resumes."""
+    out = tmp_path / "run"
+    args = cross_args(
+        train_args, topk_cache, out, sp_student, cross_tokenizer="chain", student_seq_len=48
+    )
+    args += ["--cache", str(sampled_cache), "--cache-weights", "1,1", "--save-every", "2"]
+    result = cli(args)
+    assert result.exit_code == 0, result.output
+    assert len([r for r in metrics(out) if "loss" in r]) == 4
+    result = cli(
+        [
+            *args[: args.index("--steps")],
+            "--steps",
+            "5",
+            *args[args.index("--steps") + 2 :],
+            "--resume",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]

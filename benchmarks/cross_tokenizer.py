@@ -83,6 +83,8 @@ class CrossConfig:
     out: str
     budget: StudyBudget = CROSS_STUDY
     only: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    """Run each chosen variant at exactly these seeds (default: 0, and 1 for ``TWINS``)."""
 
 
 def prepare(work: Path, config: CrossConfig) -> None:
@@ -122,7 +124,7 @@ def run_study(config: CrossConfig, reporter: Reporter, *, caches_only: bool = Fa
     out = Path(config.out)
     work = out / CORPUS
     prepare(work, config)
-    variants = [v for v in study_variants() if not config.only or v.name in config.only]
+    variants = chosen_variants(config)
     if not (work / "caches" / "heldout-top_k64" / "manifest.json").is_file():
         _job(out, {"kind": "cache", "store": HELD, "held_out": True}, config, reporter)
     for store in CACHES:  # only those the chosen variants read (parallel runs: --only)
@@ -135,12 +137,22 @@ def run_study(config: CrossConfig, reporter: Reporter, *, caches_only: bool = Fa
         _run_variant(out, variant, config, reporter)
     if not (work / "teacher.json").is_file():  # the floor: the teacher's own bits per byte
         _job(out, {"kind": "teacher"}, config, reporter)
-    best = best_cross_n16(load_rows(out))
+    best = None if config.seeds else best_cross_n16(load_rows(out))
     for variant in variants:  # seed 1 of the best cross N=16 mapping, once seed 0 has one
         if best and variant.name == best:
             _run_variant(
                 out, Variant(variant.name, variant.store, variant.train, seed=1), config, reporter
             )
+
+
+def chosen_variants(config: CrossConfig) -> list[Variant]:
+    """The variants ``--only`` names (all without it), at ``--seed``'s seeds if given."""
+    variants = [v for v in study_variants() if not config.only or v.name in config.only]
+    if not config.seeds:
+        return variants
+    names = dict.fromkeys(v.name for v in variants)
+    first = {v.name: v for v in study_variants() if v.seed == 0}
+    return [replace(first[n], seed=seed) for n in names for seed in config.seeds]
 
 
 def _run_variant(out: Path, variant: Variant, config: CrossConfig, reporter: Reporter) -> None:
@@ -536,6 +548,14 @@ def table(lines: list[dict[str, Any]]) -> str:
 )
 @click.option("--quick", is_flag=True, help="Toy sizes (plumbing check).")
 @click.option("--only", multiple=True, help="Only these variants (repeatable).")
+@click.option(
+    "--seed",
+    "seeds",
+    multiple=True,
+    type=int,
+    help="Run the chosen variants at exactly these seeds (repeatable; default 0, and 1 for "
+    "the references and the best mode).",
+)
 @click.option("--caches-only", is_flag=True, help="Run the teacher passes only.")
 @click.option("--report", "report_only", is_flag=True, help="Run nothing: print the table.")
 @click.option("--probe", is_flag=True, help="Run nothing: where the mapped targets' mass lands.")
@@ -547,6 +567,7 @@ def main(
     out,
     quick,
     only,
+    seeds,
     caches_only,
     report_only,
     probe,
@@ -576,6 +597,7 @@ def main(
         out=out,
         budget=QUICK_CROSS if quick else CROSS_STUDY,
         only=tuple(only),
+        seeds=tuple(seeds),
     )
     try:
         if not report_only:

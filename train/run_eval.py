@@ -34,6 +34,7 @@ def evaluate_run(
     """``evaluate`` of ``run``'s final model on its held-out sequences, or all of ``cache``."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from logitcache.models import load_tokenizer
 
@@ -46,6 +47,7 @@ def evaluate_run(
     if not (model_dir / "config.json").is_file():
         raise LogitcacheError(f"{run} holds no final model (model/config.json): did it finish?")
     tokenizer = load_tokenizer(str(model_dir))
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar: evaluate prints one line
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     url, split, fraction = config.cache, "eval", config.eval_fraction
     if cache is not None or config.eval_cache:

@@ -221,62 +221,55 @@ def teacher_bits_per_byte(work: Path, teacher: str) -> None:
 def target_probe(cache: Path, student_tokenizer: str, method: str) -> dict[str, float]:
     """Where the mapped teacher mass lands, against the student's own next token.
 
-    Over the aligned trained positions of ``cache`` retokenized for the student: the mean
-    target mass on the student's true next token (``on_label``), on student tokens whose
-    bytes are a strict prefix of it (``on_shorter``: the teacher's token ends earlier than
-    the student's tokenizer would, so the mass lands on a token the student never uses
-    there), and, over the same cache for a student of the teacher's tokenizer, the teacher's
-    own mass on its true next token (``teacher_on_label``).
+    Over the aligned trained positions of ``cache`` retokenized for the student, split by
+    how the student's true next token compares with the teacher's (``same``: the same
+    bytes; ``longer``: the student's spans more, e.g. ``:\n`` against ``:``; ``shorter``):
+    the share of positions of each kind, the mean target mass on the student's true token
+    (``on_label_*``), and the teacher's own mass on *its* true token there
+    (``teacher_on_label_*``: at a ``same`` position the most a mapping can give). Over all:
+    ``on_label``, and ``on_shorter``, the mass on student tokens whose bytes are a strict
+    prefix of the true one (where the exact map puts the teacher's mass when the student's
+    tokenizer merges).
     """
     import numpy as np
     from transformers import AutoTokenizer
 
     from logitcache.train import CacheDataset
+    from logitcache.train.dataset import example_of
 
     tok = AutoTokenizer.from_pretrained(student_tokenizer)
     cross = CacheDataset(
         str(cache), split="all", cross_tokenizer=method, student_tokenizer=tok, student_seq_len=512
     )
-    same = CacheDataset(str(cache), split="all")
-    pieces = cross.cross.student_bytes.pieces
-    sums = np.zeros(4)
-    kinds = np.zeros(
-        3
-    )  # aligned positions whose next student token is the teacher's, longer, shorter
+    x, pieces = cross.cross, cross.cross.student_bytes.pieces
+    kinds = ("same", "longer", "shorter")
+    sums = {k: np.zeros(3) for k in kinds}  # positions, mass on the label, teacher's own
+    shorter_mass = 0.0
     for i in range(len(cross)):
-        ex, tx = cross[i], same[i]
-        kinds += _next_tokens(cross, i)
-        rows = np.flatnonzero((ex["teacher_aligned"] & (ex["labels"] >= 0)).numpy())
-        for t in rows:
-            label = pieces[int(ex["labels"][t])]
-            ids, probs = ex["teacher_ids"][t].numpy(), ex["teacher_probs"][t].numpy()
-            ok = ex["teacher_valid"][t].numpy()
-            sums[0] += probs[ok & (ids == int(ex["labels"][t]))].sum()
-            shorter = [label.startswith(pieces[j]) and len(pieces[j]) < len(label) for j in ids]
-            sums[1] += probs[ok & np.array(shorter, dtype=bool)].sum()
-        sums[2] += len(rows)
-        trained = (tx["labels"] >= 0).numpy()
-        hit = (tx["teacher_ids"] == tx["labels"][:, None]) & tx["teacher_valid"]
-        sums[3] += float((tx["teacher_probs"] * hit).sum(1).numpy()[trained].mean())
-    return {
-        **dict(zip(("same_next", "student_longer", "student_shorter"), kinds / kinds.sum())),
-        "on_label": sums[0] / sums[2],
-        "on_shorter": sums[1] / sums[2],
-        "teacher_on_label": sums[3] / len(cross),
-    }
-
-
-def _next_tokens(ds: Any, i: int) -> Any:
-    """[3] counts over row ``i``'s aligned trained student positions: the student's next
-    token spells the same bytes as the teacher's, more bytes, fewer."""
-    import numpy as np
-
-    x, r = ds.cross, ds.readers()[0].read(i)
-    a = x.align(r)
-    at = np.flatnonzero((a.teacher_row >= 0) & a.trained)
-    s_len = x.student_bytes.lengths[a.input_ids[at]]
-    t_len = x.teacher.lengths[np.asarray(r.input_ids, dtype=np.int64)[a.teacher_row[at]]]
-    return np.array([(s_len == t_len).sum(), (s_len > t_len).sum(), (s_len < t_len).sum()])
+        r = cross.readers()[0].read(i)
+        a, ex, view = x.align(r), cross[i], example_of(r)
+        at = np.flatnonzero((a.teacher_row >= 0) & a.trained)
+        t_true = np.asarray(r.input_ids, dtype=np.int64)
+        rows = a.teacher_row[at]
+        hit = (view["teacher_ids"].numpy() == t_true[:, None]) & view["teacher_valid"].numpy()
+        teacher_own = np.where(hit, view["teacher_probs"].numpy(), 0).sum(1)[rows]
+        label = a.input_ids[at]
+        ids, valid = ex["teacher_ids"].numpy()[at], ex["teacher_valid"].numpy()[at]
+        probs = np.where(valid, ex["teacher_probs"].numpy()[at], 0)
+        on_label = np.where(ids == label[:, None], probs, 0).sum(1)
+        s_len, t_len = x.student_bytes.lengths[label], x.teacher.lengths[t_true[rows]]
+        for kind, sel in zip(kinds, (s_len == t_len, s_len > t_len, s_len < t_len)):
+            sums[kind] += [sel.sum(), on_label[sel].sum(), teacher_own[sel].sum()]
+        for j, lab in enumerate(label.tolist()):
+            whole = pieces[lab]
+            strict = [pieces[int(t)] != whole and whole.startswith(pieces[int(t)]) for t in ids[j]]
+            shorter_mass += float(probs[j][np.array(strict, dtype=bool)].sum())
+    total = sum(v[0] for v in sums.values())
+    out = {"on_label": sum(v[1] for v in sums.values()) / total, "on_shorter": shorter_mass / total}
+    for kind, (n, mass, own) in sums.items():
+        out |= {f"{kind}_share": n / total, f"on_label_{kind}": mass / max(n, 1)}
+        out[f"teacher_on_label_{kind}"] = own / max(n, 1)
+    return out
 
 
 def study_variants() -> list[Variant]:

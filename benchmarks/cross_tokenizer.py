@@ -418,7 +418,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     ``gap``: the bits per byte this student saves against the CE-only student of its own
     tokenizer; ``share``: a cross student's gap over the same-tokenizer student's gap from
-    the same cache (the issue's goal: >= 80 %)."""
+    the same cache (the issue's goal: >= 80 %), on seed means; ``paired``: the same share
+    at each seed where both CE-only students and the reference ran too (the same seed is
+    the same initialization and data order on each side)."""
     import statistics
 
     by: dict[str, list[dict[str, Any]]] = {}
@@ -428,6 +430,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def mean(name):
         return statistics.fmean(r["bits_per_byte"] for r in by[name]) if name in by else None
+
+    def at_seed(name, seed):
+        found = [r["bits_per_byte"] for r in by.get(name, ()) if r["seed"] == seed]
+        return found[0] if found else None
 
     lines = []
     for name, group in sorted(by.items(), key=lambda kv: _order(kv[0])):
@@ -445,6 +451,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             gap / same_gap if first["side"] == "cross" and gap is not None and same_gap else None
         )
         spread = max(r["bits_per_byte"] for r in group) - min(r["bits_per_byte"] for r in group)
+        paired = []  # the share at each seed that all four students of the arithmetic have
+        for r in group if first["side"] == "cross" and "CE only" not in name else ():
+            at = {n: at_seed(n, r["seed"]) for n in ("cross CE only", same, "same CE only")}
+            if None not in at.values():
+                ref = at["same CE only"] - at[same]
+                paired.append((at["cross CE only"] - r["bits_per_byte"]) / ref)
         lines.append(
             {
                 **{k: first.get(k) for k in _STATS},
@@ -454,6 +466,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "spread": spread,
                 "gap": gap,
                 "share": share,
+                "paired": paired,
                 "wall_s": statistics.fmean(r["job_wall_s"] for r in group),
             }
         )
@@ -513,15 +526,16 @@ def table(lines: list[dict[str, Any]]) -> str:
     num = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
     out = [
         "| variant | seeds | bits/byte | spread | gap (bits/byte) | share of same-tokenizer "
-        "gap | student bytes/token | aligned | teacher mass exact | mapped | min/job |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "gap | per seed | student bytes/token | aligned | teacher mass exact | mapped | min/job |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in lines:
         cross = x["side"] == "cross"
         bpt = x["bytes_per_student_token"] if cross else x["bytes_per_teacher_token"]
         out.append(
             f"| {x['variant']} | {x['seeds']} | {x['bits_per_byte']:.4f} | {x['spread']:.4f} | "
-            f"{num(x['gap'], '+.4f')} | {pct(x['share'])} | {num(bpt, '.2f')} | "
+            f"{num(x['gap'], '+.4f')} | {pct(x['share'])} | "
+            f"{', '.join(pct(v) for v in x['paired']) or '–'} | {num(bpt, '.2f')} | "
             f"{pct(x['aligned_share']) if cross else '–'} | "
             f"{pct(x['exact_mass_share']) if cross else '–'} | "
             f"{pct(x['mapped_mass_share']) if cross else '–'} | {x['wall_s'] / 60:.1f} |"

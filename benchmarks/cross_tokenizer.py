@@ -229,7 +229,8 @@ def target_probe(cache: Path, student_tokenizer: str, method: str) -> dict[str, 
     (``teacher_on_label_*``: at a ``same`` position the most a mapping can give). Over all:
     ``on_label``, and ``on_shorter``, the mass on student tokens whose bytes are a strict
     prefix of the true one (where the exact map puts the teacher's mass when the student's
-    tokenizer merges).
+    tokenizer merges); ``longer_whole``: the share of ``longer`` positions whose student
+    token ends where a teacher token ends (what ``chain`` can chain).
     """
     import numpy as np
     from transformers import AutoTokenizer
@@ -244,7 +245,7 @@ def target_probe(cache: Path, student_tokenizer: str, method: str) -> dict[str, 
     x, pieces = cross.cross, cross.cross.student_bytes.pieces
     kinds = ("same", "longer", "shorter")
     sums = {k: np.zeros(3) for k in kinds}  # positions, mass on the label, teacher's own
-    shorter_mass = 0.0
+    shorter_mass, longer_whole = 0.0, 0
     for i in range(len(cross)):
         r = cross.readers()[0].read(i)
         a, ex, view = x.align(r), cross[i], example_of(r)
@@ -260,12 +261,15 @@ def target_probe(cache: Path, student_tokenizer: str, method: str) -> dict[str, 
         s_len, t_len = x.student_bytes.lengths[label], x.teacher.lengths[t_true[rows]]
         for kind, sel in zip(kinds, (s_len == t_len, s_len > t_len, s_len < t_len)):
             sums[kind] += [sel.sum(), on_label[sel].sum(), teacher_own[sel].sum()]
+        ends_aligned = np.append(a.teacher_row, -1)[at + 1] >= 0  # the next token starts aligned
+        longer_whole += int((ends_aligned & (s_len > t_len)).sum())
         for j, lab in enumerate(label.tolist()):
             whole = pieces[lab]
             strict = [pieces[int(t)] != whole and whole.startswith(pieces[int(t)]) for t in ids[j]]
             shorter_mass += float(probs[j][np.array(strict, dtype=bool)].sum())
     total = sum(v[0] for v in sums.values())
     out = {"on_label": sum(v[1] for v in sums.values()) / total, "on_shorter": shorter_mass / total}
+    out["longer_whole"] = longer_whole / max(sums["longer"][0], 1)  # ends where a teacher's ends
     for kind, (n, mass, own) in sums.items():
         out |= {f"{kind}_share": n / total, f"on_label_{kind}": mass / max(n, 1)}
         out[f"teacher_on_label_{kind}"] = own / max(n, 1)

@@ -9,7 +9,14 @@ that turns its result rows into the table is checked.
 from __future__ import annotations
 
 import pytest
-from cross_tokenizer import best_cross_n16, study_variants, summarize, table
+from cross_tokenizer import (
+    CrossConfig,
+    best_cross_n16,
+    chosen_variants,
+    study_variants,
+    summarize,
+    table,
+)
 
 
 def row(variant: str, seed: int, bpb: float, cache: str = "samples16", train=None) -> dict:
@@ -51,10 +58,15 @@ def test_a_cross_students_share_is_its_gap_over_the_same_caches_same_tokenizer_g
     assert lines["cross N=16 exact"]["share"] == pytest.approx(0.8)
     assert lines["cross N=64 exact"]["share"] is None
     assert lines["cross N=16 exact alpha=0.5"]["share"] == pytest.approx(0.5)  # its own reference
+    # per seed: seed 0's same-tokenizer gap is 3.0 - 2.6 = 0.4, the cross gap 0.4: 100 %
+    assert lines["cross N=16 exact"]["paired"] == [pytest.approx(1.0)]
+    assert lines["cross N=16 exact alpha=0.5"]["paired"] == [pytest.approx(0.5 / 0.9)]
+    assert lines["cross N=64 exact"]["paired"] == []
     text = table(summarize(rows))
-    assert (
-        "| cross N=16 exact | 1 | 2.5000 | 0.0000 | +0.4000 | 80 % | 3.50 | 90 % | 80 % |" in text
+    want = (
+        "| cross N=16 exact | 1 | 2.5000 | 0.0000 | +0.4000 | 80 % | 100 % | 3.50 | 90 % | 80 % |"
     )
+    assert want in text
     assert [x["variant"] for x in summarize(rows)][:3] == [
         "same CE only",
         "same N=16",
@@ -74,3 +86,18 @@ def test_the_second_seed_goes_to_the_best_cross_mapping_of_the_first():
         "cross N=16 exact seed=0",
     ]
     assert len(names) == len(set(names))
+
+
+def test_seed_runs_the_chosen_variants_at_exactly_those_seeds():
+    config = CrossConfig("t", "s", "x", "o", only=("same N=16", "cross N=16 chain"))
+    assert [v.key for v in chosen_variants(config)] == [
+        "same N=16 seed=0",
+        "cross N=16 chain seed=0",
+        "same N=16 seed=1",
+        "cross N=16 chain seed=1",
+    ]
+    config = CrossConfig("t", "s", "x", "o", only=("same N=16", "cross N=16 chain"), seeds=(2,))
+    assert [v.key for v in chosen_variants(config)] == [
+        "same N=16 seed=2",
+        "cross N=16 chain seed=2",
+    ]

@@ -194,7 +194,7 @@ def check_student(
                 f"{err}. Omit --tokenizer (a student from scratch, or one without tokenizer "
                 "files, gets the cache's; `logitcache tokenizer CACHE DIR` exports it), or "
                 "pass --extended-vocab if the student's vocabulary extends the teacher's, or "
-                "--cross-tokenizer exact to distill across tokenizers"
+                "--cross-tokenizer chain to distill across tokenizers"
             ) from None
     rows = model.get_output_embeddings().weight.shape[0]
     if extended_vocab and rows < spec.vocab_size:

@@ -73,7 +73,7 @@ def test_another_tokenizer_without_the_flag_is_refused(
     from test_cli_train import refused
 
     args = cross_args(train_args, topk_cache, tmp_path / "run", sp_student, cross_tokenizer=None)
-    refused(cli(args), "the student's tokenizer", "--extended-vocab", "--cross-tokenizer exact")
+    refused(cli(args), "the student's tokenizer", "--extended-vocab", "--cross-tokenizer chain")
     args = cross_args(
         train_args,
         topk_cache,

@@ -248,9 +248,12 @@ def test_evaluate_refuses_what_is_no_finished_run(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one(cli, train_args, metrics, topk_cache, sp_student, tmp_path):
-    """DDP (torchrun, 2 gloo processes, a DataLoader worker each) trains a student of
-    another tokenizer as one process with the same global batch does: the same losses,
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_as_one(
+    cli, train_args, metrics, topk_cache, sp_student, tmp_path, fsdp
+):
+    """DDP or FSDP (torchrun, 2 gloo processes, a DataLoader worker each) trains a student
+    of another tokenizer as one process with the same global batch does: the same losses,
     evaluations (bits per byte included) and weights."""
     from elastic import same_run, torchrun
 
@@ -274,7 +277,9 @@ def test_two_processes_train_as_one(cli, train_args, metrics, topk_cache, sp_stu
     one, two = tmp_path / "one", tmp_path / "two"
     result = cli(flags(one, 1))
     assert result.exit_code == 0, result.output
-    torchrun(flags(two, 2))
+    torchrun([*flags(two, 2), *(["--fsdp"] if fsdp else [])])
+    saved = json.loads((two / "train_config.json").read_text())
+    assert saved["world_size"] == 2 and bool(saved["fsdp"]) == fsdp
     same_run(one, two, metrics, close=lambda x, y: y == pytest.approx(x, rel=1e-4))
     bpb = [
         (r["eval_bits_per_byte"], s["eval_bits_per_byte"])

@@ -248,7 +248,8 @@ def target_probe(cache: Path, student_tokenizer: str, method: str) -> dict[str, 
     shorter_mass, longer_whole = 0.0, 0
     for i in range(len(cross)):
         r = cross.readers()[0].read(i)
-        a, ex, view = x.align(r), cross[i], example_of(r)
+        a, view = x.align(r), example_of(r)
+        ex = x.example(r, view)  # the record cross[i] gives, without reading the row again
         at = np.flatnonzero((a.teacher_row >= 0) & a.trained)
         t_true = np.asarray(r.input_ids, dtype=np.int64)
         rows = a.teacher_row[at]

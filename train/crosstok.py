@@ -281,19 +281,17 @@ class CrossTokenizer:
         width = max(int(sid.max()) + 1 if sid.size else 1, int(chain.to.max(initial=0)) + 1)
         keys = row.astype(np.int64) * width + sid[row, col]  # row-major: sorted by row
         weights = t_probs[row, col].astype(np.float64)
+        from_tail = chain.source < 0
+        sources = chain.rows[~from_tail] * width + chain.source[~from_tail]  # keys losing mass
         if len(chain.rows):  # the chained mass: onto the true token, off the first's map
-            from_tail = chain.source < 0
             np.subtract.at(tail, at[chain.rows[from_tail]], chain.mass[from_tail])
             np.maximum(tail, 0, out=tail)
-            moved = chain.rows[~from_tail]
-            keys = np.concatenate(
-                [keys, chain.rows * width + chain.to, moved * width + chain.source[~from_tail]]
-            )
+            keys = np.concatenate([keys, chain.rows * width + chain.to, sources])
             weights = np.concatenate([weights, chain.mass, -chain.mass[~from_tail]])
         unique, inverse = np.unique(keys, return_inverse=True)
         mass = np.bincount(inverse, weights=weights, minlength=len(unique))
-        if len(chain.rows):  # a source whose whole mass moved (p(\n | :) = 1) leaves no entry
-            emptied = (mass <= 1e-12) & np.isin(unique, keys[len(keys) - len(moved) :])
+        if len(sources):  # a source whose whole mass moved (p(\n | :) = 1) leaves no entry
+            emptied = (mass <= 1e-12) & np.isin(unique, sources)
             unique, mass = unique[~emptied], np.maximum(mass[~emptied], 0)
         u_row = unique // width
         first = np.searchsorted(u_row, u_row, side="left")

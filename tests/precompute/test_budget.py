@@ -7,16 +7,14 @@ writes the whole cache, so its N=chosen measurement must equal the finished cach
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from torchrun_launch import run_cli
 
 from logitcache.cli import main
 from logitcache.core.errors import LogitcacheError
@@ -334,12 +332,6 @@ def test_two_torchrun_ranks_calibrate_alike_and_write_the_single_process_cache(
     one byte for byte (~10 s: two processes import torch)."""
     single, calibration, _ = budget_cache
     out = tmp_path / "ranked"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
     args = [
         "precompute",
         "--teacher",
@@ -355,18 +347,7 @@ def test_two_torchrun_ranks_calibrate_alike_and_write_the_single_process_cache(
         "--bytes-per-token",
         BUDGET,
     ]
-    run = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "logitcache.cli",
-        *map(str, args),
-    ]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_cli(args, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count(f"; --samples {calibration.samples}\n") == 1  # rank 0 logs
     manifest = read_manifest(Location(str(out)))

@@ -4,7 +4,6 @@ single-process cache byte for byte; each rank's device and GPU share; ``--device
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from torchrun_launch import run_cli
 
 from logitcache.cli import main
 from logitcache.core.errors import LogitcacheError
@@ -49,25 +49,7 @@ def invoke(*args: object):
 
 def torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m logitcache.cli ARGS`` (a free port)."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    run = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "logitcache.cli",
-        *args,
-    ]
-    return subprocess.run(run, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_cli(args, nproc=nproc, timeout=timeout)
 
 
 def shard_bytes(cache: Path) -> dict[str, bytes]:

@@ -7,38 +7,18 @@ arguments and the uninterrupted 16-step, one-process run.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torchrun_launch import run_cli
 
 STEPS, FIRST = 16, 8  # the uninterrupted run; where the interrupted one stops
 
 
 def torchrun(args: list[str], timeout: float = 180) -> None:
     """``torchrun --standalone --nproc-per-node 2 -m logitcache.cli ARGS`` (a free port)."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    run = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "logitcache.cli",
-        *args,
-    ]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_cli(args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

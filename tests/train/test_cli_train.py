@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_launch import run_cli
 
 import logitcache.train.checkpoint as checkpoint
 from logitcache.core.identity import tokenizer_fingerprint
@@ -188,19 +186,7 @@ def test_ddp_matches_gradient_accumulation(
 
     ddp = tmp_path / "ddp"
     args = train_args(topk_cache, ddp, **common)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "logitcache.cli",
-        *args,
-    ]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one, two = metrics(single), metrics(ddp)

@@ -12,14 +12,12 @@ step 13 on one sequence, so the resumed run also crosses an epoch boundary.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from elastic import FIRST, STEPS, same_run, torchrun
+from torchrun_launch import run_cli, run_torchrun
 
 
 @pytest.mark.slow
@@ -61,20 +59,8 @@ def test_resume_with_another_global_batch_is_refused(cli, flags, reference, tmp_
     out = tmp_path / "run"
     result = cli(flags(out, nproc=1, steps=FIRST))
     assert result.exit_code == 0, result.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [*flags(out, nproc=1, steps=STEPS), "--resume"]  # grad-accum 2, under 2 processes
-    run = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "logitcache.cli",
-        *args,
-    ]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_cli(args)
     assert proc.returncode != 0
     assert "global_batch (4 -> 8)" in proc.stderr
 
@@ -127,17 +113,7 @@ def test_ranks_that_found_different_checkpoints_all_refuse_to_resume(tmp_path):
     """Rank 0 sees a checkpoint at step 8 and rank 1 none (an --out on a node-local disk)."""
     script = tmp_path / "apart.py"
     script.write_text(RESUME_APART)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(script),
-    ]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_torchrun(script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert (

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_launch import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = "Accelerate (or any DDP launcher)"
@@ -136,18 +135,7 @@ def test_accelerate_block_two_processes_equal_one(
     script.write_text(API[name])
     spy.write_text(SPY)
     os.makedirs(doc_env["OUT"], exist_ok=True)
-    env = {**os.environ, **doc_env, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    two = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(spy),
-        str(script),
-    ]
-    proc = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(spy, script, timeout=300, **doc_env, ACCELERATE_USE_CPU="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = lambda text: [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", text)]  # noqa: E731
     two_losses = losses(proc.stdout)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from elastic import FIRST, STEPS, same_run, torchrun
+from torchrun_launch import run_torchrun
 
 from logitcache.core.errors import LogitcacheError
 
@@ -123,25 +124,8 @@ def test_fsdp_builds_the_student_whole_on_rank_0_only(
     assert result.exit_code == 0, result.output
     spy.mkdir()
     (tmp_path / "spy.py").write_text(SPY)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(tmp_path / "spy.py"),
-            str(spy),
-            *flags(two, nproc=2, steps=4, **extra),
-            "--fsdp",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    two_args = [*flags(two, nproc=2, steps=4, **extra), "--fsdp"]
+    proc = run_torchrun(tmp_path / "spy.py", spy, *two_args, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((spy / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["devices"] == ["cpu"] and ranks[0]["bytes"] > 50_000, ranks

@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "faults"))
 from crashlab import Fault, Lab, succeeded
+from torchrun_launch import torchrun_command, torchrun_env
 
 from logitcache.train.checkpoint import latest_checkpoint
 
@@ -252,21 +253,12 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(lab, args, ref
     (the stop flag is all-reduced), and one process resumes to the uninterrupted curve."""
     script, out, go = tmp_path / "held.py", tmp_path / "run", tmp_path / "go"
     script.write_text(HELD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(script),
-        str(go),
-        "3",
-        *args(out, batch_size=2),
-    ]
     proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        torchrun_command(script, go, 3, *args(out, batch_size=2)),
+        env=torchrun_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while not (Path(f"{go}.0").exists() and Path(f"{go}.1").exists()):

@@ -33,6 +33,7 @@ from typing import Any
 
 import click
 from real_teacher import (
+    QUICK_STUDY,
     StudyBudget,
     Variant,
     shakespeare_documents,
@@ -51,19 +52,8 @@ CROSS_STUDY = StudyBudget(
     name="cross", slice_tokens=20_480, heldout_tokens=4_096, steps=120, threads=1
 )
 """Sized for a shared 2-core CPU (benchmarks/README.md, "Cross-tokenizer study")."""
-QUICK_CROSS = replace(
-    StudyBudget(name="quick"),
-    seq_len=64,
-    slice_tokens=1_024,
-    heldout_tokens=256,
-    steps=4,
-    batch_size=2,
-    student_hidden=32,
-    student_layers=1,
-    student_heads=2,
-    student_kv_heads=1,
-    student_intermediate=64,
-)
+QUICK_CROSS = QUICK_STUDY
+"""The real-teacher study's toy sizes (``--quick``: a plumbing check)."""
 
 CORPUS = "shakespeare"
 N16, N64, TOP = {"samples": 16}, {"samples": 64}, {"top_k": 32}
